@@ -1,0 +1,36 @@
+"""The in-memory dataset every source returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dataset:
+    """Train and test splits held in memory.
+
+    Bytes stay bytes: 8-bit sources keep ``uint8`` tensors and are converted to float per batch
+    (``x / max_value`` maps them to [0, 1]). Float sources are ``float32`` with ``max_value = 1``.
+    """
+
+    name: str
+    x_train: torch.Tensor  # (N, *event_shape) uint8 or float32, CPU
+    x_test: torch.Tensor  # (M, *event_shape)
+    y_train: torch.Tensor | None = None  # (N,) int64 labels, when the source has them
+    y_test: torch.Tensor | None = None
+    max_value: float = 1.0
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        """Images are stored channels-first: (C, H, W)."""
+        return self.x_train.dim() == 4
+
+    @property
+    def is_bytes(self) -> bool:
+        return self.x_train.dtype == torch.uint8
