@@ -1,0 +1,41 @@
+"""turbovae: train variational autoencoders fast and correctly."""
+
+from .config import Config, resolve
+from .data import DATASETS, Dataset, load_dataset
+from .distributions import DiagonalGaussian
+from .errors import CheckpointError, ConfigError, DataError, TurboVAEError
+from .evaluate import bits_per_dim, iwae_nll, nelbo
+from .likelihoods import LIKELIHOODS, build_likelihood
+from .models import MODELS, build_network
+from .objectives import OBJECTIVES, elbo, iwae
+from .train import build_vae, fit, load
+from .vae import VAE
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DATASETS",
+    "LIKELIHOODS",
+    "MODELS",
+    "OBJECTIVES",
+    "VAE",
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "Dataset",
+    "DiagonalGaussian",
+    "TurboVAEError",
+    "bits_per_dim",
+    "build_likelihood",
+    "build_network",
+    "build_vae",
+    "elbo",
+    "fit",
+    "iwae",
+    "iwae_nll",
+    "load",
+    "load_dataset",
+    "nelbo",
+    "resolve",
+]

@@ -1,0 +1,313 @@
+"""Configuration: dataclasses with defaults, YAML presets by name, dotted overrides, validation.
+
+Resolution order (later wins): defaults → ``--config`` preset or file → CLI flags → ``key=value``
+overrides such as ``train.lr=3e-4``. The resolved config is written to ``config.yaml`` in the run.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, unknown_name
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # built-in name, a .npz/.npy file, or a folder of images
+    # auto: dynamic when the likelihood needs binary data and the data are not, else none;
+    # static: one fixed Bernoulli draw of the data; dynamic: a fresh draw per batch (the usual (F)MNIST setup)
+    binarize: str = "auto"
+    resize: str | None = None  # "HxW" for image folders of mixed sizes
+    test_fraction: float = 0.1  # held-out share for sources without a test split
+    dir: str | None = None  # where to look for / download files (fashion-mnist, mnist)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # mlp | conv
+    latent: int = 20
+    hidden: list[int] = field(default_factory=lambda: [400])  # mlp widths
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # conv widths per resolution level
+    activation: str = "relu"
+    dropout: float = 0.0
+    likelihood: str = "bernoulli"
+    likelihood_scale: float = 0.1  # σ of the Gaussian likelihoods (initial σ where learned)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0
+    objective: str = "elbo"  # elbo | iwae
+    beta: float = 1.0  # KL weight of the β-ELBO
+    iwae_k: int = 5  # samples of the iwae objective
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16
+    threads: int = 0  # CPU threads; 0 = torch's default (the physical cores)
+    log_every: int = 50  # steps between loss read-backs (the only host syncs of the loop)
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+
+
+@dataclass
+class EvalConfig:
+    iwae_k: int = 100  # importance samples for the test log-likelihood written to summary.json
+    batch_size: int = 1000
+    every_epoch: bool = True  # test NELBO after every epoch (not counted in train_seconds)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CHOICES = {
+    "data.binarize": ("auto", "none", "static", "dynamic"),
+    "train.optimizer": ("adam", "adamw"),
+    "train.precision": ("fp32", "bf16"),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name[:-5] for p in resources.files("turbovae.configs").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def _read_yaml(path: Path | Any, label: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {label}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {label} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {label} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A preset by name (``fmnist-mlp``) or a YAML file path, as a nested dict."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path} does not exist")
+        return _read_yaml(path, str(path))
+    names = preset_names()
+    if name_or_path not in names:
+        raise unknown_name("config preset", name_or_path, names)
+    return _read_yaml(resources.files("turbovae.configs") / f"{name_or_path}.yaml", name_or_path)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` converted to the field's type, or a ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported config type {hint} for {key}")
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    section_name, _, key = dotted.partition(".")
+    sections = {f.name for f in fields(Config)}
+    if section_name not in sections or not key:
+        raise unknown_name("config section", section_name if key else dotted, sections)
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise unknown_name(f"config key in '{section_name}'", key, [f"{k}" for k in hints])
+    setattr(section, key, _coerce(dotted, value, hints[key]))
+
+
+def apply(cfg: Config, nested: dict[str, Any]) -> Config:
+    """Apply a nested mapping {section: {key: value}} onto ``cfg``."""
+    for section_name, values in nested.items():
+        if not isinstance(values, dict):
+            if section_name in {f.name for f in fields(Config)}:
+                raise ConfigError(f"config section '{section_name}' must be a mapping, got {values!r}")
+            _set(cfg, str(section_name), values)  # raises the unknown-name error
+            continue
+        for key, value in values.items():
+            _set(cfg, f"{section_name}.{key}", value)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=3e-4`` → ("train.lr", 0.0003). Values are parsed as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve(
+    preset: str | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults (or ``base``, a saved config) → preset → flags → overrides, then validated."""
+    cfg = Config()
+    if base is not None:
+        apply(cfg, base)
+    if preset:
+        apply(cfg, load_preset(preset))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set(cfg, key, value)
+    for text in overrides or []:
+        _set(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def parse_resize(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+    except ValueError:
+        raise ConfigError(f"data.resize must look like HxW (e.g. 32x32), got {text!r}") from None
+    if h < 1 or w < 1:
+        raise ConfigError(f"data.resize must be positive, got {text!r}")
+    return h, w
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for values that cannot work; names are checked where they are built too."""
+    from .likelihoods import LIKELIHOODS
+    from .models import ACTIVATIONS, MODELS
+    from .objectives import OBJECTIVES
+
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in options:
+            raise unknown_name(key, value, options)
+    for key, value, registry in (
+        ("model", cfg.model.name, MODELS),
+        ("likelihood", cfg.model.likelihood, LIKELIHOODS),
+        ("activation", cfg.model.activation, ACTIVATIONS),
+        ("objective", cfg.train.objective, OBJECTIVES),
+    ):
+        if value not in registry:
+            raise unknown_name(key, value, registry)
+    positive = {
+        "model.latent": cfg.model.latent,
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.lr": cfg.train.lr,
+        "train.iwae_k": cfg.train.iwae_k,
+        "train.log_every": cfg.train.log_every,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "eval.iwae_k": cfg.eval.iwae_k,
+        "eval.batch_size": cfg.eval.batch_size,
+        "model.likelihood_scale": cfg.model.likelihood_scale,
+    }
+    for key, value in positive.items():
+        if not value > 0:  # also catches NaN
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    non_negative = {
+        "train.beta": cfg.train.beta,
+        "train.weight_decay": cfg.train.weight_decay,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.threads": cfg.train.threads,
+    }
+    for key, value in non_negative.items():
+        if not value >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    if not 0 < cfg.data.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
+    for key, widths in (("model.hidden", cfg.model.hidden), ("model.channels", cfg.model.channels)):
+        if not widths or any(w < 1 for w in widths):
+            raise ConfigError(f"{key} must be a non-empty list of positive widths, got {widths}")
+    if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
+        raise unknown_name("device", cfg.train.device, ("auto", "cpu", "cuda"))
+    parse_resize(cfg.data.resize)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def from_dict(nested: dict[str, Any]) -> Config:
+    """A saved (resolved) config back into dataclasses, validated."""
+    return resolve(base=nested)
+
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "from_dict",
+    "load_preset",
+    "preset_names",
+    "resolve",
+    "to_yaml",
+]

@@ -1,0 +1,214 @@
+"""Datasets stored as NumPy arrays: ``.npz`` archives or a single ``.npy`` file."""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .dataset import Dataset
+
+_CHANNELS = (1, 3, 4)
+# Names that belong to a multi-array layout: alone, one of them means the others are missing.
+_LAYOUT_KEYS = {"x_train", "x_test", "y_train", "y_test", "train", "test", "y"}
+_LAYOUTS = "x_train + x_test (y_train, y_test optional), train + test, x (y optional), or a single array"
+# What a damaged or hostile file can make np.load raise; all of them mean "this file is not usable".
+_LOAD_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+    MemoryError,
+)
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/test split of ``range(n)``.
+
+    Args:
+        n: Number of examples (at least 2).
+        test_fraction: Fraction held out for test, rounded, and at least one example on each side.
+        seed: Seed of the permutation; the same (n, fraction, seed) always gives the same split.
+
+    Returns:
+        Sorted train indices and sorted test indices, disjoint and covering ``range(n)``.
+    """
+    if n < 2:
+        raise DataError(f"cannot split {n} example(s) into train and test, expected at least 2")
+    n_test = min(max(round(n * test_fraction), 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def to_channels_first(x: np.ndarray, where: str) -> np.ndarray:
+    """Bring an array to (N, D) or (N, C, H, W), the layouts a ``Dataset`` holds.
+
+    (N, H, W) gains a channel axis; (N, H, W, C) and (N, C, H, W) with C in {1, 3, 4} become
+    channels-first. When both ends could be channels (e.g. (N, 3, 4, 4)) the smaller is taken.
+    """
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4:
+        first, last = x.shape[1], x.shape[3]
+        if last in _CHANNELS and (first not in _CHANNELS or last < first):
+            return x.transpose(0, 3, 1, 2)
+        if first in _CHANNELS:
+            return x
+    raise DataError(
+        f"{where} has shape {x.shape}, expected (N, D), (N, H, W), (N, H, W, C) or (N, C, H, W) "
+        "with C in 1, 3, 4"
+    )
+
+
+def to_stored_dtype(x: np.ndarray, where: str) -> tuple[np.ndarray, float]:
+    """Convert to the dtype a ``Dataset`` stores, returning the array and its ``max_value``.
+
+    Bytes stay bytes (uint8, max 255); bool becomes uint8 with max 1; integers that fit in 0..255
+    become uint8; floats become float32 with max 1 and must be finite.
+    """
+    if x.dtype == np.uint8:
+        return x, 255.0
+    if x.dtype == np.bool_:
+        return x.astype(np.uint8), 1.0
+    if np.issubdtype(x.dtype, np.integer):
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high > 255:
+            raise DataError(
+                f"{where} has integer values in [{low}, {high}], expected 0..255 (or floats in [0, 1])"
+            )
+        return x.astype(np.uint8), 255.0
+    if np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+        bad = ~np.isfinite(x)
+        n_bad = int(bad.sum())
+        if n_bad:
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise DataError(f"{where} has {n_bad} NaN/Inf value(s), first at index {first}; expected finite")
+        return x, 1.0
+    raise DataError(f"{where} has dtype {x.dtype}, expected bool, integer or floating-point values")
+
+
+def _labels(y: np.ndarray | None, n: int, where: str) -> torch.Tensor | None:
+    if y is None:
+        return None
+    if y.shape != (n,) or not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        raise DataError(f"{where} has shape {y.shape} and dtype {y.dtype}, expected ({n},) integer labels")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    """All arrays in the file by name; a lone ``.npy`` array is returned under the key ``""``."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            arrays = {"": loaded}
+        else:
+            with loaded:
+                arrays = {key: loaded[key] for key in loaded.files}
+    except ValueError as e:
+        # np.load treats anything that is neither .npy nor zip as a pickle, and refuses it.
+        if "Object arrays" in str(e):
+            raise DataError(
+                f"{path}: contains an object array, which needs pickle to load; pickle is not loaded "
+                "(it can run code), expected numeric arrays"
+            ) from e
+        if "pickle" in str(e):
+            raise DataError(
+                f"{path}: is neither .npy nor .npz (pickled data is not loaded, as pickle can run code)"
+            ) from e
+        raise DataError(f"{path}: not a valid .npy/.npz file ({e})") from e
+    except _LOAD_ERRORS as e:
+        raise DataError(f"{path}: not a valid .npy/.npz file ({type(e).__name__}: {e})") from e
+    for key, value in arrays.items():
+        # NpzFile hands back non-.npy members as raw bytes.
+        if not isinstance(value, np.ndarray):
+            raise DataError(f"{path}: member '{key}' is not a .npy array, expected only arrays")
+    return arrays
+
+
+def load_arrays(path: str | Path, *, test_fraction: float = 0.1, split_seed: int = 0) -> Dataset:
+    """Load a dataset from a ``.npz`` or ``.npy`` file.
+
+    Accepted ``.npz`` layouts: ``x_train``/``x_test`` with optional ``y_train``/``y_test`` (Keras
+    style), ``train``/``test``, ``x`` with optional ``y``, or a single array. The last two are split
+    deterministically with ``test_fraction`` and ``split_seed``. A ``.npy`` file is a single array.
+
+    Args:
+        path: The file to read. Pickle is never loaded, so object arrays are refused.
+        test_fraction: Fraction of examples held out when the file has no test split.
+        split_seed: Seed of that split.
+
+    Returns:
+        A ``Dataset`` named after the file stem.
+
+    Raises:
+        DataError: The file is corrupt, has none of the accepted layouts, or holds unusable arrays.
+    """
+    path = Path(path)
+    arrays = _read(path)
+    keys = set(arrays)
+    y_train = y_test = None
+    if {"x_train", "x_test"} <= keys:
+        x_train, x_test = arrays["x_train"], arrays["x_test"]
+        if ("y_train" in keys) != ("y_test" in keys):
+            raise DataError(f"{path}: has only one of y_train / y_test (found {sorted(keys)}), expected both")
+        y_train, y_test = arrays.get("y_train"), arrays.get("y_test")
+        names = ("x_train", "x_test", "y_train", "y_test")
+    elif {"train", "test"} <= keys:
+        x_train, x_test = arrays["train"], arrays["test"]
+        names = ("train", "test", "", "")
+    elif "x" in keys or (len(keys) == 1 and not keys & _LAYOUT_KEYS):
+        key = "x" if "x" in keys else next(iter(keys))
+        x = arrays[key]
+        y = arrays.get("y") if key == "x" else None
+        _check_not_empty(x, path, key)
+        if y is not None and y.shape != (len(x),):
+            raise DataError(f"{path}: y has shape {y.shape}, expected ({len(x)},) labels to match x")
+        train_idx, test_idx = split_indices(len(x), test_fraction, split_seed)
+        x_train, x_test = x[train_idx], x[test_idx]
+        if y is not None:
+            y_train, y_test = y[train_idx], y[test_idx]
+        names = (f"{key or 'array'} (train split)", f"{key or 'array'} (test split)", "y", "y")
+    else:
+        raise DataError(f"{path}: found arrays {sorted(keys)}, expected {_LAYOUTS}")
+
+    for array, name in zip((x_train, x_test), names[:2], strict=True):
+        _check_not_empty(array, path, name)
+    x_train, max_train = to_stored_dtype(
+        to_channels_first(x_train, f"{path}: {names[0]}"), f"{path}: {names[0]}"
+    )
+    x_test, max_test = to_stored_dtype(
+        to_channels_first(x_test, f"{path}: {names[1]}"), f"{path}: {names[1]}"
+    )
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{path}: {names[0]} examples have shape {x_train.shape[1:]} but {names[1]} have "
+            f"{x_test.shape[1:]}, expected the same"
+        )
+    if x_train.dtype != x_test.dtype or max_train != max_test:
+        raise DataError(
+            f"{path}: {names[0]} ({x_train.dtype}, max {max_train:g}) and {names[1]} "
+            f"({x_test.dtype}, max {max_test:g}) have different value types, expected the same"
+        )
+    return Dataset(
+        name=path.stem,
+        x_train=torch.from_numpy(np.ascontiguousarray(x_train)),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_test)),
+        y_train=_labels(y_train, len(x_train), f"{path}: {names[2]}"),
+        y_test=_labels(y_test, len(x_test), f"{path}: {names[3]}"),
+        max_value=max_train,
+    )
+
+
+def _check_not_empty(x: np.ndarray, path: Path, name: str) -> None:
+    if x.ndim == 0 or x.size == 0:
+        raise DataError(f"{path}: array '{name or 'array'}' is empty (shape {x.shape}), expected examples")

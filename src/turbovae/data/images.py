@@ -1,0 +1,133 @@
+"""Datasets stored as a folder of PNG/JPEG images, and image resizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DataError
+from .arrays import split_indices
+from .dataset import Dataset
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+# Modes that carry no colour; alpha is dropped because the models see opaque pixels only.
+_GREY_MODES = frozenset({"1", "L", "LA", "La"})
+# 16-bit and float images would need a different max_value; refusing beats silently clipping.
+_UNSUPPORTED_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_OPEN_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _image_files(root: Path) -> list[Path]:
+    # Sorted so that the same folder always gives the same order, hence the same split.
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _hxw(size: tuple[int, int]) -> str:
+    width, height = size
+    return f"{height}x{width}"
+
+
+def load_image_folder(
+    path: str | Path,
+    *,
+    resize: tuple[int, int] | None = None,
+    test_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> Dataset:
+    """Load every PNG/JPEG image under a folder (recursively) as ``uint8`` (N, C, H, W).
+
+    ``train/`` and ``test/`` subfolders, when both exist, give the split; otherwise it is made
+    deterministically from the sorted file list. The result is greyscale (C = 1) when every image
+    is greyscale, else RGB (C = 3); alpha is dropped.
+
+    Args:
+        path: The folder.
+        resize: (height, width) every image is resized to. Without it all images must share a size.
+        test_fraction: Fraction held out for test when there are no ``train/``/``test/`` subfolders.
+        split_seed: Seed of that split.
+
+    Returns:
+        A ``Dataset`` with ``max_value = 255`` named after the folder.
+
+    Raises:
+        DataError: No images, a corrupt or unsupported image, or mixed sizes without ``resize``.
+    """
+    root = Path(path)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train_files, test_files = _image_files(root / "train"), _image_files(root / "test")
+        for files, sub in ((train_files, "train"), (test_files, "test")):
+            if not files:
+                raise DataError(
+                    f"{root / sub}: no images found, expected {', '.join(sorted(IMAGE_SUFFIXES))}"
+                )
+        files = train_files + test_files
+        train_idx, test_idx = np.arange(len(train_files)), np.arange(len(train_files), len(files))
+    else:
+        files = _image_files(root)
+        if not files:
+            raise DataError(f"{root}: no images found, expected {', '.join(sorted(IMAGE_SUFFIXES))} files")
+        train_idx, test_idx = split_indices(len(files), test_fraction, split_seed)
+
+    # First pass reads headers only: the mode and size decide the array before any pixel is decoded.
+    modes, sizes = [], []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                modes.append(image.mode)
+                sizes.append(image.size)
+        except _OPEN_ERRORS as e:
+            raise DataError(f"{file}: cannot read image ({e})") from e
+        if modes[-1] in _UNSUPPORTED_MODES:
+            raise DataError(
+                f"{file}: image mode {modes[-1]} is not supported, expected 8-bit greyscale or colour"
+            )
+    if resize is None:
+        for file, size in zip(files, sizes, strict=True):
+            if size != sizes[0]:
+                raise DataError(
+                    f"images differ in size: {files[0]} is {_hxw(sizes[0])} but {file} is {_hxw(size)} "
+                    "(HxW); pass --resize HxW to resize them all"
+                )
+        height, width = sizes[0][1], sizes[0][0]
+    else:
+        height, width = resize
+    mode = "L" if all(m in _GREY_MODES for m in modes) else "RGB"
+
+    pixels = np.empty((len(files), height, width, 1 if mode == "L" else 3), dtype=np.uint8)  # (N, H, W, C)
+    for i, file in enumerate(files):
+        try:
+            with Image.open(file) as image:
+                converted = image.convert(mode)
+            if converted.size != (width, height):
+                converted = converted.resize((width, height), Image.Resampling.LANCZOS)
+            pixels[i] = np.asarray(converted).reshape(height, width, -1)
+        except _OPEN_ERRORS as e:
+            raise DataError(f"{file}: cannot decode image ({e})") from e
+    x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))  # (N, C, H, W)
+    return Dataset(name=root.resolve().name, x_train=x[train_idx], x_test=x[test_idx], max_value=255.0)
+
+
+def resize_images(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (N, C, H, W) images to ``size`` = (height, width), channel by channel.
+
+    Args:
+        x: ``uint8`` or ``float32`` images.
+        size: Target (height, width).
+
+    Returns:
+        The resized images, same dtype, clipped to the input's value range.
+    """
+    height, width = size
+    if x.shape[2:] == (height, width) or x.size == 0:
+        return x
+    out = np.empty((*x.shape[:2], height, width), dtype=x.dtype)
+    for i in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            # A 2-D uint8 array becomes an 'L' image and float32 an 'F' image: no rescaling either way.
+            image = Image.fromarray(x[i, c]).resize((width, height), Image.Resampling.LANCZOS)
+            out[i, c] = np.asarray(image)
+    # Lanczos overshoots at edges; values outside the input range (e.g. 17 for 0..16 digits) are artefacts.
+    return np.clip(out, x.min(), x.max(), out=out)

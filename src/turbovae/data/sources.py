@@ -1,0 +1,138 @@
+"""Where datasets come from: built-in names, array files and image folders, behind one function."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError, unknown_name
+from . import download
+from .arrays import load_arrays, split_indices
+from .dataset import Dataset
+from .idx import read_idx_pair
+from .images import load_image_folder, resize_images
+
+
+def load_digits(*, test_fraction: float = 0.1, split_seed: int = 0, data_dir: str | None = None) -> Dataset:
+    """scikit-learn's 1,797 handwritten digits: ``uint8`` (N, 1, 8, 8), values 0..16, with labels.
+
+    The split is a fixed permutation seeded by ``split_seed``; ``data_dir`` is unused (the data ships
+    with scikit-learn).
+    """
+    from sklearn.datasets import load_digits as sklearn_digits  # imported late: sklearn is slow to import
+
+    digits = sklearn_digits()
+    x = digits.images.astype(np.uint8)[:, None]  # (N, 1, 8, 8)
+    y = digits.target.astype(np.int64)
+    train_idx, test_idx = split_indices(len(x), test_fraction, split_seed)
+    return Dataset(
+        name="digits",
+        x_train=torch.from_numpy(x[train_idx]),
+        x_test=torch.from_numpy(x[test_idx]),
+        y_train=torch.from_numpy(y[train_idx]),
+        y_test=torch.from_numpy(y[test_idx]),
+        max_value=16.0,
+    )
+
+
+def load_idx_dataset(
+    name: str, *, test_fraction: float = 0.1, split_seed: int = 0, data_dir: str | None = None
+) -> Dataset:
+    """MNIST-style IDX data with its official 60,000/10,000 split (``test_fraction`` is unused).
+
+    Files are looked up locally and downloaded when missing; see ``turbovae.data.download``.
+    """
+    files = download.locate(name, data_dir)
+    x_train, y_train = read_idx_pair(files["train-images-idx3-ubyte.gz"], files["train-labels-idx1-ubyte.gz"])
+    x_test, y_test = read_idx_pair(files["t10k-images-idx3-ubyte.gz"], files["t10k-labels-idx1-ubyte.gz"])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{name}: train images are {x_train.shape[1:]} but test images are {x_test.shape[1:]}, "
+            "expected the same"
+        )
+    return Dataset(
+        name=name,
+        x_train=torch.from_numpy(x_train),
+        x_test=torch.from_numpy(x_test),
+        y_train=torch.from_numpy(y_train),
+        y_test=torch.from_numpy(y_test),
+        max_value=255.0,
+    )
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": load_digits,
+    "fashion-mnist": functools.partial(load_idx_dataset, "fashion-mnist"),
+    "mnist": functools.partial(load_idx_dataset, "mnist"),
+}
+
+
+def _check_options(resize: tuple[int, int] | None, test_fraction: float) -> None:
+    if resize is not None and (
+        not isinstance(resize, tuple | list)
+        or len(resize) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in resize)
+    ):
+        raise ConfigError(f"resize must be (height, width) with positive integers, got {resize!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
+
+
+def _resized(dataset: Dataset, resize: tuple[int, int] | None) -> Dataset:
+    if resize is None:
+        return dataset
+    if not dataset.is_image:
+        raise ConfigError(
+            f"resize={resize} applies to images only, but dataset '{dataset.name}' holds vectors of "
+            f"shape {dataset.event_shape}"
+        )
+    dataset.x_train = torch.from_numpy(resize_images(dataset.x_train.numpy(), resize))
+    dataset.x_test = torch.from_numpy(resize_images(dataset.x_test.numpy(), resize))
+    return dataset
+
+
+def load_dataset(
+    spec: str,
+    *,
+    resize: tuple[int, int] | None = None,
+    test_fraction: float = 0.1,
+    split_seed: int = 0,
+    data_dir: str | None = None,
+) -> Dataset:
+    """Load a dataset by built-in name or path.
+
+    Args:
+        spec: A name in ``DATASETS`` (``digits``, ``fashion-mnist``, ``mnist``), a ``.npz``/``.npy``
+            file, or a folder of PNG/JPEG images.
+        resize: (height, width) to resize images to.
+        test_fraction: Fraction held out for test when the source has no split of its own.
+        split_seed: Seed of that split.
+        data_dir: Directory searched first for the files of downloadable built-ins.
+
+    Returns:
+        The dataset, in memory.
+
+    Raises:
+        ConfigError: Unknown name or invalid option.
+        DataError: Missing, corrupt or unsuitable data.
+    """
+    _check_options(resize, test_fraction)
+    if spec in DATASETS:
+        dataset = DATASETS[spec](test_fraction=test_fraction, split_seed=split_seed, data_dir=data_dir)
+        return _resized(dataset, resize)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_image_folder(path, resize=resize, test_fraction=test_fraction, split_seed=split_seed)
+    if path.is_file():
+        if path.suffix.lower() in (".npz", ".npy"):
+            return _resized(load_arrays(path, test_fraction=test_fraction, split_seed=split_seed), resize)
+        raise DataError(
+            f"{path}: unsupported file type '{path.suffix}', expected .npz, .npy or an image folder"
+        )
+    if "/" in spec or "\\" in spec or path.suffix:
+        raise DataError(f"{spec}: path does not exist (expected a .npz/.npy file or an image folder)")
+    raise unknown_name("dataset", spec, DATASETS)

@@ -1,0 +1,91 @@
+"""A convolutional ResNet-style VAE network for images (C, H, W), H and W divisible by 2^levels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..distributions import DiagonalGaussian
+from ..errors import ConfigError
+from .mlp import ACTIVATIONS
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: x + conv(act(conv(act(x))))."""
+
+    def __init__(self, channels: int, activation: str) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            ACTIVATIONS[activation](),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            ACTIVATIONS[activation](),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ConvNet(nn.Module):
+    """Encoder: conv stem, then per level a ResBlock and a stride-2 conv; a linear head to 2·latent.
+
+    Decoder mirrors it with nearest-neighbour upsampling + conv (no checkerboard artefacts of
+    transposed convolutions) and outputs P·C channels at full resolution.
+    """
+
+    def __init__(
+        self,
+        event_shape: tuple[int, ...],
+        latent: int,
+        params_per_dim: int,
+        channels: list[int],
+        activation: str = "silu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(event_shape) != 3:
+            raise ConfigError(
+                f"model 'conv' needs images (C, H, W), but the data have shape {tuple(event_shape)}; "
+                "use --model mlp for vectors"
+            )
+        c_in, height, width = event_shape
+        levels = len(channels)
+        if height % 2**levels or width % 2**levels:
+            raise ConfigError(
+                f"model 'conv' with {levels} levels needs H and W divisible by {2**levels}, "
+                f"got {height}×{width}; use fewer entries in model.channels or --resize"
+            )
+        self.event_shape = tuple(event_shape)
+        self.params_per_dim = params_per_dim
+        self.bottom = (channels[-1], height // 2**levels, width // 2**levels)
+        flat = channels[-1] * self.bottom[1] * self.bottom[2]
+        act = ACTIVATIONS[activation]
+
+        enc: list[nn.Module] = [nn.Conv2d(c_in, channels[0], 3, padding=1)]
+        for i, c in enumerate(channels):
+            c_next = channels[min(i + 1, levels - 1)]
+            enc += [ResBlock(c, activation), nn.Conv2d(c, c_next, 4, stride=2, padding=1)]
+        enc += [act(), nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, 2 * latent)]
+        self.encoder = nn.Sequential(*enc)
+
+        dec: list[nn.Module] = [nn.Linear(latent, flat), nn.Unflatten(1, self.bottom)]
+        rev = list(reversed(channels))
+        for i, c in enumerate(rev):
+            c_next = rev[min(i + 1, levels - 1)]
+            dec += [
+                ResBlock(c, activation),
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c, c_next, 3, padding=1),
+            ]
+        dec += [act(), nn.Conv2d(rev[-1], params_per_dim * c_in, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        loc, log_scale = self.encoder(x).chunk(2, dim=-1)  # (B, L) each
+        return DiagonalGaussian(loc, log_scale)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]  # (B,) or (S, B) for importance samples
+        out = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, P·C, H, W)
+        c, h, w = self.event_shape
+        return out.view(*lead, self.params_per_dim, c, h, w)

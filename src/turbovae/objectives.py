@@ -1,0 +1,67 @@
+"""Training objectives. Each is ``fn(vae, x, *, generator, **options) -> dict`` of scalars, where
+``loss`` is what is minimised and ``nelbo``, ``rec`` and ``kl`` are in nats per example.
+
+The sign convention: rec = −E_q[log p(x|z)] ≥ 0 for discrete data, kl = KL(q(z|x) || p(z)) ≥ 0,
+nelbo = rec + kl, the *negative* ELBO. This is the one place the loss is computed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .errors import unknown_name
+from .vae import VAE
+
+
+def elbo(
+    vae: VAE, x: torch.Tensor, *, generator: torch.Generator | None = None, beta: float = 1.0, **_: object
+) -> dict[str, torch.Tensor]:
+    """The (β-)ELBO with one reparameterised sample: loss = mean(rec + β·kl). β = 1 is the ELBO."""
+    q = vae.encode(x)
+    z = q.rsample(generator=generator)  # (B, L)
+    rec = -vae.likelihood.log_prob(x, vae.decode_params(z))  # (B,)
+    kl = q.kl()  # (B,) analytic KL against N(0, I)
+    return {
+        "loss": (rec + beta * kl).mean(),
+        "nelbo": (rec + kl).mean(),
+        "rec": rec.mean(),
+        "kl": kl.mean(),
+    }
+
+
+def _importance(vae: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None):
+    q = vae.encode(x)
+    z = q.rsample((k,), generator=generator)  # (k, B, L)
+    log_px_z = vae.likelihood.log_prob(x, vae.decode_params(z))  # (k, B)
+    log_w = log_px_z + vae.prior(x.device).log_prob(z) - q.log_prob(z)
+    return q, log_px_z, log_w
+
+
+def log_weights(vae: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Importance log-weights log p(x, z_i) − log q(z_i | x) for k samples: shape (k, B), float32."""
+    return _importance(vae, x, k, generator)[2]
+
+
+def iwae(
+    vae: VAE, x: torch.Tensor, *, generator: torch.Generator | None = None, k: int = 5, **_: object
+) -> dict[str, torch.Tensor]:
+    """The importance-weighted bound (Burda et al. 2015) with k samples; k = 1 is the ELBO.
+
+    ``nelbo``/``rec``/``kl`` are reported from the first sample so that curves stay comparable.
+    """
+    q, log_px_z, log_w = _importance(vae, x, k, generator)
+    bound = torch.logsumexp(log_w, dim=0) - math.log(k)  # (B,)
+    rec, kl = -log_px_z[0], q.kl()
+    return {"loss": -bound.mean(), "nelbo": (rec + kl).mean(), "rec": rec.mean(), "kl": kl.mean()}
+
+
+OBJECTIVES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"elbo": elbo, "iwae": iwae}
+
+
+def get_objective(name: str) -> Callable[..., dict[str, torch.Tensor]]:
+    if name not in OBJECTIVES:
+        raise unknown_name("objective", name, OBJECTIVES)
+    return OBJECTIVES[name]

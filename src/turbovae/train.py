@@ -1,0 +1,514 @@
+"""The training loop: plain functions and one state dict.
+
+``fit(cfg, out)`` loads the data, builds the VAE, trains, checkpoints, evaluates and writes the run
+directory. The loss is read back to the host only every ``train.log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, evaluate, runtime
+from .config import Config, from_dict, parse_resize, to_yaml
+from .data import Dataset, load_dataset
+from .data.batches import binarize, preparer, value_range
+from .errors import CheckpointError, ConfigError, DataError, TurboVAEError
+from .likelihoods import build_likelihood
+from .models import build_network
+from .objectives import get_objective
+from .report import as_images, save_grid
+from .vae import VAE
+
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "samples.png",
+    "reconstructions.png",
+    "checkpoints",
+)
+
+
+class TrainingDiverged(TurboVAEError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Setup:
+    """Everything built from a config before the first step."""
+
+    cfg: Config
+    device: torch.device
+    data: Dataset
+    x_train: torch.Tensor  # on the device, stored dtype (uint8 stays uint8)
+    x_test: torch.Tensor  # on the device; fixed binarisation under dynamic binarisation
+    train_max: float
+    test_max: float
+    binarize_mode: str  # resolved: none | static | dynamic
+    vae: VAE
+
+    def prepare_test(self, raw: torch.Tensor) -> torch.Tensor:
+        return preparer(self.test_max, False, None)(raw)
+
+    def split(self, name: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """(data, prepare) to evaluate a split on: binary data stay a fixed draw, so numbers repeat."""
+        if name == "test":
+            return self.x_test, self.prepare_test
+        if self.binarize_mode == "dynamic":
+            return binarize(self.x_train, self.train_max, seed=3), preparer(1.0, False, None)
+        return self.x_train, preparer(self.train_max, False, None)
+
+
+def resolve_binarize(mode: str, likelihood_support: str, binary: bool) -> str:
+    if mode == "auto":
+        return "dynamic" if likelihood_support == "binary" and not binary else "none"
+    return mode
+
+
+def build_vae(cfg: Config, event_shape: tuple[int, ...]) -> VAE:
+    likelihood = build_likelihood(cfg.model.likelihood, event_shape, cfg.model.likelihood_scale)
+    net = build_network(cfg.model.name, event_shape, cfg.model.latent, likelihood.params_per_dim, cfg.model)
+    return VAE(net, likelihood, cfg.model.latent)
+
+
+def setup(cfg: Config, device: torch.device | None = None) -> Setup:
+    """Load and check the data and build the model: user errors surface here, before any file is written."""
+    device = device or runtime.select_device(cfg.train.device)
+    data = load_dataset(
+        cfg.data.name,
+        resize=parse_resize(cfg.data.resize),
+        test_fraction=cfg.data.test_fraction,
+        split_seed=0,
+        data_dir=cfg.data.dir,
+    )
+    low, high, binary = value_range(
+        torch.cat([data.x_train.flatten(), data.x_test.flatten()]), data.max_value
+    )
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise DataError(f"data '{data.name}' contains NaN or Inf values")
+    vae = build_vae(cfg, data.event_shape)
+    mode = resolve_binarize(cfg.data.binarize, vae.likelihood.support, binary)
+    if mode != "none" and (low < 0 or high > 1):
+        raise DataError(
+            f"binarisation needs data in [0, 1], but '{data.name}' has values in [{low:g}, {high:g}]"
+        )
+    if mode != "none":
+        binary, low, high = True, 0.0, 1.0
+    vae.likelihood.check_data(low, high, binary, data.name)
+    if len(data.x_train) < cfg.train.batch_size:
+        raise DataError(
+            f"data '{data.name}' has {len(data.x_train)} training examples, fewer than train.batch_size "
+            f"= {cfg.train.batch_size}; lower --batch-size"
+        )
+    if len(data.x_test) == 0:
+        raise DataError(f"data '{data.name}' has an empty test split")
+    x_train, x_test, train_max, test_max = data.x_train, data.x_test, data.max_value, data.max_value
+    if mode == "static":
+        x_train, train_max = binarize(x_train, data.max_value, seed=1), 1.0
+    if mode in ("static", "dynamic"):
+        x_test, test_max = binarize(x_test, data.max_value, seed=2), 1.0
+    return Setup(
+        cfg, device, data, x_train.to(device), x_test.to(device), train_max, test_max, mode, vae.to(device)
+    )
+
+
+def make_optimizer(cfg: Config, vae: VAE) -> torch.optim.Optimizer:
+    opts: dict[str, Any] = {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
+    if next(vae.parameters()).is_cuda:
+        opts["fused"] = True  # one kernel for the whole update
+    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.train.optimizer]
+    return optimizer_cls(vae.parameters(), **opts)
+
+
+# ---- run directory ---------------------------------------------------------------------------------
+
+
+def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """An existing run is never replaced without --overwrite, nor continued without --resume."""
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise CheckpointError(
+                f"cannot resume {out}: no config.yaml there (is it a turbovae run directory?)"
+            )
+        return
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"output directory {out} already exists and is not empty; pass --overwrite to replace it, "
+            f"--resume {out} to continue it, or --out for a new directory"
+        )
+
+
+def _clear_run(out: Path) -> None:
+    """Remove a previous run's files (only those turbovae writes) before an --overwrite run starts."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per event, flushed as written."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+
+    def write(self, event: str, **values: Any) -> None:
+        self.file.write(json.dumps({"event": event, **values}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# ---- checkpoint state --------------------------------------------------------------------------------
+
+
+def _rng_state(gens: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {f"rng.{name}": g.get_state() for name, g in gens.items()}
+    tensors["rng.torch_cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_keys, dtype=np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_cached)],
+    }
+    return tensors, meta
+
+
+def _load_rng_state(
+    gens: dict[str, torch.Generator], tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    for name, g in gens.items():
+        g.set_state(tensors[f"rng.{name}"])
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, step: int, out: Path) -> None:
+        super().__init__(f"stopped by signal {signum} at step {step}")
+        self.signum, self.step, self.out = signum, step, out
+
+
+def fit(
+    cfg: Config,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train a VAE as configured and write the run directory ``out``. Returns the summary.
+
+    With ``resume=True`` the run in ``out`` continues from its newest valid checkpoint (its saved
+    config is used; ``cfg`` may only extend ``train.epochs``).
+    """
+    out = Path(out)
+    check_out_dir(out, overwrite, resume)
+    state_json: Path | None = None
+    if resume:
+        state_json = checkpoint.latest(out)
+        if state_json is None:
+            raise CheckpointError(f"cannot resume {out}: no valid checkpoint in {out / 'checkpoints'}")
+    runtime.seed_everything(cfg.train.seed)
+    s = setup(cfg)
+    runtime.configure(s.device, cfg.train.threads)
+    vae, device = s.vae, s.device
+    opt = make_optimizer(cfg, vae)
+    gens = {
+        "data": runtime.generator(device, cfg.train.seed),
+        "model": runtime.generator(device, cfg.train.seed + 1),
+    }
+    prepare_train = preparer(s.train_max, s.binarize_mode == "dynamic", gens["data"])
+    objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta, k=cfg.train.iwae_k)
+
+    n_train, batch = len(s.x_train), cfg.train.batch_size
+    steps_per_epoch = n_train // batch  # equal-sized batches: fixed shapes, no tiny last batch
+    loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "examples": 0}
+    perm = torch.empty(0, dtype=torch.long, device=device)
+    if state_json is not None:
+        tensors, meta = checkpoint.load(state_json)
+        try:
+            vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"checkpoint {state_json} does not fit this model: {str(e).splitlines()[0]}"
+            ) from None
+        checkpoint.load_optimizer_state(opt, tensors, meta["optimizer"])
+        _load_rng_state(gens, tensors, meta["rng"])
+        perm = tensors["loop.perm"].to(device)
+        loop.update(meta["loop"])
+    else:
+        if overwrite:
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    log = MetricsLog(out / "metrics.jsonl")
+    log.write(
+        "start",
+        step=loop["step"],
+        resumed=resume,
+        device=runtime.describe(device),
+        params=sum(p.numel() for p in vae.parameters()),
+        binarize=s.binarize_mode,
+    )
+
+    def save_checkpoint() -> Path:
+        model_tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
+        opt_tensors, opt_meta = checkpoint.optimizer_state(opt)
+        rng_tensors, rng_meta = _rng_state(gens)
+        path = checkpoint.save(
+            out,
+            loop["step"],
+            {**model_tensors, **opt_tensors, **rng_tensors, "loop.perm": perm},
+            {
+                "optimizer": opt_meta,
+                "rng": rng_meta,
+                "loop": loop,
+                "config": cfg.to_dict(),
+                "event_shape": list(s.data.event_shape),
+                "max_value": s.data.max_value,
+                "binarize": s.binarize_mode,
+            },
+            keep=cfg.train.keep_checkpoints,
+        )
+        log.write("checkpoint", step=loop["step"], path=str(path.relative_to(out)))
+        return path
+
+    total_steps = cfg.train.epochs * steps_per_epoch
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=total_steps, initial=loop["step"], disable=not show, unit="step", dynamic_ncols=True)
+    sums = torch.zeros(4, device=device)  # loss, nelbo, rec, kl accumulated on the device
+    since_log, t_log = 0, time.perf_counter()
+    eval_gen = runtime.generator(device, 12345)
+    vae.train()
+    try:
+        with _StopFlag() as stop:
+            t_segment = time.perf_counter()
+            while loop["epoch"] < cfg.train.epochs:
+                if loop["batch_in_epoch"] == 0:
+                    perm = torch.randperm(n_train, generator=gens["data"], device=device)
+                for b in range(loop["batch_in_epoch"], steps_per_epoch):
+                    x = prepare_train(s.x_train[perm[b * batch : (b + 1) * batch]])
+                    with runtime.autocast(device, cfg.train.precision):
+                        terms = objective(vae, x, generator=gens["model"])
+                    opt.zero_grad(set_to_none=True)
+                    terms["loss"].backward()
+                    opt.step()
+                    sums += torch.stack([terms["loss"], terms["nelbo"], terms["rec"], terms["kl"]]).detach()
+                    since_log += 1
+                    loop["step"] += 1
+                    loop["batch_in_epoch"] = b + 1
+                    loop["examples"] += batch
+                    if loop["step"] % cfg.train.log_every == 0 or b + 1 == steps_per_epoch:
+                        loss, nelbo, rec, kl = (sums / since_log).tolist()  # the host sync
+                        now = time.perf_counter()
+                        speed = since_log * batch / (now - t_log)
+                        if not math.isfinite(loss):
+                            raise TrainingDiverged(
+                                f"the loss became {loss} near step {loop['step']}; "
+                                f"lower --lr (now {cfg.train.lr:g}) or check the data; "
+                                f"the last checkpoint is in {out / 'checkpoints'}"
+                            )
+                        log.write(
+                            "train",
+                            step=loop["step"],
+                            epoch=loop["epoch"] + b / steps_per_epoch,
+                            loss=loss,
+                            nelbo=nelbo,
+                            rec=rec,
+                            kl=kl,
+                            lr=opt.param_groups[0]["lr"],
+                            samples_per_second=speed,
+                        )
+                        bar.set_postfix(
+                            epoch=loop["epoch"] + 1, loss=f"{loss:.2f}", samples_s=f"{speed:,.0f}"
+                        )
+                        bar.update(since_log)
+                        sums.zero_()
+                        since_log, t_log = 0, now
+                    at_checkpoint = (
+                        cfg.train.checkpoint_every and loop["step"] % cfg.train.checkpoint_every == 0
+                    )
+                    if stop.signal is not None or at_checkpoint:
+                        loop["train_seconds"] += time.perf_counter() - t_segment
+                        save_checkpoint()
+                        t_segment = time.perf_counter()
+                        if stop.signal is not None:
+                            raise Interrupted(stop.signal, loop["step"], out)
+                loop["epoch"] += 1
+                loop["batch_in_epoch"] = 0
+                loop["train_seconds"] += time.perf_counter() - t_segment
+                if cfg.eval.every_epoch:
+                    ev = evaluate.nelbo(
+                        vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size, generator=eval_gen
+                    )
+                    log.write(
+                        "eval",
+                        step=loop["step"],
+                        epoch=loop["epoch"],
+                        split="test",
+                        **{f"test_{k}": v for k, v in ev.items()},
+                    )
+                if not cfg.train.checkpoint_every:
+                    save_checkpoint()
+                t_segment, t_log = time.perf_counter(), time.perf_counter()
+    finally:
+        bar.close()
+    if cfg.train.checkpoint_every and loop["step"] % cfg.train.checkpoint_every:
+        save_checkpoint()  # the final state, when it did not fall on a checkpoint step
+    summary = finish(s, out, loop)
+    log.write("end", **summary)
+    log.close()
+    return summary
+
+
+def finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
+    """Final evaluation, pictures and summary.json."""
+    cfg, vae = s.cfg, s.vae
+    t0 = time.perf_counter()
+    eval_gen = runtime.generator(s.device, 54321)
+    ev = evaluate.nelbo(vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size, generator=eval_gen)
+    iw = evaluate.iwae_nll(
+        vae,
+        s.x_test,
+        s.prepare_test,
+        k=cfg.eval.iwae_k,
+        batch_size=max(1, cfg.eval.batch_size // 10),
+        generator=eval_gen,
+    )
+    write_pictures(s, out)
+    dims = math.prod(s.data.event_shape)
+    discrete = vae.likelihood.discrete
+    summary = {
+        "test_nelbo": ev["nelbo"],
+        "test_rec": ev["rec"],
+        "test_kl": ev["kl"],
+        "test_nll_iwae": iw["nll"],
+        "test_nll_iwae_stderr": iw["stderr"],
+        "iwae_k": iw["k"],
+        "test_bpd": evaluate.bits_per_dim(ev["nelbo"], dims) if discrete else None,
+        "test_bpd_iwae": evaluate.bits_per_dim(iw["nll"], dims) if discrete else None,
+        "train_seconds": loop["train_seconds"],
+        "eval_seconds": time.perf_counter() - t0,
+        "total_seconds": runtime.process_seconds(),
+        "samples_per_second": loop["examples"] / max(loop["train_seconds"], 1e-9),
+        "epochs": loop["epoch"],
+        "steps": loop["step"],
+        "params": sum(p.numel() for p in vae.parameters()),
+        "device": runtime.describe(s.device),
+        "precision": cfg.train.precision,
+        "data": s.data.name,
+        "n_train": len(s.x_train),
+        "n_test": len(s.x_test),
+        "binarize": s.binarize_mode,
+        "model": cfg.model.name,
+        "likelihood": cfg.model.likelihood,
+        "objective": cfg.train.objective,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+@torch.no_grad()
+def write_pictures(s: Setup, out: Path, n_samples: int = 64, n_recon: int = 16) -> None:
+    """samples.png (prior samples, E[x|z]) and reconstructions.png (inputs above, outputs below)."""
+    vae = s.vae
+    vae.eval()
+    shape = s.data.event_shape
+    samples = vae.sample(n_samples, generator=runtime.generator(s.device, 7))
+    save_grid(as_images(samples, shape), out / "samples.png", nrow=8)
+    x = s.prepare_test(s.x_test[:n_recon])
+    recon = vae.reconstruct(x)
+    both = torch.cat([as_images(x, shape), as_images(recon, shape)])
+    save_grid(both, out / "reconstructions.png", nrow=min(n_recon, len(x)))
+    vae.train()
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
+    """The trained model of a run directory (newest valid checkpoint), in eval mode.
+
+    The returned VAE has ``encode(x)``, ``decode(z)``, ``sample(n)``, and carries ``config`` (the run's
+    Config) and ``max_value`` (inputs are ``stored_values / max_value``).
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a turbovae run directory (no config.yaml)")
+    import yaml
+
+    try:
+        cfg = from_dict(yaml.safe_load(cfg_path.read_text()) or {})
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{cfg_path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    state_json = checkpoint.latest(run_dir)
+    if state_json is None:
+        raise CheckpointError(f"no valid checkpoint in {run_dir / 'checkpoints'}")
+    tensors, meta = checkpoint.load(state_json)
+    if "event_shape" not in meta:
+        raise CheckpointError(f"checkpoint {state_json} does not record the data shape (event_shape)")
+    shape = tuple(meta["event_shape"])
+    vae = build_vae(cfg, shape)
+    try:
+        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"checkpoint {state_json} does not fit its config: {str(e).splitlines()[0]}"
+        ) from None
+    vae.config = cfg
+    vae.max_value = float(meta.get("max_value", 1.0))
+    return vae.to(device).eval()
