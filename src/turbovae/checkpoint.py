@@ -85,35 +85,50 @@ def _prune(folder: Path, keep: int) -> None:
                 path.unlink()
 
 
-def refuse_pickle(path: Path) -> None:
-    """Refuse files that are pickles: unpickling runs arbitrary code from the file."""
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        head = f.read(4)
-        if any(head.startswith(m) for m in _PICKLE_MAGIC):
-            raise CheckpointError(
-                f"refusing to load {path}: it is a pickle (torch.save) file, and unpickling can run "
-                "arbitrary code; turbovae checkpoints are safetensors + JSON"
-            )
+def _pickle_error(path: Path, head: bytes) -> CheckpointError | None:
+    """The error for a file that is a pickle (unpickling runs arbitrary code), else None."""
+    if any(head.startswith(m) for m in _PICKLE_MAGIC):
+        return CheckpointError(
+            f"refusing to load {path}: it is a pickle (torch.save) file, and unpickling can run "
+            "arbitrary code; turbovae checkpoints are safetensors + JSON and are never unpickled"
+        )
+    return None
+
+
+def _is_safetensors(blob: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON."""
+    if len(blob) < 10:
+        return False
+    header = int.from_bytes(blob[:8], "little")
+    return 8 + header <= len(blob) and blob[8:9] == b"{"
 
 
 def load(json_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify one checkpoint: (tensors, meta)."""
     json_path = Path(json_path)
-    refuse_pickle(json_path)
     try:
-        meta = json.loads(json_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {json_path} is unreadable or not JSON: {e}") from None
+        raw = json_path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {json_path} is unreadable: {e.strerror or e}") from None
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _pickle_error(json_path, raw[:4]) or CheckpointError(
+            f"checkpoint {json_path} is not JSON: {e}"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path} is not a turbovae checkpoint (format {FORMAT} expected)")
-    tensors_path = json_path.parent / str(meta.get("tensors", ""))
-    refuse_pickle(tensors_path)
+    tensors_path = json_path.parent / Path(str(meta.get("tensors", ""))).name  # never outside the folder
     try:
         blob = tensors_path.read_bytes()
     except OSError as e:
         raise CheckpointError(
             f"checkpoint tensors {tensors_path} are unreadable: {e.strerror or e}"
         ) from None
+    if not _is_safetensors(blob):
+        raise _pickle_error(tensors_path, blob[:4]) or CheckpointError(
+            f"checkpoint tensors {tensors_path} are not a safetensors file"
+        )
     if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
         raise CheckpointError(f"checkpoint tensors {tensors_path} are corrupt (SHA-256 does not match)")
     try:
@@ -161,4 +176,9 @@ def load_optimizer_state(
             state.setdefault(int(idx), {})[key] = value
     for idx, values in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(values)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    groups = meta["param_groups"]
+    for group, current in zip(groups, opt.param_groups, strict=True):
+        for key, value in current.items():  # JSON turned tuples (Adam's betas) into lists
+            if isinstance(value, tuple) and isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
+    opt.load_state_dict({"state": state, "param_groups": groups})

@@ -166,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = runtime.select_device(args.device)
     vae = load(args.run_dir, device)
-    s = setup(vae.config, device)  # type: ignore[arg-type]
+    s = setup(vae.config, device)
     s.vae = vae
     x, prepare = s.split(args.split)
     gen = runtime.generator(device, args.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,17 +18,30 @@ from .idx import read_idx_pair
 from .images import load_image_folder, resize_images
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 1, 8, 8) uint8, labels (N,) int64) from the CSV that scikit-learn ships.
+
+    Read directly: importing sklearn.datasets costs 1-2 s, more than the whole dataset is worth.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        csv = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if csv.is_file():
+            table = np.loadtxt(csv, delimiter=",", dtype=np.float64)  # (N, 65): 64 pixels and the label
+            return table[:, :64].astype(np.uint8).reshape(-1, 1, 8, 8), table[:, 64].astype(np.int64)
+    from sklearn.datasets import load_digits as sklearn_digits  # a layout we do not know: ask sklearn
+
+    digits = sklearn_digits()
+    return digits.images.astype(np.uint8)[:, None], digits.target.astype(np.int64)
+
+
 def load_digits(*, test_fraction: float = 0.1, split_seed: int = 0, data_dir: str | None = None) -> Dataset:
     """scikit-learn's 1,797 handwritten digits: ``uint8`` (N, 1, 8, 8), values 0..16, with labels.
 
     The split is a fixed permutation seeded by ``split_seed``; ``data_dir`` is unused (the data ships
     with scikit-learn).
     """
-    from sklearn.datasets import load_digits as sklearn_digits  # imported late: sklearn is slow to import
-
-    digits = sklearn_digits()
-    x = digits.images.astype(np.uint8)[:, None]  # (N, 1, 8, 8)
-    y = digits.target.astype(np.int64)
+    x, y = _digits_arrays()
     train_idx, test_idx = split_indices(len(x), test_fraction, split_seed)
     return Dataset(
         name="digits",
