@@ -57,7 +57,7 @@ def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+    with pytest.raises(CheckpointError, match=r"No space left on device.*previous checkpoint is intact"):
         checkpoint.save(tmp_path, 2, tensors(1), {})
     monkeypatch.undo()
     assert checkpoint.latest(tmp_path) == first

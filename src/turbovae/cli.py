@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
+
+OVERRIDE = re.compile(r"^[A-Za-z_]+\.[A-Za-z_]+=")
 
 # flag name -> config key; the flags are shortcuts for `section.key=value` overrides
 TRAIN_FLAGS: dict[str, str] = {
@@ -229,7 +232,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # section.key=value overrides may stand anywhere, also between flags (argparse wants them last)
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args = parser.parse_args([a for a in argv if not OVERRIDE.match(a)])
+    if hasattr(args, "overrides"):
+        args.overrides = overrides
+    elif overrides:
+        parser.error(f"{args.command} takes no section.key=value overrides (got {overrides[0]})")
     from .errors import TurboVAEError
 
     commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}

@@ -1,0 +1,218 @@
+"""The command line end to end: artifacts, eval/sample, reproducibility, resume, and bad input."""
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import turbovae
+from turbovae import evaluate, runtime
+from turbovae.cli import main
+from turbovae.train import setup
+
+FAST = ["--data", "digits", "--hidden", "32", "--latent", "4", "--batch-size", "64", "--progress", "off",
+        "train.log_every=5", "eval.iwae_k=5"]  # fmt: skip
+SUMMARY_KEYS = {"test_nelbo", "test_bpd", "train_seconds", "total_seconds", "samples_per_second", "epochs",
+                "steps", "params", "device", "precision", "data", "model"}  # fmt: skip
+
+
+def train(out: Path, *extra: str) -> int:
+    return main(["train", *FAST, "--out", str(out), *extra])
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def final_tensors(run: Path) -> dict[str, torch.Tensor]:
+    from turbovae import checkpoint
+
+    path = checkpoint.latest(run)
+    assert path is not None
+    return checkpoint.load(path)[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    assert train(out, "--epochs", "3") == 0
+    return out
+
+
+def test_train_leaves_every_artifact(run):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "samples.png", "reconstructions.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "checkpoints").glob("step-*.safetensors"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["data"] == "digits" and summary["model"] == "mlp" and summary["epochs"] == 3
+    assert summary["steps"] == 3 * (1617 // 64)
+    assert math.isfinite(summary["test_nelbo"]) and 0 < summary["test_bpd"] < 1.5
+    assert summary["total_seconds"] >= summary["train_seconds"] > 0
+    events = [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "end" and {"train", "eval", "checkpoint"} <= set(events)
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["model"]["hidden"] == [32] and resolved["data"]["binarize"] == "auto"
+    for name in ("samples.png", "reconstructions.png"):
+        with Image.open(run / name) as im:
+            im.verify()
+
+
+def test_eval_json(run, capsys):
+    assert main(["eval", str(run), "--iwae-k", "20", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"nelbo", "nll_iwae", "k", "bpd", "n"} <= set(result)
+    assert result["k"] == 20 and result["n"] == 180
+    assert result["nll_iwae"] < result["nelbo"] + 1.0  # the IWAE bound is tighter, up to noise
+    assert math.isclose(result["bpd"], result["nll_iwae"] / (64 * math.log(2)))
+    assert main(["eval", str(run), "--iwae-k", "2", "--split", "train", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 1617
+
+
+def test_sample_png_and_npy(run, tmp_path, capsys):
+    assert main(["sample", str(run), "--n", "10", "--out", str(tmp_path / "s.png")]) == 0
+    with Image.open(tmp_path / "s.png") as im:
+        assert im.size[0] > 0
+    assert main(["sample", str(run), "--n", "10", "--out", str(tmp_path / "s.npy"), "--draw"]) == 0
+    x = np.load(tmp_path / "s.npy")
+    assert x.shape == (10, 1, 8, 8) and set(np.unique(x)) <= {0.0, 1.0}
+
+
+def test_load_reproduces_the_summary(run):
+    vae = turbovae.load(run)
+    assert vae.encode(torch.rand(3, 1, 8, 8)).mean.shape == (3, 4)
+    assert vae.decode(torch.zeros(2, 4)).shape == (2, 1, 8, 8)
+    assert vae.sample(5).shape == (5, 1, 8, 8)
+    s = setup(vae.config, torch.device("cpu"))
+    # same weights, same evaluation noise → the exact number the run wrote
+    ev = evaluate.nelbo(
+        vae, s.x_test, s.prepare_test, generator=runtime.generator(torch.device("cpu"), 54321)
+    )
+    assert ev["nelbo"] == json.loads((run / "summary.json").read_text())["test_nelbo"]
+
+
+def test_a_seed_reproduces_a_run_exactly(tmp_path):
+    assert train(tmp_path / "a", "--epochs", "2", "--seed", "3") == 0
+    assert train(tmp_path / "b", "--epochs", "2", "--seed", "3") == 0
+    assert train(tmp_path / "c", "--epochs", "2", "--seed", "4") == 0
+    a, b, c = (final_tensors(tmp_path / n) for n in "abc")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.net.encoder.0.weight"], c["model.net.encoder.0.weight"])
+
+
+def test_resume_continues_exactly(tmp_path):
+    assert train(tmp_path / "full", "--epochs", "4", "--checkpoint-every", "10") == 0
+    assert train(tmp_path / "part", "--epochs", "2", "--checkpoint-every", "10") == 0
+    assert main(["train", "--resume", str(tmp_path / "part"), "--epochs", "4", "--progress", "off"]) == 0
+    full, part = final_tensors(tmp_path / "full"), final_tensors(tmp_path / "part")
+    model_keys = [k for k in full if k.startswith(("model.", "optim."))]
+    assert model_keys and all(torch.equal(full[k], part[k]) for k in model_keys)
+    assert json.loads((tmp_path / "part" / "summary.json").read_text())["steps"] == 4 * 25
+
+
+def write_npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name → (extra argv, a piece of the expected message)."""
+    garbage = tmp / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04 this is not a zip file")
+    nan = np.random.default_rng(0).random((100, 10)).astype(np.float32)
+    nan[7, 3] = np.nan
+    idx_dir = tmp / "idx"
+    idx_dir.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):  # fmt: skip
+        (idx_dir / f"{name}.gz").write_bytes(b"\x1f\x8b\x08\x00 truncated")
+    return {
+        "missing path": (["--data", str(tmp / "nope.npz")], "nope.npz"),
+        "corrupt npz": (["--data", str(garbage)], "garbage.npz"),
+        "truncated idx": (["--data", "fashion-mnist", f"data.dir={idx_dir}"], "idx"),
+        "nan in data": (
+            ["--data", str(write_npz(tmp / "nan.npz", x=nan)), "--likelihood", "gaussian"],
+            "NaN",
+        ),
+        "wrong shape": (["--data", str(write_npz(tmp / "5d.npz", x=np.zeros((4, 2, 2, 2, 2))))], "shape"),
+        "conv on vectors": (
+            [
+                "--data",
+                str(write_npz(tmp / "v.npz", x=np.random.rand(300, 10))),
+                "--model",
+                "conv",
+                "--likelihood",
+                "gaussian",
+            ],
+            "needs images",
+        ),
+        "unknown model": (["--model", "mpl"], "did you mean 'mlp'"),
+        "unknown likelihood": (["--likelihood", "gausian"], "did you mean 'gaussian'"),
+        "unknown key": (["train.lrr=1"], "did you mean 'lr'"),
+        "negative lr": (["--lr", "-1"], "train.lr must be > 0"),
+        "zero latent": (["--latent", "0"], "model.latent must be > 0"),
+        "bernoulli on grey": (["--binarize", "none", "--likelihood", "bernoulli"], "needs binary data"),
+        "batch too large": (["--batch-size", "5000"], "fewer than train.batch_size"),
+        "bad config file": (["--config", str(tmp / "missing.yaml")], "missing.yaml"),
+    }
+
+
+def test_bad_input_ends_with_one_line_and_exit_2_and_leaves_earlier_runs(run, tmp_path, capsys):
+    before = snapshot(run)
+    for name, (extra, expected) in bad_inputs(tmp_path).items():
+        capsys.readouterr()
+        code = main(["train", *FAST, "--out", str(run), "--overwrite", *extra])
+        err = capsys.readouterr().err
+        assert code == 2, f"{name}: exit {code}, stderr {err!r}"
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("turbovae: error:"), f"{name}: {err!r}"
+        assert expected in lines[0], f"{name}: {lines[0]!r}"
+        assert snapshot(run) == before, f"{name} changed the earlier run"
+
+
+def test_an_existing_run_is_not_overwritten(run, capsys):
+    before = snapshot(run)
+    assert train(run, "--epochs", "1") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
+def test_overwrite_replaces_a_run(tmp_path):
+    assert train(tmp_path / "r", "--epochs", "1") == 0
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    assert train(tmp_path / "r", "--epochs", "2", "--overwrite") == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["epochs"] == 2
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine"  # only turbovae's own files go
+    assert len(list((tmp_path / "r" / "checkpoints").glob("*.json"))) <= 2
+
+
+def test_the_installed_command_reports_errors_without_a_traceback(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "turbovae", "train", "--data", str(tmp_path / "x.npz")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "x.npz" in proc.stderr
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian's Fashion-MNIST absent"
+)
+def test_fashion_mnist_smoke(tmp_path):
+    out = tmp_path / "fmnist"
+    argv = ["train", "--data", "fashion-mnist", "--epochs", "1", "--hidden", "128", "--latent", "16"]
+    assert main([*argv, "--progress", "off", "--out", str(out), "eval.iwae_k=2", "train.log_every=100"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["n_train"], summary["n_test"], summary["binarize"]) == (60000, 10000, "dynamic")
+    assert 60 < summary["test_nelbo"] < 400  # nats per image on dynamically binarised Fashion-MNIST
