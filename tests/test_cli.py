@@ -194,7 +194,8 @@ def test_overwrite_replaces_a_run(tmp_path):
     assert train(tmp_path / "r", "--epochs", "2", "--overwrite") == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["epochs"] == 2
     assert (tmp_path / "r" / "notes.txt").read_text() == "mine"  # only turbovae's own files go
-    assert len(list((tmp_path / "r" / "checkpoints").glob("*.json"))) <= 2
+    assert len(list((tmp_path / "r" / "checkpoints").glob("step-*.json"))) <= 2
+    assert (tmp_path / "r" / "checkpoints" / "best.json").is_file()
 
 
 def test_the_installed_command_reports_errors_without_a_traceback(tmp_path):

@@ -56,13 +56,18 @@ def save(
     run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2
 ) -> Path:
     """Write checkpoint ``step`` and prune all but the ``keep`` newest. Returns the JSON path."""
+    path = save_named(run_dir, f"step-{step:09d}", tensors, {**meta, "step": step})
+    _prune(path.parent, keep)
+    return path
+
+
+def save_named(run_dir: Path, stem: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``checkpoints/STEM.safetensors`` then ``STEM.json`` (the commit marker), atomically."""
     folder = Path(run_dir) / "checkpoints"
-    stem = f"step-{step:09d}"
     blob = st_save({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()})
     meta = {
         **meta,
         "format": FORMAT,
-        "step": step,
         "tensors": f"{stem}.safetensors",
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
@@ -74,8 +79,14 @@ def save(
             f"could not write checkpoint {folder / stem}: {e.strerror or e}; "
             "the previous checkpoint is intact"
         ) from None
-    _prune(folder, keep)
     return folder / f"{stem}.json"
+
+
+def clean_temporary(run_dir: Path) -> None:
+    """Delete half-written temporary files left by a process killed during a checkpoint write."""
+    for tmp in (Path(run_dir) / "checkpoints").glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _prune(folder: Path, keep: int) -> None:

@@ -45,11 +45,19 @@ class DiagonalGaussian:
         return (2.0 * self.log_scale).exp()
 
     def rsample(
-        self, sample_shape: tuple[int, ...] = (), generator: torch.Generator | None = None
+        self,
+        sample_shape: tuple[int, ...] = (),
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """A reparameterised sample of shape ``sample_shape + loc.shape``; gradients flow to loc/scale."""
-        shape = tuple(sample_shape) + tuple(self.loc.shape)
-        eps = torch.randn(shape, generator=generator, device=self.loc.device, dtype=self.loc.dtype)
+        """A reparameterised sample of shape ``sample_shape + loc.shape``; gradients flow to loc/scale.
+
+        ``eps`` is standard-normal noise of that shape drawn by the caller (a compiled step draws it
+        outside the graph); otherwise it is drawn here from ``generator``.
+        """
+        if eps is None:
+            shape = tuple(sample_shape) + tuple(self.loc.shape)
+            eps = torch.randn(shape, generator=generator, device=self.loc.device, dtype=self.loc.dtype)
         return self.loc + eps * self.stddev
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,24 @@ import torch
 from .errors import unknown_name
 from .vae import VAE
 
+Noise = torch.Tensor | None  # standard-normal reparameterisation noise, drawn by the caller if given
+
 
 def elbo(
-    vae: VAE, x: torch.Tensor, *, generator: torch.Generator | None = None, beta: float = 1.0, **_: object
+    vae: VAE,
+    x: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    eps: Noise = None,
+    beta: float = 1.0,
+    **_: object,
 ) -> dict[str, torch.Tensor]:
-    """The (β-)ELBO with one reparameterised sample: loss = mean(rec + β·kl). β = 1 is the ELBO."""
+    """The (β-)ELBO with one reparameterised sample: loss = mean(rec + β·kl). β = 1 is the ELBO.
+
+    ``eps`` (B, L) is the noise of the sample; without it, noise is drawn from ``generator``.
+    """
     q = vae.encode(x)
-    z = q.rsample(generator=generator)  # (B, L)
+    z = q.rsample(generator=generator, eps=eps)  # (B, L)
     rec = -vae.likelihood.log_prob(x, vae.decode_params(z))  # (B,)
     kl = q.kl()  # (B,) analytic KL against N(0, I)
     return {
@@ -32,30 +43,44 @@ def elbo(
     }
 
 
-def _importance(vae: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None):
+def _importance(vae: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None, eps: Noise = None):
     q = vae.encode(x)
-    z = q.rsample((k,), generator=generator)  # (k, B, L)
+    z = q.rsample((k,), generator=generator, eps=eps)  # (k, B, L)
     log_px_z = vae.likelihood.log_prob(x, vae.decode_params(z))  # (k, B)
     log_w = log_px_z + vae.prior(x.device).log_prob(z) - q.log_prob(z)
     return q, log_px_z, log_w
 
 
-def log_weights(vae: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def log_weights(
+    vae: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None, eps: Noise = None
+) -> torch.Tensor:
     """Importance log-weights log p(x, z_i) − log q(z_i | x) for k samples: shape (k, B), float32."""
-    return _importance(vae, x, k, generator)[2]
+    return _importance(vae, x, k, generator, eps)[2]
 
 
 def iwae(
-    vae: VAE, x: torch.Tensor, *, generator: torch.Generator | None = None, k: int = 5, **_: object
+    vae: VAE,
+    x: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    eps: Noise = None,
+    k: int = 5,
+    **_: object,
 ) -> dict[str, torch.Tensor]:
     """The importance-weighted bound (Burda et al. 2015) with k samples; k = 1 is the ELBO.
 
-    ``nelbo``/``rec``/``kl`` are reported from the first sample so that curves stay comparable.
+    ``eps`` has shape (k, B, L). ``nelbo``/``rec``/``kl`` are reported from the first sample so that
+    curves stay comparable with the ELBO's.
     """
-    q, log_px_z, log_w = _importance(vae, x, k, generator)
+    q, log_px_z, log_w = _importance(vae, x, k, generator, eps)
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)  # (B,)
     rec, kl = -log_px_z[0], q.kl()
     return {"loss": -bound.mean(), "nelbo": (rec + kl).mean(), "rec": rec.mean(), "kl": kl.mean()}
+
+
+def noise_shape_of(name: str, batch: int, latent: int, k: int) -> tuple[int, ...]:
+    """The shape of the reparameterisation noise objective ``name`` uses for one batch."""
+    return (k, batch, latent) if name == "iwae" else (batch, latent)
 
 
 OBJECTIVES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"elbo": elbo, "iwae": iwae}

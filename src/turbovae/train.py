@@ -31,7 +31,7 @@ from .data.batches import binarize, preparer, value_range
 from .errors import CheckpointError, ConfigError, DataError, TurboVAEError
 from .likelihoods import build_likelihood
 from .models import build_network
-from .objectives import get_objective
+from .objectives import get_objective, noise_shape_of
 from .report import as_images, save_grid
 from .vae import VAE
 
@@ -243,6 +243,92 @@ class Interrupted(Exception):
         self.signum, self.step, self.out = signum, step, out
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint holds, besides the config: the objects a step changes and the loop position."""
+
+    vae: VAE
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    gens: dict[str, torch.Generator]  # "data": order and binarisation, "model": reparameterisation noise
+    perm: torch.Tensor  # this epoch's order of the training examples
+    loop: dict[str, Any]  # step, epoch, batch_in_epoch, train_seconds, examples, best_test_nelbo
+
+    def tensors_and_meta(self, s: Setup) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        opt_tensors, opt_meta = checkpoint.optimizer_state(self.opt)
+        rng_tensors, rng_meta = _rng_state(self.gens)
+        tensors = {f"model.{k}": v for k, v in self.vae.state_dict().items()}
+        tensors.update(opt_tensors)
+        tensors.update(rng_tensors)
+        tensors["loop.perm"] = self.perm
+        meta = {
+            "optimizer": opt_meta,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_meta,
+            "loop": dict(self.loop),
+            "config": s.cfg.to_dict(),
+            "event_shape": list(s.data.event_shape),
+            "max_value": s.data.max_value,
+            "data_meta": s.data.meta,
+            "binarize": s.binarize_mode,
+        }
+        return tensors, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: Path) -> None:
+        try:
+            self.vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            checkpoint.load_optimizer_state(self.opt, tensors, meta["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint {source} does not fit this model: {str(e).splitlines()[0]}"
+            ) from None
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        _load_rng_state(self.gens, tensors, meta["rng"])
+        self.perm = tensors["loop.perm"].to(self.perm.device)
+        self.loop.update(meta["loop"])
+
+
+def make_step(
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    cfg: Config,
+    device: torch.device,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One optimisation step on a prepared batch ``x`` with reparameterisation noise ``eps``.
+
+    Returns (loss, nelbo, rec, kl) detached on the device: nothing here waits for the device.
+    """
+    objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta, k=cfg.train.iwae_k)
+
+    def step(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        with runtime.autocast(device, cfg.train.precision):
+            terms = objective(vae, x, eps=eps)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            terms["loss"].backward()
+            opt.step()
+        return torch.stack([terms["loss"], terms["nelbo"], terms["rec"], terms["kl"]]).detach()
+
+    return step
+
+
+def _start(out: Path, cfg: Config, overwrite: bool, resume: bool) -> Path | None:
+    """Prepare the run directory; on resume, the checkpoint to continue from (None: from the start)."""
+    if resume:
+        checkpoint.clean_temporary(out)  # left by a process killed while writing
+        return checkpoint.latest(out)
+    if overwrite:
+        _clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
 def fit(
     cfg: Config,
     out: str | Path,
@@ -253,103 +339,62 @@ def fit(
 ) -> dict[str, Any]:
     """Train a VAE as configured and write the run directory ``out``. Returns the summary.
 
-    With ``resume=True`` the run in ``out`` continues from its newest valid checkpoint (its saved
-    config is used; ``cfg`` may only extend ``train.epochs``).
+    With ``resume=True`` the run in ``out`` continues from its newest valid checkpoint (or from the
+    start if it has none); its saved config is used and ``cfg`` may only extend ``train.epochs``.
     """
     out = Path(out)
     check_out_dir(out, overwrite, resume)
-    state_json: Path | None = None
-    if resume:
-        state_json = checkpoint.latest(out)
-        if state_json is None:
-            raise CheckpointError(f"cannot resume {out}: no valid checkpoint in {out / 'checkpoints'}")
     runtime.seed_everything(cfg.train.seed)
-    s = setup(cfg)
+    s = setup(cfg)  # every user error in config or data is raised here, before any file is touched
     runtime.configure(s.device, cfg.train.threads)
     vae, device = s.vae, s.device
     opt = make_optimizer(cfg, vae)
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     gens = {
         "data": runtime.generator(device, cfg.train.seed),
         "model": runtime.generator(device, cfg.train.seed + 1),
     }
-    prepare_train = preparer(s.train_max, s.binarize_mode == "dynamic", gens["data"])
-    objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta, k=cfg.train.iwae_k)
-
-    n_train, batch = len(s.x_train), cfg.train.batch_size
-    steps_per_epoch = n_train // batch  # equal-sized batches: fixed shapes, no tiny last batch
-    loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "examples": 0}
-    perm = torch.empty(0, dtype=torch.long, device=device)
+    loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "examples": 0,
+            "best_test_nelbo": None}  # fmt: skip
+    st = TrainState(vae, opt, scaler, gens, torch.empty(0, dtype=torch.long, device=device), loop)
+    state_json = _start(out, cfg, overwrite, resume)
     if state_json is not None:
-        tensors, meta = checkpoint.load(state_json)
-        try:
-            vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"checkpoint {state_json} does not fit this model: {str(e).splitlines()[0]}"
-            ) from None
-        checkpoint.load_optimizer_state(opt, tensors, meta["optimizer"])
-        _load_rng_state(gens, tensors, meta["rng"])
-        perm = tensors["loop.perm"].to(device)
-        loop.update(meta["loop"])
-    else:
-        if overwrite:
-            _clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
+        st.restore(*checkpoint.load(state_json), source=state_json)
     (out / "config.yaml").write_text(to_yaml(cfg))
     log = MetricsLog(out / "metrics.jsonl")
-    log.write(
-        "start",
-        step=loop["step"],
-        resumed=resume,
-        device=runtime.describe(device),
-        params=sum(p.numel() for p in vae.parameters()),
-        binarize=s.binarize_mode,
-    )
+    log.write("start", step=loop["step"], resumed=resume, device=runtime.describe(device),
+              params=sum(p.numel() for p in vae.parameters()), binarize=s.binarize_mode)  # fmt: skip
 
-    def save_checkpoint() -> Path:
-        model_tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
-        opt_tensors, opt_meta = checkpoint.optimizer_state(opt)
-        rng_tensors, rng_meta = _rng_state(gens)
-        path = checkpoint.save(
-            out,
-            loop["step"],
-            {**model_tensors, **opt_tensors, **rng_tensors, "loop.perm": perm},
-            {
-                "optimizer": opt_meta,
-                "rng": rng_meta,
-                "loop": loop,
-                "config": cfg.to_dict(),
-                "event_shape": list(s.data.event_shape),
-                "max_value": s.data.max_value,
-                "data_meta": s.data.meta,
-                "binarize": s.binarize_mode,
-            },
-            keep=cfg.train.keep_checkpoints,
-        )
+    def save_checkpoint(name: str | None = None) -> None:
+        """A step checkpoint (the newest ``keep_checkpoints`` are kept), or one with a fixed name."""
+        tensors, meta = st.tensors_and_meta(s)
+        if name is None:
+            path = checkpoint.save(out, loop["step"], tensors, meta, keep=cfg.train.keep_checkpoints)
+        else:
+            path = checkpoint.save_named(out, name, tensors, meta)
         log.write("checkpoint", step=loop["step"], path=str(path.relative_to(out)))
-        return path
 
-    total_steps = cfg.train.epochs * steps_per_epoch
+    step = make_step(vae, opt, scaler, cfg, device)
+    prepare = preparer(s.train_max, s.binarize_mode == "dynamic", gens["data"])
+    n_train, batch = len(s.x_train), cfg.train.batch_size
+    steps_per_epoch = n_train // batch  # equal-sized batches: fixed shapes, no tiny last batch
+    noise_shape = noise_shape_of(cfg.train.objective, batch, cfg.model.latent, cfg.train.iwae_k)
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=total_steps, initial=loop["step"], disable=not show, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.epochs * steps_per_epoch, initial=loop["step"], disable=not show, unit="step",
+               dynamic_ncols=True)  # fmt: skip
     sums = torch.zeros(4, device=device)  # loss, nelbo, rec, kl accumulated on the device
     since_log, t_log = 0, time.perf_counter()
-    eval_gen = runtime.generator(device, 12345)
     vae.train()
     try:
         with _StopFlag() as stop:
             t_segment = time.perf_counter()
             while loop["epoch"] < cfg.train.epochs:
                 if loop["batch_in_epoch"] == 0:
-                    perm = torch.randperm(n_train, generator=gens["data"], device=device)
+                    st.perm = torch.randperm(n_train, generator=gens["data"], device=device)
                 for b in range(loop["batch_in_epoch"], steps_per_epoch):
-                    x = prepare_train(s.x_train[perm[b * batch : (b + 1) * batch]])
-                    with runtime.autocast(device, cfg.train.precision):
-                        terms = objective(vae, x, generator=gens["model"])
-                    opt.zero_grad(set_to_none=True)
-                    terms["loss"].backward()
-                    opt.step()
-                    sums += torch.stack([terms["loss"], terms["nelbo"], terms["rec"], terms["kl"]]).detach()
+                    x = prepare(s.x_train[st.perm[b * batch : (b + 1) * batch]])
+                    eps = torch.randn(noise_shape, generator=gens["model"], device=device)
+                    sums += step(x, eps)
                     since_log += 1
                     loop["step"] += 1
                     loop["batch_in_epoch"] = b + 1
@@ -364,27 +409,17 @@ def fit(
                                 f"lower --lr (now {cfg.train.lr:g}) or check the data; "
                                 f"the last checkpoint is in {out / 'checkpoints'}"
                             )
-                        log.write(
-                            "train",
-                            step=loop["step"],
-                            epoch=loop["epoch"] + b / steps_per_epoch,
-                            loss=loss,
-                            nelbo=nelbo,
-                            rec=rec,
-                            kl=kl,
-                            lr=opt.param_groups[0]["lr"],
-                            samples_per_second=speed,
-                        )
+                        log.write("train", step=loop["step"], epoch=loop["epoch"] + (b + 1) / steps_per_epoch,
+                                  loss=loss, nelbo=nelbo, rec=rec, kl=kl, lr=opt.param_groups[0]["lr"],
+                                  samples_per_second=speed)  # fmt: skip
                         bar.set_postfix(
                             epoch=loop["epoch"] + 1, loss=f"{loss:.2f}", samples_s=f"{speed:,.0f}"
                         )
                         bar.update(since_log)
                         sums.zero_()
                         since_log, t_log = 0, now
-                    at_checkpoint = (
-                        cfg.train.checkpoint_every and loop["step"] % cfg.train.checkpoint_every == 0
-                    )
-                    if stop.signal is not None or at_checkpoint:
+                    every = cfg.train.checkpoint_every
+                    if stop.signal is not None or (every and loop["step"] % every == 0):
                         loop["train_seconds"] += time.perf_counter() - t_segment
                         save_checkpoint()
                         t_segment = time.perf_counter()
@@ -393,19 +428,17 @@ def fit(
                 loop["epoch"] += 1
                 loop["batch_in_epoch"] = 0
                 loop["train_seconds"] += time.perf_counter() - t_segment
-                if cfg.eval.every_epoch:
-                    ev = evaluate.nelbo(
-                        vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size, generator=eval_gen
-                    )
-                    log.write(
-                        "eval",
-                        step=loop["step"],
-                        epoch=loop["epoch"],
-                        split="test",
-                        **{f"test_{k}": v for k, v in ev.items()},
-                    )
                 if not cfg.train.checkpoint_every:
                     save_checkpoint()
+                if cfg.eval.every_epoch:
+                    # the same evaluation noise every epoch: the curve shows the model change, not noise
+                    ev = evaluate.nelbo(vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size,
+                                        generator=runtime.generator(device, 12345))  # fmt: skip
+                    log.write("eval", step=loop["step"], epoch=loop["epoch"], split="test",
+                              **{f"test_{k}": v for k, v in ev.items()})  # fmt: skip
+                    if loop["best_test_nelbo"] is None or ev["nelbo"] < loop["best_test_nelbo"]:
+                        loop["best_test_nelbo"] = ev["nelbo"]
+                        save_checkpoint("best")  # the model with the lowest test NELBO so far
                 t_segment, t_log = time.perf_counter(), time.perf_counter()
     finally:
         bar.close()
