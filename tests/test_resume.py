@@ -1,0 +1,129 @@
+"""Runs that survive: SIGKILL at chosen moments (mid-epoch, halfway through writing a checkpoint file,
+between a checkpoint's two files), resumed each time, end bitwise equal to an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from turbovae import checkpoint
+
+ARGS = ["--data", "digits", "--hidden", "64,64", "--latent", "8", "--batch-size", "64", "--epochs", "5",
+        "--checkpoint-every", "7", "--progress", "off", "train.threads=1", "train.log_every=5",
+        "eval.iwae_k=3"]  # fmt: skip
+
+# Runs the CLI with a kill plan: "step:N" (SIGKILL before training step N of this process),
+# "partial:N" (SIGKILL halfway through writing the N-th checkpoint file) or "between:N" (SIGKILL just
+# before the N-th file write: with N even, after a checkpoint's tensors and before its JSON).
+WRAPPER = textwrap.dedent(
+    """
+    import os, signal, sys, tempfile
+    import turbovae.checkpoint as c
+    import turbovae.train as t
+
+    kind, _, n = os.environ.get("KILL_PLAN", "").partition(":")
+    n = int(n or 0)
+    writes = {"n": 0}
+    original_write, original_step = c.atomic_write, t.make_step
+
+    def atomic_write(path, data):
+        writes["n"] += 1
+        if writes["n"] == n and kind == "partial":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, _ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.write(fd, data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        if writes["n"] == n and kind == "between":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_write(path, data)
+
+    def make_step(*args, **kwargs):
+        step, calls = original_step(*args, **kwargs), {"n": 0}
+
+        def counted(*a):
+            calls["n"] += 1
+            if kind == "step" and calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(*a)
+
+        return counted
+
+    c.atomic_write, t.make_step = atomic_write, make_step
+    from turbovae.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def run(tmp: Path, argv: list[str], plan: str = "") -> subprocess.CompletedProcess:
+    script = tmp / "wrapper.py"
+    script.write_text(WRAPPER)
+    env = {**os.environ, "KILL_PLAN": plan, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=env)
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    path = checkpoint.latest(out)
+    assert path is not None
+    tensors, meta = checkpoint.load(path)
+    assert meta["loop"]["epoch"] == 5
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "optim."))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The uninterrupted run every interrupted one must match bit for bit."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = run(tmp, ["train", *ARGS, "--out", str(tmp / "ref")])
+    assert proc.returncode == 0, proc.stderr
+    return final_state(tmp / "ref")
+
+
+def test_sigkill_at_many_points_then_resume_is_bitwise_identical(tmp_path, reference):
+    out = tmp_path / "killed"
+    first = run(tmp_path, ["train", *ARGS, "--out", str(out)], plan="step:3")  # before any checkpoint
+    assert first.returncode == -signal.SIGKILL
+    plans = ["partial:1", "step:30", "between:4", "partial:5", "step:41"]
+    for plan in plans:
+        proc = run(tmp_path, ["train", "--resume", str(out)], plan=plan)
+        assert proc.returncode == -signal.SIGKILL, (plan, proc.returncode, proc.stderr)
+    done = run(tmp_path, ["train", "--resume", str(out)])
+    assert done.returncode == 0, done.stderr
+
+    a, b = reference, final_state(out)
+    assert a.keys() == b.keys() and len(a) > 4
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 5 * (1617 // 64)
+
+
+def test_sigterm_checkpoints_prints_the_resume_command_and_resumes_exactly(tmp_path, reference):
+    out = tmp_path / "term"
+    script = tmp_path / "wrapper.py"
+    script.write_text(WRAPPER)
+    env = {**os.environ, "KILL_PLAN": "", "PYTHONWARNINGS": "ignore"}
+    argv = [sys.executable, str(script), "train", *ARGS, "--epochs", "400", "--out", str(out)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and '"train"' in metrics.read_text()):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"turbovae train --resume {out}" in err and "Traceback" not in err
+    path = checkpoint.latest(out)
+    assert path is not None
+    stopped_at = checkpoint.load(path)[1]["loop"]["step"]
+    assert stopped_at > 0
+    # continue to the reference's length: the same parameters as if never stopped
+    done = run(tmp_path, ["train", "--resume", str(out), "--epochs", "5"])
+    assert done.returncode == 0, done.stderr
+    b = final_state(out)
+    assert all(torch.equal(reference[k], b[k]) for k in reference)
