@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,7 @@ def test_sigterm_checkpoints_prints_the_resume_command_and_resumes_exactly(tmp_p
     metrics = out / "metrics.jsonl"
     while not (metrics.exists() and '"train"' in metrics.read_text()):
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
