@@ -33,6 +33,7 @@ TRAIN_FLAGS: dict[str, str] = {
     "seed": "train.seed",
     "device": "train.device",
     "precision": "train.precision",
+    "compile": "train.compile",
     "checkpoint_every": "train.checkpoint_every",
 }
 
@@ -68,7 +69,8 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--beta", type=float, help="KL weight of the β-ELBO")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", help="fp32 | bf16")
+    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (default auto)")
+    p.add_argument("--compile", help="auto | on | off: torch.compile the training step (default auto)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: every epoch)")
     p.add_argument("--out", help="run directory (default runs/DATA-MODEL)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -147,9 +149,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return 130
     bpd = f", {summary['test_bpd']:.4f} bits/dim" if summary["test_bpd"] is not None else ""
+    iwae = f", IWAE-{summary['iwae_k']} NLL {summary['test_nll_iwae']:.2f} nats" if summary["iwae_k"] else ""
     print(
-        f"{out}: test NELBO {summary['test_nelbo']:.2f} nats{bpd}, "
-        f"IWAE-{summary['iwae_k']} NLL {summary['test_nll_iwae']:.2f} nats, "
+        f"{out}: test NELBO {summary['test_nelbo']:.2f} nats{bpd}{iwae}, "
         f"{summary['steps']} steps in {summary['train_seconds']:.1f} s "
         f"({summary['samples_per_second']:,.0f} samples/s)"
     )

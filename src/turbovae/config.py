@@ -27,6 +27,11 @@ class DataConfig:
     resize: str | None = None  # "HxW" for image folders of mixed sizes
     test_fraction: float = 0.1  # held-out share for sources without a test split
     dir: str | None = None  # where to look for / download files (fashion-mnist, mnist)
+    # tables (csv:PATH): declared column types by name, {name: continuous|integer|categorical|boolean|drop}
+    # (the others are inferred); also "name:type,name:type" on the command line
+    columns: dict[str, str] = field(default_factory=dict)
+    # tables: mode (TVAE's mode-specific normalisation) | quantile (Φ⁻¹ of the training ranks)
+    continuous_transform: str = "mode"
 
 
 @dataclass
@@ -53,7 +58,12 @@ class TrainConfig:
     iwae_k: int = 5  # samples of the iwae objective
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16
+    # auto: bf16 autocast where the hardware runs bf16 matmuls natively (CUDA, AMX/AVX512-BF16 CPUs),
+    # else fp32; fp16 uses a gradient scaler. Likelihood sums, KL and log-sum-exp always run in fp32.
+    precision: str = "auto"
+    # auto: compile the training step when the run is long enough to repay the (measured or cached)
+    # compile time; on CUDA compiled steps run as CUDA graphs
+    compile: str = "auto"
     threads: int = 0  # CPU threads; 0 = torch's default (the physical cores)
     log_every: int = 50  # steps between loss read-backs (the only host syncs of the loop)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
@@ -62,7 +72,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    iwae_k: int = 100  # importance samples for the test log-likelihood written to summary.json
+    iwae_k: int = 100  # importance samples for the test log-likelihood in summary.json; 0 skips it
     batch_size: int = 1000
     every_epoch: bool = True  # test NELBO after every epoch (not counted in train_seconds)
 
@@ -80,8 +90,10 @@ class Config:
 
 CHOICES = {
     "data.binarize": ("auto", "none", "static", "dynamic"),
+    "data.continuous_transform": ("mode", "quantile"),
     "train.optimizer": ("adam", "adamw"),
-    "train.precision": ("fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.compile": ("auto", "on", "off"),
 }
 
 
@@ -127,6 +139,19 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner)
+    if origin is dict:
+        if isinstance(value, str):  # "name:type,name:type"
+            value = [v for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple):  # ["name:type", ...]
+            pairs = [str(v).rpartition(":") for v in value]
+            if any(not sep or not name.strip() for name, sep, _ in pairs):
+                raise ConfigError(
+                    f"{key} must map names to values, e.g. 'age:integer,sex:categorical'; got {value!r}"
+                )
+            value = {name.strip(): v.strip() for name, _, v in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin is list:
         if isinstance(value, int | float) and not isinstance(value, bool):
             value = [value]
@@ -262,7 +287,6 @@ def validate(cfg: Config) -> None:
         "train.iwae_k": cfg.train.iwae_k,
         "train.log_every": cfg.train.log_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
-        "eval.iwae_k": cfg.eval.iwae_k,
         "eval.batch_size": cfg.eval.batch_size,
         "model.likelihood_scale": cfg.model.likelihood_scale,
     }
@@ -274,6 +298,7 @@ def validate(cfg: Config) -> None:
         "train.weight_decay": cfg.train.weight_decay,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.threads": cfg.train.threads,
+        "eval.iwae_k": cfg.eval.iwae_k,
     }
     for key, value in non_negative.items():
         if not value >= 0:

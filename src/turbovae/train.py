@@ -62,6 +62,7 @@ class Setup:
     test_max: float
     binarize_mode: str  # resolved: none | static | dynamic
     vae: VAE
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
 
     def prepare_test(self, raw: torch.Tensor) -> torch.Tensor:
         return preparer(self.test_max, False, None)(raw)
@@ -96,6 +97,8 @@ def setup(cfg: Config, device: torch.device | None = None) -> Setup:
         test_fraction=cfg.data.test_fraction,
         split_seed=0,
         data_dir=cfg.data.dir,
+        columns=cfg.data.columns,
+        continuous_transform=cfg.data.continuous_transform,
     )
     low, high, binary = value_range(
         torch.cat([data.x_train.flatten(), data.x_test.flatten()]), data.max_value
@@ -123,9 +126,11 @@ def setup(cfg: Config, device: torch.device | None = None) -> Setup:
         x_train, train_max = binarize(x_train, data.max_value, seed=1), 1.0
     if mode in ("static", "dynamic"):
         x_test, test_max = binarize(x_test, data.max_value, seed=2), 1.0
-    return Setup(
-        cfg, device, data, x_train.to(device), x_test.to(device), train_max, test_max, mode, vae.to(device)
-    )
+    if cfg.model.name == "conv" and device.type == "cuda":
+        vae = vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # cuDNN prefers NHWC
+    precision = runtime.resolve_precision(cfg.train.precision, device)
+    return Setup(cfg, device, data, x_train.to(device), x_test.to(device), train_max, test_max, mode,
+                 vae.to(device), precision)  # fmt: skip
 
 
 def make_optimizer(cfg: Config, vae: VAE) -> torch.optim.Optimizer:
@@ -295,6 +300,7 @@ def make_step(
     scaler: torch.amp.GradScaler | None,
     cfg: Config,
     device: torch.device,
+    precision: str = "fp32",
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One optimisation step on a prepared batch ``x`` with reparameterisation noise ``eps``.
 
@@ -303,7 +309,7 @@ def make_step(
     objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta, k=cfg.train.iwae_k)
 
     def step(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        with runtime.autocast(device, cfg.train.precision):
+        with runtime.autocast(device, precision):
             terms = objective(vae, x, eps=eps)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -349,7 +355,7 @@ def fit(
     runtime.configure(s.device, cfg.train.threads)
     vae, device = s.vae, s.device
     opt = make_optimizer(cfg, vae)
-    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
     gens = {
         "data": runtime.generator(device, cfg.train.seed),
         "model": runtime.generator(device, cfg.train.seed + 1),
@@ -374,14 +380,22 @@ def fit(
             path = checkpoint.save_named(out, name, tensors, meta)
         log.write("checkpoint", step=loop["step"], path=str(path.relative_to(out)))
 
-    step = make_step(vae, opt, scaler, cfg, device)
     prepare = preparer(s.train_max, s.binarize_mode == "dynamic", gens["data"])
     n_train, batch = len(s.x_train), cfg.train.batch_size
     steps_per_epoch = n_train // batch  # equal-sized batches: fixed shapes, no tiny last batch
+    total_steps = cfg.train.epochs * steps_per_epoch
     noise_shape = noise_shape_of(cfg.train.objective, batch, cfg.model.latent, cfg.train.iwae_k)
+    m = cfg.model
+    step = runtime.StepCompiler(
+        make_step(vae, opt, scaler, cfg, device, s.precision),
+        cfg.train.compile,
+        device,
+        key=f"{device.type}|{torch.__version__}|{m.name}|{s.data.event_shape}|{m.hidden}|{m.channels}|"
+        f"{m.latent}|{m.likelihood}|{cfg.train.objective}|{s.precision}|{batch}",
+        remaining_steps=total_steps - loop["step"],
+    )
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=cfg.train.epochs * steps_per_epoch, initial=loop["step"], disable=not show, unit="step",
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(total=total_steps, initial=loop["step"], disable=not show, unit="step", dynamic_ncols=True)
     sums = torch.zeros(4, device=device)  # loss, nelbo, rec, kl accumulated on the device
     since_log, t_log = 0, time.perf_counter()
     vae.train()
@@ -442,6 +456,8 @@ def fit(
                 t_segment, t_log = time.perf_counter(), time.perf_counter()
     finally:
         bar.close()
+    step.record()
+    loop["compile"] = step.decision
     if cfg.train.checkpoint_every and loop["step"] % cfg.train.checkpoint_every:
         save_checkpoint()  # the final state, when it did not fall on a checkpoint step
     summary = finish(s, out, loop)
@@ -456,13 +472,18 @@ def finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     eval_gen = runtime.generator(s.device, 54321)
     ev = evaluate.nelbo(vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size, generator=eval_gen)
-    iw = evaluate.iwae_nll(
-        vae,
-        s.x_test,
-        s.prepare_test,
-        k=cfg.eval.iwae_k,
-        batch_size=max(1, cfg.eval.batch_size // 10),
-        generator=eval_gen,
+    no_iwae = {"nll": None, "stderr": None, "k": 0}  # eval.iwae_k = 0: skipped
+    iw = (
+        no_iwae
+        if not cfg.eval.iwae_k
+        else evaluate.iwae_nll(
+            vae,
+            s.x_test,
+            s.prepare_test,
+            k=cfg.eval.iwae_k,
+            batch_size=max(1, cfg.eval.batch_size // 10),
+            generator=eval_gen,
+        )
     )
     write_pictures(s, out)
     dims = math.prod(s.data.event_shape)
@@ -475,7 +496,9 @@ def finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
         "test_nll_iwae_stderr": iw["stderr"],
         "iwae_k": iw["k"],
         "test_bpd": evaluate.bits_per_dim(ev["nelbo"], dims) if discrete else None,
-        "test_bpd_iwae": evaluate.bits_per_dim(iw["nll"], dims) if discrete else None,
+        "test_bpd_iwae": evaluate.bits_per_dim(iw["nll"], dims)
+        if discrete and iw["nll"] is not None
+        else None,
         "train_seconds": loop["train_seconds"],
         "eval_seconds": time.perf_counter() - t0,
         "total_seconds": runtime.process_seconds(),
@@ -484,7 +507,8 @@ def finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
         "steps": loop["step"],
         "params": sum(p.numel() for p in vae.parameters()),
         "device": runtime.describe(s.device),
-        "precision": cfg.train.precision,
+        "precision": s.precision,
+        "compile": loop.get("compile", "eager"),
         "data": s.data.name,
         "n_train": len(s.x_train),
         "n_test": len(s.x_test),
