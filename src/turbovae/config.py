@@ -185,6 +185,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, dict | list):
             raise ConfigError(f"{key} must be a string, got {value!r}")
+        if isinstance(value, bool):  # YAML 1.1 reads `compile: off` as False: the user meant "off"
+            return "on" if value else "off"
         return str(value)
     raise AssertionError(f"unsupported config type {hint} for {key}")
 
@@ -215,15 +217,20 @@ def apply(cfg: Config, nested: dict[str, Any]) -> Config:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``train.lr=3e-4`` → ("train.lr", 0.0003). Values are parsed as YAML scalars."""
+    """``train.lr=3e-4`` → ("train.lr", 0.0003). Values are parsed as YAML scalars, except for string
+    keys, which take the text as typed (``train.compile=off`` is "off", not YAML's False)."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.lr=3e-4")
+    key = key.strip()
+    section, _, name = key.partition(".")
+    if typing.get_type_hints(type(getattr(Config(), section, None))).get(name) in (str, str | None) and raw:
+        return key, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 def resolve(
