@@ -272,7 +272,7 @@ def test_unknown_name_and_missing_path(tmp_path: Path) -> None:
         load_dataset("digits", resize=(0, 4))
     with pytest.raises(ConfigError, match="test_fraction"):
         load_dataset("digits", test_fraction=1.0)
-    assert set(DATASETS) == {"digits", "fashion-mnist", "mnist"}
+    assert set(DATASETS) == {"digits", "fashion-mnist", "mnist", "words"}
 
 
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")

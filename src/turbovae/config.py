@@ -32,6 +32,10 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)
     # tables: mode (TVAE's mode-specific normalisation) | quantile (Φ⁻¹ of the training ranks)
     continuous_transform: str = "mode"
+    # text (text:PATH, words): auto (characters for `words`, words otherwise) | char | word
+    tokenizer: str = "auto"
+    max_length: int = 64  # text: tokens kept per line; longer lines are cut, and counted
+    min_freq: int = 1  # text: occurrences in the training split a token needs to enter the vocabulary
 
 
 @dataclass
@@ -44,6 +48,10 @@ class ModelConfig:
     dropout: float = 0.0
     likelihood: str = "bernoulli"
     likelihood_scale: float = 0.1  # σ of the Gaussian likelihoods (initial σ where learned)
+    # sentence (text): model.hidden is the RNN's width, one entry per layer
+    embedding: int = 64  # token embedding size
+    cell: str = "gru"  # gru | lstm
+    word_dropout: float = 0.0  # share of decoder input tokens replaced by <unk> while training
 
 
 @dataclass
@@ -55,6 +63,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     objective: str = "elbo"  # elbo | iwae
     beta: float = 1.0  # KL weight of the β-ELBO
+    kl_warmup_steps: int = 0  # β rises linearly from 0 to train.beta over these steps (0: no warm-up)
+    free_bits: float = 0.0  # λ: nats per latent dimension the loss does not charge (Kingma et al. 2016)
     iwae_k: int = 5  # samples of the iwae objective
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -94,6 +104,8 @@ CHOICES = {
     "train.optimizer": ("adam", "adamw"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile": ("auto", "on", "off"),
+    "data.tokenizer": ("auto", "char", "word"),
+    "model.cell": ("gru", "lstm"),
 }
 
 
@@ -270,7 +282,7 @@ def parse_resize(text: str | None) -> tuple[int, int] | None:
 def validate(cfg: Config) -> None:
     """Raise ConfigError for values that cannot work; names are checked where they are built too."""
     from .likelihoods import LIKELIHOODS
-    from .models import ACTIVATIONS, MODELS
+    from .models import ACTIVATIONS, MODELS, TEXT_MODELS
     from .objectives import OBJECTIVES
 
     for key, options in CHOICES.items():
@@ -296,6 +308,9 @@ def validate(cfg: Config) -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "eval.batch_size": cfg.eval.batch_size,
         "model.likelihood_scale": cfg.model.likelihood_scale,
+        "data.max_length": cfg.data.max_length,
+        "data.min_freq": cfg.data.min_freq,
+        "model.embedding": cfg.model.embedding,
     }
     for key, value in positive.items():
         if not value > 0:  # also catches NaN
@@ -306,10 +321,25 @@ def validate(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.threads": cfg.train.threads,
         "eval.iwae_k": cfg.eval.iwae_k,
+        "train.kl_warmup_steps": cfg.train.kl_warmup_steps,
+        "train.free_bits": cfg.train.free_bits,
     }
     for key, value in non_negative.items():
         if not value >= 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 0 <= cfg.model.word_dropout <= 1:
+        raise ConfigError(f"model.word_dropout must be in [0, 1], got {cfg.model.word_dropout}")
+    if cfg.train.objective != "elbo" and (cfg.train.kl_warmup_steps or cfg.train.free_bits):
+        raise ConfigError(
+            "train.kl_warmup_steps and train.free_bits shape the ELBO's KL term: use train.objective=elbo, "
+            f"or set them to 0 for '{cfg.train.objective}'"
+        )
+    text_model, text_likelihood = cfg.model.name in TEXT_MODELS, cfg.model.likelihood == "categorical"
+    if text_model != text_likelihood:
+        raise ConfigError(
+            f"model '{cfg.model.name}' with likelihood '{cfg.model.likelihood}': text needs --model "
+            f"{'|'.join(TEXT_MODELS)} with --likelihood categorical (the categorical likelihood is for text)"
+        )
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
     if not 0 < cfg.data.test_fraction < 1:

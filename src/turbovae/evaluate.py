@@ -1,22 +1,56 @@
-"""Held-out evaluation: NELBO (split into reconstruction and KL), the IWAE log-likelihood estimate
-with its standard error, and bits/dim where the likelihood is a probability mass."""
+"""Held-out evaluation: NELBO (split into reconstruction and KL), the IWAE log-likelihood estimate with
+its standard error, bits/dim, active units, KL per latent dimension and the mutual information I(x; z).
+
+All values are in nats per example unless the name says otherwise. ``evaluate`` computes everything
+that ``turbovae eval --json`` prints; the pieces are public for use in your own code.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+from torch import nn
 
-from .objectives import log_weights
+from . import runtime
+from .distributions import DiagonalGaussian
+from .likelihoods import Bernoulli, Likelihood
 from .vae import VAE
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
 
+_LOG_2PI = math.log(2.0 * math.pi)
+# decoder output values per IWAE chunk: 2^22 floats (16 MiB) keeps the matmuls large (≈5,000 rows of
+# a 784-pixel decoder) while a chunk's intermediates stay well under 100 MiB at any k
+CHUNK_VALUES = 1 << 22
+L2_VALUES = 1 << 17
+ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015: unit u is active when Cov_x(E_q[z_u]) > 0.01
+# `precision="auto"` evaluates the first BF16_CHECK_EXAMPLES examples both ways with the same samples and
+# keeps bf16 only if the mean estimate moves by less than BF16_TOLERANCE nats (|mean| + 2 s.e. of the
+# per-example differences): well inside the 0.05 nats that would matter when comparing models
+BF16_TOLERANCE = 0.02
+BF16_CHECK_EXAMPLES = 32
 
-def _batches(x: torch.Tensor, batch_size: int):
+
+def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for i in range(0, len(x), batch_size):
         yield x[i : i + batch_size]
+
+
+class _EvalMode:
+    """Puts the model in eval mode for the block and restores its previous mode after."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        self.vae, self.was_training = vae, vae.training
+
+    def __enter__(self) -> None:
+        self.vae.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.vae.train(self.was_training)
 
 
 @torch.no_grad()
@@ -29,19 +63,214 @@ def nelbo(
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """Single-sample NELBO per example over all of ``x`` (an unbiased estimate), with rec and KL."""
-    was_training = vae.training
-    vae.eval()
     totals = torch.zeros(3, dtype=torch.float64)
-    for raw in _batches(x, batch_size):
-        xb = prepare(raw)
-        q = vae.encode(xb)
-        z = q.rsample(generator=generator)
-        rec = -vae.likelihood.log_prob(xb, vae.decode_params(z))
-        kl = q.kl()
-        totals += torch.stack([(rec + kl).sum(), rec.sum(), kl.sum()]).double().cpu()
-    vae.train(was_training)
+    with _EvalMode(vae):
+        for raw in _batches(x, batch_size):
+            xb = prepare(raw)
+            q = vae.encode(xb)
+            z = q.rsample(generator=generator)
+            rec = -vae.likelihood.log_prob(xb, vae.decode_params(z, xb))
+            kl = q.kl()
+            totals += torch.stack([(rec + kl).sum(), rec.sum(), kl.sum()]).double().cpu()
     n = len(x)
     return {"nelbo": totals[0].item() / n, "rec": totals[1].item() / n, "kl": totals[2].item() / n}
+
+
+# ---- the importance-weighted estimate --------------------------------------------------------------
+
+
+def plan_chunks(
+    vae: VAE,
+    n: int,
+    k: int,
+    batch_size: int | None = None,
+    sample_chunk: int | None = None,
+    max_values: int = CHUNK_VALUES,
+) -> tuple[int, int]:
+    """(examples per batch, samples per chunk) for an IWAE pass over ``n`` examples with ``k`` samples.
+
+    One chunk decodes ``examples × samples`` latents; its decoder output is kept near ``max_values``
+    values so that memory is bounded for any k while the decoder's matmuls stay large. The samples are
+    split into equal chunks (no small remainder chunk).
+    """
+    out_values = max(1, math.prod(vae.event_shape) * vae.likelihood.params_per_dim)
+    rows = max(1, max_values // out_values)  # latents decoded per chunk
+    if batch_size is None:
+        # several examples share a chunk when k is small; one example's samples fill it when k is large
+        batch_size = max(1, min(n, rows // k))
+    if sample_chunk is None:
+        sample_chunk = max(1, min(k, rows // batch_size))
+        sample_chunk = math.ceil(k / math.ceil(k / sample_chunk))  # equal chunks
+    return max(1, min(batch_size, max(n, 1))), max(1, min(sample_chunk, k))
+
+
+def _group_size(dims: int, largest: int = 120) -> int:
+    """The largest divisor of ``dims`` that is at most ``largest``."""
+    return max(g for g in range(1, min(dims, largest) + 1) if dims % g == 0)
+
+
+def _log_likelihood(likelihood: Likelihood, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """``likelihood.log_prob(x, params)``, with a faster exact form for the Bernoulli on binary data.
+
+    IWAE evaluation spends most of its time here, not in the decoder's matmuls: the binary
+    cross-entropy costs several passes over the (samples, batch, dims) logits, each with a log1p. For
+    x ∈ {0, 1} and s = 2x − 1, log p(x | η) = Σ log σ(sη) = Σ min(sη, 0) + Σ log σ(|sη|), and since
+    σ(|t|) ∈ [½, 1), the last sum is the log of products of up to 120 factors, which cannot underflow
+    in float32: one sigmoid per value and one log per group. Sums and products run in float32.
+    """
+    if type(likelihood) is not Bernoulli:  # exact class: bernoulli-grey scores grey values
+        return likelihood.log_prob(x, params)
+    event = len(likelihood.event_shape)
+    logits = params.select(-event - 1, 0).flatten(-event)  # (..., B, D), maybe bf16
+    signs = (2.0 * x.float() - 1.0).flatten(-event)  # (B, D)
+    if logits.dim() < 3:
+        return _bernoulli_block(logits, signs)
+    # blocks of leading (sample) rows small enough to stay in the L2 cache across the passes
+    lead = logits.flatten(0, -3)  # (S, B, D)
+    step = max(1, L2_VALUES // max(1, lead.shape[1] * lead.shape[2]))
+    parts = [_bernoulli_block(lead[i : i + step], signs) for i in range(0, len(lead), step)]
+    return torch.cat(parts).reshape(logits.shape[:-1])
+
+
+def _bernoulli_block(logits: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    # float32, in a fresh buffer that the passes below may overwrite
+    t = logits * signs if logits.dtype == torch.float32 else logits.float().mul_(signs)
+    total = t.sum(-1)
+    t.abs_()
+    total.sub_(t.sum(-1)).mul_(0.5)  # Σ min(t, 0) = ½ (Σt − Σ|t|)
+    dims = t.shape[-1]
+    group = _group_size(dims)
+    t.sigmoid_()
+    if group < 8:  # no useful divisor: one log per value
+        return total + t.log_().sum(-1)
+    return total + t.unflatten(-1, (dims // group, group)).prod(-1).log_().sum(-1)
+
+
+def _chunk_log_weights(
+    vae: VAE, xb: torch.Tensor, q: DiagonalGaussian, eps: torch.Tensor, precision: str
+) -> torch.Tensor:
+    """log p(x, z) − log q(z | x) for z = loc + σ·eps, eps (c, B, L): shape (c, B), float32.
+
+    Only the decoder runs per sample (under ``precision``); log q uses eps directly, which is exact.
+    """
+    z = q.loc + eps * q.stddev  # (c, B, L)
+    with runtime.autocast(xb.device, precision):
+        params = vae.decode_params(z, xb)  # (c, B, P, *event); xb: autoregressive (text) decoders read it
+    log_px_z = _log_likelihood(vae.likelihood, xb, params)  # (c, B), float32 sums
+    # log p(z) − log q(z|x) = −½|z|² + ½|eps|² + Σ log σ   (the 2π terms cancel)
+    log_prior_ratio = 0.5 * (eps.pow(2) - z.pow(2)).sum(-1) + q.log_scale.sum(-1)
+    return log_px_z + log_prior_ratio
+
+
+def _batch_log_px(
+    vae: VAE,
+    xb: torch.Tensor,
+    q: DiagonalGaussian,
+    k: int,
+    chunk: int,
+    generator: torch.Generator | None,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-mean-exp of the k log-weights, log of Σw²) per example, float64, streamed over chunks."""
+    lse = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=xb.device)
+    lse2 = lse.clone()
+    shape = (len(xb), vae.latent)
+    for start in range(0, k, chunk):
+        c = min(chunk, k - start)
+        eps = torch.randn((c, *shape), generator=generator, device=xb.device)
+        lw = _chunk_log_weights(vae, xb, q, eps, precision).double()  # (c, B)
+        lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
+        lse2 = torch.logaddexp(lse2, torch.logsumexp(2.0 * lw, 0))
+    return lse - math.log(k), lse2
+
+
+def _shift_bound(deltas: torch.Tensor) -> float:
+    """|mean| + 2 standard errors of per-example differences: how far the mean estimate may move."""
+    spread = deltas.std().item() / math.sqrt(len(deltas)) if len(deltas) > 1 else 0.0
+    return abs(deltas.mean().item()) + 2.0 * spread
+
+
+def _generator_state(generator: torch.Generator | None) -> torch.Tensor:
+    return generator.get_state() if generator is not None else torch.get_rng_state()
+
+
+def _set_generator_state(generator: torch.Generator | None, state: torch.Tensor) -> None:
+    if generator is not None:
+        generator.set_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
+@torch.no_grad()
+def iwae_log_likelihood(
+    vae: VAE,
+    x: torch.Tensor,
+    prepare: Prepare,
+    *,
+    k: int,
+    batch_size: int | None = None,
+    sample_chunk: int | None = None,
+    generator: torch.Generator | None = None,
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """Per-example importance-weighted estimates of log p(x) with k samples (Burda et al. 2015).
+
+    Each example is encoded once; only the decoder runs k times, in chunks chosen by ``plan_chunks``.
+    log-mean-exp is streamed in float64. ``precision`` is ``fp32``, ``bf16`` (decoder matmuls under
+    bf16 autocast; the likelihood sums stay float32) or ``auto``: where bf16 matmuls are fast, the
+    first ``BF16_CHECK_EXAMPLES`` examples are evaluated both ways with the same samples and bf16 is
+    kept for the rest only if the mean estimate moves by less than ``BF16_TOLERANCE`` nats.
+
+    Returns ``log_px`` (N,) float64 on the CPU, ``ess`` (N,) — the effective sample size
+    (Σw)²/Σw² of each example's weights —, the ``precision`` used and, for ``auto`` where bf16 is
+    fast, ``bf16_delta`` (mean bf16 − fp32 difference of the checked examples, nats) and
+    ``bf16_delta_bound`` (its |mean| + 2 s.e., what was compared with the tolerance).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    batch, chunk = plan_chunks(vae, len(x), k, batch_size, sample_chunk)
+    log_px: list[torch.Tensor] = []
+    ess: list[torch.Tensor] = []
+    deltas: list[torch.Tensor] = []  # bf16 − fp32 per example, while `auto` is deciding
+    use = precision
+    if use == "auto" and not runtime.fast_bf16(x.device):
+        use = "fp32"
+    with _EvalMode(vae):
+        for raw in _batches(x, batch):
+            xb = prepare(raw)
+            q = vae.encode(xb)
+            if use == "auto":
+                # the same samples both ways: the difference is the rounding alone
+                state = _generator_state(generator)
+                lse, lse2 = _batch_log_px(vae, xb, q, k, chunk, generator, "fp32")
+                _set_generator_state(generator, state)
+                low, _ = _batch_log_px(vae, xb, q, k, chunk, generator, "bf16")
+                deltas.append((low - lse).cpu())
+                d = torch.cat(deltas)
+                if len(d) >= BF16_CHECK_EXAMPLES:
+                    use = "bf16" if _shift_bound(d) < BF16_TOLERANCE else "fp32"
+            else:
+                lse, lse2 = _batch_log_px(vae, xb, q, k, chunk, generator, use)
+            log_px.append(lse.cpu())
+            # ESS = (Σw)² / Σw² = exp(2·log Σw − log Σw²), with log Σw = lse + log k
+            ess.append(torch.exp(2.0 * (lse + math.log(k)) - lse2).cpu())
+    if use == "auto":  # fewer examples than the check needs: all of them were computed in fp32
+        use = "fp32"
+    result: dict[str, Any] = {
+        "log_px": torch.cat(log_px),
+        "ess": torch.cat(ess),
+        "k": k,
+        "precision": use,
+        "batch_size": batch,
+        "sample_chunk": chunk,
+    }
+    if deltas:
+        d = torch.cat(deltas)
+        result["bf16_delta"] = d.mean().item()
+        result["bf16_delta_bound"] = _shift_bound(d)
+    return result
 
 
 @torch.no_grad()
@@ -51,32 +280,267 @@ def iwae_nll(
     prepare: Prepare,
     *,
     k: int,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     sample_chunk: int | None = None,
     generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """−log p(x) estimated with k importance samples per example (Burda et al. 2015).
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """−log p(x) estimated with k importance samples per example (Burda et al. 2015), in nats.
 
-    Memory is bounded by chunking over examples (``batch_size``) and samples (``sample_chunk``, chosen
-    so that one chunk decodes about 2^20 data values by default). log-mean-exp runs in float64.
-    Returns the mean over examples and its standard error.
+    Memory is bounded by chunking over examples (``batch_size``) and samples (``sample_chunk``); both
+    default to ``plan_chunks``' choice. Returns the mean over examples ``nll``, its standard error
+    ``stderr`` (the spread of the per-example estimates over examples / √n: the uncertainty that
+    comes from which examples are in the test set), ``k``, ``n``, the mean effective sample size
+    ``ess`` and the ``precision`` used (see ``iwae_log_likelihood``).
     """
-    was_training = vae.training
-    vae.eval()
-    dims = math.prod(vae.event_shape) * vae.likelihood.params_per_dim
-    per_example: list[torch.Tensor] = []
-    for raw in _batches(x, batch_size):
-        xb = prepare(raw)
-        chunk = sample_chunk or max(1, min(k, (1 << 20) // max(1, dims * len(xb))))
-        parts = [log_weights(vae, xb, min(chunk, k - s), generator).double() for s in range(0, k, chunk)]
-        log_w = torch.cat(parts, dim=0)  # (k, B)
-        per_example.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)).cpu())
-    vae.train(was_training)
-    nll = torch.cat(per_example)
+    r = iwae_log_likelihood(
+        vae,
+        x,
+        prepare,
+        k=k,
+        batch_size=batch_size,
+        sample_chunk=sample_chunk,
+        generator=generator,
+        precision=precision,
+    )
+    nll = -r["log_px"]
     stderr = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
-    return {"nll": nll.mean().item(), "stderr": stderr, "k": k, "n": len(nll)}
+    out = {
+        "nll": nll.mean().item(),
+        "stderr": stderr,
+        "k": k,
+        "n": len(nll),
+        "ess": r["ess"].mean().item(),
+        "precision": r["precision"],
+    }
+    for key in ("bf16_delta", "bf16_delta_bound"):
+        if key in r:
+            out[key] = r[key]
+    return out
 
 
 def bits_per_dim(nats: float, dims: int) -> float:
     """nats per example → bits per data dimension."""
     return nats / (dims * math.log(2.0))
+
+
+# ---- the posterior: active units, KL per dimension, mutual information ------------------------------
+
+
+@torch.no_grad()
+def encode_all(vae: VAE, x: torch.Tensor, prepare: Prepare, *, batch_size: int = 1000) -> DiagonalGaussian:
+    """q(z | x) for every example: a DiagonalGaussian with loc and log_scale of shape (N, L), float32."""
+    locs, log_scales = [], []
+    with _EvalMode(vae):
+        for raw in _batches(x, batch_size):
+            q = vae.encode(prepare(raw))
+            locs.append(q.loc)
+            log_scales.append(q.log_scale)
+    return DiagonalGaussian(torch.cat(locs), torch.cat(log_scales))
+
+
+def active_units(q: DiagonalGaussian, threshold: float = ACTIVE_THRESHOLD) -> tuple[int, list[float]]:
+    """Burda et al.'s criterion: unit u is active when A_u = Cov_x(E_q[z_u | x]) > ``threshold``.
+
+    Returns the number of active units and A_u for every dimension (the variance over examples of the
+    posterior mean)."""
+    loc = q.loc.double()
+    variance = loc.var(0) if len(loc) > 1 else torch.zeros(loc.shape[-1], dtype=torch.float64)
+    return int((variance > threshold).sum().item()), variance.cpu().tolist()
+
+
+def kl_per_dim(q: DiagonalGaussian) -> list[float]:
+    """KL(q(z_u | x) || N(0, 1)) for each latent dimension u, averaged over the examples (nats)."""
+    return q.kl_per_dim().double().mean(0).cpu().tolist()
+
+
+@torch.no_grad()
+def mutual_information(
+    q: DiagonalGaussian, *, generator: torch.Generator | None = None, max_values: int = CHUNK_VALUES
+) -> dict[str, float]:
+    """I(x; z) under the encoder's joint q(x, z) = p_data(x) q(z|x), by Hoffman & Johnson's ELBO surgery.
+
+    E_x KL(q(z|x) || p(z)) = I(x; z) + KL(q(z) || p(z)), with the aggregate posterior
+    q(z) = (1/N) Σ_n q(z | x_n) over the N examples given. One z_m ~ q(z | x_m) per example and
+    log q(z_m) = logmeanexp_n log q(z_m | x_n) over all N (chunked, float64) give
+
+        mutual_info = mean_m [log q(z_m | x_m) − log q(z_m)]        (≤ log N by construction)
+        marginal_kl = mean_m [log q(z_m) − log p(z_m)]
+
+    so that mutual_info + marginal_kl is the Monte-Carlo average KL. Both are in nats.
+    """
+    loc, log_scale = q.loc.double(), q.log_scale.double()
+    n, latent = loc.shape
+    eps = torch.randn(loc.shape, generator=generator, device=q.loc.device).double()
+    z = loc + eps * log_scale.exp()  # (N, L)
+    const = -0.5 * latent * _LOG_2PI
+    log_q_own = -0.5 * eps.pow(2).sum(-1) - log_scale.sum(-1) + const  # log q(z_m | x_m)
+    log_prior = -0.5 * z.pow(2).sum(-1) + const
+    # log q(z_m | x_n) = −½ Σ_l (z_ml − μ_nl)² / σ_nl² − Σ_l log σ_nl + const, as matmuls:
+    #   −½ [z² · (1/σ²)ᵀ − 2 z · (μ/σ²)ᵀ + Σ μ²/σ²]
+    precision = torch.exp(-2.0 * log_scale)  # (N, L)
+    a, b = precision.T, (loc * precision).T  # (L, N)
+    c = -0.5 * (loc.pow(2) * precision).sum(-1) - log_scale.sum(-1) + const  # (N,)
+    rows = max(1, max_values // max(1, n))
+    log_marginal = torch.empty(n, dtype=torch.float64, device=loc.device)
+    for i in range(0, n, rows):
+        zc = z[i : i + rows]  # (m, L)
+        log_q = -0.5 * (zc.pow(2) @ a) + zc @ b + c  # (m, N)
+        log_marginal[i : i + rows] = torch.logsumexp(log_q, 1) - math.log(n)
+    return {
+        "mutual_info": (log_q_own - log_marginal).mean().item(),
+        "marginal_kl": (log_marginal - log_prior).mean().item(),
+    }
+
+
+# ---- the matmul-bound floor --------------------------------------------------------------------------
+
+
+def decoder_linears(vae: VAE, rows: int) -> list[tuple[int, int, int]] | None:
+    """The (rows, in, out) shapes of every matmul one decoder pass over ``rows`` latents runs, or None
+    when the decoder runs something other than linear layers and pointwise functions (e.g. convolutions)."""
+    shapes: list[tuple[int, int, int]] = []
+    heavy = False
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal heavy
+        if isinstance(module, nn.Linear):
+            shapes.append((inputs[0].numel() // module.in_features, module.in_features, module.out_features))
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            heavy = True
+
+    if vae.autoregressive:  # a recurrent decoder (text): not linear layers alone
+        return None
+    handles = [m.register_forward_hook(hook) for m in vae.modules()]
+    try:
+        with torch.no_grad(), _EvalMode(vae):
+            device = next(vae.parameters()).device
+            vae.decode_params(torch.zeros(rows, vae.latent, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return None if heavy or not shapes else shapes
+
+
+@torch.no_grad()
+def matmul_floor(
+    vae: VAE, n: int, k: int, rows: int, precision: str = "fp32", repeats: int = 7
+) -> dict[str, float] | None:
+    """The matmul-bound floor of an IWAE pass: the decoder's FLOPs over n·k latents divided by the
+    throughput torch reaches on this machine for the same matmul shapes and dtype (the best of
+    ``repeats`` timed runs of one chunk's matmuls, with nothing else: no bias, activation, likelihood,
+    sampling or log-sum-exp). None for decoders that are not made of linear layers."""
+    shapes = decoder_linears(vae, rows)
+    if shapes is None:
+        return None
+    device = next(vae.parameters()).device
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    pairs = [
+        (torch.randn(m, i, device=device, dtype=dtype), torch.randn(o, i, device=device, dtype=dtype).T)
+        for m, i, o in shapes
+    ]
+    outs = [torch.empty(a.shape[0], w.shape[1], device=device, dtype=dtype) for a, w in pairs]
+
+    def once() -> None:
+        for (a, w), out in zip(pairs, outs, strict=True):
+            torch.mm(a, w, out=out)
+
+    once()  # warm-up: the first call packs weights and spins up threads
+    best = math.inf
+    for _ in range(repeats):
+        runtime.synchronize(device)
+        t0 = time.perf_counter()
+        once()
+        runtime.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    flops_chunk = sum(2.0 * m * i * o for m, i, o in shapes)
+    total = n * k / rows  # chunks of `rows` latents
+    return {
+        "floor_seconds": best * total,
+        "floor_flops": flops_chunk * total,
+        "floor_gflops_per_second": flops_chunk / best / 1e9,
+    }
+
+
+# ---- everything at once ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    vae: VAE,
+    x: torch.Tensor,
+    prepare: Prepare,
+    *,
+    k: int,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    precision: str = "fp32",
+    floor: bool = False,
+) -> dict[str, Any]:
+    """Every held-out number of a model on ``x``: what ``turbovae eval --json`` prints.
+
+    Keys: ``nelbo``, ``rec``, ``kl`` (single-sample estimate, nats), ``nll_iwae`` ± ``nll_iwae_stderr``
+    with ``k`` samples, ``ess`` (mean effective sample size of the k weights), ``bpd`` (from the IWAE
+    estimate; None unless the likelihood is a probability mass), ``bpd_nelbo``, ``n``, ``latent``,
+    ``active_units`` (with ``active_threshold`` and ``posterior_mean_variance`` per dimension),
+    ``kl_per_dim``, ``mutual_info`` and ``marginal_kl``, ``precision`` (of the IWAE decoder; with
+    ``bf16_delta`` under ``auto``), and timings ``seconds`` (all of it) and ``iwae_seconds``. With
+    ``floor=True``, also ``floor_seconds`` (the matmul-bound floor at the precision used, see
+    ``matmul_floor``) and ``floor_ratio`` = iwae_seconds / floor_seconds; under bf16 also the fp32
+    floor ``floor_seconds_fp32`` and ``floor_ratio_fp32``.
+    """
+    t0 = time.perf_counter()
+    ev = nelbo(vae, x, prepare, batch_size=1000, generator=generator)
+    q = encode_all(vae, x, prepare)
+    active, variance = active_units(q)
+    mi = mutual_information(q, generator=generator)
+    device = x.device
+    runtime.synchronize(device)
+    t_iwae = time.perf_counter()
+    r = iwae_log_likelihood(
+        vae, x, prepare, k=k, batch_size=batch_size, generator=generator, precision=precision
+    )
+    runtime.synchronize(device)
+    iwae_seconds = time.perf_counter() - t_iwae
+    nll = -r["log_px"]
+    dims = math.prod(vae.event_shape)
+    discrete = vae.likelihood.discrete
+    result: dict[str, Any] = {
+        "nelbo": ev["nelbo"],
+        "rec": ev["rec"],
+        "kl": ev["kl"],
+        "nll_iwae": nll.mean().item(),
+        "nll_iwae_stderr": nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan"),
+        "k": k,
+        "ess": r["ess"].mean().item(),
+        "bpd": bits_per_dim(nll.mean().item(), dims) if discrete else None,
+        "bpd_nelbo": bits_per_dim(ev["nelbo"], dims) if discrete else None,
+        "n": len(x),
+        "latent": vae.latent,
+        "active_units": active,
+        "active_threshold": ACTIVE_THRESHOLD,
+        "posterior_mean_variance": variance,
+        "kl_per_dim": kl_per_dim(q),
+        "mutual_info": mi["mutual_info"],
+        "marginal_kl": mi["marginal_kl"],
+        "precision": r["precision"],
+        "iwae_batch_size": r["batch_size"],
+        "iwae_sample_chunk": r["sample_chunk"],
+    }
+    for key in ("bf16_delta", "bf16_delta_bound"):
+        if key in r:
+            result[key] = r[key]
+    result["iwae_seconds"] = iwae_seconds
+    if floor:
+        rows = r["batch_size"] * r["sample_chunk"]
+        fl = matmul_floor(vae, len(x), k, rows, r["precision"])
+        if fl is not None:
+            result.update(fl)
+            result["floor_ratio"] = iwae_seconds / fl["floor_seconds"]
+            if r["precision"] != "fp32":  # the floor of fp32 matmuls too, which bf16 may beat
+                fp32 = matmul_floor(vae, len(x), k, rows, "fp32")
+                assert fp32 is not None
+                result["floor_seconds_fp32"] = fp32["floor_seconds"]
+                result["floor_ratio_fp32"] = iwae_seconds / fp32["floor_seconds"]
+    result["seconds"] = time.perf_counter() - t0
+    return result

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, unknown_name
+from .errors import ConfigError, DataError, unknown_name
 
 _LOG_2PI = math.log(2.0 * math.pi)
 MIN_SCALE = 1e-3  # floor on a Gaussian's scale: per-pixel variances collapse to 0 on constant pixels
@@ -204,9 +204,227 @@ class GaussianPixel(Gaussian):
         return self._param(params, 0), torch.log(scale)
 
 
+def _dims(dims: list[int]) -> slice | torch.Tensor:
+    """A slice when ``dims`` are consecutive (a view, no gather and no scatter in the backward)."""
+    if dims and dims == list(range(dims[0], dims[0] + len(dims))):
+        return slice(dims[0], dims[0] + len(dims))
+    return torch.tensor(dims, dtype=torch.long)
+
+
+class Mixed(Likelihood):
+    """Table rows in the transformed space of ``data/table_transform.py``: a Gaussian with a learned
+    σ per dim (floored at 10⁻³) on the continuous dims, a softmax over every one-hot block
+    (categories, booleans, the mode of mode-specific normalisation, missing indicators).
+
+    ``log_prob`` is summed per row in nats: densities of the normalised values plus log-masses of the
+    categories. Dims whose gate (their column's missing indicator) is on are not scored, so a missing
+    value counts only through its indicator. The decoder outputs one value per dim (P = 1): the mean
+    of a Gaussian dim, the logit of a one-hot dim. The layout is read from
+    ``data_meta["table"]["layout"]``.
+
+    All blocks are scored together, whatever their sizes: log-sum-exp per block as
+    m_b + log Σ_{d∈b} exp(η_d − m_b), with the block maxima m_b taken without gradient and the sums
+    as one matrix product with the (dims × blocks) membership matrix, so a table costs the same
+    handful of tensor ops however many columns it has.
+    """
+
+    name = "mixed"
+    uses_data_meta = True
+
+    def __init__(
+        self, event_shape: tuple[int, ...], scale: float = 0.1, data_meta: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(event_shape)
+        table = (data_meta or {}).get("table")
+        if not isinstance(table, dict) or "layout" not in table:
+            raise ConfigError(
+                "likelihood 'mixed' is for tables: use --data csv:PATH (or a .csv/.parquet file), "
+                "or another --likelihood"
+            )
+        layout = table["layout"]
+        if self.event_shape != (int(layout["dims"]),):
+            raise ConfigError(
+                f"likelihood 'mixed': the table has {layout['dims']} transformed dims, but the data have "
+                f"shape {self.event_shape}"
+            )
+        blocks = layout["blocks"]  # [start, size, gate]
+        block_dims = [d for start, size, _ in blocks for d in range(start, start + size)]
+        self.n_cont, self.n_blocks = len(layout["continuous"]), len(blocks)
+        self.cont: slice | torch.Tensor
+        self.onehot: slice | torch.Tensor
+        width = max((size for _, size, _ in blocks), default=1)
+        padded = torch.zeros(len(blocks), width, dtype=torch.long)  # block b's positions in block_dims
+        pad = torch.ones(len(blocks), width, dtype=torch.bool)
+        block_of: list[int] = []  # the block of every one-hot dim
+        for b, (_, size, _) in enumerate(blocks):
+            padded[b] = len(block_of)  # the padding repeats the block's first position: same maximum
+            padded[b, :size] = torch.arange(len(block_of), len(block_of) + size)
+            pad[b, :size] = False
+            block_of += [b] * size
+        cont_gate = torch.tensor(layout["continuous_gate"], dtype=torch.long)
+        block_gate = torch.tensor([gate for _, _, gate in blocks], dtype=torch.long)
+        membership = torch.zeros(len(block_of), len(blocks))
+        membership[torch.arange(len(block_of)), torch.tensor(block_of, dtype=torch.long)] = 1.0
+        # derived from data_meta, so not part of the state dict
+        for key, value in {
+            "cont_gate": cont_gate.clamp(min=0),
+            "cont_gated": (cont_gate >= 0).float(),
+            "block_gate": block_gate.clamp(min=0),
+            "block_gated": (block_gate >= 0).float(),
+            "membership": membership,  # (Db, nb)
+            "block_of": torch.tensor(block_of, dtype=torch.long),  # (Db,)
+            "padded": padded.flatten(),  # (nb·W,)
+            "pad": pad,  # (nb, W)
+        }.items():
+            self.register_buffer(key, value, persistent=False)
+        for key, dims in (("cont", _dims(layout["continuous"])), ("onehot", _dims(block_dims))):
+            if isinstance(dims, torch.Tensor):
+                self.register_buffer(key, dims, persistent=False)  # moves with the module
+            else:
+                setattr(self, key, dims)
+        self.cont_gate: torch.Tensor
+        self.cont_gated: torch.Tensor
+        self.block_gate: torch.Tensor
+        self.block_gated: torch.Tensor
+        self.membership: torch.Tensor
+        self.block_of: torch.Tensor
+        self.padded: torch.Tensor
+        self.pad: torch.Tensor
+        self.cont_is_gated = bool((cont_gate >= 0).any())
+        self.blocks_are_gated = bool((block_gate >= 0).any())
+        init = math.log(math.expm1(max(scale - MIN_SCALE, 1e-6)))
+        self.raw_scale = nn.Parameter(torch.full((self.n_cont,), init))
+
+    def scale(self) -> torch.Tensor:
+        """σ of every continuous dim, (Kc,)."""
+        return F.softplus(self.raw_scale.float()) + MIN_SCALE
+
+    def _padded(self, logits: torch.Tensor, masked: bool = True) -> torch.Tensor:
+        """(..., nb, W) the one-hot logits (..., Db) by block; the padding is −inf (``masked``) or a
+        copy of one of the block's logits (enough for the maximum, and cheaper)."""
+        out = logits.index_select(-1, self.padded).unflatten(-1, self.pad.shape)  # 4× faster than [..., idx]
+        return out.masked_fill(self.pad, -math.inf) if masked else out
+
+    def _take(self, t: torch.Tensor, dims: slice | torch.Tensor) -> torch.Tensor:
+        return t[..., dims] if isinstance(dims, slice) else t.index_select(-1, dims)
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        p = self._param(params, 0)  # (..., D)
+        x = x.float()
+        total = p.new_zeros(p.shape[:-1])
+        if self.n_cont:
+            scale = self.scale()
+            z = (self._take(x, self.cont) - self._take(p, self.cont)) / scale
+            lp = -0.5 * z * z - scale.log() - 0.5 * _LOG_2PI  # (..., Kc)
+            if self.cont_is_gated:
+                lp = lp * (1.0 - x.index_select(-1, self.cont_gate) * self.cont_gated)
+            total = total + lp.sum(-1)
+        if self.n_blocks:
+            logits, xb = self._take(p, self.onehot), self._take(x, self.onehot)  # (..., Db)
+            top = self._padded(logits.detach(), masked=False).amax(-1)  # (..., nb): a shift, no gradient
+            sums = (logits - top.index_select(-1, self.block_of)).exp() @ self.membership  # (..., nb)
+            lse = sums.log() + top
+            if self.blocks_are_gated:
+                chosen = (xb * logits) @ self.membership  # x is one-hot: the chosen logit per block
+                lp = (chosen - lse) * (1.0 - x.index_select(-1, self.block_gate) * self.block_gated)
+                total = total + lp.sum(-1)
+            else:
+                total = total + (xb * logits).sum(-1) - lse.sum(-1)
+        return total
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """Gaussian dims: the mean; one-hot dims: the probabilities of the block's softmax."""
+        p = self._param(params, 0)
+        out = p.clone()
+        if self.n_blocks:
+            probs = torch.softmax(self._padded(self._take(p, self.onehot)), -1).flatten(-2)  # (..., nb·W)
+            out[..., self.onehot] = probs[..., ~self.pad.flatten()]
+        return out
+
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Gaussian dims: mean + σ·ε; every one-hot block: one category drawn from its softmax."""
+        p = self._param(params, 0)
+        out = p.clone()
+        if self.n_cont:
+            eps = torch.randn((*p.shape[:-1], self.n_cont), generator=generator, device=p.device)
+            out[..., self.cont] = self._take(p, self.cont) + eps * self.scale()
+        if self.n_blocks:
+            logits = self._padded(self._take(p, self.onehot))  # (..., nb, W)
+            u = _uniform(logits, generator).clamp(min=1e-20)
+            choice = (logits - torch.log(-torch.log(u))).argmax(-1, keepdim=True)  # Gumbel-max
+            onehot = torch.zeros_like(logits).scatter_(-1, choice, 1.0).flatten(-2)
+            out[..., self.onehot] = onehot[..., ~self.pad.flatten()]
+        return out
+
+
+class Categorical(Likelihood):
+    """A softmax over the vocabulary at every position of a token sequence (text, ``data/text.py``).
+
+    ``x`` holds token ids (..., T) padded with 0; the decoder outputs logits (..., V, T) (P = V, the
+    vocabulary size, read from ``data_meta["text"]["vocab"]``). ``log_prob`` sums the log-masses of the
+    tokens at the non-padding positions (x != 0, the end marker included): nats per sentence. ``x``
+    may be shorter than the data's T (batches are cut to their longest line); the logits match it.
+    """
+
+    name = "categorical"
+    support = "tokens"
+    # a probability mass, but bits per (padded) dimension mean nothing for text: text runs report
+    # nats per token and perplexity instead
+    discrete = False
+    uses_data_meta = True
+
+    def __init__(
+        self, event_shape: tuple[int, ...], scale: float = 0.1, data_meta: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(event_shape)
+        text = (data_meta or {}).get("text")
+        if not isinstance(text, dict) or "vocab" not in text:
+            raise ConfigError(
+                "likelihood 'categorical' is for text: use --data text:PATH or --data words, or another "
+                "--likelihood"
+            )
+        self.params_per_dim = len(text["vocab"])
+
+    def _logits(self, params: torch.Tensor) -> torch.Tensor:
+        """(..., T, V) float32: a view when the decoder computed (..., T, V) and transposed it."""
+        return params.movedim(-2, -1).float()
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        logits = self._logits(params)  # (..., T, V)
+        target = x.expand(logits.shape[:-1])  # (..., T): samples in front broadcast
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=0,
+                              reduction="none")  # fmt: skip
+        return -nll.view(target.shape).sum(-1)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """The most likely token at every position (the mode; a mean of token ids means nothing)."""
+        return self._logits(params).argmax(-1)
+
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        logits = self._logits(params)
+        u = _uniform(logits, generator).clamp(min=1e-20)
+        return (logits - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max
+
+    def check_data(self, low: float, high: float, binary: bool, name: str) -> None:
+        if low < 0 or high >= self.params_per_dim:
+            raise DataError(
+                f"likelihood 'categorical' needs token ids in [0, {self.params_per_dim}), but '{name}' has "
+                f"values in [{low:g}, {high:g}]"
+            )
+
+
 LIKELIHOODS: dict[str, type[Likelihood]] = {
     cls.name: cls
-    for cls in (Bernoulli, BernoulliGrey, ContinuousBernoulli, Gaussian, GaussianLearned, GaussianPixel)
+    for cls in (
+        Bernoulli,
+        BernoulliGrey,
+        ContinuousBernoulli,
+        Gaussian,
+        GaussianLearned,
+        GaussianPixel,
+        Mixed,
+        Categorical,
+    )
 }
 
 
@@ -220,6 +438,8 @@ def build_likelihood(
     if name not in LIKELIHOODS:
         raise unknown_name("likelihood", name, LIKELIHOODS)
     cls = LIKELIHOODS[name]
+    if getattr(cls, "uses_data_meta", False):
+        return cls(event_shape, scale, data_meta)  # type: ignore[call-arg]
     if issubclass(cls, Gaussian):
         return cls(event_shape, scale)
     return cls(event_shape)

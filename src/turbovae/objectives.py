@@ -24,19 +24,29 @@ def elbo(
     *,
     generator: torch.Generator | None = None,
     eps: Noise = None,
-    beta: float = 1.0,
+    beta: float | torch.Tensor = 1.0,
+    free_bits: float = 0.0,
     **_: object,
 ) -> dict[str, torch.Tensor]:
     """The (β-)ELBO with one reparameterised sample: loss = mean(rec + β·kl). β = 1 is the ELBO.
 
-    ``eps`` (B, L) is the noise of the sample; without it, noise is drawn from ``generator``.
+    ``eps`` (B, L) is the noise of the sample; without it, noise is drawn from ``generator``. ``beta``
+    may be a 0-dim tensor (KL warm-up changes it every step without recompiling the step). With
+    ``free_bits`` = λ > 0 (Kingma et al. 2016) the loss charges each latent dimension's KL, averaged
+    over the batch, as max(KL_d, λ): loss = mean(rec) + β·Σ_d max(mean_batch KL_d, λ). ``nelbo``, ``rec``
+    and ``kl`` are always the true, unclipped terms.
     """
     q = vae.encode(x)
     z = q.rsample(generator=generator, eps=eps)  # (B, L)
-    rec = -vae.likelihood.log_prob(x, vae.decode_params(z))  # (B,)
+    rec = -vae.likelihood.log_prob(x, vae.decode_params(z, x))  # (B,)
     kl = q.kl()  # (B,) analytic KL against N(0, I)
+    if free_bits > 0:
+        kl_charged = q.kl_per_dim().mean(0).clamp(min=free_bits).sum()  # below λ nats a dimension is free
+        loss = rec.mean() + beta * kl_charged
+    else:
+        loss = (rec + beta * kl).mean()
     return {
-        "loss": (rec + beta * kl).mean(),
+        "loss": loss,
         "nelbo": (rec + kl).mean(),
         "rec": rec.mean(),
         "kl": kl.mean(),
@@ -46,7 +56,7 @@ def elbo(
 def _importance(vae: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None, eps: Noise = None):
     q = vae.encode(x)
     z = q.rsample((k,), generator=generator, eps=eps)  # (k, B, L)
-    log_px_z = vae.likelihood.log_prob(x, vae.decode_params(z))  # (k, B)
+    log_px_z = vae.likelihood.log_prob(x, vae.decode_params(z, x))  # (k, B)
     log_w = log_px_z + vae.prior(x.device).log_prob(z) - q.log_prob(z)
     return q, log_px_z, log_w
 

@@ -28,9 +28,10 @@ from . import checkpoint, evaluate, runtime
 from .config import Config, from_dict, parse_resize, to_yaml
 from .data import Dataset, load_dataset
 from .data.batches import binarize, preparer, value_range
+from .data.text import bucketed, check_text_setup, lengths_of
 from .errors import CheckpointError, ConfigError, DataError, TurboVAEError
 from .likelihoods import build_likelihood
-from .models import build_network
+from .models import TEXT_MODELS, build_network
 from .objectives import get_objective, noise_shape_of
 from .report import as_images, save_grid
 from .vae import VAE
@@ -41,6 +42,9 @@ RUN_FILES = (
     "summary.json",
     "samples.png",
     "reconstructions.png",
+    "samples.txt",
+    "reconstructions.txt",
+    "interpolations.txt",
     "checkpoints",
 )
 
@@ -85,11 +89,15 @@ def resolve_binarize(mode: str, likelihood_support: str, binary: bool) -> str:
 def build_vae(cfg: Config, event_shape: tuple[int, ...], data_meta: dict[str, Any] | None = None) -> VAE:
     likelihood = build_likelihood(cfg.model.likelihood, event_shape, cfg.model.likelihood_scale, data_meta)
     net = build_network(cfg.model.name, event_shape, cfg.model.latent, likelihood.params_per_dim, cfg.model)
-    return VAE(net, likelihood, cfg.model.latent)
+    vae = VAE(net, likelihood, cfg.model.latent)
+    vae.data_meta = data_meta or {}
+    return vae
 
 
-def setup(cfg: Config, device: torch.device | None = None) -> Setup:
-    """Load and check the data and build the model: user errors surface here, before any file is written."""
+def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, Any] | None = None) -> Setup:
+    """Load and check the data and build the model: user errors surface here, before any file is written.
+
+    ``data_meta``: a trained run's ``Dataset.meta``, whose fitted transforms (a table's) are reused."""
     device = device or runtime.select_device(cfg.train.device)
     data = load_dataset(
         cfg.data.name,
@@ -99,6 +107,10 @@ def setup(cfg: Config, device: torch.device | None = None) -> Setup:
         data_dir=cfg.data.dir,
         columns=cfg.data.columns,
         continuous_transform=cfg.data.continuous_transform,
+        meta=data_meta,
+        tokenizer=cfg.data.tokenizer,
+        max_length=cfg.data.max_length,
+        min_freq=cfg.data.min_freq,
     )
     low, high, binary = value_range(
         torch.cat([data.x_train.flatten(), data.x_test.flatten()]), data.max_value
@@ -107,6 +119,8 @@ def setup(cfg: Config, device: torch.device | None = None) -> Setup:
         raise DataError(f"data '{data.name}' contains NaN or Inf values")
     vae = build_vae(cfg, data.event_shape, data.meta)
     mode = resolve_binarize(cfg.data.binarize, vae.likelihood.support, binary)
+    if data.is_tokens or vae.likelihood.support == "tokens":  # text: no scaling and no binarisation
+        check_text_setup(data, cfg.model.name, cfg.model.likelihood, cfg.data.binarize, TEXT_MODELS)
     if mode != "none" and (low < 0 or high > 1):
         raise DataError(
             f"binarisation needs data in [0, 1], but '{data.name}' has values in [{low:g}, {high:g}]"
@@ -294,6 +308,13 @@ class TrainState:
         self.loop.update(meta["loop"])
 
 
+def kl_weight(cfg: Config, step: int, device: torch.device | None = None) -> torch.Tensor:
+    """β of the 0-based global ``step``: train.beta · min(1, step / train.kl_warmup_steps), a 0-dim
+    tensor (a step argument, so that the compiled step is not specialised on it)."""
+    warmup = cfg.train.kl_warmup_steps
+    return torch.tensor(cfg.train.beta * min(1.0, step / warmup) if warmup else cfg.train.beta, device=device)
+
+
 def make_step(
     vae: VAE,
     opt: torch.optim.Optimizer,
@@ -306,11 +327,13 @@ def make_step(
 
     Returns (loss, nelbo, rec, kl) detached on the device: nothing here waits for the device.
     """
-    objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta, k=cfg.train.iwae_k)
+    objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta, k=cfg.train.iwae_k,
+                                  free_bits=cfg.train.free_bits)  # fmt: skip
 
-    def step(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def step(x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None) -> torch.Tensor:
+        """``beta``: this step's KL weight (a 0-dim tensor, under KL warm-up), else train.beta."""
         with runtime.autocast(device, precision):
-            terms = objective(vae, x, eps=eps)
+            terms = objective(vae, x, eps=eps) if beta is None else objective(vae, x, eps=eps, beta=beta)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(terms["loss"]).backward()
@@ -322,6 +345,15 @@ def make_step(
         return torch.stack([terms["loss"], terms["nelbo"], terms["rec"], terms["kl"]]).detach()
 
     return step
+
+
+def _saved_data_meta(out: Path) -> dict[str, Any] | None:
+    """The Dataset.meta the run's checkpoints recorded (the same in all): a resumed run encodes its
+    data with the transforms it was trained with, not refitted ones."""
+    for path in sorted((out / "checkpoints").glob("step-*.json"), reverse=True):
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text()).get("data_meta")
+    return None
 
 
 def _start(out: Path, cfg: Config, overwrite: bool, resume: bool) -> Path | None:
@@ -351,7 +383,8 @@ def fit(
     out = Path(out)
     check_out_dir(out, overwrite, resume)
     runtime.seed_everything(cfg.train.seed)
-    s = setup(cfg)  # every user error in config or data is raised here, before any file is touched
+    # every user error in config or data is raised here, before any file is touched
+    s = setup(cfg, data_meta=_saved_data_meta(out) if resume else None)
     runtime.configure(s.device, cfg.train.threads)
     vae, device = s.vae, s.device
     opt = make_optimizer(cfg, vae)
@@ -383,6 +416,18 @@ def fit(
     prepare = preparer(s.train_max, s.binarize_mode == "dynamic", gens["data"])
     n_train, batch = len(s.x_train), cfg.train.batch_size
     steps_per_epoch = n_train // batch  # equal-sized batches: fixed shapes, no tiny last batch
+    tokens = s.data.is_tokens
+    if tokens:  # text: batches vary in length anyway, so every line once per epoch, a smaller last batch
+        steps_per_epoch = -(-n_train // batch)
+        lengths = lengths_of(s.x_train)
+        mean_tokens = lengths.double().mean().item()
+    warmup = cfg.train.kl_warmup_steps
+
+    def text_log(speed: float) -> dict[str, float]:
+        """The KL weight of the last step under warm-up, and tokens/s for text (end markers included)."""
+        extra = {"kl_weight": kl_weight(cfg, loop["step"] - 1).item()} if warmup else {}
+        return {**extra, "tokens_per_second": speed * mean_tokens} if tokens else extra
+
     total_steps = cfg.train.epochs * steps_per_epoch
     noise_shape = noise_shape_of(cfg.train.objective, batch, cfg.model.latent, cfg.train.iwae_k)
     m = cfg.model
@@ -405,14 +450,19 @@ def fit(
             while loop["epoch"] < cfg.train.epochs:
                 if loop["batch_in_epoch"] == 0:
                     st.perm = torch.randperm(n_train, generator=gens["data"], device=device)
+                    if tokens:  # length buckets: little padding in each batch
+                        st.perm = bucketed(st.perm, lengths, batch, gens["data"])
                 for b in range(loop["batch_in_epoch"], steps_per_epoch):
                     x = prepare(s.x_train[st.perm[b * batch : (b + 1) * batch]])
-                    eps = torch.randn(noise_shape, generator=gens["model"], device=device)
-                    sums += step(x, eps)
+                    shape = noise_shape if len(x) == batch else noise_shape_of(
+                        cfg.train.objective, len(x), cfg.model.latent, cfg.train.iwae_k)  # fmt: skip
+                    eps = torch.randn(shape, generator=gens["model"], device=device)
+                    # KL warm-up: β from the global step, so a resumed run continues the same schedule
+                    sums += step(x, eps) if not warmup else step(x, eps, kl_weight(cfg, loop["step"], device))
                     since_log += 1
                     loop["step"] += 1
                     loop["batch_in_epoch"] = b + 1
-                    loop["examples"] += batch
+                    loop["examples"] += len(x)
                     if loop["step"] % cfg.train.log_every == 0 or b + 1 == steps_per_epoch:
                         loss, nelbo, rec, kl = (sums / since_log).tolist()  # the host sync
                         now = time.perf_counter()
@@ -425,7 +475,7 @@ def fit(
                             )
                         log.write("train", step=loop["step"], epoch=loop["epoch"] + (b + 1) / steps_per_epoch,
                                   loss=loss, nelbo=nelbo, rec=rec, kl=kl, lr=opt.param_groups[0]["lr"],
-                                  samples_per_second=speed)  # fmt: skip
+                                  samples_per_second=speed, **text_log(speed))  # fmt: skip
                         bar.set_postfix(
                             epoch=loop["epoch"] + 1, loss=f"{loss:.2f}", samples_s=f"{speed:,.0f}"
                         )
@@ -517,13 +567,23 @@ def finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
         "likelihood": cfg.model.likelihood,
         "objective": cfg.train.objective,
     }
+    if s.data.is_tokens:  # text: nats per token, perplexity, active units, reconstruction accuracy
+        from .text import text_summary
+
+        summary.update(text_summary(s, ev, iw, loop))
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
 @torch.no_grad()
 def write_pictures(s: Setup, out: Path, n_samples: int = 64, n_recon: int = 16) -> None:
-    """samples.png (prior samples, E[x|z]) and reconstructions.png (inputs above, outputs below)."""
+    """samples.png (prior samples, E[x|z]) and reconstructions.png (inputs above, outputs below).
+
+    Text runs write samples.txt, reconstructions.txt and interpolations.txt instead."""
+    if s.data.is_tokens:
+        from .text import write_text_outputs
+
+        return write_text_outputs(s, out)
     vae = s.vae
     vae.eval()
     shape = s.data.event_shape

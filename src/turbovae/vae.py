@@ -22,6 +22,9 @@ class VAE(nn.Module):
         self.latent = latent
         self.config: Any = None  # the run's Config, set by turbovae.load
         self.max_value = 1.0  # inputs are stored values / max_value (e.g. bytes / 255)
+        # the dataset's description (Dataset.meta: a table's columns and fitted transforms), set by
+        # build_vae and so by turbovae.load
+        self.data_meta: dict[str, Any] = {}
 
     @property
     def event_shape(self) -> tuple[int, ...]:
@@ -34,12 +37,29 @@ class VAE(nn.Module):
         """The posterior q(z | x); ``.mean`` gives the usual embedding."""
         return self.net.encode(x)  # type: ignore[operator]
 
-    def decode_params(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw likelihood parameters ``(..., P, *event_shape)`` for latents ``(..., latent)``."""
+    @property
+    def autoregressive(self) -> bool:
+        """Whether the decoder reads the data it scores (text: teacher forcing), see ``decode_params``."""
+        return bool(getattr(self.net, "autoregressive", False))
+
+    def decode_params(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw likelihood parameters ``(..., P, *event_shape)`` for latents ``(..., latent)``.
+
+        An autoregressive network (text) also needs the data ``x`` (B, *event) whose likelihood the
+        parameters are for (each position is predicted from the ones before it); z may carry sample
+        dims in front of B. Other networks ignore ``x``."""
+        if self.autoregressive:
+            if x is None:
+                raise ValueError("an autoregressive decoder needs x in decode_params; decode/sample generate")
+            return self.net.decode(z, x)  # type: ignore[operator]
         return self.net.decode(z)  # type: ignore[operator]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """E[x | z], the picture a latent stands for: ``(..., *event_shape)``."""
+        """E[x | z], the picture a latent stands for: ``(..., *event_shape)``. For text, the greedy
+        decoding of z: token ids (..., T)."""
+        if self.autoregressive:
+            ids = self.net.generate(z.reshape(-1, self.latent), self.event_shape[0])  # type: ignore[operator]
+            return ids.view(*z.shape[:-1], -1)
         return self.likelihood.mean(self.decode_params(z))
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +68,12 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True) -> torch.Tensor:
-        """n draws from the model: z ~ N(0, I), then E[x | z] (``mean=True``) or x ~ p(x | z)."""
+        """n draws from the model: z ~ N(0, I), then E[x | z] (``mean=True``) or x ~ p(x | z).
+
+        For text: token ids (n, T), decoded greedily (``mean=True``) or drawn token by token."""
         device = next(self.parameters()).device
         z = self.prior(device).rsample((n,), generator=generator)
+        if self.autoregressive:
+            return self.net.generate(z, self.event_shape[0], generator, greedy=mean)  # type: ignore[operator]
         params = self.decode_params(z)
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)

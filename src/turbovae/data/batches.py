@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from .text import trim
+
 
 def value_range(x: torch.Tensor, max_value: float) -> tuple[float, float, bool]:
     """(low, high, binary) of the data after scaling to float, computed once at set-up."""
@@ -33,6 +35,8 @@ def preparer(
     """The per-batch transform: scale to float and, for dynamic binarisation, draw x ~ Bernoulli(x)."""
 
     def prepare(raw: torch.Tensor) -> torch.Tensor:
+        if raw.dtype == torch.int64:  # text: token ids stay ids, cut to the batch's longest line
+            return trim(raw)
         x = to_float(raw, max_value)
         if not dynamic:
             return x

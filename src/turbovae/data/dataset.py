@@ -38,3 +38,8 @@ class Dataset:
     @property
     def is_bytes(self) -> bool:
         return self.x_train.dtype == torch.uint8
+
+    @property
+    def is_tokens(self) -> bool:
+        """Text: int64 token ids (N, T) padded with 0, see ``data/text.py``."""
+        return self.x_train.dtype == torch.int64

@@ -6,6 +6,7 @@ import functools
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ from .arrays import load_arrays, split_indices
 from .dataset import Dataset
 from .idx import read_idx_pair
 from .images import load_image_folder, resize_images
+from .tables import table_path
+from .text import is_text_spec, load_text
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -82,6 +85,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": load_digits,
     "fashion-mnist": functools.partial(load_idx_dataset, "fashion-mnist"),
     "mnist": functools.partial(load_idx_dataset, "mnist"),
+    "words": functools.partial(load_text, "words"),  # text, see data/text.py
 }
 
 
@@ -116,16 +120,30 @@ def load_dataset(
     test_fraction: float = 0.1,
     split_seed: int = 0,
     data_dir: str | None = None,
+    columns: dict[str, str] | None = None,
+    continuous_transform: str = "mode",
+    meta: dict[str, Any] | None = None,
+    tokenizer: str = "auto",
+    max_length: int = 64,
+    min_freq: int = 1,
 ) -> Dataset:
     """Load a dataset by built-in name or path.
 
     Args:
         spec: A name in ``DATASETS`` (``digits``, ``fashion-mnist``, ``mnist``), a ``.npz``/``.npy``
-            file, or a folder of PNG/JPEG images.
+            file, a folder of PNG/JPEG images, or a table: ``csv:PATH``, ``parquet:PATH`` or a
+            ``.csv``/``.tsv``/``.parquet`` file (see ``data/tables.py``).
         resize: (height, width) to resize images to.
         test_fraction: Fraction held out for test when the source has no split of its own.
         split_seed: Seed of that split.
         data_dir: Directory searched first for the files of downloadable built-ins.
+        columns: Tables: declared column types by name (the others are inferred).
+        continuous_transform: Tables: ``mode`` or ``quantile`` normalisation of numeric columns.
+        meta: The ``Dataset.meta`` a trained run saved: a table's fitted transforms are reused
+            rather than fitted again, so that the run sees the data it was trained on.
+        tokenizer: Text (``text:PATH``, ``words``): ``auto``, ``char`` or ``word`` (see ``data/text.py``).
+        max_length: Text: tokens kept per line; longer lines are cut (and counted).
+        min_freq: Text: occurrences in the training split a token needs to enter the vocabulary.
 
     Returns:
         The dataset, in memory.
@@ -135,6 +153,25 @@ def load_dataset(
         DataError: Missing, corrupt or unsuitable data.
     """
     _check_options(resize, test_fraction)
+    if is_text_spec(spec):
+        if resize is not None:
+            raise ConfigError(f"resize={resize} applies to images only, but '{spec}' is text")
+        return load_text(spec, tokenizer=tokenizer, max_length=max_length, min_freq=min_freq,
+                         test_fraction=test_fraction, split_seed=split_seed, data_dir=data_dir,
+                         fitted=(meta or {}).get("text"))  # fmt: skip
+    if table_path(spec) is not None:
+        if resize is not None:
+            raise ConfigError(f"resize={resize} applies to images only, but '{spec}' is a table")
+        from .table_transform import load_table  # SciPy's import costs 0.5 s: only for tables
+
+        return load_table(
+            spec,
+            columns=columns,
+            method=continuous_transform,
+            test_fraction=test_fraction,
+            split_seed=split_seed,
+            fitted=(meta or {}).get("table"),
+        )
     if spec in DATASETS:
         dataset = DATASETS[spec](test_fraction=test_fraction, split_seed=split_seed, data_dir=data_dir)
         return _resized(dataset, resize)

@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..errors import unknown_name
+from ..errors import ConfigError, unknown_name
 from .conv import ConvNet
 from .mlp import ACTIVATIONS, MLPNet
+from .text import SentenceNet
 
 
 def _mlp(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg) -> nn.Module:
@@ -20,8 +21,20 @@ def _conv(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg) -
     return ConvNet(event_shape, latent, params_per_dim, list(cfg.channels), cfg.activation, cfg.dropout)
 
 
+def _sentence(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg) -> nn.Module:
+    # text: event_shape = (T,), params_per_dim = the vocabulary size (the categorical likelihood's P);
+    # model.hidden = the RNN's width, one entry per layer
+    if len(event_shape) != 1 or params_per_dim < 4:
+        raise ConfigError("model 'sentence' is for text: --data text:PATH or words, --likelihood categorical")
+    if len(set(cfg.hidden)) != 1:
+        raise ConfigError(f"model 'sentence' needs equal RNN widths in model.hidden, got {cfg.hidden}")
+    return SentenceNet(params_per_dim, event_shape[0], latent, cfg.hidden[0], len(cfg.hidden), cfg.embedding,
+                       cfg.cell, cfg.word_dropout, cfg.dropout)  # fmt: skip
+
+
 # name -> builder(event_shape, latent, params_per_dim, model_config)
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "conv": _conv}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "conv": _conv, "sentence": _sentence}
+TEXT_MODELS = ("sentence",)  # models of token sequences (likelihood categorical)
 
 
 def build_network(
@@ -32,4 +45,4 @@ def build_network(
     return MODELS[name](event_shape, latent, params_per_dim, cfg)
 
 
-__all__ = ["ACTIVATIONS", "MODELS", "ConvNet", "MLPNet", "build_network"]
+__all__ = ["ACTIVATIONS", "MODELS", "TEXT_MODELS", "ConvNet", "MLPNet", "SentenceNet", "build_network"]

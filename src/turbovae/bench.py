@@ -1,0 +1,275 @@
+"""``turbovae bench``: the training step's throughput, against the hardware's matmul ceiling and
+against peer implementations run on the same data in the same process.
+
+Timings are medians over several windows after warm-up; every ratio is between numbers measured in
+one run, so a busy or different machine moves both sides together.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import runtime
+from .config import Config
+from .data.batches import to_float
+from .data.text import bucketed, lengths_of, trim
+from .errors import ConfigError
+from .objectives import noise_shape_of
+from .train import Setup, make_optimizer, make_step, setup
+
+PEERS = ("examples", "pythae")
+
+
+def matmul_ceiling(device: torch.device, precision: str, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul in the step's compute dtype: what the hardware gives torch."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    iters = 20 if device.type == "cuda" else 3
+    times = []
+    for _ in range(repeats + 1):
+        runtime.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        runtime.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 * iters / min(times[1:])
+
+
+def _windows(run: Callable[[int], None], device: torch.device, windows: int, steps: int) -> list[float]:
+    """Wall seconds of ``windows`` windows of ``steps`` steps each, synchronised at the edges only."""
+    seconds = []
+    for _ in range(windows):
+        runtime.synchronize(device)
+        t0 = time.perf_counter()
+        run(steps)
+        runtime.synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
+    """Time turbovae's own training step, as ``turbovae train`` would run it."""
+    cfg, device, vae = s.cfg, s.device, s.vae
+    opt = make_optimizer(cfg, vae)
+    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+    eager = make_step(vae, opt, scaler, cfg, device, s.precision)
+    batch = cfg.train.batch_size
+    total = cfg.train.epochs * (len(s.x_train) // batch)
+    key = f"bench|{cfg.model}|{s.precision}|{batch}"
+    step = runtime.StepCompiler(eager, cfg.train.compile, device, key=key, remaining_steps=total)
+    g = runtime.generator(device, cfg.train.seed)
+    dynamic = s.binarize_mode == "dynamic"
+    noise = noise_shape_of(cfg.train.objective, batch, cfg.model.latent, cfg.train.iwae_k)
+    perm = torch.randperm(len(s.x_train), generator=g, device=device)
+    tokens = s.data.is_tokens
+    if tokens:  # text: length-bucketed batches cut to their longest line, as `turbovae train` runs them
+        perm = bucketed(perm, lengths_of(s.x_train), batch, g)
+        mean_tokens = lengths_of(s.x_train[perm[: len(perm) // batch * batch]]).double().mean().item()
+    position = {"i": 0}
+
+    def batch_pair() -> tuple[torch.Tensor, torch.Tensor]:
+        i = position["i"]
+        if i + batch > len(perm):
+            i = 0
+        position["i"] = i + batch
+        raw = s.x_train[perm[i : i + batch]]
+        x = trim(raw) if tokens else to_float(raw, s.train_max)
+        if dynamic:
+            x = (torch.rand(x.shape, generator=g, device=device) < x).float()
+        return x, torch.randn(noise, generator=g, device=device)
+
+    sums = torch.zeros(4, device=device)
+
+    def run(n: int) -> None:
+        nonlocal sums
+        for _ in range(n):
+            sums += step(*batch_pair())
+
+    with FlopCounterMode(display=False) as counter:
+        eager(*batch_pair())  # one eager step, counted: matmuls and convolutions, forward and backward
+    flops = counter.get_total_flops()
+    t0 = time.perf_counter()
+    run(runtime.PROBE_STEPS + 10)  # warm-up: the compile decision (and compilation) happen here
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = _windows(run, device, windows, steps)
+    if not torch.isfinite(sums).all():
+        raise ConfigError("the loss became NaN or Inf during the benchmark; lower --lr")
+    median = statistics.median(seconds)
+    return {
+        "samples_per_second": batch * steps / median,
+        # text: tokens (end markers included, padding not) = samples/s × mean tokens of the full batches
+        **({"tokens_per_second": batch * steps / median * mean_tokens} if tokens else {}),
+        "step_ms": 1e3 * median / steps,
+        "window_seconds": seconds,
+        "flops_per_step": flops,
+        "flops_per_second": flops * steps / median,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "warmup_seconds": warmup_s,
+        "compile": step.decision,
+    }
+
+
+class ExamplesVAE(nn.Module):
+    """The VAE of pytorch/examples (vae/main.py), sized like the config's MLP."""
+
+    def __init__(self, dims: int, hidden: int, latent: int) -> None:
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = (
+            nn.Linear(dims, hidden),
+            nn.Linear(hidden, latent),
+            nn.Linear(hidden, latent),
+        )
+        self.fc3, self.fc4 = nn.Linear(latent, hidden), nn.Linear(hidden, dims)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = F.relu(self.fc1(x.view(len(x), -1)))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+def bench_examples(s: Setup, windows: int, steps: int) -> float:
+    """pytorch/examples' loop: a DataLoader over in-memory float tensors, BCE summed over the batch,
+    ``loss.item()`` every step, batches copied to the device. Returns samples/s."""
+    cfg, device = s.cfg, s.device
+    if cfg.model.name != "mlp":
+        raise ConfigError("the 'examples' peer is pytorch/examples' MLP VAE; benchmark it with --model mlp")
+    x_train = to_float(s.x_train.cpu(), s.train_max).flatten(1)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x_train), batch_size=cfg.train.batch_size, shuffle=True
+    )
+    model = ExamplesVAE(x_train.shape[1], cfg.model.hidden[0], cfg.model.latent).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    dynamic = s.binarize_mode == "dynamic"
+    batches = iter(loader)
+
+    def run(n: int) -> None:
+        nonlocal batches
+        for _ in range(n):
+            try:
+                (x,) = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                (x,) = next(batches)
+            x = x.to(device)
+            if dynamic:
+                x = torch.bernoulli(x)
+            opt.zero_grad()
+            r, mu, logvar = model(x)
+            bce = F.binary_cross_entropy(r, x, reduction="sum")
+            loss = bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+            loss.backward()
+            loss.item()
+            opt.step()
+
+    run(20)
+    seconds = _windows(run, device, windows, steps)
+    return cfg.train.batch_size * steps / statistics.median(seconds)
+
+
+def bench_pythae(s: Setup) -> float:
+    """pythae's own trainer (TrainingPipeline), same data and model shape, one epoch. Returns samples/s."""
+    try:
+        from pythae.models import VAE as PythaeVAE
+        from pythae.models import VAEConfig
+        from pythae.models.base.base_utils import ModelOutput
+        from pythae.models.nn import BaseDecoder, BaseEncoder
+        from pythae.pipelines import TrainingPipeline
+        from pythae.trainers import BaseTrainerConfig
+    except ImportError:
+        raise ConfigError("--vs pythae needs pythae installed: pip install pythae") from None
+    import logging
+    import tempfile
+
+    cfg = s.cfg
+    if cfg.model.name != "mlp":
+        raise ConfigError("the 'pythae' peer runs the MLP VAE; benchmark it with --model mlp")
+    x_train = to_float(s.x_train.cpu(), s.train_max)
+    dims, hidden, latent = x_train[0].numel(), cfg.model.hidden[0], cfg.model.latent
+    shape = tuple(x_train.shape[1:])
+
+    class Enc(BaseEncoder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.mu, self.lv = (
+                nn.Linear(dims, hidden),
+                nn.Linear(hidden, latent),
+                nn.Linear(hidden, latent),
+            )
+
+        def forward(self, x: torch.Tensor) -> Any:
+            h = torch.relu(self.fc1(x.reshape(len(x), -1)))
+            return ModelOutput(embedding=self.mu(h), log_covariance=self.lv(h))
+
+    class Dec(BaseDecoder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc3, self.fc4 = nn.Linear(latent, hidden), nn.Linear(hidden, dims)
+
+        def forward(self, z: torch.Tensor) -> Any:
+            out = torch.sigmoid(self.fc4(torch.relu(self.fc3(z))))
+            return ModelOutput(reconstruction=out.reshape(len(z), *shape))
+
+    logging.disable(logging.WARNING)
+    model = PythaeVAE(VAEConfig(input_dim=shape, latent_dim=latent, reconstruction_loss="bce"), Enc(), Dec())
+    tcfg = BaseTrainerConfig(
+        output_dir=tempfile.mkdtemp(prefix="turbovae-pythae-"), num_epochs=1, learning_rate=cfg.train.lr,
+        per_device_train_batch_size=cfg.train.batch_size, per_device_eval_batch_size=1000, steps_saving=None,
+        optimizer_cls="Adam", no_cuda=s.device.type != "cuda",
+    )  # fmt: skip
+    pipe = TrainingPipeline(training_config=tcfg, model=model)
+    t0 = time.perf_counter()
+    pipe(train_data=x_train.numpy(), eval_data=None)
+    return len(x_train) / (time.perf_counter() - t0)
+
+
+def bench(cfg: Config, *, vs: str | None = None, windows: int = 5, steps: int = 50) -> dict[str, Any]:
+    """Benchmark the configured training step (and a peer with ``vs``); one JSON-ready dict."""
+    if vs is not None and vs not in PEERS:
+        raise ConfigError(f"--vs must be one of {', '.join(PEERS)}, got {vs!r}")
+    if windows < 1 or steps < 1:
+        raise ConfigError(f"--windows and --window-steps must be >= 1, got {windows} and {steps}")
+    runtime.seed_everything(cfg.train.seed)
+    s = setup(cfg)
+    runtime.configure(s.device, cfg.train.threads)
+    result: dict[str, Any] = {
+        "device": runtime.describe(s.device),
+        "model": cfg.model.name,
+        "batch_size": cfg.train.batch_size,
+        "precision": s.precision,
+        "likelihood": cfg.model.likelihood,
+        "binarize": s.binarize_mode,
+        "data": s.data.name,
+    }
+    result.update(bench_turbovae(s, windows, steps))
+    ceiling = matmul_ceiling(s.device, s.precision)
+    result["ceiling_flops_per_second"] = ceiling
+    result["ceiling_fraction"] = result["flops_per_second"] / ceiling
+    if vs == "examples":
+        result["peer"] = "pytorch/examples"
+        result["peer_samples_per_second"] = bench_examples(s, windows, steps)
+    elif vs == "pythae":
+        result["peer"] = "pythae"
+        result["peer_samples_per_second"] = bench_pythae(s)
+    if vs is not None:
+        result["speedup"] = result["samples_per_second"] / result["peer_samples_per_second"]
+    return result

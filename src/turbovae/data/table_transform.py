@@ -1,0 +1,297 @@
+"""From typed table columns to the float vectors a VAE trains on, and back.
+
+Fitted on the training split, saved as JSON in ``Dataset.meta["table"]`` (and so in every checkpoint):
+
+- continuous and integer columns: mode-specific normalisation (``mode``, TVAE's): a Dirichlet-process
+  Gaussian mixture per column (at most 10 modes, those of weight > 0.005 kept); a value becomes its
+  most likely mode k (one-hot) and (x − μ_k) / (4 σ_k). Or ``quantile``: Φ⁻¹ of the value's place in
+  the training distribution (piecewise linear between at most 1,000 knots);
+- categorical and boolean columns: one-hot;
+- a numeric column with missing values gets a [present, missing] indicator block; its value and mode
+  dims are then not scored on missing rows (the likelihood gates them), and decoding writes the value
+  missing. Categorical and boolean columns carry missing as one more category.
+
+``layout`` tells the likelihood which dims are Gaussian (``continuous``, with their ``gate``: the dim
+that says the value is missing, or −1) and which are one-hot ``blocks`` ([start, size, gate]).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import ndtr, ndtri
+
+from ..errors import ConfigError, DataError
+from .arrays import split_indices
+from .dataset import Dataset
+from .mixture import fit_dp_mixtures
+from .tables import Column, Table, read_table, table_path
+
+METHODS = ("mode", "quantile")
+STD_MULTIPLIER = 4.0  # TVAE's: a mode's values land in [−1, 1] with 99.99% probability
+MAX_MODES = 10
+WEIGHT_THRESHOLD = 0.005
+QUANTILE_KNOTS = 1000
+FORMAT_VERSION = 1
+
+
+def _numeric_train(column: Column, train: np.ndarray) -> np.ndarray:
+    values = column.values[train]
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        raise DataError(f"column '{column.name}' has no values in the training split; drop it or add data")
+    return values
+
+
+def _quantile_knots(values: np.ndarray) -> dict[str, list[float]]:
+    unique, counts = np.unique(values, return_counts=True)
+    n = len(values)
+    if len(unique) <= QUANTILE_KNOTS:
+        knots, probs = unique, (np.cumsum(counts) - counts / 2) / n  # mid-ranks: strictly increasing
+    else:
+        q = (np.arange(QUANTILE_KNOTS) + 0.5) / QUANTILE_KNOTS
+        knots = np.concatenate([[unique[0]], np.quantile(values, q), [unique[-1]]])
+        probs = np.concatenate([[0.5 / n], q, [1 - 0.5 / n]])
+        knots, first = np.unique(knots, return_index=True)
+        probs = probs[first]
+    return {"values": knots.tolist(), "probs": probs.tolist()}
+
+
+def fit_transform(table: Table, train: np.ndarray, method: str = "mode") -> dict[str, Any]:
+    """The transform of ``table`` (JSON-serialisable), its statistics fitted on the rows ``train``.
+
+    Category sets and whether a column has missing values are read from all rows (they describe the
+    file); mixtures, quantiles and value ranges from the training rows only.
+
+    The vector puts the Gaussian dims first (one per numeric column) and then every one-hot block,
+    ordered by size, so that the likelihood reads them as slices and equal-sized runs of blocks
+    rather than by gathering dims one by one. Each column's spec says where its parts are:
+    ``value`` (a dim), ``mode_dims`` / ``indicator`` / ``onehot`` ([start, size]).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"data.continuous_transform must be one of: {', '.join(METHODS)}; got '{method}'")
+    numeric = [c for c in table.columns if c.type in ("continuous", "integer")]
+    train_values = {c.name: _numeric_train(c, train) for c in numeric}
+    mixtures: dict[str, dict[str, list[float]]] = {}
+    if method == "mode" and numeric:
+        fitted = fit_dp_mixtures([train_values[c.name] for c in numeric], max_components=MAX_MODES)
+        for c, mix in zip(numeric, fitted, strict=True):
+            keep = np.asarray(mix["weights"]) > WEIGHT_THRESHOLD
+            mixtures[c.name] = {k: np.asarray(v)[keep].tolist() for k, v in mix.items()}
+    specs: list[dict[str, Any]] = []
+    blocks: list[tuple[int, dict[str, Any], str]] = []  # (size, the column's spec, which part)
+    for c in table.columns:
+        spec: dict[str, Any] = {"name": c.name, "type": c.type, "missing": bool(c.missing.any())}
+        if c.type in ("continuous", "integer"):
+            values = train_values[c.name]
+            spec.update(min=float(values.min()), max=float(values.max()), transform=method)
+            if c.type == "continuous":
+                spec["decimals"] = c.decimals
+            spec["value"] = sum(s["type"] in ("continuous", "integer") for s in specs)
+            if method == "mode":
+                spec["modes"] = mixtures[c.name]
+                blocks.append((len(spec["modes"]["weights"]), spec, "mode_dims"))
+            else:
+                spec["quantiles"] = _quantile_knots(values)
+            if spec["missing"]:
+                blocks.append((2, spec, "indicator"))  # [present, missing]
+        else:
+            if c.type == "categorical":
+                spec["categories"] = sorted({v for v in c.values if v is not None})
+            else:
+                spec["tokens"] = list(c.tokens)
+            size = len(spec.get("categories", (0, 1))) + spec["missing"]  # missing: one more category
+            blocks.append((size, spec, "onehot"))
+        specs.append(spec)
+    start = len(numeric)
+    for size, spec, part in sorted(blocks, key=lambda b: b[0]):  # stable: column order within a size
+        spec[part] = [start, size]
+        start += size
+
+    def gate(spec: dict[str, Any]) -> int:
+        return spec["indicator"][0] + 1 if "indicator" in spec else -1  # the "missing" slot
+
+    numeric_specs = [s for s in specs if "value" in s]
+    layout = {
+        "dims": start,
+        "continuous": [s["value"] for s in numeric_specs],
+        "continuous_gate": [gate(s) for s in numeric_specs],
+        "blocks": [
+            [spec[part][0], size, gate(spec) if part == "mode_dims" else -1]
+            for size, spec, part in sorted(blocks, key=lambda b: b[0])
+        ],
+    }
+    return {"version": FORMAT_VERSION, "method": method, "columns": specs, "layout": layout}
+
+
+def _mode_assign(x: np.ndarray, modes: dict[str, list[float]]) -> np.ndarray:
+    """The most likely mode of every value: argmax_k log w_k + log N(x; μ_k, σ_k)."""
+    w, mu, sd = (np.asarray(modes[k]) for k in ("weights", "means", "stds"))
+    log_p = np.log(w) - np.log(sd) - 0.5 * ((x[:, None] - mu) / sd) ** 2
+    return log_p.argmax(1)
+
+
+def _codes(c: Column, spec: dict[str, Any], source: str) -> np.ndarray:
+    """Category index of every value of a categorical/boolean column; missing is the last."""
+    if spec["type"] == "categorical":
+        index = {v: i for i, v in enumerate(spec["categories"])}
+        missing_slot = len(spec["categories"])
+        codes = np.array([missing_slot if v is None else index.get(v, -1) for v in c.values], dtype=np.int64)
+        if (codes < 0).any():
+            i = int(np.flatnonzero(codes < 0)[0])
+            raise DataError(
+                f"{source}: column '{c.name}' has the value '{c.values[i]}', which is not one of the "
+                f"run's {len(spec['categories'])} categories"
+            )
+    else:
+        codes = np.where(np.isnan(c.values), 2, np.nan_to_num(c.values)).astype(np.int64)
+    if not spec["missing"] and (codes == spec["onehot"][1]).any():
+        raise DataError(f"{source}: column '{c.name}' has missing values, which the run never saw")
+    return codes
+
+
+def encode(table: Table, transform: dict[str, Any]) -> np.ndarray:
+    """The rows of ``table`` as float32 vectors (N, D) in the transformed space."""
+    out = np.zeros((len(table), transform["layout"]["dims"]), dtype=np.float64)
+    rows = np.arange(len(table))
+    for spec in transform["columns"]:
+        c = table.column(spec["name"])
+        if "onehot" in spec:
+            out[rows, spec["onehot"][0] + _codes(c, spec, table.source)] = 1.0
+            continue
+        missing = np.isnan(c.values)
+        if missing.any() and not spec["missing"]:
+            raise DataError(f"{table.source}: column '{c.name}' has missing values, which the run never saw")
+        x = np.nan_to_num(c.values)
+        present = rows[~missing]
+        if spec["transform"] == "mode":
+            modes = spec["modes"]
+            k = _mode_assign(x, modes)
+            mu, sd = np.asarray(modes["means"])[k], np.asarray(modes["stds"])[k]
+            out[present, spec["value"]] = ((x - mu) / (STD_MULTIPLIER * sd))[present]
+            out[present, spec["mode_dims"][0] + k[present]] = 1.0
+        else:
+            q = spec["quantiles"]
+            out[present, spec["value"]] = ndtri(np.interp(x, q["values"], q["probs"]))[present]
+        if spec["missing"]:  # missing rows keep zeros in the value and mode dims: the gate closes them
+            out[rows, spec["indicator"][0] + missing.astype(np.int64)] = 1.0
+    return out.astype(np.float32)
+
+
+def _argmax(x: np.ndarray, dims: list[int]) -> np.ndarray:
+    start, size = dims
+    return x[:, start : start + size].argmax(1)
+
+
+def decode(x: np.ndarray, transform: dict[str, Any], source: str = "synthetic") -> Table:
+    """Vectors (N, D) in the transformed space back to typed columns: the argmax of every one-hot
+    block, values clipped to the training range, integers rounded, decimals as in the file."""
+    x = np.asarray(x, dtype=np.float64)
+    columns: list[Column] = []
+    for spec in transform["columns"]:
+        name, kind = spec["name"], spec["type"]
+        if kind == "categorical":
+            categories = np.array([*spec["categories"], None], dtype=object)
+            columns.append(Column(name, kind, categories[_argmax(x, spec["onehot"])]))
+            continue
+        if kind == "boolean":
+            code = _argmax(x, spec["onehot"])
+            false, true = spec["tokens"]
+            values = np.where(code == 2, np.nan, code.astype(np.float64))
+            columns.append(Column(name, kind, values, tokens=(false, true)))
+            continue
+        v = x[:, spec["value"]]
+        if spec["transform"] == "mode":
+            k = _argmax(x, spec["mode_dims"])
+            modes = spec["modes"]
+            values = v * STD_MULTIPLIER * np.asarray(modes["stds"])[k] + np.asarray(modes["means"])[k]
+        else:
+            q = spec["quantiles"]
+            values = np.interp(ndtr(v), q["probs"], q["values"])
+        values = np.clip(values, spec["min"], spec["max"])
+        if kind == "integer":
+            values = np.round(values)
+        elif spec.get("decimals") is not None:
+            values = np.round(values, spec["decimals"])
+        if spec["missing"]:
+            values = np.where(_argmax(x, spec["indicator"]) == 1, np.nan, values)
+        columns.append(Column(name, kind, values, decimals=spec.get("decimals")))
+    return Table(columns, source)
+
+
+# ---- the dataset ------------------------------------------------------------------------------------
+
+
+def load_table(
+    spec: str,
+    *,
+    columns: dict[str, str] | None = None,
+    method: str = "mode",
+    test_fraction: float = 0.1,
+    split_seed: int = 0,
+    fitted: dict[str, Any] | None = None,
+) -> Dataset:
+    """A table file as a ``Dataset``: float32 (N, D) rows in the transformed space, split
+    deterministically (``split_indices``), the transform fitted on the training rows and kept in
+    ``meta["table"]`` with the source path and split. With ``fitted`` (a trained run's transform),
+    the file is read with that run's column types and encoded with its transform, unchanged."""
+    path = table_path(spec)
+    if path is None:
+        raise DataError(f"{spec}: not a table (expected csv:PATH, parquet:PATH or a .csv/.tsv/.parquet file)")
+    fmt = "parquet" if spec.startswith("parquet:") else None
+    if fitted is not None:
+        table = read_table(path, schema=fitted["columns"], fmt=fmt)
+        if len(table) != fitted["n_rows"]:
+            raise DataError(
+                f"{path}: has {len(table)} rows, but the run was trained on {fitted['n_rows']}; "
+                "the file changed since"
+            )
+        transform = fitted
+        train, test = split_indices(len(table), fitted["test_fraction"], fitted["split_seed"])
+    else:
+        table = read_table(path, columns, fmt=fmt)
+        train, test = split_indices(len(table), test_fraction, split_seed)
+        transform = fit_transform(table, train, method)
+        transform.update(
+            source=str(path.resolve()), n_rows=len(table), test_fraction=test_fraction, split_seed=split_seed
+        )
+    x = encode(table, transform)
+    return Dataset(
+        name=path.stem,
+        x_train=torch.from_numpy(x[train]),
+        x_test=torch.from_numpy(x[test]),
+        max_value=1.0,
+        meta={"table": transform},
+    )
+
+
+def source_splits(transform: dict[str, Any]) -> tuple[Table, Table]:
+    """The (train, test) rows of the file a run was trained on, read with the run's column types."""
+    path = Path(transform["source"])
+    table = read_table(path, schema=transform["columns"])
+    if len(table) != transform["n_rows"]:
+        raise DataError(
+            f"{path}: has {len(table)} rows, but the run was trained on {transform['n_rows']}; "
+            "the file changed since (pass the held-out rows with --real)"
+        )
+    train, test = split_indices(len(table), transform["test_fraction"], transform["split_seed"])
+    return table.take(train), table.take(test)
+
+
+def is_table_meta(meta: dict[str, Any] | None) -> bool:
+    table = (meta or {}).get("table")
+    return isinstance(table, dict) and "layout" in table
+
+
+__all__ = [
+    "METHODS",
+    "decode",
+    "encode",
+    "fit_transform",
+    "is_table_meta",
+    "load_table",
+    "source_splits",
+]
