@@ -230,6 +230,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     bpd = f", {summary['test_bpd']:.4f} bits/dim" if summary["test_bpd"] is not None else ""
     iwae = f", IWAE-{summary['iwae_k']} NLL {summary['test_nll_iwae']:.2f} nats" if summary["iwae_k"] else ""
+    if summary.get("test_perplexity") is not None:  # text
+        iwae += f" (perplexity {summary['test_perplexity']:.2f}, {summary['test_active_units']} active units)"
     print(
         f"{out}: test NELBO {summary['test_nelbo']:.2f} nats{bpd}{iwae}, "
         f"{summary['steps']} steps in {summary['train_seconds']:.1f} s "
