@@ -275,6 +275,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_out(args: argparse.Namespace, default_name: str) -> Path | None:
+    """Where ``eval`` writes its JSON: ``--out FILE.json``, RUN_DIR/default_name, or nowhere for '-'."""
+    from .errors import ConfigError
+
+    out = None if args.out == "-" else Path(args.out or Path(args.run_dir) / default_name)
+    if out is not None and out.suffix != ".json":
+        raise ConfigError(f"--out must end in .json (or be '-'), got {out}")
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate, runtime
     from .errors import ConfigError
@@ -286,9 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--iwae-k must be >= 1, got {args.iwae_k}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    out = None if args.out == "-" else Path(args.out or Path(args.run_dir) / "eval.json")
-    if out is not None and out.suffix != ".json":
-        raise ConfigError(f"--out must end in .json (or be '-'), got {out}")
+    out = _json_out(args, "eval.json")
     device = runtime.select_device(args.device)
     runtime.configure(device, args.threads)
     vae = load(args.run_dir, device)
@@ -360,9 +368,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         raise ConfigError("--real, --target and --n go with --fidelity")
     if args.n is not None and args.n < 2:
         raise ConfigError(f"--n must be >= 2, got {args.n}")
-    out = None if args.out == "-" else Path(args.out or Path(args.run_dir) / "fidelity.json")
-    if out is not None and out.suffix != ".json":
-        raise ConfigError(f"--out must end in .json (or be '-'), got {out}")
+    out = _json_out(args, "fidelity.json")
     device = runtime.select_device(args.device)
     runtime.configure(device, args.threads)
     vae = load(args.run_dir, device)
