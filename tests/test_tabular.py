@@ -346,6 +346,11 @@ def test_train_sample_and_fidelity_on_real_tables(tmp_path, tables, mixed_csv, c
     assert 0 <= report["mean_ks"] <= 1 and 0 <= report["mean_tv"] <= 1 and report["corr_mae"] >= 0
     assert report["ml_efficacy"]["target"] == "cultivar" and report["dcr"]["median"] > 0
     assert set(report["columns"]) == set(real.names)
+    # the HTML report shows the fidelity measures of a table run
+    code, out, err = run_cli(["report", str(run), "--out", str(tmp_path / "r.html")], capsys)
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert 'id="fidelity"' in page and "mean_ks" in page and "ml_efficacy." in page and "cultivar" in page
 
     # evaluation encodes the file with the run's saved transform, and notices when the file changed
     code, out, err = run_cli(["eval", str(run), "--iwae-k", "5", "--out", "-", "--json"], capsys)

@@ -430,6 +430,7 @@ class RunInfo:
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)  # eval.json, or what the report computed
+    fidelity: dict[str, Any] = field(default_factory=dict)  # fidelity.json of a table run (eval --fidelity)
     events: list[dict[str, Any]] = field(default_factory=list)
     pictures: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -469,6 +470,7 @@ def collect_run(
         info.notes.append("config.yaml is not valid YAML")
     info.summary = _read_json(run_dir / "summary.json")
     info.evaluation = _read_json(run_dir / "eval.json")
+    info.fidelity = _read_json(run_dir / "fidelity.json")
     info.events = read_metrics(run_dir)
     if not info.summary:
         info.notes.append("no summary.json: the run has not finished")
@@ -760,6 +762,43 @@ def _per_run_figures(runs: list[RunInfo], key: str, caption: str, pixels: bool =
     return f'<div class="{cls}">{"".join(parts)}</div>'
 
 
+def _fidelity_section(runs: list[RunInfo]) -> str:
+    """fidelity.json of table runs: the summary measures, then the distance of every column."""
+
+    def cell(value: Any) -> str:
+        return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else _e(value)
+
+    flat = [_flatten({k: v for k, v in r.fidelity.items() if k != "columns"}) for r in runs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    head = "".join(f"<th>{_e(r.name)}</th>" for r in runs)
+    rows = "".join(
+        f"<tr><th>{_e(k)}</th>{''.join(f'<td>{cell(f.get(k))}</td>' for f in flat)}</tr>" for k in keys
+    )
+    lead = (
+        '<p class="lead">From fidelity.json (<code>turbovae eval RUN --fidelity</code>): synthetic '
+        "rows against real held-out rows. KS for continuous columns and total variation for "
+        "categorical ones (0 = the same distribution), the mean absolute difference of the "
+        "correlation matrices, machine-learning efficacy (train on synthetic, test on real; the "
+        "real-trained reference beside it) and the distance of each synthetic row to its closest "
+        "real row (a privacy check).</p>"
+    )
+    parts = [lead, f"<table><thead><tr><th>measure</th>{head}</tr></thead><tbody>{rows}</tbody></table>"]
+    for r in runs:
+        columns = r.fidelity.get("columns") or {}
+        if columns:
+            col_rows = "".join(
+                f"<tr><th>{_e(name)}</th><td>{_e(c.get('type', ''))}</td>"
+                f"<td>{cell(c.get('ks', c.get('tv')))}</td></tr>"
+                for name, c in columns.items()
+                if isinstance(c, dict)
+            )
+            parts.append(
+                f"<h3>{_e(r.name)}: per column</h3><table><thead><tr><th>column</th><th>type</th>"
+                f"<th>KS or TV</th></tr></thead><tbody>{col_rows}</tbody></table>"
+            )
+    return "".join(parts)
+
+
 def render_html(runs: list[RunInfo], curves: dict[str, Path], title: str | None = None) -> str:
     """The report page: inline CSS, images as data URIs, no external resources and no scripts."""
     from . import __version__
@@ -827,8 +866,13 @@ def render_html(runs: list[RunInfo], curves: dict[str, Path], title: str | None 
         + _per_run_figures(runs, "latent_map", "posterior means of the test set", pixels=False)
     )
     body["config"] = _config_section(runs)
+    shown = list(SECTIONS)
+    if any(r.fidelity for r in runs):
+        body["fidelity"] = _fidelity_section(runs)
+        shown.insert(2, ("fidelity", "Fidelity of synthetic rows"))
+        nav = "".join(f'<a href="#{sid}">{_e(label)}</a>' for sid, label in shown)
     sections = "".join(
-        f'<section id="{sid}"><h2>{_e(label)}</h2>{body[sid]}</section>' for sid, label in SECTIONS
+        f'<section id="{sid}"><h2>{_e(label)}</h2>{body[sid]}</section>' for sid, label in shown
     )
     return f"""<!DOCTYPE html>
 <html lang="en">
