@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from turbovae import runtime
-from turbovae.bench import bench_turbovae
+from turbovae.bench import bench_turbovae, forever
 from turbovae.config import resolve
 from turbovae.train import setup
 
@@ -77,18 +77,13 @@ def plain_runner(s) -> Callable[[int], float]:
     vocab = s.vae.likelihood.params_per_dim
     model = PlainSentenceVAE(vocab, m.embedding, m.hidden[0], m.latent, m.word_dropout)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    batches = iter(loader)
+    batches = forever(loader)
     state = {"step": 0}
 
     def run(n: int) -> float:
-        nonlocal batches
         tokens, t0 = 0, time.perf_counter()
         for _ in range(n):
-            try:
-                (x,) = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                (x,) = next(batches)
+            (x,) = next(batches)
             logits, mu, logvar = model(x)
             rec = F.cross_entropy(logits.reshape(-1, vocab), x.reshape(-1), ignore_index=PAD, reduction="sum")
             kl_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # (B, L)
