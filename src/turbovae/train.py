@@ -429,7 +429,6 @@ def fit(
         return {**extra, "tokens_per_second": speed * mean_tokens} if tokens else extra
 
     total_steps = cfg.train.epochs * steps_per_epoch
-    noise_shape = noise_shape_of(cfg.train.objective, batch, cfg.model.latent, cfg.train.iwae_k)
     m = cfg.model
     step = runtime.StepCompiler(
         make_step(vae, opt, scaler, cfg, device, s.precision),
@@ -442,7 +441,7 @@ def fit(
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=total_steps, initial=loop["step"], disable=not show, unit="step", dynamic_ncols=True)
     sums = torch.zeros(4, device=device)  # loss, nelbo, rec, kl accumulated on the device
-    since_log, t_log = 0, time.perf_counter()
+    since_log, t_log, examples_at_log = 0, time.perf_counter(), loop["examples"]
     vae.train()
     try:
         with _StopFlag() as stop:
@@ -454,8 +453,7 @@ def fit(
                         st.perm = bucketed(st.perm, lengths, batch, gens["data"])
                 for b in range(loop["batch_in_epoch"], steps_per_epoch):
                     x = prepare(s.x_train[st.perm[b * batch : (b + 1) * batch]])
-                    shape = noise_shape if len(x) == batch else noise_shape_of(
-                        cfg.train.objective, len(x), cfg.model.latent, cfg.train.iwae_k)  # fmt: skip
+                    shape = noise_shape_of(cfg.train.objective, len(x), cfg.model.latent, cfg.train.iwae_k)
                     eps = torch.randn(shape, generator=gens["model"], device=device)
                     # KL warm-up: β from the global step, so a resumed run continues the same schedule
                     sums += step(x, eps) if not warmup else step(x, eps, kl_weight(cfg, loop["step"], device))
@@ -466,7 +464,9 @@ def fit(
                     if loop["step"] % cfg.train.log_every == 0 or b + 1 == steps_per_epoch:
                         loss, nelbo, rec, kl = (sums / since_log).tolist()  # the host sync
                         now = time.perf_counter()
-                        speed = since_log * batch / (now - t_log)
+                        speed = (loop["examples"] - examples_at_log) / (
+                            now - t_log
+                        )  # text: last batch smaller
                         if not math.isfinite(loss):
                             raise TrainingDiverged(
                                 f"the loss became {loss} near step {loop['step']}; "
@@ -481,7 +481,7 @@ def fit(
                         )
                         bar.update(since_log)
                         sums.zero_()
-                        since_log, t_log = 0, now
+                        since_log, t_log, examples_at_log = 0, now, loop["examples"]
                     every = cfg.train.checkpoint_every
                     if stop.signal is not None or (every and loop["step"] % every == 0):
                         loop["train_seconds"] += time.perf_counter() - t_segment
