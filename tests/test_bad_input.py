@@ -109,8 +109,8 @@ def test_out_of_range_numbers(tmp_path, earlier, capsys):
                  "train.epochs must be > 0")  # fmt: skip
     expect_error(capsys, ["train", "--data", "digits", "train.lr=nan", "--out", str(tmp_path / "o")],
                  "train.lr must be > 0")  # fmt: skip
-    expect_error(capsys, ["train", "--data", "digits", "train.optimizer=adma",
-                          "--out", str(tmp_path / "o")], "did you mean 'adam'")  # fmt: skip
+    expect_error(capsys, ["train", "--data", "digits", "train.optimizer=adamww",
+                          "--out", str(tmp_path / "o")], "did you mean 'adamw'")  # fmt: skip
 
 
 def test_a_checkpoint_from_an_incompatible_model(tmp_path, earlier, capsys):

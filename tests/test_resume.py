@@ -15,9 +15,12 @@ import torch
 
 from turbovae import checkpoint
 
+# every piece of state a step changes: lr schedule, cyclical β, weight average, the adaptive skip's
+# running norm, clipping, the noise-scale probe
 ARGS = ["--data", "digits", "--hidden", "64,64", "--latent", "8", "--batch-size", "64", "--epochs", "5",
         "--checkpoint-every", "7", "--progress", "off", "train.threads=1", "train.log_every=5",
-        "eval.iwae_k=3"]  # fmt: skip
+        "eval.iwae_k=3", "train.schedule=warmup-cosine", "train.warmup_steps=20", "train.kl_cycles=2",
+        "train.ema=0.99", "train.skip_grad=5", "train.clip_grad=50", "train.noise_scale_every=3"]  # fmt: skip
 
 # Runs the CLI with a kill plan: "step:N" (SIGKILL before training step N of this process),
 # "partial:N" (SIGKILL halfway through writing the N-th checkpoint file) or "between:N" (SIGKILL just
@@ -74,7 +77,7 @@ def final_state(out: Path) -> dict[str, torch.Tensor]:
     assert path is not None
     tensors, meta = checkpoint.load(path)
     assert meta["loop"]["epoch"] == 5
-    return {k: v for k, v in tensors.items() if k.startswith(("model.", "optim."))}
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "optim.", "ema.", "guard."))}
 
 
 @pytest.fixture(scope="module")

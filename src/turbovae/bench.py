@@ -24,7 +24,8 @@ from .data.batches import to_float
 from .data.text import bucketed, lengths_of, trim
 from .errors import ConfigError
 from .objectives import noise_shape_of
-from .train import Setup, make_optimizer, make_step, setup
+from .optim import make_optimizer
+from .train import STATS, Setup, make_step, setup
 
 PEERS = ("examples", "pythae")
 
@@ -69,18 +70,21 @@ def peak_memory_bytes(device: torch.device) -> int:
 def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
     """Time turbovae's own training step, as ``turbovae train`` would run it."""
     cfg, device, vae = s.cfg, s.device, s.vae
-    opt = make_optimizer(cfg, vae)
+    opt = make_optimizer(cfg, vae, device)
     scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
     eager = make_step(vae, opt, scaler, cfg, device, s.precision)
     batch = cfg.train.batch_size
     total = cfg.train.epochs * (len(s.x_train) // batch)
     key = f"bench|{cfg.model}|{s.precision}|{batch}"
-    step = runtime.StepCompiler(eager, cfg.train.compile, device, key=key, remaining_steps=total)
+    tokens = s.data.is_tokens
+    graphs = cfg.train.cuda_graph and not tokens and scaler is None
+    step = runtime.StepCompiler(
+        eager, cfg.train.compile, device, key=key, remaining_steps=total, graphs=graphs
+    )
     g = runtime.generator(device, cfg.train.seed)
     dynamic = s.binarize_mode == "dynamic"
-    noise = noise_shape_of(cfg.train.objective, batch, cfg.model.latent, cfg.train.iwae_k)
+    noise = noise_shape_of(cfg.train.objective, batch, vae.latent, cfg.train.iwae_k)
     perm = torch.randperm(len(s.x_train), generator=g, device=device)
-    tokens = s.data.is_tokens
     if tokens:  # text: length-bucketed batches cut to their longest line, as `turbovae train` runs them
         perm = bucketed(perm, lengths_of(s.x_train), batch, g)
         mean_tokens = lengths_of(s.x_train[perm[: len(perm) // batch * batch]]).double().mean().item()
@@ -97,7 +101,7 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
             x = (torch.rand(x.shape, generator=g, device=device) < x).float()
         return x, torch.randn(noise, generator=g, device=device)
 
-    sums = torch.zeros(4, device=device)
+    sums = torch.zeros(len(STATS), device=device)
 
     def run(n: int) -> None:
         nonlocal sums
@@ -113,7 +117,7 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = _windows(run, device, windows, steps)
-    if not torch.isfinite(sums).all():
+    if not torch.isfinite(sums).all() or sums[STATS.index("skipped")] > sums[STATS.index("applied")]:
         raise ConfigError("the loss became NaN or Inf during the benchmark; lower --lr")
     median = statistics.median(seconds)
     return {

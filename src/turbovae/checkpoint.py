@@ -174,7 +174,11 @@ def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
                 tensors[f"optim.{idx}.{key}"] = value
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    # a tensor learning rate (the schedule's, on the device) is stored as its value
+    groups = [
+        {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()} for g in sd["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def load_optimizer_state(
@@ -188,8 +192,15 @@ def load_optimizer_state(
     for idx, values in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(values)
     groups = meta["param_groups"]
-    for group, current in zip(groups, opt.param_groups, strict=True):
+    kept: list[tuple[int, str, torch.Tensor, Any]] = []
+    for i, (group, current) in enumerate(zip(groups, opt.param_groups, strict=True)):
         for key, value in current.items():  # JSON turned tuples (Adam's betas) into lists
             if isinstance(value, tuple) and isinstance(group.get(key), list):
                 group[key] = tuple(group[key])
+            if isinstance(value, torch.Tensor):  # keep the tensor (a compiled step holds it), load its value
+                kept.append((i, key, value, group.get(key, value.item())))
     opt.load_state_dict({"state": state, "param_groups": groups})
+    for i, key, tensor, saved in kept:
+        with torch.no_grad():
+            tensor.fill_(float(saved))
+        opt.param_groups[i][key] = tensor

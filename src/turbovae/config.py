@@ -59,11 +59,29 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamw
+    optimizer: str = "adam"  # adam | adamw | adamax | sgd
+    momentum: float = 0.9  # sgd's momentum (Nesterov)
     weight_decay: float = 0.0
+    # the learning rate over the run: constant | warmup-cosine (linear warm-up over train.warmup_steps, then
+    # cosine decay to train.final_lr of train.lr) | one-cycle (Smith 2018: up from lr/25 over the first
+    # 30%, then cosine down to lr/1e4)
+    schedule: str = "constant"
+    warmup_steps: int = 0  # linear warm-up of the learning rate (constant and warmup-cosine)
+    final_lr: float = 0.01  # warmup-cosine: the last step's lr as a fraction of train.lr
+    ema: float = 0.0  # decay of an exponential moving average of the weights, used to evaluate and sample
+    clip_grad: float = 0.0  # clip the gradient's global norm to this (0: no clipping)
+    # skip a step whose gradient norm exceeds this many times the run's running mean norm (0: never);
+    # the mean adapts, so a lasting change of scale is followed, not skipped forever
+    skip_grad: float = 0.0
+    # steps with a NaN/Inf gradient are always skipped; this many in a row roll the run back to its last
+    # good state with half the learning rate (reported in metrics.jsonl)
+    nan_patience: int = 5
+    noise_scale_every: int = 0  # steps between gradient-noise-scale probes (0: train.log_every; <0: off)
     objective: str = "elbo"  # elbo | iwae
     beta: float = 1.0  # KL weight of the β-ELBO
     kl_warmup_steps: int = 0  # β rises linearly from 0 to train.beta over these steps (0: no warm-up)
+    # cyclical annealing (Fu et al. 2019): β rises from 0 over the first half of each of these cycles
+    kl_cycles: int = 0
     free_bits: float = 0.0  # λ: nats per latent dimension the loss does not charge (Kingma et al. 2016)
     iwae_k: int = 5  # samples of the iwae objective
     seed: int = 0
@@ -74,6 +92,9 @@ class TrainConfig:
     # auto: compile the training step when the run is long enough to repay the (measured or cached)
     # compile time; on CUDA compiled steps run as CUDA graphs
     compile: str = "auto"
+    # on CUDA, replay the whole step (forward, backward, optimiser) as one CUDA graph: one launch a step.
+    # Needs fixed shapes (not text) and no gradient scaler (not fp16); the step is exact either way
+    cuda_graph: bool = True
     threads: int = 0  # CPU threads; 0 = torch's default (the physical cores)
     log_every: int = 50  # steps between loss read-backs (the only host syncs of the loop)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
@@ -101,7 +122,8 @@ class Config:
 CHOICES = {
     "data.binarize": ("auto", "none", "static", "dynamic"),
     "data.continuous_transform": ("mode", "quantile"),
-    "train.optimizer": ("adam", "adamw"),
+    "train.optimizer": ("adam", "adamw", "adamax", "sgd"),
+    "train.schedule": ("constant", "warmup-cosine", "one-cycle"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile": ("auto", "on", "off"),
     "data.tokenizer": ("auto", "char", "word"),
@@ -323,15 +345,37 @@ def validate(cfg: Config) -> None:
         "eval.iwae_k": cfg.eval.iwae_k,
         "train.kl_warmup_steps": cfg.train.kl_warmup_steps,
         "train.free_bits": cfg.train.free_bits,
+        "train.warmup_steps": cfg.train.warmup_steps,
+        "train.clip_grad": cfg.train.clip_grad,
+        "train.kl_cycles": cfg.train.kl_cycles,
     }
     for key, value in non_negative.items():
         if not value >= 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, value, low, high in (
+        ("train.momentum", cfg.train.momentum, 0, 0.9999),
+        ("train.final_lr", cfg.train.final_lr, 0, 1),
+        ("train.ema", cfg.train.ema, 0, 0.9999999),
+    ):
+        if not low <= value <= high:
+            raise ConfigError(f"{key} must be in [{low}, {high}], got {value}")
+    if not (cfg.train.skip_grad == 0 or cfg.train.skip_grad > 1):
+        raise ConfigError(
+            f"train.skip_grad is a multiple of the running gradient norm: 0 (off) or > 1, "
+            f"got {cfg.train.skip_grad}"
+        )
+    if cfg.train.nan_patience < 1:
+        raise ConfigError(f"train.nan_patience must be >= 1, got {cfg.train.nan_patience}")
+    if cfg.train.kl_cycles and cfg.train.kl_warmup_steps:
+        raise ConfigError("train.kl_cycles and train.kl_warmup_steps are two KL schedules: set one of them")
     if not 0 <= cfg.model.word_dropout <= 1:
         raise ConfigError(f"model.word_dropout must be in [0, 1], got {cfg.model.word_dropout}")
-    if cfg.train.objective != "elbo" and (cfg.train.kl_warmup_steps or cfg.train.free_bits):
+    if cfg.train.objective != "elbo" and (
+        cfg.train.kl_warmup_steps or cfg.train.free_bits or cfg.train.kl_cycles
+    ):
         raise ConfigError(
-            "train.kl_warmup_steps and train.free_bits shape the ELBO's KL term: use train.objective=elbo, "
+            "train.kl_warmup_steps, kl_cycles and free_bits shape the ELBO's KL term: use "
+            "train.objective=elbo, "
             f"or set them to 0 for '{cfg.train.objective}'"
         )
     text_model, text_likelihood = cfg.model.name in TEXT_MODELS, cfg.model.likelihood == "categorical"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, evaluate, runtime
+from . import checkpoint, evaluate, optim, runtime
 from .config import Config, from_dict, parse_resize, to_yaml
 from .data import Dataset, load_dataset
 from .data.batches import binarize, preparer, value_range
@@ -33,6 +33,7 @@ from .errors import CheckpointError, ConfigError, DataError, TurboVAEError
 from .likelihoods import build_likelihood
 from .models import TEXT_MODELS, build_network
 from .objectives import get_objective, noise_shape_of
+from .optim import EMA, GradGuard, NoiseScale, make_optimizer
 from .report import as_images, save_grid
 from .vae import VAE
 
@@ -145,13 +146,6 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
     precision = runtime.resolve_precision(cfg.train.precision, device)
     return Setup(cfg, device, data, x_train.to(device), x_test.to(device), train_max, test_max, mode,
                  vae.to(device), precision)  # fmt: skip
-
-
-def make_optimizer(cfg: Config, vae: VAE) -> torch.optim.Optimizer:
-    # fused: one kernel for the whole update (CUDA and CPU), about 15% of a small MLP's step on CPU
-    opts: dict[str, Any] = {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "fused": True}
-    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.train.optimizer]
-    return optimizer_cls(vae.parameters(), **opts)
 
 
 # ---- run directory ---------------------------------------------------------------------------------
@@ -271,7 +265,9 @@ class TrainState:
     scaler: torch.amp.GradScaler | None  # fp16 only
     gens: dict[str, torch.Generator]  # "data": order and binarisation, "model": reparameterisation noise
     perm: torch.Tensor  # this epoch's order of the training examples
-    loop: dict[str, Any]  # step, epoch, batch_in_epoch, train_seconds, examples, best_test_nelbo
+    loop: dict[str, Any]  # step, epoch, batch_in_epoch, train_seconds, examples, best_test_nelbo, ...
+    guard: GradGuard  # the running gradient-norm statistics of the skip decision
+    ema: EMA | None = None  # the weight average (train.ema > 0)
 
     def tensors_and_meta(self, s: Setup) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         opt_tensors, opt_meta = checkpoint.optimizer_state(self.opt)
@@ -280,6 +276,9 @@ class TrainState:
         tensors.update(opt_tensors)
         tensors.update(rng_tensors)
         tensors["loop.perm"] = self.perm
+        tensors.update({f"guard.{k}": v for k, v in self.guard.state.items()})
+        if self.ema is not None:
+            tensors.update(self.ema.state())
         meta = {
             "optimizer": opt_meta,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -305,14 +304,26 @@ class TrainState:
             self.scaler.load_state_dict(meta["scaler"])
         _load_rng_state(self.gens, tensors, meta["rng"])
         self.perm = tensors["loop.perm"].to(self.perm.device)
+        for k, v in self.guard.state.items():
+            if f"guard.{k}" in tensors:
+                v.copy_(tensors[f"guard.{k}"])
+        if self.ema is not None:
+            self.ema.load(tensors)
         self.loop.update(meta["loop"])
 
 
-def kl_weight(cfg: Config, step: int, device: torch.device | None = None) -> torch.Tensor:
-    """β of the 0-based global ``step``: train.beta · min(1, step / train.kl_warmup_steps), a 0-dim
+def kl_weight(
+    cfg: Config, step: int, device: torch.device | None = None, total_steps: int = 1
+) -> torch.Tensor:
+    """β of the 0-based global ``step`` (KL warm-up or cyclical annealing, see optim.kl_weight_at), a 0-dim
     tensor (a step argument, so that the compiled step is not specialised on it)."""
-    warmup = cfg.train.kl_warmup_steps
-    return torch.tensor(cfg.train.beta * min(1.0, step / warmup) if warmup else cfg.train.beta, device=device)
+    return torch.tensor(optim.kl_weight_at(cfg, step, total_steps), device=device)
+
+
+# The step's statistics, accumulated on the device and read back at the log interval: the four loss
+# terms summed over the applied steps, the number of applied steps, of skipped ones, and the gradient
+# norm summed over the applied steps.
+STATS = ("loss", "nelbo", "rec", "kl", "applied", "skipped", "grad_norm")
 
 
 def make_step(
@@ -322,29 +333,172 @@ def make_step(
     cfg: Config,
     device: torch.device,
     precision: str = "fp32",
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One optimisation step on a prepared batch ``x`` with reparameterisation noise ``eps``.
+    guard: GradGuard | None = None,
+    ema: EMA | None = None,
+) -> Callable[..., torch.Tensor]:
+    """One optimisation step on a prepared batch ``x`` with reparameterisation noise ``eps``: the loss,
+    its gradient, the guard (clipping; a NaN/Inf or, with train.skip_grad, an outlying gradient skips
+    the step through the optimiser's found_inf), the update and the weight average.
 
-    Returns (loss, nelbo, rec, kl) detached on the device: nothing here waits for the device.
+    Returns the ``STATS`` vector on the device: nothing here waits for the device, so the whole step
+    can be compiled, or captured as one CUDA graph.
     """
     objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta, k=cfg.train.iwae_k,
                                   free_bits=cfg.train.free_bits)  # fmt: skip
+    params = [p for p in vae.parameters() if p.requires_grad]
+    guard = guard or GradGuard(cfg, params, device)
+    if scaler is not None and cfg.train.skip_grad:
+        raise ConfigError(
+            "train.skip_grad needs precision bf16 or fp32 (fp16's scaler already skips inf steps)"
+        )
 
     def step(x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None) -> torch.Tensor:
-        """``beta``: this step's KL weight (a 0-dim tensor, under KL warm-up), else train.beta."""
+        """``beta``: this step's KL weight (a 0-dim tensor, under a KL schedule), else train.beta."""
         with runtime.autocast(device, precision):
             terms = objective(vae, x, eps=eps) if beta is None else objective(vae, x, eps=eps, beta=beta)
         opt.zero_grad(set_to_none=True)
-        if scaler is not None:
+        if scaler is not None:  # fp16: the scaler skips non-finite steps itself
             scaler.scale(terms["loss"]).backward()
+            scaler.unscale_(opt)
+            keep = guard()
             scaler.step(opt)
             scaler.update()
         else:
             terms["loss"].backward()
+            keep = guard()
+            opt.found_inf = (~keep).float()  # type: ignore[attr-defined]  # 1: the optimiser skips
             opt.step()
-        return torch.stack([terms["loss"], terms["nelbo"], terms["rec"], terms["kl"]]).detach()
+        if ema is not None:
+            ema.update()
+        zero = torch.zeros((), device=device)
+        values = [torch.where(keep, terms[k].detach().float(), zero) for k in STATS[:4]]
+        return torch.stack([*values, keep.float(), (~keep).float(), guard.state["last_norm"] * keep])
 
     return step
+
+
+class NoiseProbe:
+    """The gradient-noise scale B_simple = tr(Σ)/|G|² during training (McCandlish et al. 2018): every
+    ``train.noise_scale_every`` steps (default: the log interval) one extra backward pass on half the
+    batch, before the step, gives |G_small|²; the step's own gradient norm gives |G_big|² at the same
+    parameters. The estimator (optim.NoiseScale) smooths both and logs ``noise_scale``, an
+    estimate of the critical batch size. Costs one half-batch backward per probe (1% at every 50 steps)."""
+
+    def __init__(self, cfg: Config, vae: VAE, device: torch.device, precision: str) -> None:
+        every = cfg.train.noise_scale_every or cfg.train.log_every
+        self.every = max(every, 0)
+        self.vae, self.device, self.precision = vae, device, precision
+        self.objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta,
+                                           k=cfg.train.iwae_k, free_bits=cfg.train.free_bits)  # fmt: skip
+        self.params = [p for p in vae.parameters() if p.requires_grad]
+        self.estimator = NoiseScale()
+        self.g2_small: torch.Tensor | None = None
+        self.b_small = 0
+
+    def due(self, step: int, batch: int) -> bool:
+        return bool(self.every) and step % self.every == 0 and batch >= 4
+
+    def small(self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None) -> None:
+        h = len(x) // 2
+        with runtime.autocast(self.device, self.precision):
+            kwargs = {} if beta is None else {"beta": beta}
+            loss = self.objective(self.vae, x[:h], eps=eps.narrow(-2, 0, h), **kwargs)["loss"]
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        self.g2_small = sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(()))
+        self.b_small = h
+
+    def big(self, norm: torch.Tensor, batch: int) -> None:
+        g2_big = norm.square()
+        if self.g2_small is not None and torch.isfinite(self.g2_small) & torch.isfinite(g2_big):
+            self.estimator.update(self.g2_small, self.b_small, g2_big, batch)
+
+    def log(self) -> dict[str, float]:
+        value = self.estimator.value if self.every else None
+        value = None if value is None else float(value)
+        return {"noise_scale": value} if value is not None and math.isfinite(value) else {}
+
+
+class Snapshot:
+    """The last good state (model, optimiser, guard, weight average) in memory, taken at each log
+    interval without NaN/Inf gradients; ``restore`` copies it back in place (the tensors a compiled or
+    graph-captured step holds stay the same objects)."""
+
+    def __init__(self, st: TrainState) -> None:
+        self.st, self.step = st, 0
+        self.take()
+
+    def _tensors(self) -> dict[str, list[torch.Tensor]]:
+        st = self.st
+        return {
+            "model": list(st.vae.state_dict().values()),
+            "optim": [v for p in st.opt.state.values() for v in p.values() if isinstance(v, torch.Tensor)],
+            "guard": list(st.guard.state.values()),
+            "ema": list(st.ema.params) if st.ema is not None else [],
+        }
+
+    @torch.no_grad()
+    def take(self) -> None:
+        self.saved = {k: [t.detach().clone() for t in ts] for k, ts in self._tensors().items()}
+        self.step = self.st.loop["step"]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for key, tensors in self._tensors().items():
+            saved = self.saved[key]
+            if key == "optim" and len(saved) != len(tensors):  # taken before the first step: a fresh state
+                saved = [torch.zeros_like(t) for t in tensors]
+            for t, v in zip(tensors, saved, strict=True):
+                t.copy_(v)
+
+
+MAX_ROLLBACKS = 3
+
+
+def _roll_back(snapshot: Snapshot, loop: dict[str, Any], log: MetricsLog, run: int, out: Path) -> None:
+    """The NaN guard's second line: after ``run`` non-finite gradients in a row, return to the last good
+    state with half the learning rate; after MAX_ROLLBACKS of these, stop."""
+    loop["rollbacks"] += 1
+    if loop["rollbacks"] > MAX_ROLLBACKS:
+        raise TrainingDiverged(
+            f"NaN/Inf gradients kept coming after {MAX_ROLLBACKS} roll-backs (near step {loop['step']}); "
+            "lower "
+            f"--lr or check the data; the last checkpoint is in {out / 'checkpoints'}"
+        )
+    snapshot.restore()
+    loop["lr_scale"] *= 0.5
+    msg = (f"{run} steps in a row had NaN/Inf gradients near step {loop['step']}: rolled back to the state "
+           f"of step {snapshot.step}, learning rate now x{loop['lr_scale']:g}")  # fmt: skip
+    log.write("rollback", step=loop["step"], to_step=snapshot.step, bad_steps=run, lr_scale=loop["lr_scale"])
+    print(f"turbovae: warning: {msg}", file=sys.stderr)
+
+
+def averaged(ema: EMA | None) -> contextlib.AbstractContextManager[None]:
+    """The weight average in the model while evaluating and drawing pictures (train.ema > 0)."""
+    return ema.swapped() if ema is not None else contextlib.nullcontext()
+
+
+COLLAPSE_EXAMPLES = 2000  # test examples the per-epoch active-unit count looks at
+
+
+def collapse_check(s: Setup, log: MetricsLog, loop: dict[str, Any]) -> dict[str, Any]:
+    """Active units (Burda et al.'s criterion) and KL per latent dimension on the first test examples,
+    for metrics.jsonl; a warning, once, when most units are inactive (posterior collapse)."""
+    q = evaluate.encode_all(
+        s.vae, s.x_test[:COLLAPSE_EXAMPLES], s.prepare_test, batch_size=s.cfg.eval.batch_size
+    )
+    active, _ = evaluate.active_units(q)
+    kl = evaluate.kl_per_dim(q)
+    # early epochs often look collapsed and recover (the decoder learns first): warn from a quarter on
+    late = loop["epoch"] >= max(1, s.cfg.train.epochs // 4)
+    if active < len(kl) / 2 and late and not loop.get("collapse_warned"):
+        loop["collapse_warned"] = True
+        msg = (f"posterior collapse: {active} of {len(kl)} latent units are active after epoch "
+               f"{loop['epoch']}; "
+               "remedies: train.kl_warmup_steps or train.kl_cycles (anneal β), train.free_bits, a lower "
+               "train.beta, model.word_dropout for text")  # fmt: skip
+        log.write("warning", step=loop["step"], message=msg)
+        print(f"turbovae: warning: {msg}", file=sys.stderr)
+    return {"active_units": active, "kl_per_dim": [round(v, 5) for v in kl]}
 
 
 def _saved_data_meta(out: Path) -> dict[str, Any] | None:
@@ -387,15 +541,17 @@ def fit(
     s = setup(cfg, data_meta=_saved_data_meta(out) if resume else None)
     runtime.configure(s.device, cfg.train.threads)
     vae, device = s.vae, s.device
-    opt = make_optimizer(cfg, vae)
+    opt = make_optimizer(cfg, vae, device)
     scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+    guard = GradGuard(cfg, [p for p in vae.parameters() if p.requires_grad], device)
+    ema = EMA(vae, cfg.train.ema) if cfg.train.ema else None
     gens = {
         "data": runtime.generator(device, cfg.train.seed),
         "model": runtime.generator(device, cfg.train.seed + 1),
     }
     loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "examples": 0,
-            "best_test_nelbo": None}  # fmt: skip
-    st = TrainState(vae, opt, scaler, gens, torch.empty(0, dtype=torch.long, device=device), loop)
+            "best_test_nelbo": None, "skipped": 0, "rollbacks": 0, "lr_scale": 1.0}  # fmt: skip
+    st = TrainState(vae, opt, scaler, gens, torch.empty(0, dtype=torch.long, device=device), loop, guard, ema)
     state_json = _start(out, cfg, overwrite, resume)
     if state_json is not None:
         st.restore(*checkpoint.load(state_json), source=state_json)
@@ -421,26 +577,31 @@ def fit(
         steps_per_epoch = -(-n_train // batch)
         lengths = lengths_of(s.x_train)
         mean_tokens = lengths.double().mean().item()
-    warmup = cfg.train.kl_warmup_steps
+    total_steps = cfg.train.epochs * steps_per_epoch
+    anneal = bool(cfg.train.kl_warmup_steps or cfg.train.kl_cycles)  # β changes during the run
 
-    def text_log(speed: float) -> dict[str, float]:
-        """The KL weight of the last step under warm-up, and tokens/s for text (end markers included)."""
-        extra = {"kl_weight": kl_weight(cfg, loop["step"] - 1).item()} if warmup else {}
+    def extra_log(speed: float) -> dict[str, float]:
+        """The KL weight of the last step under a KL schedule; tokens/s for text (end markers included)."""
+        extra = {"kl_weight": optim.kl_weight_at(cfg, loop["step"] - 1, total_steps)} if anneal else {}
         return {**extra, "tokens_per_second": speed * mean_tokens} if tokens else extra
 
-    total_steps = cfg.train.epochs * steps_per_epoch
+    lr_now = optim.lr_tensor(opt)
+    scheduled = cfg.train.schedule != "constant" or cfg.train.warmup_steps > 0
+    probe = NoiseProbe(cfg, vae, device, s.precision)
+    snapshot = Snapshot(st)  # the last good state, for the NaN guard's rollback
     m = cfg.model
     step = runtime.StepCompiler(
-        make_step(vae, opt, scaler, cfg, device, s.precision),
+        make_step(vae, opt, scaler, cfg, device, s.precision, guard, ema),
         cfg.train.compile,
         device,
         key=f"{device.type}|{torch.__version__}|{m.name}|{s.data.event_shape}|{m.hidden}|{m.channels}|"
         f"{m.latent}|{m.likelihood}|{cfg.train.objective}|{s.precision}|{batch}",
         remaining_steps=total_steps - loop["step"],
+        graphs=cfg.train.cuda_graph and not tokens and scaler is None,
     )
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=total_steps, initial=loop["step"], disable=not show, unit="step", dynamic_ncols=True)
-    sums = torch.zeros(4, device=device)  # loss, nelbo, rec, kl accumulated on the device
+    sums = torch.zeros(len(STATS), device=device)  # accumulated on the device, read back at the log interval
     since_log, t_log, examples_at_log = 0, time.perf_counter(), loop["examples"]
     vae.train()
     try:
@@ -453,34 +614,53 @@ def fit(
                         st.perm = bucketed(st.perm, lengths, batch, gens["data"])
                 for b in range(loop["batch_in_epoch"], steps_per_epoch):
                     x = prepare(s.x_train[st.perm[b * batch : (b + 1) * batch]])
-                    shape = noise_shape_of(cfg.train.objective, len(x), cfg.model.latent, cfg.train.iwae_k)
+                    shape = noise_shape_of(cfg.train.objective, len(x), vae.latent, cfg.train.iwae_k)
                     eps = torch.randn(shape, generator=gens["model"], device=device)
-                    # KL warm-up: β from the global step, so a resumed run continues the same schedule
-                    sums += step(x, eps) if not warmup else step(x, eps, kl_weight(cfg, loop["step"], device))
+                    # schedules (lr, β) follow the global step, so a resumed run continues them exactly
+                    if scheduled or loop["lr_scale"] != 1.0:
+                        lr_now.fill_(optim.lr_at(cfg, loop["step"], total_steps) * loop["lr_scale"])
+                    beta = kl_weight(cfg, loop["step"], device, total_steps) if anneal else None
+                    probing = probe.due(loop["step"], len(x))
+                    if probing:
+                        probe.small(x, eps, beta)  # the half batch's gradient, before the step moves θ
+                    sums += step(x, eps) if beta is None else step(x, eps, beta)
+                    if probing:
+                        probe.big(guard.state["last_norm"], len(x))
                     since_log += 1
                     loop["step"] += 1
                     loop["batch_in_epoch"] = b + 1
                     loop["examples"] += len(x)
                     if loop["step"] % cfg.train.log_every == 0 or b + 1 == steps_per_epoch:
-                        loss, nelbo, rec, kl = (sums / since_log).tolist()  # the host sync
+                        totals = dict(zip(STATS, sums.tolist(), strict=True))  # the host sync
+                        max_run, nonfinite = guard.state["max_run"].item(), guard.state["nonfinite"].item()
                         now = time.perf_counter()
                         speed = (loop["examples"] - examples_at_log) / (
                             now - t_log
                         )  # text: last batch smaller
-                        if not math.isfinite(loss):
+                        applied = totals["applied"]
+                        terms = {k: totals[k] / applied if applied else math.nan for k in STATS[:4]}
+                        if applied and not math.isfinite(terms["loss"]):
                             raise TrainingDiverged(
-                                f"the loss became {loss} near step {loop['step']}; "
+                                f"the loss became {terms['loss']} near step {loop['step']}; "
                                 f"lower --lr (now {cfg.train.lr:g}) or check the data; "
                                 f"the last checkpoint is in {out / 'checkpoints'}"
                             )
+                        loop["skipped"] += int(totals["skipped"])
                         log.write("train", step=loop["step"], epoch=loop["epoch"] + (b + 1) / steps_per_epoch,
-                                  loss=loss, nelbo=nelbo, rec=rec, kl=kl, lr=opt.param_groups[0]["lr"],
-                                  samples_per_second=speed, **text_log(speed))  # fmt: skip
+                                  **terms, lr=lr_now.item(), grad_norm=totals["grad_norm"] / max(applied, 1),
+                                  skipped=int(totals["skipped"]), skipped_total=loop["skipped"],
+                                  **probe.log(), samples_per_second=speed, **extra_log(speed))  # fmt: skip
                         bar.set_postfix(
-                            epoch=loop["epoch"] + 1, loss=f"{loss:.2f}", samples_s=f"{speed:,.0f}"
+                            epoch=loop["epoch"] + 1, loss=f"{terms['loss']:.2f}", samples_s=f"{speed:,.0f}"
                         )
                         bar.update(since_log)
                         sums.zero_()
+                        guard.state["max_run"].zero_()
+                        guard.state["nonfinite"].zero_()
+                        if max_run >= cfg.train.nan_patience:  # the NaN guard: back to the last good state
+                            _roll_back(snapshot, loop, log, int(max_run), out)
+                        elif not nonfinite:
+                            snapshot.take()
                         since_log, t_log, examples_at_log = 0, now, loop["examples"]
                     every = cfg.train.checkpoint_every
                     if stop.signal is not None or (every and loop["step"] % every == 0):
@@ -496,10 +676,12 @@ def fit(
                     save_checkpoint()
                 if cfg.eval.every_epoch:
                     # the same evaluation noise every epoch: the curve shows the model change, not noise
-                    ev = evaluate.nelbo(vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size,
-                                        generator=runtime.generator(device, 12345))  # fmt: skip
+                    with averaged(ema):
+                        ev = evaluate.nelbo(vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size,
+                                            generator=runtime.generator(device, 12345))  # fmt: skip
+                        units = collapse_check(s, log, loop)
                     log.write("eval", step=loop["step"], epoch=loop["epoch"], split="test",
-                              **{f"test_{k}": v for k, v in ev.items()})  # fmt: skip
+                              **{f"test_{k}": v for k, v in ev.items()}, **units)  # fmt: skip
                     if loop["best_test_nelbo"] is None or ev["nelbo"] < loop["best_test_nelbo"]:
                         loop["best_test_nelbo"] = ev["nelbo"]
                         save_checkpoint("best")  # the model with the lowest test NELBO so far
@@ -510,14 +692,19 @@ def fit(
     loop["compile"] = step.decision
     if cfg.train.checkpoint_every and loop["step"] % cfg.train.checkpoint_every:
         save_checkpoint()  # the final state, when it did not fall on a checkpoint step
-    summary = finish(s, out, loop)
+    summary = finish(s, out, loop, ema)
     log.write("end", **summary)
     log.close()
     return summary
 
 
-def finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
-    """Final evaluation, pictures and summary.json."""
+def finish(s: Setup, out: Path, loop: dict[str, Any], ema: EMA | None = None) -> dict[str, Any]:
+    """Final evaluation, pictures and summary.json (with the weight average, where there is one)."""
+    with averaged(ema):
+        return _finish(s, out, loop)
+
+
+def _finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
     cfg, vae = s.cfg, s.vae
     t0 = time.perf_counter()
     eval_gen = runtime.generator(s.device, 54321)
@@ -566,6 +753,9 @@ def finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
         "model": cfg.model.name,
         "likelihood": cfg.model.likelihood,
         "objective": cfg.train.objective,
+        "skipped_steps": loop.get("skipped", 0),
+        "rollbacks": loop.get("rollbacks", 0),
+        "ema": cfg.train.ema,
     }
     if s.data.is_tokens:  # text: nats per token, perplexity, active units, reconstruction accuracy
         from .text import text_summary
@@ -620,8 +810,11 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
         raise CheckpointError(f"checkpoint {state_json} does not record the data shape (event_shape)")
     shape = tuple(meta["event_shape"])
     vae = build_vae(cfg, shape, meta.get("data_meta"))
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    if cfg.train.ema:  # the weight average is the model the run evaluated and sampled
+        weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     try:
-        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        vae.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(
             f"checkpoint {state_json} does not fit its config: {str(e).splitlines()[0]}"

@@ -1,0 +1,239 @@
+"""Optimisers, schedules, the gradient guard (NaN/Inf and adaptive skipping, roll-back), the weight
+average, and what the training loop logs about them (issue 4)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from turbovae import load
+from turbovae.config import resolve
+from turbovae.errors import ConfigError
+from turbovae.optim import EMA, SGD, Adamax, GradGuard, NoiseScale, kl_weight_at, lr_at, make_optimizer
+from turbovae.train import STATS, build_vae, fit, make_step
+
+from conftest import DEVICE
+
+
+def cfg_with(**train):
+    return resolve("digits-mlp", overrides=[f"train.{k}={v}" for k, v in train.items()])
+
+
+# ---- schedules ----------------------------------------------------------------------------------------
+
+
+def test_warmup_cosine_gives_the_documented_values():
+    cfg = cfg_with(lr=0.01, schedule="warmup-cosine", warmup_steps=10, final_lr=0.1)
+    lr = [lr_at(cfg, s, 110) for s in range(110)]
+    assert lr[0] == pytest.approx(0.001) and lr[9] == pytest.approx(0.01)  # linear warm-up, (s+1)/10
+    assert lr[10] == pytest.approx(0.01)  # the cosine starts at the peak
+    assert lr[60] == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))  # halfway down: the mean of peak and floor
+    assert lr_at(cfg, 110, 110) == pytest.approx(0.001)  # the floor: final_lr of lr
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:], strict=False))  # never rises after warm-up
+
+
+def test_one_cycle_and_constant_schedules():
+    cfg = cfg_with(lr=0.01, schedule="one-cycle")
+    assert lr_at(cfg, 0, 100) == pytest.approx(0.01 / 25)
+    assert lr_at(cfg, 30, 100) == pytest.approx(0.01)  # the peak at 30% of the run
+    assert lr_at(cfg, 100, 100) == pytest.approx(0.01 / 25 / 1e4)
+    flat = cfg_with(lr=0.01, warmup_steps=4)
+    assert [lr_at(flat, s, 100) for s in (0, 3, 4, 99)] == pytest.approx([0.0025, 0.01, 0.01, 0.01])
+
+
+def test_kl_warmup_and_cyclical_annealing():
+    warm = cfg_with(beta=2.0, kl_warmup_steps=100)
+    assert [kl_weight_at(warm, s, 1000) for s in (0, 50, 100, 900)] == [0.0, 1.0, 2.0, 2.0]
+    cyc = cfg_with(kl_cycles=4)  # period 250: rises over the first 125 steps of each cycle
+    assert [kl_weight_at(cyc, s, 1000) for s in (0, 62, 125, 249, 250, 375, 999)] == pytest.approx(
+        [0.0, 62 / 125, 1.0, 1.0, 0.0, 1.0, 1.0]
+    )
+    with pytest.raises(ConfigError, match="two KL schedules"):
+        cfg_with(kl_cycles=2, kl_warmup_steps=10)
+
+
+# ---- optimisers ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (lambda p: Adamax(p, lr=0.01), lambda p: torch.optim.Adamax(p, lr=0.01)),
+        (
+            lambda p: SGD(p, lr=0.01, momentum=0.9),
+            lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True),
+        ),
+    ],
+)
+def test_own_optimisers_match_torch(ours, theirs):
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 3)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    oa, ob = ours([a]), theirs([b])
+    for _ in range(5):
+        g = torch.randn(5, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "adamax", "sgd"])
+def test_a_nan_gradient_is_skipped_and_counted_state_and_all(name):
+    cfg = cfg_with(optimizer=name, lr=0.01)
+    vae = build_vae(cfg, (1, 8, 8)).to(DEVICE)
+    opt = make_optimizer(cfg, vae, torch.device(DEVICE))
+    step = make_step(vae, opt, None, cfg, torch.device(DEVICE))
+    x = torch.rand(16, 1, 8, 8, device=DEVICE).round()
+    eps = torch.randn(16, cfg.model.latent, device=DEVICE)
+    first = step(x, eps)
+    assert first[STATS.index("applied")] == 1 and first[STATS.index("skipped")] == 0
+    params = [p.detach().clone() for p in vae.parameters()]
+    state = [v.clone() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    bad = x.clone()
+    bad[0, 0, 0, 0] = math.nan
+    out = step(bad, eps)
+    assert out[STATS.index("skipped")] == 1 and out[STATS.index("applied")] == 0
+    assert torch.isfinite(out).all()  # a skipped step adds zeros to the loop's sums, never NaN
+    assert all(torch.equal(p, q) for p, q in zip(params, vae.parameters(), strict=True))
+    after = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    assert all(torch.equal(u, v) for u, v in zip(state, after, strict=True))  # moments and step count too
+    again = step(x, eps)
+    assert again[STATS.index("applied")] == 1
+    assert not all(torch.equal(p, q) for p, q in zip(params, vae.parameters(), strict=True))
+
+
+def _guard_run(norms, skip=3.0):
+    """Feed the guard gradients of the given norms; the list of keep decisions."""
+    cfg = cfg_with(skip_grad=skip)
+    p = torch.nn.Parameter(torch.zeros(4))
+    guard = GradGuard(cfg, [p], torch.device("cpu"))
+    keeps = []
+    for n in norms:
+        p.grad = torch.full((4,), n / 2.0)  # the norm of four equal entries v is 2v
+        keeps.append(bool(guard()))
+    return keeps
+
+
+def test_adaptive_skip_catches_outliers_and_follows_a_lasting_change_of_scale():
+    gen = torch.Generator().manual_seed(0)
+    healthy = (1 + 0.2 * torch.randn(300, generator=gen)).abs().tolist()
+    keeps = _guard_run([*healthy[:100], 50.0, *healthy[100:]])
+    assert keeps[100] is False  # the spike is skipped
+    assert sum(not k for k in keeps) == 1  # and only the spike: nothing of the healthy run
+    # the scale grows tenfold for good: skipped at first, then the running mean catches up (no stall)
+    keeps = _guard_run([*healthy[:100], *[10 * v for v in healthy[100:]]])
+    skipped_after = [not k for k in keeps[100:]]
+    assert any(skipped_after[:5]) and not any(skipped_after[100:])
+
+
+def test_clipping_bounds_the_applied_gradient():
+    cfg = cfg_with(clip_grad=1.0)
+    p = torch.nn.Parameter(torch.zeros(4))
+    guard = GradGuard(cfg, [p], torch.device("cpu"))
+    p.grad = torch.full((4,), 5.0)
+    assert guard() and guard.state["last_norm"].item() == pytest.approx(10.0)  # the pre-clip norm is logged
+    assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_noise_scale_estimator_recovers_b_simple_on_a_synthetic_problem():
+    gen = torch.Generator().manual_seed(1)
+    d = 50
+    mean = torch.randn(d, generator=gen) * 0.3
+    scales = torch.rand(d, generator=gen) + 0.5  # per-example gradient covariance diag(scales²)
+    truth = (scales**2).sum().item() / mean.square().sum().item()
+    est = NoiseScale(decay=0.99)
+    for _ in range(2000):
+        per_example = mean + scales * torch.randn(64, d, generator=gen)
+        small, big = per_example[:16].mean(0), per_example.mean(0)
+        est.update(small.square().sum(), 16, big.square().sum(), 64)
+    assert est.value == pytest.approx(truth, rel=0.2)
+
+
+def test_ema_averages_and_swaps_back():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()  # halfway from the start to the new weights
+    assert all(torch.allclose(e, s + 0.5) for e, s in zip(ema.params, start, strict=True))
+    with ema.swapped():
+        assert all(torch.allclose(p, s + 0.5) for p, s in zip(model.parameters(), start, strict=True))
+    assert all(torch.allclose(p, s + 1.0) for p, s in zip(model.parameters(), start, strict=True))
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+
+SMALL = ["train.epochs=3", "train.log_every=5", "eval.iwae_k=0", "train.threads=1", "train.compile=off"]
+
+
+def run(tmp_path, *overrides, name="run"):
+    cfg = resolve("digits-mlp", overrides=[*SMALL, *overrides])
+    out = tmp_path / name
+    summary = fit(cfg, out, progress=False)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, summary, events
+
+
+def test_metrics_carry_noise_scale_active_units_and_skips(tmp_path):
+    out, summary, events = run(tmp_path, "train.skip_grad=4", "train.epochs=6")
+    train = [e for e in events if e["event"] == "train"]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert all("noise_scale" in e and e["noise_scale"] > 0 for e in train[2:])
+    assert all(0 <= e["active_units"] <= 16 and len(e["kl_per_dim"]) == 16 for e in evals)
+    assert all(e["grad_norm"] > 0 and e["skipped"] >= 0 for e in train)
+    # a healthy run: the adaptive skip leaves (almost) every step alone
+    assert summary["skipped_steps"] <= 0.01 * summary["steps"]
+
+
+def test_repeated_nan_gradients_roll_back_with_a_lower_lr(tmp_path, monkeypatch, capsys):
+    import turbovae.train as t
+
+    real = t.make_step
+
+    def poisoned(*args, **kwargs):
+        step, calls = real(*args, **kwargs), {"n": 0}
+
+        def bad_for_a_while(x, eps, *rest):
+            calls["n"] += 1
+            if 12 <= calls["n"] < 20:  # eight NaN batches in a row: more than nan_patience (5)
+                x = torch.full_like(x, math.nan)
+            return step(x, eps, *rest)
+
+        return bad_for_a_while
+
+    monkeypatch.setattr(t, "make_step", poisoned)
+    out, summary, events = run(tmp_path, "train.nan_patience=5")
+    rollbacks = [e for e in events if e["event"] == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["lr_scale"] == 0.5 and rollbacks[0]["to_step"] == 10
+    assert summary["rollbacks"] == 1 and summary["skipped_steps"] == 8
+    assert math.isfinite(summary["test_nelbo"])
+    lrs = [e["lr"] for e in events if e["event"] == "train"]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(5e-4)
+    assert "rolled back to the state of step 10" in capsys.readouterr().err
+
+
+def test_ema_weights_are_what_the_run_evaluates_and_load_returns(tmp_path):
+    out, summary, _ = run(tmp_path, "train.ema=0.9")
+    vae = load(out)
+    from turbovae import checkpoint
+
+    tensors, _ = checkpoint.load(checkpoint.latest(out))
+    for name, p in vae.named_parameters():
+        assert torch.equal(p.detach(), tensors[f"ema.{name}"])
+        assert not torch.equal(p.detach(), tensors[f"model.{name}"])  # the average is not the last step
+
+
+def test_posterior_collapse_is_warned_about(tmp_path, capsys):
+    _, _, events = run(tmp_path, "train.beta=30")
+    assert any(e["event"] == "warning" and "posterior collapse" in e["message"] for e in events)
+    assert "train.free_bits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["train.skip_grad=0.5", "train.ema=1.5", "train.schedule=linear"])
+def test_impossible_settings_are_refused(override):
+    with pytest.raises(ConfigError):
+        resolve("digits-mlp", overrides=[override])
