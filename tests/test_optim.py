@@ -237,3 +237,33 @@ def test_posterior_collapse_is_warned_about(tmp_path, capsys):
 def test_impossible_settings_are_refused(override):
     with pytest.raises(ConfigError):
         resolve("digits-mlp", overrides=[override])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (benchmarks/gpu.sh runs this)")
+def test_the_step_replayed_as_one_cuda_graph_matches_the_plain_step():
+    from turbovae.runtime import CudaGraphStep
+
+    cfg = cfg_with(lr=0.01, skip_grad=5, ema=0.9, clip_grad=10)
+    device = torch.device("cuda")
+
+    def build():
+        torch.manual_seed(0)
+        vae = build_vae(cfg, (1, 8, 8)).to(device)
+        opt = make_optimizer(cfg, vae, device)
+        ema = EMA(vae, cfg.train.ema)
+        return vae, make_step(vae, opt, None, cfg, device, ema=ema), ema
+
+    (va, plain, ema_a), (vb, step, ema_b) = build(), build()
+    graphed = CudaGraphStep(step)
+    gen = torch.Generator(device=device).manual_seed(1)
+    for i in range(12):
+        x = torch.rand(32, 1, 8, 8, device=device, generator=gen).round()
+        if i == 8:
+            x[0, 0, 0, 0] = math.nan  # a skipped step, decided inside the graph
+        eps = torch.randn(32, cfg.model.latent, device=device, generator=gen)
+        a, b = plain(x, eps).clone(), graphed(x, eps).clone()
+        torch.testing.assert_close(a, b)
+        assert b[STATS.index("skipped")] == (i == 8)
+    assert graphed.graph is not None and not graphed.failed
+    for p, q in zip([*va.parameters(), *ema_a.params], [*vb.parameters(), *ema_b.params], strict=True):
+        torch.testing.assert_close(p, q)
