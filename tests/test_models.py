@@ -26,7 +26,8 @@ def batch(shape, n=6, device="cpu"):
 
 
 def test_every_model_has_test_shapes():
-    assert set(SHAPES) | set(TEXT_MODELS) == set(MODELS)
+    # hvae's latents are groups with conditional priors, not one N(0, I) vector: tests/test_hvae.py
+    assert set(SHAPES) | set(TEXT_MODELS) | {"hvae"} == set(MODELS)
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

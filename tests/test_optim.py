@@ -12,7 +12,7 @@ from conftest import DEVICE
 from turbovae import load
 from turbovae.config import resolve
 from turbovae.errors import ConfigError
-from turbovae.optim import EMA, SGD, Adamax, GradGuard, NoiseScale, kl_weight_at, lr_at, make_optimizer
+from turbovae.optim import EMA, SGD, Adamax, GradGuard, kl_weight_at, lr_at, make_optimizer
 from turbovae.train import STATS, build_vae, fit, make_step
 
 
@@ -135,20 +135,6 @@ def test_clipping_bounds_the_applied_gradient():
     p.grad = torch.full((4,), 5.0)
     assert guard() and guard.state["last_norm"].item() == pytest.approx(10.0)  # the pre-clip norm is logged
     assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
-
-
-def test_noise_scale_estimator_recovers_b_simple_on_a_synthetic_problem():
-    gen = torch.Generator().manual_seed(1)
-    d = 50
-    mean = torch.randn(d, generator=gen) * 0.3
-    scales = torch.rand(d, generator=gen) + 0.5  # per-example gradient covariance diag(scales²)
-    truth = (scales**2).sum().item() / mean.square().sum().item()
-    est = NoiseScale(decay=0.99)
-    for _ in range(2000):
-        per_example = mean + scales * torch.randn(64, d, generator=gen)
-        small, big = per_example[:16].mean(0), per_example.mean(0)
-        est.update(small.square().sum(), 16, big.square().sum(), 64)
-    assert est.value == pytest.approx(truth, rel=0.2)
 
 
 def test_ema_averages_and_swaps_back():

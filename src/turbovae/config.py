@@ -52,6 +52,17 @@ class ModelConfig:
     embedding: int = 64  # token embedding size
     cell: str = "gru"  # gru | lstm
     word_dropout: float = 0.0  # share of decoder input tokens replaced by <unk> while training
+    # hvae (top-down hierarchical VAE, models/hvae.py): per resolution level, from the finest; empty = the
+    # default (1 group, model.latent channels, 1 encoder block per level)
+    groups: list[int] = field(default_factory=list)  # stochastic groups per level
+    latent_channels: list[int] = field(default_factory=list)  # latent channels of each level's groups
+    enc_blocks: list[int] = field(default_factory=list)  # bottom-up residual blocks per level
+    patch: int = 1  # the stem's patch size (2: level 0 at half the image's resolution)
+    bottleneck: float = 0.25  # residual blocks' inner width, a fraction of the level's width
+    softplus_scales: bool = True  # σ = softplus(·) ("gradient smoothing", Efficient-VDVAE) rather than exp(·)
+    residual_posterior: bool = True  # q's parameters as offsets of the prior's (NVAE)
+    kl_balance: bool = True  # NVAE's KL balancing across groups during KL warm-up
+    mixtures: int = 10  # discretized-logistic: mixture components per value
 
 
 @dataclass
@@ -95,6 +106,10 @@ class TrainConfig:
     # on CUDA, replay the whole step (forward, backward, optimiser) as one CUDA graph: one launch a step.
     # Needs fixed shapes (not text) and no gradient scaler (not fp16); the step is exact either way
     cuda_graph: bool = True
+    # data-parallel (torchrun): train.batch_size is per rank; the lr is scaled for the global batch:
+    # auto (x sqrt(N) for adam/adamw/adamax, x N for sgd) | sqrt | linear | none
+    lr_scaling: str = "auto"
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the job stops
     threads: int = 0  # CPU threads; 0 = torch's default (the physical cores)
     log_every: int = 50  # steps between loss read-backs (the only host syncs of the loop)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
@@ -124,6 +139,7 @@ CHOICES = {
     "data.continuous_transform": ("mode", "quantile"),
     "train.optimizer": ("adam", "adamw", "adamax", "sgd"),
     "train.schedule": ("constant", "warmup-cosine", "one-cycle"),
+    "train.lr_scaling": ("auto", "sqrt", "linear", "none"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile": ("auto", "on", "off"),
     "data.tokenizer": ("auto", "char", "word"),
@@ -364,6 +380,8 @@ def validate(cfg: Config) -> None:
             f"train.skip_grad is a multiple of the running gradient norm: 0 (off) or > 1, "
             f"got {cfg.train.skip_grad}"
         )
+    if not cfg.train.dist_timeout > 0:
+        raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {cfg.train.dist_timeout}")
     if cfg.train.nan_patience < 1:
         raise ConfigError(f"train.nan_patience must be >= 1, got {cfg.train.nan_patience}")
     if cfg.train.kl_cycles and cfg.train.kl_warmup_steps:
@@ -391,6 +409,15 @@ def validate(cfg: Config) -> None:
     for key, widths in (("model.hidden", cfg.model.hidden), ("model.channels", cfg.model.channels)):
         if not widths or any(w < 1 for w in widths):
             raise ConfigError(f"{key} must be a non-empty list of positive widths, got {widths}")
+    for key in ("groups", "latent_channels", "enc_blocks"):
+        values = getattr(cfg.model, key)
+        if values and (len(values) != len(cfg.model.channels) or any(v < 1 for v in values)):
+            raise ConfigError(
+                f"model.{key} needs one positive entry per level of model.channels "
+                f"({len(cfg.model.channels)}), got {values}"
+            )
+    if cfg.model.patch < 1 or cfg.model.mixtures < 1 or not 0 < cfg.model.bottleneck <= 1:
+        raise ConfigError("model.patch and model.mixtures must be >= 1 and model.bottleneck in (0, 1]")
     if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
         raise unknown_name("device", cfg.train.device, ("auto", "cpu", "cuda"))
     parse_resize(cfg.data.resize)

@@ -18,6 +18,8 @@ from torch import nn
 from . import runtime
 from .distributions import DiagonalGaussian
 from .likelihoods import Bernoulli, Likelihood
+from .objectives import hierarchical_terms
+from .objectives import log_prior_ratio as latent_log_ratio
 from .vae import VAE
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
@@ -38,6 +40,22 @@ BF16_CHECK_EXAMPLES = 32
 def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for i in range(0, len(x), batch_size):
         yield x[i : i + batch_size]
+
+
+def _rank_share(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's examples, the number of ranks): under torch.distributed with several ranks (a
+    data-parallel run), rows rank::world of ``x``; else all of ``x`` and 1."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x, 1
+    world = torch.distributed.get_world_size()
+    return x[torch.distributed.get_rank() :: world], world
+
+
+def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the CPU) summed over the ranks, back on the CPU (NCCL reduces device tensors)."""
+    buf = t.to(device)
+    torch.distributed.all_reduce(buf)
+    return buf.cpu()
 
 
 class _EvalMode:
@@ -61,19 +79,37 @@ def nelbo(
     *,
     batch_size: int = 1000,
     generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """Single-sample NELBO per example over all of ``x`` (an unbiased estimate), with rec and KL."""
-    totals = torch.zeros(3, dtype=torch.float64)
+) -> dict[str, Any]:
+    """Single-sample NELBO per example over all of ``x`` (an unbiased estimate), with rec and KL; a
+    hierarchical model also gets ``kl_groups``, the mean KL of every latent group, top group first
+    (they sum to ``kl``).
+
+    Under torch.distributed with several ranks, each rank evaluates its share of ``x`` (rows
+    rank::world) and the sums are all-reduced: every rank must call it, and every rank gets the totals."""
+    totals = torch.zeros(3 + len(getattr(vae.net, "group_sizes", ())), dtype=torch.float64)
+    part, world = _rank_share(x)
     with _EvalMode(vae):
-        for raw in _batches(x, batch_size):
+        for raw in _batches(part, batch_size):
             xb = prepare(raw)
-            q = vae.encode(xb)
-            z = q.rsample(generator=generator)
-            rec = -vae.likelihood.log_prob(xb, vae.decode_params(z, xb))
-            kl = q.kl()
-            totals += torch.stack([(rec + kl).sum(), rec.sum(), kl.sum()]).double().cpu()
+            if vae.hierarchical:  # also the KL of every group, top group first
+                log_px_z, kl_groups, _ = hierarchical_terms(vae, xb, generator=generator)
+                rec, kl = -log_px_z, kl_groups.sum(-1)
+                groups = kl_groups.sum(0)
+            else:
+                q = vae.encode(xb)
+                z = q.rsample(generator=generator)
+                rec = -vae.likelihood.log_prob(xb, vae.decode_params(z, xb))
+                kl = q.kl()
+                groups = kl.new_zeros(0)
+            totals += torch.cat([torch.stack([(rec + kl).sum(), rec.sum(), kl.sum()]), groups]).double().cpu()
+    if world > 1:
+        totals = _sum_over_ranks(totals, x.device)
     n = len(x)
-    return {"nelbo": totals[0].item() / n, "rec": totals[1].item() / n, "kl": totals[2].item() / n}
+    means = (totals / n).tolist()
+    out: dict[str, Any] = {"nelbo": means[0], "rec": means[1], "kl": means[2]}
+    if vae.hierarchical:
+        out["kl_groups"] = means[3:]
+    return out
 
 
 # ---- the importance-weighted estimate --------------------------------------------------------------
@@ -94,6 +130,8 @@ def plan_chunks(
     split into equal chunks (no small remainder chunk).
     """
     out_values = max(1, math.prod(vae.event_shape) * vae.likelihood.params_per_dim)
+    # a convolutional decoder keeps more alive per example than its output (hvae says how much)
+    out_values = max(out_values, int(getattr(vae.net, "activation_values", 0)))
     rows = max(1, max_values // out_values)  # latents decoded per chunk
     if batch_size is None:
         # several examples share a chunk when k is small; one example's samples fill it when k is large
@@ -146,13 +184,25 @@ def _bernoulli_block(logits: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return total + t.unflatten(-1, (dims // group, group)).prod(-1).log_().sum(-1)
 
 
-def _chunk_log_weights(
-    vae: VAE, xb: torch.Tensor, q: DiagonalGaussian, eps: torch.Tensor, precision: str
-) -> torch.Tensor:
+def _encoded(vae: VAE, xb: torch.Tensor) -> Any:
+    """What the IWAE estimate computes once per example: q(z | x), or a hierarchical model's
+    bottom-up activations (its posteriors depend on the sampled z_<l, so they are computed per sample
+    in the top-down pass)."""
+    return vae.net.features(xb) if vae.hierarchical else vae.encode(xb)  # type: ignore[operator]
+
+
+def _chunk_log_weights(vae: VAE, xb: torch.Tensor, q: Any, eps: torch.Tensor, precision: str) -> torch.Tensor:
     """log p(x, z) − log q(z | x) for z = loc + σ·eps, eps (c, B, L): shape (c, B), float32.
 
     Only the decoder runs per sample (under ``precision``); log q uses eps directly, which is exact.
+    Hierarchical: ``q`` is the bottom-up activations and the top-down pass (posteriors, priors and
+    decoder) runs per sample: log w = log p(x|z) + Σ_l log p(z_l | z_<l) − log q(z_l | x, z_<l).
     """
+    if vae.hierarchical:
+        with runtime.autocast(xb.device, precision):
+            params = vae.net.posterior(q, eps)  # type: ignore[operator]
+        log_px_z = _log_likelihood(vae.likelihood, xb, params[0])
+        return log_px_z + latent_log_ratio(params[1])
     z = q.loc + eps * q.stddev  # (c, B, L)
     with runtime.autocast(xb.device, precision):
         params = vae.decode_params(z, xb)  # (c, B, P, *event); xb: autoregressive (text) decoders read it
@@ -165,7 +215,7 @@ def _chunk_log_weights(
 def _batch_log_px(
     vae: VAE,
     xb: torch.Tensor,
-    q: DiagonalGaussian,
+    q: Any,
     k: int,
     chunk: int,
     generator: torch.Generator | None,
@@ -240,7 +290,7 @@ def iwae_log_likelihood(
     with _EvalMode(vae):
         for raw in _batches(x, batch):
             xb = prepare(raw)
-            q = vae.encode(xb)
+            q = _encoded(vae, xb)
             if use == "auto":
                 # the same samples both ways: the difference is the rounding alone
                 state = _generator_state(generator)
@@ -291,11 +341,13 @@ def iwae_nll(
     default to ``plan_chunks``' choice. Returns the mean over examples ``nll``, its standard error
     ``stderr`` (the spread of the per-example estimates over examples / √n: the uncertainty that
     comes from which examples are in the test set), ``k``, ``n``, the mean effective sample size
-    ``ess`` and the ``precision`` used (see ``iwae_log_likelihood``).
+    ``ess`` and the ``precision`` used (see ``iwae_log_likelihood``). Under torch.distributed with
+    several ranks, split over the ranks like ``nelbo`` (each needs at least one example).
     """
+    part, world = _rank_share(x)
     r = iwae_log_likelihood(
         vae,
-        x,
+        part,
         prepare,
         k=k,
         batch_size=batch_size,
@@ -313,6 +365,12 @@ def iwae_nll(
         "ess": r["ess"].mean().item(),
         "precision": r["precision"],
     }
+    if world > 1:  # the moments summed over the ranks
+        n, total, squares, ess = _sum_over_ranks(
+            torch.stack([torch.tensor(float(len(nll)), dtype=torch.float64), nll.sum(), nll.square().sum(),
+                         r["ess"].double().sum()]), x.device).tolist()  # fmt: skip
+        variance = max(squares - total * total / n, 0.0) / (n - 1) if n > 1 else math.nan
+        out.update(nll=total / n, stderr=math.sqrt(variance / n), n=int(n), ess=ess / n)
     for key in ("bf16_delta", "bf16_delta_bound"):
         if key in r:
             out[key] = r[key]
@@ -483,7 +541,9 @@ def evaluate(
     with ``k`` samples, ``ess`` (mean effective sample size of the k weights), ``bpd`` (from the IWAE
     estimate; None unless the likelihood is a probability mass), ``bpd_nelbo``, ``n``, ``latent``,
     ``active_units`` (with ``active_threshold`` and ``posterior_mean_variance`` per dimension),
-    ``kl_per_dim``, ``mutual_info`` and ``marginal_kl``, ``precision`` (of the IWAE decoder; with
+    ``kl_per_dim``, ``mutual_info`` and ``marginal_kl`` (for a hierarchical model, of its top group:
+    ``posterior_stats`` = "top group", ``top_latent`` dims; plus ``kl_groups``, the KL of every
+    group, and ``latent_groups``, their sizes), ``precision`` (of the IWAE decoder; with
     ``bf16_delta`` under ``auto``), and timings ``seconds`` (all of it) and ``iwae_seconds``. With
     ``floor=True``, also ``floor_seconds`` (the matmul-bound floor at the precision used, see
     ``matmul_floor``) and ``floor_ratio`` = iwae_seconds / floor_seconds; under bf16 also the fp32
@@ -530,6 +590,13 @@ def evaluate(
     for key in ("bf16_delta", "bf16_delta_bound"):
         if key in r:
             result[key] = r[key]
+    if vae.hierarchical:
+        # the KL of every group; active units, KL per dim and I(x; z) are the top group's (the latents
+        # whose prior is N(0, I)), over its top_latent dims
+        result["kl_groups"] = ev["kl_groups"]
+        result["latent_groups"] = list(vae.net.group_sizes)  # type: ignore[arg-type]
+        result["posterior_stats"] = "top group"
+        result["top_latent"] = int(vae.net.top_size)  # type: ignore[arg-type]
     result["iwae_seconds"] = iwae_seconds
     if floor:
         rows = r["batch_size"] * r["sample_chunk"]

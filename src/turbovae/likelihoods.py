@@ -413,6 +413,145 @@ class Categorical(Likelihood):
             )
 
 
+# ---- 8-bit data: a probability mass over the 256 values of every pixel ---------------------------------
+
+BYTE_LEVELS = 256
+
+
+def _check_bytes(label: str, levels: int | None, low: float, high: float, binary: bool, name: str) -> None:
+    """The 8-bit likelihoods score x = byte / 255: they need bytes (uint8 with values 0..255)."""
+    if low < 0.0 or high > 1.0:
+        raise DataError(
+            f"likelihood '{label}' needs 8-bit data (bytes scaled to [0, 1]), but '{name}' has values in "
+            f"[{low:g}, {high:g}]: use it for uint8 images, or --likelihood gaussian for real values"
+        )
+    if binary or levels == BYTE_LEVELS:
+        return
+    what = f"{levels} levels (0..{levels - 1})" if levels else "floating-point values"
+    raise DataError(
+        f"likelihood '{label}' needs 8-bit data (uint8, 256 levels), but '{name}' has {what}: use it for "
+        "8-bit images (IDX, PNG/JPEG folders, uint8 .npz), or --likelihood bernoulli|continuous-bernoulli"
+    )
+
+
+def _levels_of(data_meta: dict[str, Any] | None) -> int | None:
+    """The number of stored values of byte data (``Dataset.meta["levels"]``), None when unknown."""
+    levels = (data_meta or {}).get("levels")
+    return int(levels) if levels is not None else None
+
+
+class DiscretizedLogistic(Likelihood):
+    """A mixture of K discretised logistics per value (Salimans et al. 2017, PixelCNN++), for 8-bit data.
+
+    x = byte / 255 is mapped to y = 2x − 1 ∈ [−1, 1]; the 256 values are bins of width 2/255, the edge
+    bins reaching to ∓∞, so the masses of the 256 values sum to 1 exactly (up to rounding). The decoder
+    outputs P = 3K values per dim: mixture logits, locations and log-scales (clamped below at −7, as
+    PixelCNN++ does). Channels are modelled independently given z (PixelCNN++'s coupling of the colour
+    channels is not used: the latents carry what the channels share). ``components`` K is
+    ``model.mixtures``. log_prob is a mass in nats, so bits/dim are exact.
+    """
+
+    name = "discretized-logistic"
+    support = "unit"
+    discrete = True
+    params_per_dim = 3 * 10
+    MIN_LOG_SCALE = -7.0
+
+    def __init__(
+        self, event_shape: tuple[int, ...], components: int = 10, data_meta: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(event_shape)
+        if components < 1:
+            raise ConfigError(
+                f"likelihood 'discretized-logistic' needs model.mixtures >= 1, got {components}"
+            )
+        self.components = components
+        self.params_per_dim = 3 * components
+        self.levels = _levels_of(data_meta)
+
+    def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, loc, log_scale), each (..., K, *event), float32."""
+        axis = -len(self.event_shape) - 1
+        logits, loc, log_scale = params.float().chunk(3, dim=axis)
+        return logits, loc, log_scale.clamp(min=self.MIN_LOG_SCALE)
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        logits, loc, log_scale = self._split(params)
+        axis = -len(self.event_shape) - 1
+        y = (2.0 * x.float() - 1.0).unsqueeze(axis)  # (..., 1, *event) in [−1, 1]
+        inv_scale = torch.exp(-log_scale)
+        half = 1.0 / (BYTE_LEVELS - 1)  # half a bin
+        upper = inv_scale * (y - loc + half)  # standardised bin edges
+        lower = inv_scale * (y - loc - half)
+        # log(σ(u) − σ(l)) = −softplus(−u) − softplus(l) + log(1 − e^(l−u)): exact and stable in both tails
+        log_mass = -F.softplus(-upper) - F.softplus(lower) + torch.log(-torch.expm1(lower - upper))
+        log_mass = torch.where(y < -1.0 + half, -F.softplus(-upper), log_mass)  # x = 0: P(Y < −1 + h)
+        log_mass = torch.where(y > 1.0 - half, -F.softplus(lower), log_mass)  # x = 255: P(Y > 1 − h)
+        log_p = torch.logsumexp(log_mass + F.log_softmax(logits, dim=axis), dim=axis)  # (..., *event)
+        return self._sum_event(log_p)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """E[x]: the mixture of the components' means, each that of a logistic clipped to [−1, 1],
+        1 − s·(softplus((1 − μ)/s) − softplus((−1 − μ)/s)) (the discrete mean up to O(bin²))."""
+        logits, loc, log_scale = self._split(params)
+        axis = -len(self.event_shape) - 1
+        s = log_scale.exp()
+        clipped = 1.0 - s * (F.softplus((1.0 - loc) / s) - F.softplus((-1.0 - loc) / s))
+        y = (torch.softmax(logits, dim=axis) * clipped).sum(axis)
+        return ((y + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A component by Gumbel-max, a logistic draw from it, rounded to the nearest of the 256 values."""
+        logits, loc, log_scale = self._split(params)
+        axis = -len(self.event_shape) - 1
+        g = _uniform(logits, generator).clamp(1e-20, 1.0)
+        choice = (logits - torch.log(-torch.log(g))).argmax(axis, keepdim=True)
+        mu, log_s = loc.gather(axis, choice).squeeze(axis), log_scale.gather(axis, choice).squeeze(axis)
+        u = _uniform(mu, generator).clamp(1e-5, 1.0 - 1e-5)
+        y = (mu + log_s.exp() * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
+        return torch.round((y + 1.0) / 2.0 * (BYTE_LEVELS - 1)) / (BYTE_LEVELS - 1)
+
+    def check_data(self, low: float, high: float, binary: bool, name: str) -> None:
+        _check_bytes(self.name, self.levels, low, high, binary, name)
+
+
+class Categorical256(Likelihood):
+    """A 256-way softmax per value, for 8-bit data x = byte / 255: P = 256 logits per dim (the
+    most general mass on a byte; no order between neighbouring values, so it needs more data)."""
+
+    name = "categorical-256"
+    support = "unit"
+    discrete = True
+    params_per_dim = BYTE_LEVELS
+
+    def __init__(self, event_shape: tuple[int, ...], data_meta: dict[str, Any] | None = None) -> None:
+        super().__init__(event_shape)
+        self.levels = _levels_of(data_meta)
+        self.values: torch.Tensor
+        self.register_buffer("values", torch.arange(BYTE_LEVELS) / (BYTE_LEVELS - 1), persistent=False)
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        axis = -len(self.event_shape) - 1
+        log_p = F.log_softmax(params.float(), dim=axis)  # (..., 256, *event)
+        index = torch.round(x.float() * (BYTE_LEVELS - 1)).long().clamp(0, BYTE_LEVELS - 1)
+        index = index.unsqueeze(axis).expand(*log_p.shape[:axis], 1, *log_p.shape[axis + 1 :])
+        return self._sum_event(log_p.gather(axis, index).squeeze(axis))
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        axis = -len(self.event_shape) - 1
+        probs = torch.softmax(params.float(), dim=axis).movedim(axis, -1)  # (..., *event, 256)
+        return probs @ self.values
+
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        axis = -len(self.event_shape) - 1
+        logits = params.float()
+        u = _uniform(logits, generator).clamp(min=1e-20)
+        return (logits - torch.log(-torch.log(u))).argmax(axis).float() / (BYTE_LEVELS - 1)
+
+    def check_data(self, low: float, high: float, binary: bool, name: str) -> None:
+        _check_bytes(self.name, self.levels, low, high, binary, name)
+
+
 LIKELIHOODS: dict[str, type[Likelihood]] = {
     cls.name: cls
     for cls in (
@@ -424,20 +563,31 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
         GaussianPixel,
         Mixed,
         Categorical,
+        DiscretizedLogistic,
+        Categorical256,
     )
 }
 
 
 def build_likelihood(
-    name: str, event_shape: tuple[int, ...], scale: float = 0.1, data_meta: dict[str, Any] | None = None
+    name: str,
+    event_shape: tuple[int, ...],
+    scale: float = 0.1,
+    data_meta: dict[str, Any] | None = None,
+    components: int = 10,
 ) -> Likelihood:
-    """The likelihood registered as ``name``; ``scale`` is the (initial) σ of the Gaussian ones.
+    """The likelihood registered as ``name``; ``scale`` is the (initial) σ of the Gaussian ones,
+    ``components`` the number of logistics of ``discretized-logistic`` (``model.mixtures``).
 
     ``data_meta`` is the dataset's description (``Dataset.meta``), for likelihoods that need to know
-    the data's layout."""
+    the data's layout (tables, text) or its number of levels (the 8-bit likelihoods)."""
     if name not in LIKELIHOODS:
         raise unknown_name("likelihood", name, LIKELIHOODS)
     cls = LIKELIHOODS[name]
+    if cls is DiscretizedLogistic:
+        return DiscretizedLogistic(event_shape, components, data_meta)
+    if cls is Categorical256:
+        return Categorical256(event_shape, data_meta)
     if getattr(cls, "uses_data_meta", False):
         return cls(event_shape, scale, data_meta)  # type: ignore[call-arg]
     if issubclass(cls, Gaussian):

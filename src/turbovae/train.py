@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, evaluate, optim, runtime
+from . import checkpoint, distributed, evaluate, optim, runtime
 from .config import Config, from_dict, parse_resize, to_yaml
 from .data import Dataset, load_dataset
 from .data.batches import binarize, preparer, value_range
@@ -33,7 +34,7 @@ from .errors import CheckpointError, ConfigError, DataError, TurboVAEError
 from .likelihoods import build_likelihood
 from .models import TEXT_MODELS, build_network
 from .objectives import get_objective, noise_shape_of
-from .optim import EMA, GradGuard, NoiseScale, make_optimizer
+from .optim import EMA, GradGuard, make_optimizer
 from .report import as_images, save_grid
 from .vae import VAE
 
@@ -88,9 +89,11 @@ def resolve_binarize(mode: str, likelihood_support: str, binary: bool) -> str:
 
 
 def build_vae(cfg: Config, event_shape: tuple[int, ...], data_meta: dict[str, Any] | None = None) -> VAE:
-    likelihood = build_likelihood(cfg.model.likelihood, event_shape, cfg.model.likelihood_scale, data_meta)
-    net = build_network(cfg.model.name, event_shape, cfg.model.latent, likelihood.params_per_dim, cfg.model)
-    vae = VAE(net, likelihood, cfg.model.latent)
+    m = cfg.model
+    likelihood = build_likelihood(m.likelihood, event_shape, m.likelihood_scale, data_meta, m.mixtures)
+    net = build_network(m.name, event_shape, m.latent, likelihood.params_per_dim, m)
+    # a hierarchical net's latent vector is all its groups, flattened (the noise the loop draws)
+    vae = VAE(net, likelihood, getattr(net, "latent_size", m.latent))
     vae.data_meta = data_meta or {}
     return vae
 
@@ -179,16 +182,24 @@ def _clear_run(out: Path) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per event, flushed as written."""
+    """metrics.jsonl: one JSON object per event, flushed as written. ``path`` None: a log that writes
+    nothing (the ranks other than 0 of a data-parallel run)."""
 
-    def __init__(self, path: Path) -> None:
-        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+    def __init__(self, path: Path | None) -> None:
+        self.file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115 - close()
+
+    def echo(self, message: str) -> None:
+        """A warning on stderr, once per job (from the rank that writes the log)."""
+        if self.file is not None:
+            print(f"turbovae: warning: {message}", file=sys.stderr)
 
     def write(self, event: str, **values: Any) -> None:
-        self.file.write(json.dumps({"event": event, **values}) + "\n")
+        if self.file is not None:
+            self.file.write(json.dumps({"event": event, **values}) + "\n")
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 # ---- checkpoint state --------------------------------------------------------------------------------
@@ -326,6 +337,24 @@ def kl_weight(
 STATS = ("loss", "nelbo", "rec", "kl", "applied", "skipped", "grad_norm")
 
 
+class Task(nn.Module):
+    """The VAE and its objective as one module (timm's Task): ``forward(x, eps, beta)`` returns the
+    objective's terms. Data-parallel runs wrap it in DDP, which syncs what runs through its forward."""
+
+    def __init__(self, vae: VAE, cfg: Config) -> None:
+        super().__init__()
+        self.vae = vae
+        self.objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta,
+                                           k=cfg.train.iwae_k, free_bits=cfg.train.free_bits)  # fmt: skip
+
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if beta is None:
+            return self.objective(self.vae, x, eps=eps)
+        return self.objective(self.vae, x, eps=eps, beta=beta)
+
+
 def make_step(
     vae: VAE,
     opt: torch.optim.Optimizer,
@@ -335,10 +364,15 @@ def make_step(
     precision: str = "fp32",
     guard: GradGuard | None = None,
     ema: EMA | None = None,
+    forward: Callable[..., dict[str, torch.Tensor]] | None = None,
 ) -> Callable[..., torch.Tensor]:
     """One optimisation step on a prepared batch ``x`` with reparameterisation noise ``eps``: the loss,
     its gradient, the guard (clipping; a NaN/Inf or, with train.skip_grad, an outlying gradient skips
     the step through the optimiser's found_inf), the update and the weight average.
+
+    ``forward``: the objective's forward ``(x, eps, beta) -> terms`` to use instead of calling the
+    objective on ``vae``: a DDP-wrapped ``Task``, whose backward averages the gradients over the ranks
+    (the guard then sees the same global gradient on every rank, so skip decisions agree).
 
     Returns the ``STATS`` vector on the device: nothing here waits for the device, so the whole step
     can be compiled, or captured as one CUDA graph.
@@ -355,7 +389,10 @@ def make_step(
     def step(x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None) -> torch.Tensor:
         """``beta``: this step's KL weight (a 0-dim tensor, under a KL schedule), else train.beta."""
         with runtime.autocast(device, precision):
-            terms = objective(vae, x, eps=eps) if beta is None else objective(vae, x, eps=eps, beta=beta)
+            if forward is not None:  # data-parallel: through DDP
+                terms = forward(x, eps, beta)
+            else:
+                terms = objective(vae, x, eps=eps) if beta is None else objective(vae, x, eps=eps, beta=beta)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: the scaler skips non-finite steps itself
             scaler.scale(terms["loss"]).backward()
@@ -381,10 +418,12 @@ class NoiseProbe:
     """The gradient-noise scale B_simple = tr(Σ)/|G|² during training (McCandlish et al. 2018): every
     ``train.noise_scale_every`` steps (default: the log interval) one extra backward pass on half the
     batch, before the step, gives |G_small|²; the step's own gradient norm gives |G_big|² at the same
-    parameters. The estimator (optim.NoiseScale) smooths both and logs ``noise_scale``, an
+    parameters. The estimator (tune.NoiseScale) smooths both and logs ``noise_scale``, an
     estimate of the critical batch size. Costs one half-batch backward per probe (1% at every 50 steps)."""
 
     def __init__(self, cfg: Config, vae: VAE, device: torch.device, precision: str) -> None:
+        from .tune import NoiseScale  # here: tune imports the training loop
+
         every = cfg.train.noise_scale_every or cfg.train.log_every
         self.every = max(every, 0)
         self.vae, self.device, self.precision = vae, device, precision
@@ -469,7 +508,7 @@ def _roll_back(snapshot: Snapshot, loop: dict[str, Any], log: MetricsLog, run: i
     msg = (f"{run} steps in a row had NaN/Inf gradients near step {loop['step']}: rolled back to the state "
            f"of step {snapshot.step}, learning rate now x{loop['lr_scale']:g}")  # fmt: skip
     log.write("rollback", step=loop["step"], to_step=snapshot.step, bad_steps=run, lr_scale=loop["lr_scale"])
-    print(f"turbovae: warning: {msg}", file=sys.stderr)
+    log.echo(msg)
 
 
 def averaged(ema: EMA | None) -> contextlib.AbstractContextManager[None]:
@@ -497,8 +536,22 @@ def collapse_check(s: Setup, log: MetricsLog, loop: dict[str, Any]) -> dict[str,
                "remedies: train.kl_warmup_steps or train.kl_cycles (anneal β), train.free_bits, a lower "
                "train.beta, model.word_dropout for text")  # fmt: skip
         log.write("warning", step=loop["step"], message=msg)
-        print(f"turbovae: warning: {msg}", file=sys.stderr)
+        log.echo(msg)
     return {"active_units": active, "kl_per_dim": [round(v, 5) for v in kl]}
+
+
+def _check_shares(s: Setup, ctx: distributed.Context) -> None:
+    """Data-parallel: enough training examples for one global batch, and test examples for every rank."""
+    need = s.cfg.train.batch_size * ctx.world
+    if len(s.x_train) < need:
+        raise DataError(
+            f"data '{s.data.name}' has {len(s.x_train)} training examples, fewer than one global batch: "
+            f"train.batch_size {s.cfg.train.batch_size} per rank x {ctx.world} ranks = {need}; lower "
+            "--batch-size or use fewer ranks"
+        )
+    if len(s.x_test) < ctx.world:
+        raise DataError(f"data '{s.data.name}' has {len(s.x_test)} test examples, fewer than the {ctx.world} "
+                        "ranks that share the evaluation")  # fmt: skip
 
 
 def _saved_data_meta(out: Path) -> dict[str, Any] | None:
@@ -533,12 +586,43 @@ def fit(
 
     With ``resume=True`` the run in ``out`` continues from its newest valid checkpoint (or from the
     start if it has none); its saved config is used and ``cfg`` may only extend ``train.epochs``.
+
+    Under torchrun with several ranks the run is data-parallel (see ``turbovae.distributed``): every
+    rank calls ``fit`` with the same arguments, rank 0 alone writes ``out``; when torchrun restarts
+    the workers (``--max-restarts``), they continue from the newest checkpoint.
     """
     out = Path(out)
-    check_out_dir(out, overwrite, resume)
+    timeout = cfg.train.dist_timeout
+    ctx = distributed.start(cfg.train.device, timeout)
+    if distributed.restarted() and (out / "config.yaml").is_file():
+        overwrite, resume = False, True  # torchrun restarted the workers: continue, never clear
+    finished = False
+    try:
+        summary = _fit(cfg, out, ctx, overwrite=overwrite, resume=resume, progress=progress)
+        finished = True
+        return summary
+    except Exception as e:
+        if ctx.world > 1 and distributed.is_comm_failure(e):
+            # torchrun's agent SIGTERMs the survivors as soon as it sees a rank die: let this one say
+            # why it stops (the process is ending anyway)
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise distributed.lost_contact(e, ctx, out) from None
+        raise
+    finally:
+        ctx.close(finished)
+
+
+def _fit(
+    cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, resume: bool, progress: bool | None
+) -> dict[str, Any]:
+    if ctx.main:  # rank 0 alone decides about the directory it alone writes
+        check_out_dir(out, overwrite, resume)
     runtime.seed_everything(cfg.train.seed)
     # every user error in config or data is raised here, before any file is touched
-    s = setup(cfg, data_meta=_saved_data_meta(out) if resume else None)
+    s = setup(cfg, device=ctx.device, data_meta=_saved_data_meta(out) if resume else None)
+    if ctx.world > 1:
+        _check_shares(s, ctx)
     runtime.configure(s.device, cfg.train.threads)
     vae, device = s.vae, s.device
     opt = make_optimizer(cfg, vae, device)
@@ -552,16 +636,30 @@ def fit(
     loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "examples": 0,
             "best_test_nelbo": None, "skipped": 0, "rollbacks": 0, "lr_scale": 1.0}  # fmt: skip
     st = TrainState(vae, opt, scaler, gens, torch.empty(0, dtype=torch.long, device=device), loop, guard, ema)
-    state_json = _start(out, cfg, overwrite, resume)
+    state_json = ctx.broadcast(_start(out, cfg, overwrite, resume) if ctx.main else None)  # rank 0's choice
     if state_json is not None:
         st.restore(*checkpoint.load(state_json), source=state_json)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    log = MetricsLog(out / "metrics.jsonl")
+    # the global batch is the run's (train.batch_size x the ranks it started with; runs from before
+    # data-parallel training: train.batch_size): any number of ranks continues it at the same global step
+    started_with = ctx.world if state_json is None else 1
+    global_batch = loop.setdefault("global_batch", cfg.train.batch_size * started_with)
+    batch = distributed.local_batch(global_batch, ctx.world, cfg.train.batch_size)  # this rank's share
+    lr_factor = distributed.lr_factor(cfg, global_batch / cfg.train.batch_size)
+    ctx.decorrelate(cfg.train.seed, loop["step"])
+    if ctx.main:
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    cfg = distributed.scaled_lr(cfg, lr_factor)  # the learning rate of the global batch (as saved: unscaled)
+    log = MetricsLog(out / "metrics.jsonl" if ctx.main else None)
+    ranks = (
+        {"ranks": ctx.world, "global_batch": global_batch, "lr_factor": lr_factor} if ctx.world > 1 else {}
+    )
     log.write("start", step=loop["step"], resumed=resume, device=runtime.describe(device),
-              params=sum(p.numel() for p in vae.parameters()), binarize=s.binarize_mode)  # fmt: skip
+              params=sum(p.numel() for p in vae.parameters()), binarize=s.binarize_mode, **ranks)  # fmt: skip
 
     def save_checkpoint(name: str | None = None) -> None:
         """A step checkpoint (the newest ``keep_checkpoints`` are kept), or one with a fixed name."""
+        if not ctx.main:
+            return
         tensors, meta = st.tensors_and_meta(s)
         if name is None:
             path = checkpoint.save(out, loop["step"], tensors, meta, keep=cfg.train.keep_checkpoints)
@@ -570,11 +668,16 @@ def fit(
         log.write("checkpoint", step=loop["step"], path=str(path.relative_to(out)))
 
     prepare = preparer(s.train_max, s.binarize_mode == "dynamic", gens["data"])
-    n_train, batch = len(s.x_train), cfg.train.batch_size
-    steps_per_epoch = n_train // batch  # equal-sized batches: fixed shapes, no tiny last batch
+    n_train = len(s.x_train)
+    steps_per_epoch = n_train // global_batch  # equal-sized batches: fixed shapes, no tiny last batch
     tokens = s.data.is_tokens
-    if tokens:  # text: batches vary in length anyway, so every line once per epoch, a smaller last batch
-        steps_per_epoch = -(-n_train // batch)
+    # data-parallel: a dynamic binarisation draw and a text batch's trim are made for the global batch
+    # (as one process would), then sliced; other data are sliced first
+    whole = tokens or s.binarize_mode == "dynamic"
+    if tokens:  # text: every line once per epoch, a smaller last batch (data-parallel runs, now or at
+        # their start, drop it: the ranks' shares stay equal)
+        if ctx.world == 1 and global_batch == s.cfg.train.batch_size:
+            steps_per_epoch = -(-n_train // global_batch)
         lengths = lengths_of(s.x_train)
         mean_tokens = lengths.double().mean().item()
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -587,20 +690,29 @@ def fit(
 
     lr_now = optim.lr_tensor(opt)
     scheduled = cfg.train.schedule != "constant" or cfg.train.warmup_steps > 0
+    if lr_factor != 1.0:  # the scaled rate from the first step on (the loop refills it only under schedules)
+        lr_now.fill_(optim.lr_at(cfg, loop["step"], total_steps) * loop["lr_scale"])
     probe = NoiseProbe(cfg, vae, device, s.precision)
     snapshot = Snapshot(st)  # the last good state, for the NaN guard's rollback
     m = cfg.model
+    forward, compiled_forward = None, False
+    if ctx.world > 1:  # model + objective in DDP, compiled before wrapping (the step itself runs eagerly)
+        mode = cfg.train.compile
+        compiled_forward = mode == "on" or (mode == "auto" and device.type == "cuda")
+        task = Task(vae, cfg)
+        forward = ctx.wrap(runtime.compile_fn(task, device) if compiled_forward else task)  # type: ignore[arg-type]
     step = runtime.StepCompiler(
-        make_step(vae, opt, scaler, cfg, device, s.precision, guard, ema),
-        cfg.train.compile,
+        make_step(vae, opt, scaler, cfg, device, s.precision, guard, ema, forward),
+        cfg.train.compile if forward is None else "off",
         device,
         key=f"{device.type}|{torch.__version__}|{m.name}|{s.data.event_shape}|{m.hidden}|{m.channels}|"
         f"{m.latent}|{m.likelihood}|{cfg.train.objective}|{s.precision}|{batch}",
         remaining_steps=total_steps - loop["step"],
-        graphs=cfg.train.cuda_graph and not tokens and scaler is None,
+        graphs=cfg.train.cuda_graph and not tokens and scaler is None and forward is None,
     )
-    show = sys.stderr.isatty() if progress is None else progress
+    show = (sys.stderr.isatty() if progress is None else progress) and ctx.main
     bar = tqdm(total=total_steps, initial=loop["step"], disable=not show, unit="step", dynamic_ncols=True)
+    halt = False  # data-parallel: whether any rank was asked to stop, agreed at the last log interval
     sums = torch.zeros(len(STATS), device=device)  # accumulated on the device, read back at the log interval
     since_log, t_log, examples_at_log = 0, time.perf_counter(), loop["examples"]
     vae.train()
@@ -611,11 +723,14 @@ def fit(
                 if loop["batch_in_epoch"] == 0:
                     st.perm = torch.randperm(n_train, generator=gens["data"], device=device)
                     if tokens:  # length buckets: little padding in each batch
-                        st.perm = bucketed(st.perm, lengths, batch, gens["data"])
+                        st.perm = bucketed(st.perm, lengths, global_batch, gens["data"])
                 for b in range(loop["batch_in_epoch"], steps_per_epoch):
-                    x = prepare(s.x_train[st.perm[b * batch : (b + 1) * batch]])
-                    shape = noise_shape_of(cfg.train.objective, len(x), vae.latent, cfg.train.iwae_k)
-                    eps = torch.randn(shape, generator=gens["model"], device=device)
+                    raw = s.x_train[st.perm[b * global_batch : (b + 1) * global_batch]]
+                    # this rank's rows rank::world of the global batch (one rank: all of it)
+                    x = ctx.shard(prepare(raw)) if whole else prepare(ctx.shard(raw))
+                    n_global = len(x) * ctx.world
+                    shape = noise_shape_of(cfg.train.objective, n_global, vae.latent, cfg.train.iwae_k)
+                    eps = ctx.shard(torch.randn(shape, generator=gens["model"], device=device), dim=-2)
                     # schedules (lr, β) follow the global step, so a resumed run continues them exactly
                     if scheduled or loop["lr_scale"] != 1.0:
                         lr_now.fill_(optim.lr_at(cfg, loop["step"], total_steps) * loop["lr_scale"])
@@ -625,12 +740,13 @@ def fit(
                         probe.small(x, eps, beta)  # the half batch's gradient, before the step moves θ
                     sums += step(x, eps) if beta is None else step(x, eps, beta)
                     if probing:
-                        probe.big(guard.state["last_norm"], len(x))
+                        probe.big(guard.state["last_norm"], len(x) * ctx.world)
                     since_log += 1
                     loop["step"] += 1
                     loop["batch_in_epoch"] = b + 1
-                    loop["examples"] += len(x)
+                    loop["examples"] += len(x) * ctx.world
                     if loop["step"] % cfg.train.log_every == 0 or b + 1 == steps_per_epoch:
+                        halt = ctx.reduce_stats(sums, stop.signal is not None)  # data-parallel: over ranks
                         totals = dict(zip(STATS, sums.tolist(), strict=True))  # the host sync
                         max_run, nonfinite = guard.state["max_run"].item(), guard.state["nonfinite"].item()
                         now = time.perf_counter()
@@ -663,12 +779,13 @@ def fit(
                             snapshot.take()
                         since_log, t_log, examples_at_log = 0, now, loop["examples"]
                     every = cfg.train.checkpoint_every
-                    if stop.signal is not None or (every and loop["step"] % every == 0):
+                    stopping = stop.signal is not None if ctx.world == 1 else halt  # ranks stop together
+                    if stopping or (every and loop["step"] % every == 0):
                         loop["train_seconds"] += time.perf_counter() - t_segment
                         save_checkpoint()
                         t_segment = time.perf_counter()
-                        if stop.signal is not None:
-                            raise Interrupted(stop.signal, loop["step"], out)
+                        if stopping:
+                            raise Interrupted(stop.signal or signal.SIGTERM, loop["step"], out)
                 loop["epoch"] += 1
                 loop["batch_in_epoch"] = 0
                 loop["train_seconds"] += time.perf_counter() - t_segment
@@ -690,21 +807,27 @@ def fit(
         bar.close()
     step.record()
     loop["compile"] = step.decision
+    if ctx.world > 1:
+        loop["compile"] = f"{'compiled forward' if compiled_forward else 'eager'}, DDP over {ctx.world} ranks"
     if cfg.train.checkpoint_every and loop["step"] % cfg.train.checkpoint_every:
         save_checkpoint()  # the final state, when it did not fall on a checkpoint step
-    summary = finish(s, out, loop, ema)
+    summary = finish(s, out, loop, ema, write=ctx.main)
     log.write("end", **summary)
     log.close()
     return summary
 
 
-def finish(s: Setup, out: Path, loop: dict[str, Any], ema: EMA | None = None) -> dict[str, Any]:
-    """Final evaluation, pictures and summary.json (with the weight average, where there is one)."""
+def finish(
+    s: Setup, out: Path, loop: dict[str, Any], ema: EMA | None = None, write: bool = True
+) -> dict[str, Any]:
+    """Final evaluation, pictures and summary.json (with the weight average, where there is one).
+
+    Data-parallel runs: every rank evaluates its share; only rank 0 (``write``) writes files."""
     with averaged(ema):
-        return _finish(s, out, loop)
+        return _finish(s, out, loop, write)
 
 
-def _finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
+def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> dict[str, Any]:
     cfg, vae = s.cfg, s.vae
     t0 = time.perf_counter()
     eval_gen = runtime.generator(s.device, 54321)
@@ -722,7 +845,8 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
             generator=eval_gen,
         )
     )
-    write_pictures(s, out)
+    if write:
+        write_pictures(s, out)
     dims = math.prod(s.data.event_shape)
     discrete = vae.likelihood.discrete
     summary = {
@@ -757,6 +881,10 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any]) -> dict[str, Any]:
         "rollbacks": loop.get("rollbacks", 0),
         "ema": cfg.train.ema,
     }
+    if loop.get("global_batch", cfg.train.batch_size) != cfg.train.batch_size:  # data-parallel
+        summary["global_batch"] = loop["global_batch"]
+    if not write:
+        return summary
     if s.data.is_tokens:  # text: nats per token, perplexity, active units, reconstruction accuracy
         from .text import text_summary
 

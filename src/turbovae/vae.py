@@ -31,10 +31,20 @@ class VAE(nn.Module):
         return self.likelihood.event_shape
 
     def prior(self, device: torch.device | str | None = None) -> DiagonalGaussian:
-        return DiagonalGaussian.standard((self.latent,), device=device)
+        """p(z) = N(0, I); for a hierarchical network, the top group's prior (the lower groups' priors are
+        conditional: ``sample`` draws from them)."""
+        size = self.net.top_size if self.hierarchical else self.latent
+        return DiagonalGaussian.standard((size,), device=device)  # type: ignore[arg-type]
+
+    @property
+    def hierarchical(self) -> bool:
+        """Whether the network is a top-down hierarchy of latent groups (``models/hvae.py``): its latent
+        vector is all groups' values, its prior is conditional, not N(0, I) over the flat vector."""
+        return bool(getattr(self.net, "hierarchical", False))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """The posterior q(z | x); ``.mean`` gives the usual embedding."""
+        """The posterior q(z | x); ``.mean`` gives the usual embedding. For a hierarchical network, the
+        top group's posterior q(z_1 | x), the one group whose prior is N(0, I)."""
         return self.net.encode(x)  # type: ignore[operator]
 
     @property
@@ -63,15 +73,21 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decode_params(z))
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """E[x | z = mean of q(z | x)]."""
+        """E[x | z = mean of q(z | x)]; hierarchical: every group at its posterior mean, top-down."""
+        if self.hierarchical:
+            return self.likelihood.mean(self.net.reconstruct_params(x))  # type: ignore[operator]
         return self.decode(self.encode(x).mean)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True) -> torch.Tensor:
         """n draws from the model: z ~ N(0, I), then E[x | z] (``mean=True``) or x ~ p(x | z).
 
-        For text: token ids (n, T), decoded greedily (``mean=True``) or drawn token by token."""
+        For text: token ids (n, T), decoded greedily (``mean=True``) or drawn token by token.
+        Hierarchical: z drawn top-down from the conditional priors p(z_l | z_<l)."""
         device = next(self.parameters()).device
+        if self.hierarchical:
+            params = self.net.sample_params(n, generator)  # type: ignore[operator]
+            return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
         z = self.prior(device).rsample((n,), generator=generator)
         if self.autoregressive:
             return self.net.generate(z, self.event_shape[0], generator, greedy=mean)  # type: ignore[operator]

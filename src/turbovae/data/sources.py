@@ -89,6 +89,14 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 
+def _with_levels(dataset: Dataset) -> Dataset:
+    """Byte data record how many values they can take (``meta["levels"]``: 256 for 8-bit images, 17 for
+    digits' 0..16, 2 for booleans), which the 8-bit likelihoods check; float data record nothing."""
+    if dataset.is_bytes:
+        dataset.meta["levels"] = round(dataset.max_value) + 1
+    return dataset
+
+
 def _check_options(resize: tuple[int, int] | None, test_fraction: float) -> None:
     if resize is not None and (
         not isinstance(resize, tuple | list)
@@ -174,13 +182,16 @@ def load_dataset(
         )
     if spec in DATASETS:
         dataset = DATASETS[spec](test_fraction=test_fraction, split_seed=split_seed, data_dir=data_dir)
-        return _resized(dataset, resize)
+        return _with_levels(_resized(dataset, resize))
     path = Path(spec).expanduser()
     if path.is_dir():
-        return load_image_folder(path, resize=resize, test_fraction=test_fraction, split_seed=split_seed)
+        return _with_levels(
+            load_image_folder(path, resize=resize, test_fraction=test_fraction, split_seed=split_seed)
+        )
     if path.is_file():
         if path.suffix.lower() in (".npz", ".npy"):
-            return _resized(load_arrays(path, test_fraction=test_fraction, split_seed=split_seed), resize)
+            arrays = load_arrays(path, test_fraction=test_fraction, split_seed=split_seed)
+            return _with_levels(_resized(arrays, resize))
         raise DataError(
             f"{path}: unsupported file type '{path.suffix}', expected .npz, .npy or an image folder"
         )

@@ -1,0 +1,380 @@
+"""A top-down hierarchical VAE for images, in the VDVAE / Efficient-VDVAE family (Child 2021; Hazami et
+al. 2022), with NVAE's residual posterior (Vahdat & Kautz 2020).
+
+Levels: ``model.channels`` gives one width per resolution level. Level 0 is the input's resolution
+divided by ``patch`` (a p×p stride-p stem: space-to-depth); every further level halves it, rounding up
+(28 → 14 → 7 → 4 → 2 → 1). The bottom-up encoder is a ResNet: the stem, ``enc_blocks[i]`` bottleneck
+residual blocks at level i and a 2×2 stride-2 convolution between levels; it keeps the activations at
+the end of each level. The top-down decoder starts from a learned constant at the lowest level and runs,
+from the lowest level to level 0, ``groups[i]`` stochastic layers ("groups") per level, a 2×2 stride-2
+transposed convolution between levels, and a 1×1 convolution (p×p stride-p transposed with a patch) to
+the likelihood's parameters. Group l (top-down order) has ``latent_channels[i]`` channels at its level's
+resolution and
+
+    prior      p(z_l | z_<l)    = N(μ_p, σ_p) from the decoder state h (the top group: N(0, I))
+    posterior  q(z_l | x, z_<l) = N(μ_p + Δμ, σ_p · Δσ) from [h, encoder activations]   (residual)
+    update     h ← ResBlock(h + prior features + 1×1 conv(z_l))
+
+so that each group's KL is analytic given z_<l and starts near 0: the prior head's last layer is
+zero-initialised (p = N(0, I), no features), the posterior head's scaled by 0.1 (q ≈ p), and the last
+layers of the residual branches and of the z projection by 1/√(number of layers) (VDVAE), so that the
+decoder state is not swamped by noise at the start.
+
+The flat latent vector the training loop draws noise for (``latent_size`` = Σ_l C_l·H_l·W_l) is the
+concatenation of the groups' noise in top-down order, each flattened as (C, H, W). ``encode`` returns
+the top group's posterior q(z_1 | x) (the one group whose prior is N(0, I)); ``decode`` takes either
+the whole flat vector or the top group's values alone (the lower groups then take their prior means).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributions import DiagonalGaussian
+from ..errors import ConfigError
+from .mlp import ACTIVATIONS
+
+_LN2 = math.log(2.0)
+# NHWC: oneDNN's bf16 convolutions run several times faster on it than on NCHW (and cuDNN prefers it);
+# every tensor that enters a conv is kept in it, since a mix falls back to the slow layout
+NHWC = torch.channels_last
+# a stochastic layer's choice of z given its prior p and posterior q (None where x is not given):
+# pick(group index, p, q) -> z (N, D) flattened
+Pick = Callable[[int, DiagonalGaussian, DiagonalGaussian | None], torch.Tensor]
+
+
+def _conv(c_in: int, c_out: int, kernel: int, scale: float = 1.0) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2)
+    if scale != 1.0:  # VDVAE: the last layer of a residual branch scaled down (0: zero-initialised)
+        with torch.no_grad():
+            conv.weight.mul_(scale)
+            if conv.bias is not None:
+                conv.bias.zero_()
+    return conv
+
+
+class Block(nn.Module):
+    """VDVAE's bottleneck unit act → 1×1 → act → k×k → act → 1×1 (k = 3, or 1 at 2×2 and below), with
+    a residual connection when ``residual``; ``last_scale`` scales the initial weights of the last conv."""
+
+    def __init__(self, c_in: int, c_mid: int, c_out: int, activation: str, residual: bool, size: int,
+                 last_scale: float = 1.0) -> None:  # fmt: skip
+        super().__init__()
+        act = ACTIVATIONS[activation]
+        k = 3 if size > 2 else 1
+        self.residual = residual
+        self.body = nn.Sequential(
+            act(),
+            _conv(c_in, c_mid, 1),
+            act(),
+            _conv(c_mid, c_mid, k),
+            act(),
+            _conv(c_mid, c_out, 1, last_scale),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class Group(nn.Module):
+    """One stochastic layer of the top-down decoder (VDVAE's DecBlock with a residual posterior)."""
+
+    def __init__(self, width: int, mid: int, z_channels: int, size: tuple[int, int], activation: str,
+                 top: bool, n_groups: int, softplus: bool, residual_posterior: bool) -> None:  # fmt: skip
+        super().__init__()
+        h, w = size
+        self.z_channels, self.size, self.top = z_channels, size, top
+        self.softplus, self.residual_posterior = softplus, residual_posterior
+        self.dims = z_channels * h * w
+        side = min(h, w)
+        # the prior head starts at zero (p = N(0, I), no features), the posterior head near zero (q ≈ p):
+        # every group's KL starts near 0 and the decoder state is not swamped by noise
+        self.posterior = Block(2 * width, mid, 2 * z_channels, activation, False, side, last_scale=0.1)
+        self.prior = None if top else Block(width, mid, 2 * z_channels + width, activation, False, side,
+                                            last_scale=0.0)  # fmt: skip
+        self.z_proj = _conv(z_channels, width, 1, scale=1.0 / math.sqrt(n_groups))
+        self.res = Block(width, mid, width, activation, True, side, last_scale=1.0 / math.sqrt(n_groups))
+
+    def _log_scale(self, raw: torch.Tensor) -> torch.Tensor:
+        """log σ of a raw output. softplus (Efficient-VDVAE's gradient smoothing): σ = log2(1 + 2^raw),
+        1 at raw = 0, whose log has a gradient bounded by ln 2 as σ → 0, where exp's log-σ takes
+        unbounded steps; exp: σ = e^raw (VDVAE)."""
+        return torch.log(F.softplus(raw, beta=_LN2)) if self.softplus else raw
+
+    def _gaussian(self, loc: torch.Tensor, raw: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(loc.flatten(1), self._log_scale(raw.float()).flatten(1))
+
+    def forward(
+        self, h: torch.Tensor, feat: torch.Tensor | None, index: int, pick: Pick
+    ) -> tuple[torch.Tensor, tuple[DiagonalGaussian | None, DiagonalGaussian, torch.Tensor]]:
+        """(new h, (q or None, p, z)) for the decoder state h (N, width, H, W) and encoder activations."""
+        n = h.shape[0]
+        if self.prior is None:  # the top group: p = N(0, I)
+            p = DiagonalGaussian.standard((n, self.dims), device=h.device)
+            h_next = h
+        else:
+            p_loc, p_raw, features = self.prior(h).split([self.z_channels, self.z_channels, h.shape[1]], 1)
+            p = self._gaussian(p_loc.float(), p_raw)
+            h_next = h + features
+        q = None
+        if feat is not None:
+            d_loc, d_raw = self.posterior(torch.cat([h, feat], 1)).chunk(2, 1)
+            delta = self._gaussian(d_loc.float(), d_raw)
+            if self.residual_posterior:  # NVAE: relative to the prior, so KL = 0 while the head is 0
+                q = DiagonalGaussian(p.loc + delta.loc, p.log_scale + delta.log_scale)
+            else:
+                q = delta
+        z = pick(index, p, q)  # (N, D)
+        h_next = h_next + self.z_proj(z.view(n, self.z_channels, *self.size).to(h.dtype))
+        return self.res(h_next), (q, p, z)
+
+
+class HVAENet(nn.Module):
+    """The network of the top-down hierarchical VAE (see the module docstring); ``hierarchical = True``
+    tells the objectives, the VAE and the evaluation to go top-down."""
+
+    hierarchical = True
+
+    def __init__(
+        self,
+        event_shape: tuple[int, ...],
+        params_per_dim: int,
+        channels: list[int],
+        groups: list[int],
+        latent_channels: list[int],
+        enc_blocks: list[int],
+        activation: str = "silu",
+        bottleneck: float = 0.25,
+        softplus_scales: bool = True,
+        residual_posterior: bool = True,
+        kl_balance: bool = True,
+        patch: int = 1,
+    ) -> None:
+        super().__init__()
+        if len(event_shape) != 3:
+            raise ConfigError(
+                f"model 'hvae' needs images (C, H, W), but the data have shape {tuple(event_shape)}"
+            )
+        levels = len(channels)
+        for key, values in (("groups", groups), ("latent_channels", latent_channels),
+                            ("enc_blocks", enc_blocks)):  # fmt: skip
+            if len(values) != levels:
+                raise ConfigError(
+                    f"model.{key} needs one entry per resolution level ({levels}, as model.channels "
+                    f"{channels}), got {values}"
+                )
+            if any(v < 0 for v in values):
+                raise ConfigError(f"model.{key} must not be negative, got {values}")
+        if sum(groups) < 1:
+            raise ConfigError(f"model.groups must hold at least one stochastic layer, got {groups}")
+        if any(c < 1 for g, c in zip(groups, latent_channels, strict=True) if g):
+            raise ConfigError(
+                f"model.latent_channels must be >= 1 where there are groups, got {latent_channels}"
+            )
+        if not 0 < bottleneck <= 4:
+            raise ConfigError(f"model.bottleneck must be in (0, 4], got {bottleneck}")
+        c_in, height, width = event_shape
+        if patch < 1 or height % patch or width % patch:
+            raise ConfigError(
+                f"model.patch must be >= 1 and divide the image size, got {patch} for {height}×{width}"
+            )
+        # level 0 is the input's resolution over the patch size; then halving, rounded up: 28, 14, 7, 4, 2, 1
+        sizes = [(-(-height // patch // 2**i), -(-width // patch // 2**i)) for i in range(levels)]
+        if levels > 1 and sizes[-2] == (1, 1):
+            raise ConfigError(
+                f"model 'hvae': {height}×{width} images reach 1×1 after {sizes.index((1, 1)) + 1} levels, "
+                f"but model.channels has {levels}"
+            )
+        self.event_shape = tuple(event_shape)
+        self.params_per_dim = params_per_dim
+        self.kl_balance = kl_balance
+        mids = [max(4, round(c * bottleneck)) for c in channels]
+        # the stem: a 3×3 conv, or with patch p > 1 a p×p stride-p conv (space-to-depth: no layer ever
+        # runs at the input's resolution, which is where small convolutions cost most on a CPU)
+        self.stem = (
+            _conv(c_in, channels[0], 3) if patch == 1 else nn.Conv2d(c_in, channels[0], patch, stride=patch)
+        )
+        self.enc = nn.ModuleList(
+            nn.Sequential(*(Block(channels[i], mids[i], channels[i], activation, True, min(sizes[i]),
+                                  last_scale=1.0 / math.sqrt(max(1, sum(enc_blocks))))
+                            for _ in range(enc_blocks[i])))
+            for i in range(levels)
+        )  # fmt: skip
+        # between levels, learned resampling: a 2×2 stride-2 conv down (space-to-depth + 1×1 conv) and a
+        # 2×2 stride-2 transposed conv up (1×1 conv + depth-to-space): every output pixel gets its own
+        # features, which nearest-neighbour upsampling would not give a level without layers; odd sizes
+        # are padded on the way down and cropped on the way up
+        self.sizes = sizes
+        self.down = nn.ModuleList(
+            nn.Conv2d(channels[i], channels[i + 1], 2, stride=2) for i in range(levels - 1)
+        )
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(channels[i + 1], channels[i], 2, stride=2) for i in range(levels - 1)
+        )
+        self.h_top = nn.Parameter(torch.zeros(1, channels[-1], *sizes[-1]))
+        n_groups = sum(groups)
+        self.groups = nn.ModuleList()
+        self.group_level: list[int] = []  # the level of every group, top-down
+        self.group_sizes: list[int] = []  # its latent dims C·H·W
+        for level in reversed(range(levels)):
+            for _ in range(groups[level]):
+                self.group_sizes.append(latent_channels[level] * sizes[level][0] * sizes[level][1])
+                self.groups.append(
+                    Group(channels[level], mids[level], latent_channels[level], sizes[level], activation,
+                          top=not self.group_level, n_groups=n_groups, softplus=softplus_scales,
+                          residual_posterior=residual_posterior)
+                )  # fmt: skip
+                self.group_level.append(level)
+        self.latent_size = sum(self.group_sizes)
+        self.top_size = self.group_sizes[0]
+        # KL balancing's α_l: each group's share of the latent dims (a buffer: no host copy in a CUDA graph)
+        self.group_dims: torch.Tensor
+        sizes_t = torch.tensor(self.group_sizes, dtype=torch.float32)
+        self.register_buffer("group_dims", sizes_t / sizes_t.min(), persistent=False)
+        self.out = nn.Sequential(
+            ACTIVATIONS[activation](),
+            _conv(channels[0], params_per_dim * c_in, 1)
+            if patch == 1  # else depth-to-space: every pixel of a patch its own parameters
+            else nn.ConvTranspose2d(channels[0], params_per_dim * c_in, patch, stride=patch),
+        )
+        # NHWC weights (the loop converts only the plain conv model, and only on CUDA)
+        self.to(memory_format=NHWC)  # type: ignore[call-overload]
+        # floats of a decoded example: the decoder state at every level and the output, the size the
+        # IWAE evaluation plans its chunks by (a rough scale: the memory a chunk needs stays small)
+        self.activation_values = sum(c * h * w for c, (h, w) in zip(channels, sizes, strict=True)) + (
+            params_per_dim * c_in * height * width
+        )
+
+    # ---- bottom-up ---------------------------------------------------------------------------------
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's activations at the end of every level, level 0 first: (B, W_i, H_i, W_i)."""
+        h = self.stem((2.0 * x - 1.0).contiguous(memory_format=NHWC))
+        feats = []
+        for i, blocks in enumerate(self.enc):
+            h = blocks(h)
+            feats.append(h)
+            if i < len(self.down):
+                h = self.down[i](
+                    F.pad(h, (0, h.shape[3] % 2, 0, h.shape[2] % 2))
+                    if h.shape[2] % 2 or h.shape[3] % 2
+                    else h
+                )
+        return feats
+
+    # ---- top-down ----------------------------------------------------------------------------------
+
+    def top_down(
+        self, n: int, feats: list[torch.Tensor] | None, pick: Pick, stop_after: int | None = None
+    ) -> tuple[torch.Tensor, list[tuple[DiagonalGaussian | None, DiagonalGaussian, torch.Tensor]]]:
+        """(likelihood parameters (n, P, C, H, W), [(q, p, z) per group]) for n examples; ``feats``
+        (n examples each) give the posteriors, None runs the prior alone."""
+        h = self.h_top.expand(n, -1, -1, -1).contiguous(memory_format=NHWC)
+        level = len(self.enc) - 1
+        records = []
+        for index, group in enumerate(self.groups):
+            while self.group_level[index] < level:
+                level -= 1
+                h = self._up(h, level)
+            h, record = group(h, None if feats is None else feats[level], index, pick)
+            records.append(record)
+            if stop_after is not None and len(records) >= stop_after:
+                return h, records
+        while level > 0:
+            level -= 1
+            h = self._up(h, level)
+        c, height, width = self.event_shape
+        return self.out(h).view(n, self.params_per_dim, c, height, width), records
+
+    def _up(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        """From level + 1 to ``level``: the transposed conv, cropped to the level's size."""
+        height, width = self.sizes[level]
+        h = self.up[level](h)
+        return h if h.shape[2:] == (height, width) else h[:, :, :height, :width]
+
+    def _slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return list(flat.split(self.group_sizes, dim=-1))
+
+    def posterior(
+        self, feats: list[torch.Tensor], eps: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[DiagonalGaussian, DiagonalGaussian | None, torch.Tensor]]]:
+        """Reparameterised samples z_l = μ_q + σ_q·ε_l, top-down, for noise ``eps`` (..., B, latent_size)
+        (leading sample dims in front of the batch). Returns the likelihood parameters (..., B, P, *event)
+        and, per group, (q, p, z) with shapes (..., B, D_l); p is None for the top group (N(0, I))."""
+        lead, batch = eps.shape[:-1], feats[0].shape[0]
+        n = math.prod(lead)
+        if n != batch:  # importance samples: every example's activations once per sample
+            feats = [
+                f.unsqueeze(0)
+                .expand(n // batch, *f.shape)
+                .reshape(n, *f.shape[1:])
+                .contiguous(memory_format=NHWC)
+                for f in feats
+            ]
+        noise = self._slices(eps.reshape(n, -1).float())
+
+        def pick(i: int, p: DiagonalGaussian, q: DiagonalGaussian | None) -> torch.Tensor:
+            assert q is not None
+            return q.loc + noise[i] * q.stddev
+
+        params, records = self.top_down(n, feats, pick)
+
+        def shaped(d: DiagonalGaussian) -> DiagonalGaussian:
+            return DiagonalGaussian(d.loc.view(*lead, -1), d.log_scale.view(*lead, -1))
+
+        out = []
+        for index, (q, p, z) in enumerate(records):
+            assert q is not None
+            out.append((shaped(q), None if index == 0 else shaped(p), z.view(*lead, -1)))
+        return params.view(*lead, *params.shape[1:]), out
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """The top group's posterior q(z_1 | x), (B, top_size): the latents whose prior is N(0, I)."""
+        records = self.top_down(len(x), self.features(x), lambda i, p, q: q.loc, stop_after=1)[1]  # type: ignore[union-attr]
+        q = records[0][0]
+        assert q is not None
+        return q
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters (..., P, *event) for latents z (..., latent_size), all groups given,
+        or z (..., top_size), the top group given and the lower groups at their prior means."""
+        lead = z.shape[:-1]
+        flat = z.reshape(-1, z.shape[-1]).float()
+        if z.shape[-1] == self.latent_size:
+            values = self._slices(flat)
+
+            def pick(i: int, p: DiagonalGaussian, q: DiagonalGaussian | None) -> torch.Tensor:
+                return values[i]
+        elif z.shape[-1] == self.top_size:
+
+            def pick(i: int, p: DiagonalGaussian, q: DiagonalGaussian | None) -> torch.Tensor:
+                return flat if i == 0 else p.loc
+        else:
+            raise ValueError(
+                f"hvae decodes z of {self.latent_size} (all groups) or {self.top_size} (the top group) "
+                f"values, got {z.shape[-1]}"
+            )
+        params = self.top_down(len(flat), None, pick)[0]
+        return params.view(*lead, *params.shape[1:])
+
+    def sample_params(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """Likelihood parameters (n, P, *event) of n ancestral draws z_l ~ p(z_l | z_<l), top-down, with
+        the prior scales multiplied by ``temperature``."""
+        device = self.h_top.device
+
+        def pick(i: int, p: DiagonalGaussian, q: DiagonalGaussian | None) -> torch.Tensor:
+            eps = torch.randn(p.loc.shape, generator=generator, device=device)
+            return p.loc + temperature * eps * p.stddev
+
+        return self.top_down(n, None, pick)[0]
+
+    def reconstruct_params(self, x: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters for z_l = the mean of q(z_l | x, z_<l) in every group, top-down."""
+        return self.top_down(len(x), self.features(x), lambda i, p, q: q.loc)[0]  # type: ignore[union-attr]
