@@ -137,18 +137,26 @@ def test_clipping_bounds_the_applied_gradient():
     assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
 
 
-def test_ema_averages_and_swaps_back():
+def test_ema_averages_with_a_warm_up_and_swaps_back():
     model = torch.nn.Linear(3, 2)
     ema = EMA(model, decay=0.5)
     start = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    ema.update()  # halfway from the start to the new weights
-    assert all(torch.allclose(e, s + 0.5) for e, s in zip(ema.params, start, strict=True))
+    ema.update()  # d = min(0.5, 1/10): the first update moves 90% of the way
+    assert all(torch.allclose(e, s + 0.9) for e, s in zip(ema.params, start, strict=True))
+    for _ in range(20):  # after the warm-up d = 0.5: each update halves the remaining distance
+        ema.update()
+    assert all(torch.allclose(e, s + 1.0, atol=1e-5) for e, s in zip(ema.params, start, strict=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    assert all(torch.allclose(e, s + 1.5, atol=1e-5) for e, s in zip(ema.params, start, strict=True))
     with ema.swapped():
-        assert all(torch.allclose(p, s + 0.5) for p, s in zip(model.parameters(), start, strict=True))
-    assert all(torch.allclose(p, s + 1.0) for p, s in zip(model.parameters(), start, strict=True))
+        assert all(torch.allclose(p, e) for p, e in zip(model.parameters(), ema.params, strict=True))
+    assert all(torch.allclose(p, s + 2.0) for p, s in zip(model.parameters(), start, strict=True))
 
 
 # ---- the loop -----------------------------------------------------------------------------------------

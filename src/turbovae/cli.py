@@ -456,7 +456,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"IWAE NLL {result['nll_iwae_per_token']:.4f} nats, perplexity {result['perplexity']:.3f}"
             )
         print(
-            f"  latent       {result['active_units']} of {result['latent']} units active, "
+            f"  latent       {result['active_units']} of {result.get('top_latent', result['latent'])} units "
+            f"{'of the top group ' if 'top_latent' in result else ''}active, "
             f"I(x; z) {result['mutual_info']:.3f} nats, KL(q(z) || p(z)) {result['marginal_kl']:.3f} nats"
         )
         floor = f", {result['floor_ratio']:.2f}x the matmul floor" if "floor_ratio" in result else ""

@@ -409,11 +409,11 @@ def validate(cfg: Config) -> None:
     for key, widths in (("model.hidden", cfg.model.hidden), ("model.channels", cfg.model.channels)):
         if not widths or any(w < 1 for w in widths):
             raise ConfigError(f"{key} must be a non-empty list of positive widths, got {widths}")
-    for key in ("groups", "latent_channels", "enc_blocks"):
+    for key, least in (("groups", 0), ("latent_channels", 1), ("enc_blocks", 0)):
         values = getattr(cfg.model, key)
-        if values and (len(values) != len(cfg.model.channels) or any(v < 1 for v in values)):
+        if values and (len(values) != len(cfg.model.channels) or any(v < least for v in values)):
             raise ConfigError(
-                f"model.{key} needs one positive entry per level of model.channels "
+                f"model.{key} needs one entry >= {least} per level of model.channels "
                 f"({len(cfg.model.channels)}), got {values}"
             )
     if cfg.model.patch < 1 or cfg.model.mixtures < 1 or not 0 < cfg.model.bottleneck <= 1:

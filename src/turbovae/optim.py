@@ -215,28 +215,37 @@ class GradGuard:
 
 
 class EMA:
-    """An exponential moving average of a model's parameters (and a copy of its buffers), updated on
-    the device after every step: ema ← ema + (1 − decay)·(θ − ema)."""
+    """An exponential moving average of a model's parameters, updated on the device after every step:
+    ema ← d·ema + (1 − d)·θ, with d = min(decay, (1 + t)/(10 + t)) after t updates. The warm-up of d
+    keeps a short run's average from still holding the initial weights (with d = 0.999, 37% of them
+    after 1,000 steps)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.names = [name for name, _ in model.named_parameters()]
         self.model_params: list[torch.Tensor] = list(model.parameters())
         self.params = [p.detach().clone() for p in self.model_params]
+        self.updates = torch.zeros((), device=self.params[0].device)
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.params, [p.detach() for p in self.model_params], 1 - self.decay)
+        d = torch.clamp((1 + self.updates) / (10 + self.updates), max=self.decay)
+        torch._foreach_mul_(self.params, d)
+        torch._foreach_add_(self.params, torch._foreach_mul([p.detach() for p in self.model_params], 1 - d))
+        self.updates.add_(1)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """``{"ema.<parameter name>": tensor}``, as checkpoints store it."""
-        return {f"ema.{name}": p for name, p in zip(self.names, self.params, strict=True)}
+        """``{"ema.<parameter name>": tensor}`` and ``ema_updates``, as checkpoints store them."""
+        named = {f"ema.{name}": p for name, p in zip(self.names, self.params, strict=True)}
+        return {**named, "ema_updates": self.updates}
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, p in zip(self.names, self.params, strict=True):
             if f"ema.{name}" in tensors:
                 p.copy_(tensors[f"ema.{name}"])
+        if "ema_updates" in tensors:
+            self.updates.copy_(tensors["ema_updates"])
 
     @contextmanager
     def swapped(self) -> Iterator[None]:

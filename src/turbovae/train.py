@@ -386,6 +386,12 @@ def make_step(
             "train.skip_grad needs precision bf16 or fp32 (fp16's scaler already skips inf steps)"
         )
 
+    # the optimiser reads its skip flag from this tensor (set once here: an attribute assignment inside
+    # the step would break torch.compile's tracing on some versions)
+    found_inf = torch.zeros((), device=device)
+    if scaler is None:
+        opt.found_inf = found_inf  # type: ignore[attr-defined]
+
     def step(x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None) -> torch.Tensor:
         """``beta``: this step's KL weight (a 0-dim tensor, under a KL schedule), else train.beta."""
         with runtime.autocast(device, precision):
@@ -403,7 +409,7 @@ def make_step(
         else:
             terms["loss"].backward()
             keep = guard()
-            opt.found_inf = (~keep).float()  # type: ignore[attr-defined]  # 1: the optimiser skips
+            found_inf.copy_(~keep)  # 1: the optimiser skips the step
             opt.step()
         if ema is not None:
             ema.update()
@@ -472,7 +478,7 @@ class Snapshot:
             "model": list(st.vae.state_dict().values()),
             "optim": [v for p in st.opt.state.values() for v in p.values() if isinstance(v, torch.Tensor)],
             "guard": list(st.guard.state.values()),
-            "ema": list(st.ema.params) if st.ema is not None else [],
+            "ema": [*st.ema.params, st.ema.updates] if st.ema is not None else [],
         }
 
     @torch.no_grad()
@@ -531,7 +537,8 @@ def collapse_check(s: Setup, log: MetricsLog, loop: dict[str, Any]) -> dict[str,
     late = loop["epoch"] >= max(1, s.cfg.train.epochs // 4)
     if active < len(kl) / 2 and late and not loop.get("collapse_warned"):
         loop["collapse_warned"] = True
-        msg = (f"posterior collapse: {active} of {len(kl)} latent units are active after epoch "
+        which = " of the top group" if getattr(s.vae.net, "hierarchical", False) else ""
+        msg = (f"posterior collapse: {active} of {len(kl)} latent units{which} are active after epoch "
                f"{loop['epoch']}; "
                "remedies: train.kl_warmup_steps or train.kl_cycles (anneal β), train.free_bits, a lower "
                "train.beta, model.word_dropout for text")  # fmt: skip
@@ -706,7 +713,8 @@ def _fit(
         cfg.train.compile if forward is None else "off",
         device,
         key=f"{device.type}|{torch.__version__}|{m.name}|{s.data.event_shape}|{m.hidden}|{m.channels}|"
-        f"{m.latent}|{m.likelihood}|{cfg.train.objective}|{s.precision}|{batch}",
+        f"{m.latent}|{m.likelihood}|{cfg.train.objective}|{s.precision}|{batch}"
+        + (f"|{m.groups}|{m.latent_channels}|{m.enc_blocks}|{m.patch}" if m.name == "hvae" else ""),
         remaining_steps=total_steps - loop["step"],
         graphs=cfg.train.cuda_graph and not tokens and scaler is None and forward is None,
     )
