@@ -348,7 +348,7 @@ class Task(nn.Module):
                                            k=cfg.train.iwae_k, free_bits=cfg.train.free_bits)  # fmt: skip
 
     def forward(
-        self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None
+        self, x: torch.Tensor, eps: torch.Tensor, beta: float | torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         if beta is None:
             return self.objective(self.vae, x, eps=eps)
@@ -370,15 +370,14 @@ def make_step(
     its gradient, the guard (clipping; a NaN/Inf or, with train.skip_grad, an outlying gradient skips
     the step through the optimiser's found_inf), the update and the weight average.
 
-    ``forward``: the objective's forward ``(x, eps, beta) -> terms`` to use instead of calling the
-    objective on ``vae``: a DDP-wrapped ``Task``, whose backward averages the gradients over the ranks
+    ``forward``: the objective's forward ``(x, eps, beta) -> terms``, by default ``Task(vae, cfg)``;
+    data-parallel runs pass the DDP-wrapped Task, whose backward averages the gradients over the ranks
     (the guard then sees the same global gradient on every rank, so skip decisions agree).
 
     Returns the ``STATS`` vector on the device: nothing here waits for the device, so the whole step
     can be compiled, or captured as one CUDA graph.
     """
-    objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta, k=cfg.train.iwae_k,
-                                  free_bits=cfg.train.free_bits)  # fmt: skip
+    forward = forward or Task(vae, cfg)
     params = [p for p in vae.parameters() if p.requires_grad]
     guard = guard or GradGuard(cfg, params, device)
     if scaler is not None and cfg.train.skip_grad:
@@ -395,10 +394,7 @@ def make_step(
     def step(x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None) -> torch.Tensor:
         """``beta``: this step's KL weight (a 0-dim tensor, under a KL schedule), else train.beta."""
         with runtime.autocast(device, precision):
-            if forward is not None:  # data-parallel: through DDP
-                terms = forward(x, eps, beta)
-            else:
-                terms = objective(vae, x, eps=eps) if beta is None else objective(vae, x, eps=eps, beta=beta)
+            terms = forward(x, eps, beta)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: the scaler skips non-finite steps itself
             scaler.scale(terms["loss"]).backward()
@@ -432,9 +428,8 @@ class NoiseProbe:
 
         every = cfg.train.noise_scale_every or cfg.train.log_every
         self.every = max(every, 0)
-        self.vae, self.device, self.precision = vae, device, precision
-        self.objective = functools.partial(get_objective(cfg.train.objective), beta=cfg.train.beta,
-                                           k=cfg.train.iwae_k, free_bits=cfg.train.free_bits)  # fmt: skip
+        self.device, self.precision = device, precision
+        self.task = Task(vae, cfg)  # not DDP's: the probe's gradient is this rank's own
         self.params = [p for p in vae.parameters() if p.requires_grad]
         self.estimator = NoiseScale()
         self.g2_small: torch.Tensor | None = None
@@ -446,8 +441,7 @@ class NoiseProbe:
     def small(self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None) -> None:
         h = len(x) // 2
         with runtime.autocast(self.device, self.precision):
-            kwargs = {} if beta is None else {"beta": beta}
-            loss = self.objective(self.vae, x[:h], eps=eps.narrow(-2, 0, h), **kwargs)["loss"]
+            loss = self.task(x[:h], eps.narrow(-2, 0, h), beta)["loss"]
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         self.g2_small = sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(()))
         self.b_small = h

@@ -325,18 +325,18 @@ class _Runner:
     def __init__(self, s: Setup, cfg: Config, seed: int, x_train: torch.Tensor | None = None) -> None:
         from . import runtime
         from .data.batches import preparer
-        from .objectives import get_objective, noise_shape_of
+        from .objectives import noise_shape_of
         from .optim import make_optimizer
+        from .train import Task
 
         self.s, self.cfg, self.device = s, cfg, s.device
         self.vae = fresh_vae(s, cfg, seed)
         self.vae.train()
         self.opt = make_optimizer(cfg, self.vae, s.device)
         self.params = [p for p in self.vae.parameters() if p.requires_grad]
-        self.objective = functools.partial(
-            get_objective(cfg.train.objective), k=cfg.train.iwae_k, free_bits=cfg.train.free_bits
-        )
-        self.noise_shape = functools.partial(noise_shape_of, cfg.train.objective, latent=cfg.model.latent,
+        self.task = Task(self.vae, cfg)  # the objective as `turbovae train` calls it
+        # the VAE's latent width: a hierarchical net's is all its groups, not model.latent
+        self.noise_shape = functools.partial(noise_shape_of, cfg.train.objective, latent=self.vae.latent,
                                              k=cfg.train.iwae_k)  # fmt: skip
         self.gen_data = runtime.generator(s.device, seed)
         self.gen_noise = runtime.generator(s.device, seed + 1)
@@ -360,9 +360,8 @@ class _Runner:
     def loss(self, x: torch.Tensor, eps: torch.Tensor, beta: float | None = None) -> torch.Tensor:
         from . import runtime
 
-        beta = self.cfg.train.beta if beta is None else beta
         with runtime.autocast(self.device, self.s.precision):
-            return self.objective(self.vae, x, eps=eps, beta=beta)["loss"]
+            return self.task(x, eps, beta)["loss"]  # beta None: train.beta
 
     def step(self, size: int, lr: float, beta: float | None = None) -> torch.Tensor:
         """One optimisation step at learning rate ``lr``; the loss, detached, still on the device."""
