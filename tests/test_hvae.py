@@ -30,6 +30,19 @@ def small(shape=SHAPE, likelihood="bernoulli", device="cpu", **options) -> VAE:
     return VAE(net, lik, net.latent_size).to(device)
 
 
+def test_temperature_scales_every_groups_prior():
+    """Hierarchical sampling at T = 0 takes every group's prior mean (all draws equal); colder draws
+    from the same noise lie nearer that mode than T = 1 draws."""
+    vae = small().eval()
+    mode = vae.sample(5, generator=torch.Generator().manual_seed(0), temperature=0.0)
+    assert torch.allclose(mode, mode[:1].expand_as(mode))
+    warm = vae.sample(5, generator=torch.Generator().manual_seed(1))
+    cold = vae.sample(5, generator=torch.Generator().manual_seed(1), temperature=0.2)
+    assert (cold - mode).abs().mean() < (warm - mode).abs().mean()
+    with pytest.raises(ConfigError, match="temperature"):
+        vae.sample(2, temperature=float("nan"))
+
+
 def binary(n=6, shape=SHAPE, device="cpu") -> torch.Tensor:
     return torch.rand(n, *shape, generator=torch.Generator().manual_seed(0)).round().to(device)
 

@@ -233,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing E[x|z]")
+    s.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="scale of the prior's standard deviations (hierarchical: of every group's); below 1 draws "
+        "nearer the prior's mode, 0 gives the mode (default 1)",
+    )
     s.add_argument("--device", default="auto")
 
     c = sub.add_parser(
@@ -546,7 +553,9 @@ def _sample_text(args: argparse.Namespace, vae: Any, device: Any) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix != ".txt":
         raise ConfigError(f"--out must end in .txt for a text run, got {out}")
-    lines = sample_lines(vae, args.n, runtime.generator(device, args.seed), greedy=not args.draw)
+    lines = sample_lines(
+        vae, args.n, runtime.generator(device, args.seed), greedy=not args.draw, temperature=args.temperature
+    )
     if out is None:
         print("\n".join(lines))
     else:
@@ -601,11 +610,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from .data.tables import write_table
         from .fidelity import synthesize
 
-        print(write_table(synthesize(vae, args.n, generator=runtime.generator(device, args.seed)), out))
+        rows = synthesize(
+            vae, args.n, generator=runtime.generator(device, args.seed), temperature=args.temperature
+        )
+        print(write_table(rows, out))
         return 0
     if out.suffix not in (".png", ".npy"):
         raise ConfigError(f"--out must end in .png or .npy (tables: .csv or .parquet), got {out}")
-    x = vae.sample(args.n, generator=runtime.generator(device, args.seed), mean=not args.draw).cpu()
+    x = vae.sample(
+        args.n,
+        generator=runtime.generator(device, args.seed),
+        mean=not args.draw,
+        temperature=args.temperature,
+    ).cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, x.numpy())

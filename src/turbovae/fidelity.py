@@ -36,15 +36,18 @@ COPY_DISTANCE = 1e-6
 
 
 @torch.no_grad()
-def synthesize(vae: VAE, n: int, *, generator: torch.Generator | None = None, draw: bool = True) -> Table:
-    """``n`` synthetic rows from a tabular run: z ~ N(0, I), then x ~ p(x | z) (``draw=True``: the
-    model's distribution, categories drawn from their softmax) or x = E[x | z] (``draw=False``:
-    the most likely category, the mean value), decoded back to the table's columns and types."""
+def synthesize(
+    vae: VAE, n: int, *, generator: torch.Generator | None = None, draw: bool = True, temperature: float = 1.0
+) -> Table:
+    """``n`` synthetic rows from a tabular run: z ~ N(0, T²I) (``temperature`` T, 1 by default), then
+    x ~ p(x | z) (``draw=True``: the model's distribution, categories drawn from their softmax) or
+    x = E[x | z] (``draw=False``: the most likely category, the mean value), decoded back to the
+    table's columns and types."""
     if not is_table_meta(vae.data_meta):
         raise DataError("this run was not trained on a table (csv:PATH); it has no columns to write")
     chunks = []
     for start in range(0, n, 10_000):
-        x = vae.sample(min(10_000, n - start), generator=generator, mean=not draw)
+        x = vae.sample(min(10_000, n - start), generator=generator, mean=not draw, temperature=temperature)
         chunks.append(x.float().cpu().numpy())
     return decode(np.concatenate(chunks), vae.data_meta["table"])
 

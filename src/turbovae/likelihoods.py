@@ -440,21 +440,60 @@ def _levels_of(data_meta: dict[str, Any] | None) -> int | None:
     return int(levels) if levels is not None else None
 
 
+def _logistic_log_mass(y: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log P(bin of y) under a logistic(loc, e^log_scale) discretised to the 256 bins of [−1, 1] (width
+    2/255), the edge bins reaching to ∓∞ so that the 256 masses sum to 1; broadcasts its arguments."""
+    inv_scale = torch.exp(-log_scale)
+    half = 1.0 / (BYTE_LEVELS - 1)  # half a bin
+    upper = inv_scale * (y - loc + half)  # standardised bin edges
+    lower = inv_scale * (y - loc - half)
+    # log(σ(u) − σ(l)) = −softplus(−u) − softplus(l) + log(1 − e^(l−u)): exact and stable in both tails
+    log_cdf_upper, log_sf_lower = -F.softplus(-upper), -F.softplus(lower)  # log σ(u), log(1 − σ(l))
+    log_mass = log_cdf_upper + log_sf_lower + torch.log(-torch.expm1(lower - upper))
+    log_mass = torch.where(y < -1.0 + half, log_cdf_upper, log_mass)  # x = 0: P(Y < −1 + h)
+    return torch.where(y > 1.0 - half, log_sf_lower, log_mass)  # x = 255: P(Y > 1 − h)
+
+
+def _clipped_logistic_mean(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E[clip(Y, −1, 1)] for Y ~ logistic(loc, scale): 1 − s·(softplus((1 − μ)/s) − softplus((−1 − μ)/s)),
+    the mean of the discretised logistic up to O(bin²)."""
+    return 1.0 - scale * (F.softplus((1.0 - loc) / scale) - F.softplus((-1.0 - loc) / scale))
+
+
+def _to_grid(y: torch.Tensor) -> torch.Tensor:
+    """y ∈ [−1, 1] rounded to the nearest of the 256 values, as x = byte / 255 ∈ [0, 1]."""
+    return torch.round((y + 1.0) / 2.0 * (BYTE_LEVELS - 1)) / (BYTE_LEVELS - 1)
+
+
 class DiscretizedLogistic(Likelihood):
-    """A mixture of K discretised logistics per value (Salimans et al. 2017, PixelCNN++), for 8-bit data.
+    """A mixture of K discretised logistics (Salimans et al. 2017, PixelCNN++), for 8-bit data.
 
     x = byte / 255 is mapped to y = 2x − 1 ∈ [−1, 1]; the 256 values are bins of width 2/255, the edge
-    bins reaching to ∓∞, so the masses of the 256 values sum to 1 exactly (up to rounding). The decoder
-    outputs P = 3K values per dim: mixture logits, locations and log-scales (clamped below at −7, as
-    PixelCNN++ does). Channels are modelled independently given z (PixelCNN++'s coupling of the colour
-    channels is not used: the latents carry what the channels share). ``components`` K is
-    ``model.mixtures``. log_prob is a mass in nats, so bits/dim are exact.
+    bins reaching to ∓∞, so the masses sum to 1 exactly (up to rounding). Log-scales are clamped below
+    at −7, as PixelCNN++ does. ``components`` K is ``model.mixtures``. log_prob is a mass in nats, so
+    bits/dim are exact.
+
+    **Colour images** (event shape (3, H, W)): the three channels of a pixel are coupled as in
+    PixelCNN++ and VDVAE's DmolNet. One mixture over the K components per pixel, shared by the
+    channels, and the means of G and B depend linearly on the values of the earlier channels:
+    μ_G = μ'_G + α·y_R, μ_B = μ'_B + β·y_R + γ·y_G with α, β, γ = tanh(raw coefficients), per
+    component and pixel. log p(pixel) = log Σ_k π_k P_k(x_R) P_k(x_G | x_R) P_k(x_B | x_R, x_G): a mass
+    over the 256³ colours of a pixel. Channels independent given z make every pixel's colour a product
+    of three marginals, so the strong correlation of R, G and B in natural images (grey and
+    near-grey areas) has to be carried by the latents, value by value; the coupling puts it in the
+    likelihood at the cost of 3 coefficients per component, which is why PixelCNN++ and VDVAE use it.
+    The decoder outputs P = 4K values per channel, in the order [logits K, loc K, log_scale K,
+    coeff K]: the logits are read from channel 0's slot only (channels 1 and 2's logit slots are
+    unused), and the coeff slots of channels 0, 1, 2 hold the raw α, β, γ.
+
+    **Any other event** (grey images (1, H, W), other channel counts, tables): P = 3K values per
+    dimension, [logits K, loc K, log_scale K], one mixture per value and the values independent given z.
     """
 
     name = "discretized-logistic"
     support = "unit"
     discrete = True
-    params_per_dim = 3 * 10
+    params_per_dim = 3 * 10  # the uncoupled layout with 10 components; the instance's value is the truth
     MIN_LOG_SCALE = -7.0
 
     def __init__(
@@ -466,42 +505,88 @@ class DiscretizedLogistic(Likelihood):
                 f"likelihood 'discretized-logistic' needs model.mixtures >= 1, got {components}"
             )
         self.components = components
-        self.params_per_dim = 3 * components
+        # RGB images: PixelCNN++'s channel coupling (a 3-column table or other shapes are not coupled)
+        self.coupled = len(self.event_shape) == 3 and self.event_shape[0] == 3
+        self.params_per_dim = (4 if self.coupled else 3) * components
         self.levels = _levels_of(data_meta)
 
     def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits, loc, log_scale), each (..., K, *event), float32."""
+        """(logits, loc, log_scale), each (..., K, *event), float32 (the uncoupled layout)."""
         axis = -len(self.event_shape) - 1
         logits, loc, log_scale = params.float().chunk(3, dim=axis)
         return logits, loc, log_scale.clamp(min=self.MIN_LOG_SCALE)
 
+    def _split_coupled(
+        self, params: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (..., K, H, W), loc, log_scale, coeff (..., K, 3, H, W)), float32; coeff = tanh(raw),
+        its channels 0, 1, 2 being α, β, γ."""
+        logits, loc, log_scale, coeff = params.float().chunk(4, dim=-4)  # (..., K, 3, H, W) each
+        return logits[..., 0, :, :], loc, log_scale.clamp(min=self.MIN_LOG_SCALE), torch.tanh(coeff)
+
     def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        if self.coupled:
+            return self._log_prob_coupled(x, params)
         logits, loc, log_scale = self._split(params)
         axis = -len(self.event_shape) - 1
         y = (2.0 * x.float() - 1.0).unsqueeze(axis)  # (..., 1, *event) in [−1, 1]
-        inv_scale = torch.exp(-log_scale)
-        half = 1.0 / (BYTE_LEVELS - 1)  # half a bin
-        upper = inv_scale * (y - loc + half)  # standardised bin edges
-        lower = inv_scale * (y - loc - half)
-        # log(σ(u) − σ(l)) = −softplus(−u) − softplus(l) + log(1 − e^(l−u)): exact and stable in both tails
-        log_mass = -F.softplus(-upper) - F.softplus(lower) + torch.log(-torch.expm1(lower - upper))
-        log_mass = torch.where(y < -1.0 + half, -F.softplus(-upper), log_mass)  # x = 0: P(Y < −1 + h)
-        log_mass = torch.where(y > 1.0 - half, -F.softplus(lower), log_mass)  # x = 255: P(Y > 1 − h)
+        log_mass = _logistic_log_mass(y, loc, log_scale)
         log_p = torch.logsumexp(log_mass + F.log_softmax(logits, dim=axis), dim=axis)  # (..., *event)
         return self._sum_event(log_p)
 
+    def _log_prob_coupled(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        logits, loc, log_scale, coeff = self._split_coupled(params)
+        y = (2.0 * x.float() - 1.0).unsqueeze(-4)  # (..., 1, 3, H, W)
+        y_r, y_g, y_b = y.unbind(-3)  # (..., 1, H, W)
+        mu_r, mu_g, mu_b = loc.unbind(-3)  # (..., K, H, W)
+        s_r, s_g, s_b = log_scale.unbind(-3)
+        alpha, beta, gamma = coeff.unbind(-3)
+        log_mass = (  # log P_k(x_R) + log P_k(x_G | x_R) + log P_k(x_B | x_R, x_G): (..., K, H, W)
+            _logistic_log_mass(y_r, mu_r, s_r)
+            + _logistic_log_mass(y_g, mu_g + alpha * y_r, s_g)
+            + _logistic_log_mass(y_b, mu_b + beta * y_r + gamma * y_g, s_b)
+        )
+        log_p = torch.logsumexp(log_mass + F.log_softmax(logits, dim=-3), dim=-3)  # (..., H, W)
+        return log_p.flatten(-2).sum(-1)
+
     def mean(self, params: torch.Tensor) -> torch.Tensor:
-        """E[x]: the mixture of the components' means, each that of a logistic clipped to [−1, 1],
-        1 − s·(softplus((1 − μ)/s) − softplus((−1 − μ)/s)) (the discrete mean up to O(bin²))."""
+        """E[x]: the mixture of the components' means, each that of a logistic clipped to [−1, 1]
+        (the discrete mean up to O(bin²)).
+
+        Coupled colour images: per component k, the means are chained through the coupling,
+        m_R = c(μ_R), m_G = c(μ'_G + α·m_R), m_B = c(μ'_B + β·m_R + γ·m_G) with c the clipped mean,
+        then mixed with the shared weights π_k. Exact (up to O(bin²)) where the clip is linear over
+        the spread of the conditioning values; otherwise it misses the clip's Jensen gap, E[c(μ + αY)]
+        ≠ c(μ + α·E[Y]) (the exact value needs a sum over the 256² earlier (R, G) values per pixel)."""
+        if self.coupled:
+            return self._mean_coupled(params)
         logits, loc, log_scale = self._split(params)
         axis = -len(self.event_shape) - 1
         s = log_scale.exp()
-        clipped = 1.0 - s * (F.softplus((1.0 - loc) / s) - F.softplus((-1.0 - loc) / s))
+        clipped = _clipped_logistic_mean(loc, s)
         y = (torch.softmax(logits, dim=axis) * clipped).sum(axis)
         return ((y + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    def _mean_coupled(self, params: torch.Tensor) -> torch.Tensor:
+        logits, loc, log_scale, coeff = self._split_coupled(params)
+        mu_r, mu_g, mu_b = loc.unbind(-3)  # (..., K, H, W)
+        s_r, s_g, s_b = log_scale.exp().unbind(-3)
+        alpha, beta, gamma = coeff.unbind(-3)
+        m_r = _clipped_logistic_mean(mu_r, s_r)
+        m_g = _clipped_logistic_mean(mu_g + alpha * m_r, s_g)
+        m_b = _clipped_logistic_mean(mu_b + beta * m_r + gamma * m_g, s_b)
+        weights = torch.softmax(logits, dim=-3).unsqueeze(-3)  # (..., K, 1, H, W)
+        y = (weights * torch.stack((m_r, m_g, m_b), dim=-3)).sum(-4)  # (..., 3, H, W)
+        return ((y + 1.0) / 2.0).clamp(0.0, 1.0)
+
     def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A component by Gumbel-max, a logistic draw from it, rounded to the nearest of the 256 values."""
+        """A component by Gumbel-max, a logistic draw from it, rounded to the nearest of the 256 values.
+
+        Coupled colour images: one component per pixel for the three channels, then R, G given the
+        drawn R, B given the drawn R and G, each conditioning value rounded to the 256-value grid first
+        (the value log_prob conditions on), as PixelCNN++ does."""
+        if self.coupled:
+            return self._sample_coupled(params, generator)
         logits, loc, log_scale = self._split(params)
         axis = -len(self.event_shape) - 1
         g = _uniform(logits, generator).clamp(1e-20, 1.0)
@@ -509,7 +594,24 @@ class DiscretizedLogistic(Likelihood):
         mu, log_s = loc.gather(axis, choice).squeeze(axis), log_scale.gather(axis, choice).squeeze(axis)
         u = _uniform(mu, generator).clamp(1e-5, 1.0 - 1e-5)
         y = (mu + log_s.exp() * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
-        return torch.round((y + 1.0) / 2.0 * (BYTE_LEVELS - 1)) / (BYTE_LEVELS - 1)
+        return _to_grid(y)
+
+    def _sample_coupled(self, params: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        logits, loc, log_scale, coeff = self._split_coupled(params)
+        g = _uniform(logits, generator).clamp(1e-20, 1.0)
+        choice = (logits - torch.log(-torch.log(g))).argmax(-3, keepdim=True)  # (..., 1, H, W)
+        index = choice.unsqueeze(-3).expand(*loc.shape[:-4], 1, *loc.shape[-3:])  # (..., 1, 3, H, W)
+        mu, log_s, co = (t.gather(-4, index).squeeze(-4) for t in (loc, log_scale, coeff))  # (..., 3, H, W)
+        u = _uniform(mu, generator).clamp(1e-5, 1.0 - 1e-5)
+        noise = log_s.exp() * (torch.log(u) - torch.log1p(-u))  # logistic draws, one per channel
+        (mu_r, mu_g, mu_b), (n_r, n_g, n_b) = mu.unbind(-3), noise.unbind(-3)
+        alpha, beta, gamma = co.unbind(-3)
+        x_r = _to_grid((mu_r + n_r).clamp(-1.0, 1.0))
+        y_r = 2.0 * x_r - 1.0  # the drawn value on the grid conditions the next channels
+        x_g = _to_grid((mu_g + alpha * y_r + n_g).clamp(-1.0, 1.0))
+        y_g = 2.0 * x_g - 1.0
+        x_b = _to_grid((mu_b + beta * y_r + gamma * y_g + n_b).clamp(-1.0, 1.0))
+        return torch.stack((x_r, x_g, x_b), dim=-3)
 
     def check_data(self, low: float, high: float, binary: bool, name: str) -> None:
         _check_bytes(self.name, self.levels, low, high, binary, name)

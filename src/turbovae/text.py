@@ -87,11 +87,11 @@ def lines_of(vae: VAE, ids: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def sample_lines(
-    vae: VAE, n: int, generator: torch.Generator | None = None, greedy: bool = True
+    vae: VAE, n: int, generator: torch.Generator | None = None, greedy: bool = True, temperature: float = 1.0
 ) -> list[str]:
-    """n sentences from the model: z ~ N(0, I), decoded greedily or token by token at random."""
+    """n sentences from the model: z ~ N(0, T²I), decoded greedily or token by token at random."""
     with evaluate._EvalMode(vae):
-        return lines_of(vae, vae.sample(n, generator=generator, mean=greedy))
+        return lines_of(vae, vae.sample(n, generator=generator, mean=greedy, temperature=temperature))
 
 
 @torch.no_grad()
