@@ -110,6 +110,22 @@ def test_sample_temperature(run, tmp_path, capsys):
     assert len(err) == 1 and "temperature" in err[0] and not (tmp_path / "u.npy").exists()
 
 
+def test_time_limit_stops_mid_run_then_evaluates_and_writes(tmp_path):
+    """train.time_limit: the run stops at the first log interval past the limit (here long before its
+    5,000 epochs), then evaluates, writes the summary and a checkpoint that loads, as at a normal end."""
+    out = tmp_path / "limited"
+    assert train(out, "--epochs", "5000", "train.time_limit=0.5", "eval.every_epoch=false") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_seconds"] >= 0.5
+    assert 0 < summary["time_limited_epochs"] < 5000 and summary["epochs"] < 5000
+    assert math.isfinite(summary["test_nelbo"]) and summary["steps"] % 5 == 0  # a log-interval boundary
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (stop,) = [e for e in events if e["event"] == "time_limit"]
+    assert stop["step"] == summary["steps"] and events[-1]["event"] == "end"
+    assert turbovae.load(out).sample(2).shape == (2, 1, 8, 8)
+    assert train(tmp_path / "bad", "train.time_limit=-1") == 2
+
+
 def test_load_reproduces_the_summary(run):
     vae = turbovae.load(run)
     assert vae.encode(torch.rand(3, 1, 8, 8)).mean.shape == (3, 4)

@@ -173,6 +173,21 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, reference):
     assert_same(reference, final_state(out))
 
 
+def test_a_time_limit_stops_both_ranks_after_the_same_step(tmp_path):
+    """train.time_limit under torchrun: each rank reads its own clock at the log interval and the ranks
+    agree (any rank over the limit stops all), so both leave the loop after the same step (a rank that
+    went on alone would hang in its next all-reduce until the test's timeout) and rank 0 writes."""
+    out = tmp_path / "limited"
+    proc = torchrun(["train", *ARGS, "--epochs", "1000", "--batch-size", str(PER_RANK), "--out", str(out),
+                     "train.time_limit=1"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    (stop,) = events(out, "time_limit")
+    assert stop["step"] == summary["steps"] and summary["steps"] % 5 == 0
+    # rank 0's clock (the summary's) may be a little behind the rank whose clock stopped them
+    assert summary["train_seconds"] > 0.5 and summary["time_limited_epochs"] < 1000
+
+
 # ---- without processes --------------------------------------------------------------------------------
 
 
@@ -194,7 +209,8 @@ def test_single_process_context_changes_nothing():
     ctx = distributed.Context()
     x = torch.arange(10)
     assert ctx.shard(x) is x and ctx.main and ctx.broadcast("a") == "a"
-    assert ctx.reduce_stats(torch.ones(3), True) is True
+    sums = torch.ones(3)
+    assert ctx.reduce_stats(sums, True, False) == (True, False) and torch.equal(sums, torch.ones(3))
 
 
 def test_shard_takes_every_world_th_row():

@@ -113,6 +113,9 @@ class TrainConfig:
     threads: int = 0  # CPU threads; 0 = torch's default (the physical cores)
     log_every: int = 50  # steps between loss read-backs (the only host syncs of the loop)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+    # seconds of training (train_seconds, evaluation excluded) after which the run stops at the next log
+    # interval, then evaluates and writes as at the end; 0 = none. The schedules still span train.epochs
+    time_limit: float = 0.0
     keep_checkpoints: int = 2  # most recent checkpoints kept
 
 
@@ -363,6 +366,7 @@ def validate(cfg: Config) -> None:
         "train.free_bits": cfg.train.free_bits,
         "train.warmup_steps": cfg.train.warmup_steps,
         "train.clip_grad": cfg.train.clip_grad,
+        "train.time_limit": cfg.train.time_limit,
         "train.kl_cycles": cfg.train.kl_cycles,
     }
     for key, value in non_negative.items():

@@ -87,15 +87,15 @@ class Context:
         index[dim] = slice(self.rank, None, self.world)
         return t[tuple(index)].contiguous()
 
-    def reduce_stats(self, sums: torch.Tensor, stop: bool) -> bool:
-        """Average the ranks' step statistics in place; whether any rank was asked to stop (a signal),
-        so that all ranks stop after the same step."""
+    def reduce_stats(self, sums: torch.Tensor, *flags: bool) -> tuple[bool, ...]:
+        """Average the ranks' step statistics in place; for each flag (a stop signal, a time limit
+        reached), whether any rank raised it, so that all ranks stop after the same step."""
         if self.world == 1:
-            return stop
-        buf = torch.cat([sums.float(), torch.tensor([float(stop)], device=sums.device)])
+            return flags
+        buf = torch.cat([sums.float(), torch.tensor([float(f) for f in flags], device=sums.device)])
         dist.all_reduce(buf)
-        sums.copy_(buf[:-1] / self.world)
-        return bool(buf[-1].item() > 0)
+        sums.copy_(buf[: len(sums)] / self.world)
+        return tuple(bool(v > 0) for v in buf[len(sums) :].tolist())
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (a small picklable value: a path, a decision)."""

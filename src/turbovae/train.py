@@ -715,6 +715,7 @@ def _fit(
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.main
     bar = tqdm(total=total_steps, initial=loop["step"], disable=not show, unit="step", dynamic_ncols=True)
     halt = False  # data-parallel: whether any rank was asked to stop, agreed at the last log interval
+    over = False  # train.time_limit reached (agreed over the ranks at the last log interval)
     sums = torch.zeros(len(STATS), device=device)  # accumulated on the device, read back at the log interval
     since_log, t_log, examples_at_log = 0, time.perf_counter(), loop["examples"]
     vae.train()
@@ -748,7 +749,10 @@ def _fit(
                     loop["batch_in_epoch"] = b + 1
                     loop["examples"] += len(x) * ctx.world
                     if loop["step"] % cfg.train.log_every == 0 or b + 1 == steps_per_epoch:
-                        halt = ctx.reduce_stats(sums, stop.signal is not None)  # data-parallel: over ranks
+                        elapsed = loop["train_seconds"] + time.perf_counter() - t_segment
+                        over = 0 < cfg.train.time_limit <= elapsed
+                        # data-parallel: over ranks (any rank's signal or clock stops them all)
+                        halt, over = ctx.reduce_stats(sums, stop.signal is not None, over)
                         totals = dict(zip(STATS, sums.tolist(), strict=True))  # the host sync
                         max_run, nonfinite = guard.state["max_run"].item(), guard.state["nonfinite"].item()
                         now = time.perf_counter()
@@ -788,6 +792,16 @@ def _fit(
                         t_segment = time.perf_counter()
                         if stopping:
                             raise Interrupted(stop.signal or signal.SIGTERM, loop["step"], out)
+                    if over:
+                        break
+                if over:  # train.time_limit: stop mid-epoch, then evaluate and write as at the end
+                    loop["train_seconds"] += time.perf_counter() - t_segment
+                    loop["time_limited"] = loop["epoch"] + loop["batch_in_epoch"] / steps_per_epoch
+                    log.write("time_limit", step=loop["step"], train_seconds=loop["train_seconds"],
+                              epoch=loop["time_limited"])  # fmt: skip
+                    if not cfg.train.checkpoint_every:
+                        save_checkpoint()  # (with checkpoint_every, the final save below writes it)
+                    break
                 loop["epoch"] += 1
                 loop["batch_in_epoch"] = 0
                 loop["train_seconds"] += time.perf_counter() - t_segment
@@ -867,6 +881,8 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> di
         "total_seconds": runtime.process_seconds(),
         "samples_per_second": loop["examples"] / max(loop["train_seconds"], 1e-9),
         "epochs": loop["epoch"],
+        # train.time_limit stopped the run after this many epochs (a fraction: mid-epoch); absent otherwise
+        **({"time_limited_epochs": loop["time_limited"]} if "time_limited" in loop else {}),
         "steps": loop["step"],
         "params": sum(p.numel() for p in vae.parameters()),
         "device": runtime.describe(s.device),
