@@ -126,6 +126,25 @@ def test_time_limit_stops_mid_run_then_evaluates_and_writes(tmp_path):
     assert train(tmp_path / "bad", "train.time_limit=-1") == 2
 
 
+def test_a_time_limited_run_stopped_at_an_epoch_end_resumes_once_the_limit_is_raised(tmp_path):
+    """With log_every = the 25 steps of an epoch the limit is only checked at epoch ends: the run stops
+    after whole epochs, and counts them as done; resumed with the same limit it stops again at once
+    (the limit counts all its training seconds), with the limit cleared it runs to its end."""
+    out = tmp_path / "limited"
+    assert train(out, "--epochs", "3", "train.time_limit=1e-6", "train.log_every=25") == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert first["epochs"] == 1 and first["time_limited_epochs"] == 1.0 and first["steps"] == 25
+    resume = ["train", "--resume", str(out), "--progress", "off"]
+    assert main(resume) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["epochs"] == 2 and again["time_limited_epochs"] == 2.0 and again["steps"] == 50
+    assert main([*resume, "train.lr=0.1"]) == 2  # other settings stay as saved
+    assert main([*resume, "train.time_limit=0"]) == 0
+    done = json.loads((out / "summary.json").read_text())
+    assert done["epochs"] == 3 and done["steps"] == 75 and "time_limited_epochs" not in done
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["time_limit"] == 0
+
+
 def test_load_reproduces_the_summary(run):
     vae = turbovae.load(run)
     assert vae.encode(torch.rand(3, 1, 8, 8)).mean.shape == (3, 4)

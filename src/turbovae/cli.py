@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_preset, resolve
+    from .config import load_preset, parse_override, resolve
     from .train import Interrupted, fit
 
     flags = {key: getattr(args, name) for name, key in TRAIN_FLAGS.items()}
@@ -271,15 +271,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             for n, k in TRAIN_FLAGS.items()
             if flags[k] is not None and n != "epochs"
         ]
-        if changed or args.config or args.overrides:
+        # a time-limited run is continued by raising (or clearing) its limit
+        limit = [o for o in args.overrides if parse_override(o)[0] == "train.time_limit"]
+        others = [o for o in args.overrides if o not in limit]
+        if changed or args.config or others:
             raise ConfigError(
-                "--resume continues the saved config; only --epochs may change "
-                f"(got {', '.join(changed) or 'a config'})"
+                "--resume continues the saved config; only --epochs and train.time_limit may change "
+                f"(got {', '.join(changed + others) or 'a config'})"
             )
         saved = out / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"cannot resume {out}: no config.yaml there (is it a turbovae run directory?)")
-        cfg = resolve(base=load_preset(str(saved)), flags={"train.epochs": args.epochs})
+        cfg = resolve(base=load_preset(str(saved)), flags={"train.epochs": args.epochs}, overrides=limit)
     else:
         cfg = _config_from(args)
         out = Path(args.out or f"runs/{Path(cfg.data.name).stem}-{cfg.model.name}")

@@ -640,6 +640,7 @@ def _fit(
     state_json = ctx.broadcast(_start(out, cfg, overwrite, resume) if ctx.main else None)  # rank 0's choice
     if state_json is not None:
         st.restore(*checkpoint.load(state_json), source=state_json)
+        loop.pop("time_limited", None)  # a resumed run is stopped (or not) by its own train.time_limit
     # the global batch is the run's (train.batch_size x the ranks it started with; runs from before
     # data-parallel training: train.batch_size): any number of ranks continues it at the same global step
     started_with = ctx.world if state_json is None else 1
@@ -794,19 +795,18 @@ def _fit(
                             raise Interrupted(stop.signal or signal.SIGTERM, loop["step"], out)
                     if over:
                         break
-                if over:  # train.time_limit: stop mid-epoch, then evaluate and write as at the end
-                    loop["train_seconds"] += time.perf_counter() - t_segment
+                if loop["batch_in_epoch"] == steps_per_epoch:  # the epoch is complete
+                    loop["epoch"] += 1
+                    loop["batch_in_epoch"] = 0
+                loop["train_seconds"] += time.perf_counter() - t_segment
+                if over:  # train.time_limit: stop (mid-epoch or not), then evaluate and write as at the end
                     loop["time_limited"] = loop["epoch"] + loop["batch_in_epoch"] / steps_per_epoch
                     log.write("time_limit", step=loop["step"], train_seconds=loop["train_seconds"],
                               epoch=loop["time_limited"])  # fmt: skip
-                    if not cfg.train.checkpoint_every:
-                        save_checkpoint()  # (with checkpoint_every, the final save below writes it)
-                    break
-                loop["epoch"] += 1
-                loop["batch_in_epoch"] = 0
-                loop["train_seconds"] += time.perf_counter() - t_segment
                 if not cfg.train.checkpoint_every:
-                    save_checkpoint()
+                    save_checkpoint()  # (with checkpoint_every, the final save after the loop writes it)
+                if over:
+                    break
                 if cfg.eval.every_epoch:
                     # the same evaluation noise every epoch: the curve shows the model change, not noise
                     with averaged(ema):
