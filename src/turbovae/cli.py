@@ -50,7 +50,10 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--out", help="run directory (default runs/DATA-MODEL)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest checkpoint, with its saved config "
+        "(only --epochs and train.time_limit=S may change)",
     )
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar")
     p.add_argument(
