@@ -45,7 +45,10 @@ def main() -> int:
     a, xa = per_image_nll(args.run_a, args.iwae_k, args.seed)
     b, xb = per_image_nll(args.run_b, args.iwae_k, args.seed)
     if xa.shape != xb.shape or not torch.equal(xa, xb):
-        print("the two runs' test images differ (another data set, binarisation or seed)", file=sys.stderr)
+        print(
+            "the two runs' test images differ (another data set, resize, data.test_fraction or binarisation)",
+            file=sys.stderr,
+        )
         return 2
     d = a - b
     n = len(d)

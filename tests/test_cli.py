@@ -126,22 +126,40 @@ def test_time_limit_stops_mid_run_then_evaluates_and_writes(tmp_path):
     assert train(tmp_path / "bad", "train.time_limit=-1") == 2
 
 
-def test_a_time_limited_run_stopped_at_an_epoch_end_resumes_once_the_limit_is_raised(tmp_path):
+def test_a_time_limited_run_stopped_at_an_epoch_end_resumes_once_the_limit_is_raised(tmp_path, capsys):
     """With log_every = the 25 steps of an epoch the limit is only checked at epoch ends: the run stops
-    after whole epochs, and counts them as done; resumed with the same limit it stops again at once
-    (the limit counts all its training seconds), with the limit cleared it runs to its end."""
+    after whole epochs, counts them as done and evaluates them; resumed under the same limit (which
+    counts all its training seconds) it takes no step; a raised limit gives it more, a cleared one
+    lets it run to its end."""
     out = tmp_path / "limited"
     assert train(out, "--epochs", "3", "train.time_limit=1e-6", "train.log_every=25") == 0
-    first = json.loads((out / "summary.json").read_text())
+
+    def summary() -> dict:
+        return json.loads((out / "summary.json").read_text())
+
+    def evals() -> list[int]:
+        events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [e["epoch"] for e in events if e["event"] == "eval"]
+
+    first = summary()
     assert first["epochs"] == 1 and first["time_limited_epochs"] == 1.0 and first["steps"] == 25
+    assert evals() == [1]  # the epoch the limit ended was evaluated like any other
     resume = ["train", "--resume", str(out), "--progress", "off"]
     assert main(resume) == 0
-    again = json.loads((out / "summary.json").read_text())
-    assert again["epochs"] == 2 and again["time_limited_epochs"] == 2.0 and again["steps"] == 50
+    same = summary()
+    assert (same["steps"], same["epochs"], same["time_limited_epochs"]) == (25, 1, 1.0)
+    assert same["train_seconds"] == first["train_seconds"]
+    capsys.readouterr()
     assert main([*resume, "train.lr=0.1"]) == 2  # other settings stay as saved
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.lr=0.1" in err[0] and "train.time_limit" in err[0]
+    assert main([*resume, f"train.time_limit={first['train_seconds'] + 1e-3}"]) == 0  # one epoch more
+    raised = summary()
+    assert (raised["steps"], raised["epochs"], raised["time_limited_epochs"]) == (50, 2, 2.0)
     assert main([*resume, "train.time_limit=0"]) == 0
-    done = json.loads((out / "summary.json").read_text())
+    done = summary()
     assert done["epochs"] == 3 and done["steps"] == 75 and "time_limited_epochs" not in done
+    assert evals() == [1, 2, 3]
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["time_limit"] == 0
 
 

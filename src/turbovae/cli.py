@@ -280,7 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if changed or args.config or others:
             raise ConfigError(
                 "--resume continues the saved config; only --epochs and train.time_limit may change "
-                f"(got {', '.join(changed + others) or 'a config'})"
+                f"(got {', '.join(changed + (['--config'] if args.config else []) + others)})"
             )
         saved = out / "config.yaml"
         if not saved.is_file():

@@ -586,7 +586,8 @@ def fit(
     """Train a VAE as configured and write the run directory ``out``. Returns the summary.
 
     With ``resume=True`` the run in ``out`` continues from its newest valid checkpoint (or from the
-    start if it has none); its saved config is used and ``cfg`` may only extend ``train.epochs``.
+    start if it has none); ``cfg`` should be its saved config with at most ``train.epochs`` and
+    ``train.time_limit`` changed (``turbovae train --resume`` allows no other change).
 
     Under torchrun with several ranks the run is data-parallel (see ``turbovae.distributed``): every
     rank calls ``fit`` with the same arguments, rank 0 alone writes ``out``; when torchrun restarts
@@ -716,14 +717,17 @@ def _fit(
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.main
     bar = tqdm(total=total_steps, initial=loop["step"], disable=not show, unit="step", dynamic_ncols=True)
     halt = False  # data-parallel: whether any rank was asked to stop, agreed at the last log interval
-    over = False  # train.time_limit reached (agreed over the ranks at the last log interval)
+    # train.time_limit reached (agreed over the ranks at the last log interval); a resumed run whose
+    # training seconds (the same on every rank: they come from the checkpoint) are already past it
+    # takes no step
+    over = 0 < cfg.train.time_limit <= loop["train_seconds"] and loop["epoch"] < cfg.train.epochs
     sums = torch.zeros(len(STATS), device=device)  # accumulated on the device, read back at the log interval
     since_log, t_log, examples_at_log = 0, time.perf_counter(), loop["examples"]
     vae.train()
     try:
         with _StopFlag() as stop:
             t_segment = time.perf_counter()
-            while loop["epoch"] < cfg.train.epochs:
+            while loop["epoch"] < cfg.train.epochs and not over:
                 if loop["batch_in_epoch"] == 0:
                     st.perm = torch.randperm(n_train, generator=gens["data"], device=device)
                     if tokens:  # length buckets: little padding in each batch
@@ -795,19 +799,16 @@ def _fit(
                             raise Interrupted(stop.signal or signal.SIGTERM, loop["step"], out)
                     if over:
                         break
-                if loop["batch_in_epoch"] == steps_per_epoch:  # the epoch is complete
+                # the epoch is complete unless the time limit broke it off (>=: a text run resumed on
+                # more ranks has fewer batches per epoch than the one that saved it)
+                completed = not over or loop["batch_in_epoch"] >= steps_per_epoch
+                if completed:
                     loop["epoch"] += 1
                     loop["batch_in_epoch"] = 0
                 loop["train_seconds"] += time.perf_counter() - t_segment
-                if over:  # train.time_limit: stop (mid-epoch or not), then evaluate and write as at the end
-                    loop["time_limited"] = loop["epoch"] + loop["batch_in_epoch"] / steps_per_epoch
-                    log.write("time_limit", step=loop["step"], train_seconds=loop["train_seconds"],
-                              epoch=loop["time_limited"])  # fmt: skip
                 if not cfg.train.checkpoint_every:
                     save_checkpoint()  # (with checkpoint_every, the final save after the loop writes it)
-                if over:
-                    break
-                if cfg.eval.every_epoch:
+                if completed and cfg.eval.every_epoch:
                     # the same evaluation noise every epoch: the curve shows the model change, not noise
                     with averaged(ema):
                         ev = evaluate.nelbo(vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size,
@@ -821,6 +822,10 @@ def _fit(
                 t_segment, t_log = time.perf_counter(), time.perf_counter()
     finally:
         bar.close()
+    if over and loop["epoch"] < cfg.train.epochs:  # train.time_limit stopped the run before its end
+        loop["time_limited"] = loop["epoch"] + loop["batch_in_epoch"] / steps_per_epoch
+        log.write("time_limit", step=loop["step"], train_seconds=loop["train_seconds"],
+                  epoch=loop["time_limited"])  # fmt: skip
     step.record()
     loop["compile"] = step.decision
     if ctx.world > 1:
