@@ -71,6 +71,20 @@ def _uniform(like: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
+def _gumbel_argmax(
+    logits: torch.Tensor, dim: int, generator: torch.Generator | None, keepdim: bool = False
+) -> torch.Tensor:
+    """A draw from softmax(logits) along ``dim`` by the Gumbel-max trick (an index)."""
+    u = _uniform(logits, generator).clamp(min=1e-20)
+    return (logits - torch.log(-torch.log(u))).argmax(dim, keepdim=keepdim)
+
+
+def _logistic_noise(log_scale: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draws of logistic(0, e^log_scale), by the inverse CDF of a uniform kept off 0 and 1."""
+    u = _uniform(log_scale, generator).clamp(1e-5, 1.0 - 1e-5)
+    return log_scale.exp() * (torch.log(u) - torch.log1p(-u))
+
+
 class Bernoulli(Likelihood):
     """Bernoulli on logits, for binary data: log p = x·η − softplus(η)."""
 
@@ -350,8 +364,7 @@ class Mixed(Likelihood):
             out[..., self.cont] = self._take(p, self.cont) + eps * self.scale()
         if self.n_blocks:
             logits = self._padded(self._take(p, self.onehot))  # (..., nb, W)
-            u = _uniform(logits, generator).clamp(min=1e-20)
-            choice = (logits - torch.log(-torch.log(u))).argmax(-1, keepdim=True)  # Gumbel-max
+            choice = _gumbel_argmax(logits, -1, generator, keepdim=True)
             onehot = torch.zeros_like(logits).scatter_(-1, choice, 1.0).flatten(-2)
             out[..., self.onehot] = onehot[..., ~self.pad.flatten()]
         return out
@@ -402,8 +415,7 @@ class Categorical(Likelihood):
 
     def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         logits = self._logits(params)
-        u = _uniform(logits, generator).clamp(min=1e-20)
-        return (logits - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max
+        return _gumbel_argmax(logits, -1, generator)
 
     def check_data(self, low: float, high: float, binary: bool, name: str) -> None:
         if low < 0 or high >= self.params_per_dim:
@@ -589,21 +601,17 @@ class DiscretizedLogistic(Likelihood):
             return self._sample_coupled(params, generator)
         logits, loc, log_scale = self._split(params)
         axis = -len(self.event_shape) - 1
-        g = _uniform(logits, generator).clamp(1e-20, 1.0)
-        choice = (logits - torch.log(-torch.log(g))).argmax(axis, keepdim=True)
+        choice = _gumbel_argmax(logits, axis, generator, keepdim=True)
         mu, log_s = loc.gather(axis, choice).squeeze(axis), log_scale.gather(axis, choice).squeeze(axis)
-        u = _uniform(mu, generator).clamp(1e-5, 1.0 - 1e-5)
-        y = (mu + log_s.exp() * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
+        y = (mu + _logistic_noise(log_s, generator)).clamp(-1.0, 1.0)
         return _to_grid(y)
 
     def _sample_coupled(self, params: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         logits, loc, log_scale, coeff = self._split_coupled(params)
-        g = _uniform(logits, generator).clamp(1e-20, 1.0)
-        choice = (logits - torch.log(-torch.log(g))).argmax(-3, keepdim=True)  # (..., 1, H, W)
+        choice = _gumbel_argmax(logits, -3, generator, keepdim=True)  # (..., 1, H, W)
         index = choice.unsqueeze(-3).expand(*loc.shape[:-4], 1, *loc.shape[-3:])  # (..., 1, 3, H, W)
         mu, log_s, co = (t.gather(-4, index).squeeze(-4) for t in (loc, log_scale, coeff))  # (..., 3, H, W)
-        u = _uniform(mu, generator).clamp(1e-5, 1.0 - 1e-5)
-        noise = log_s.exp() * (torch.log(u) - torch.log1p(-u))  # logistic draws, one per channel
+        noise = _logistic_noise(log_s, generator)  # logistic draws, one per channel
         (mu_r, mu_g, mu_b), (n_r, n_g, n_b) = mu.unbind(-3), noise.unbind(-3)
         alpha, beta, gamma = co.unbind(-3)
         x_r = _to_grid((mu_r + n_r).clamp(-1.0, 1.0))
@@ -647,8 +655,7 @@ class Categorical256(Likelihood):
     def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         axis = -len(self.event_shape) - 1
         logits = params.float()
-        u = _uniform(logits, generator).clamp(min=1e-20)
-        return (logits - torch.log(-torch.log(u))).argmax(axis).float() / (BYTE_LEVELS - 1)
+        return _gumbel_argmax(logits, axis, generator).float() / (BYTE_LEVELS - 1)
 
     def check_data(self, low: float, high: float, binary: bool, name: str) -> None:
         _check_bytes(self.name, self.levels, low, high, binary, name)

@@ -717,10 +717,14 @@ def _fit(
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.main
     bar = tqdm(total=total_steps, initial=loop["step"], disable=not show, unit="step", dynamic_ncols=True)
     halt = False  # data-parallel: whether any rank was asked to stop, agreed at the last log interval
-    # train.time_limit reached (agreed over the ranks at the last log interval); a resumed run whose
+
+    def past_limit(train_seconds: float) -> bool:  # train.time_limit (0: none)
+        return 0 < cfg.train.time_limit <= train_seconds
+
+    # the time limit reached (agreed over the ranks at the last log interval); a resumed run whose
     # training seconds (the same on every rank: they come from the checkpoint) are already past it
     # takes no step
-    over = 0 < cfg.train.time_limit <= loop["train_seconds"] and loop["epoch"] < cfg.train.epochs
+    over = past_limit(loop["train_seconds"])
     sums = torch.zeros(len(STATS), device=device)  # accumulated on the device, read back at the log interval
     since_log, t_log, examples_at_log = 0, time.perf_counter(), loop["examples"]
     vae.train()
@@ -754,8 +758,7 @@ def _fit(
                     loop["batch_in_epoch"] = b + 1
                     loop["examples"] += len(x) * ctx.world
                     if loop["step"] % cfg.train.log_every == 0 or b + 1 == steps_per_epoch:
-                        elapsed = loop["train_seconds"] + time.perf_counter() - t_segment
-                        over = 0 < cfg.train.time_limit <= elapsed
+                        over = past_limit(loop["train_seconds"] + time.perf_counter() - t_segment)
                         # data-parallel: over ranks (any rank's signal or clock stops them all)
                         halt, over = ctx.reduce_stats(sums, stop.signal is not None, over)
                         totals = dict(zip(STATS, sums.tolist(), strict=True))  # the host sync
