@@ -20,8 +20,10 @@ import sys
 
 import torch
 
-from turbovae import evaluate, runtime
-from turbovae.train import load, setup
+from turbovae import evaluation as evaluate
+from turbovae import runtime
+from turbovae.engine.rundir import load
+from turbovae.engine.setup import setup
 
 
 def per_image_nll(run: str, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,9 +28,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from turbovae import runtime
-from turbovae.bench import bench_turbovae, forever
+from turbovae.commands.bench import bench_turbovae, forever
 from turbovae.config import resolve
-from turbovae.train import setup
+from turbovae.engine.setup import setup
 
 PAD, UNK, BOS = 0, 1, 2
 

@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from turbovae import checkpoint, config
+from turbovae import config
 from turbovae.cli import main
 from turbovae.data import load_dataset
+from turbovae.engine import checkpoint
 from turbovae.errors import TurboVAEError
 
 FAST = ["--hidden", "16", "--latent", "2", "--batch-size", "32", "--epochs", "1", "--progress", "off",

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from turbovae.bench import matmul_ceiling
 from turbovae.cli import main
+from turbovae.commands.bench import matmul_ceiling
 
 KEYS = {"samples_per_second", "peer_samples_per_second", "speedup", "step_ms", "peak_memory_bytes",
         "flops_per_second", "ceiling_fraction"}  # fmt: skip

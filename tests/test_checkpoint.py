@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from turbovae import checkpoint
+from turbovae.engine import checkpoint
 from turbovae.errors import CheckpointError
 
 

@@ -15,9 +15,10 @@ import yaml
 from PIL import Image
 
 import turbovae
-from turbovae import evaluate, runtime
+from turbovae import evaluation as evaluate
+from turbovae import runtime
 from turbovae.cli import main
-from turbovae.train import setup
+from turbovae.engine.setup import setup
 
 FAST = ["--data", "digits", "--hidden", "32", "--latent", "4", "--batch-size", "64", "--progress", "off",
         "train.log_every=5", "eval.iwae_k=5"]  # fmt: skip
@@ -35,7 +36,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def final_tensors(run: Path) -> dict[str, torch.Tensor]:
-    from turbovae import checkpoint
+    from turbovae.engine import checkpoint
 
     path = checkpoint.latest(run)
     assert path is not None

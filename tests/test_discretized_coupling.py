@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from turbovae.config import Config
+from turbovae.engine.setup import build_vae
 from turbovae.likelihoods import DiscretizedLogistic, build_likelihood
 from turbovae.objectives import elbo
-from turbovae.train import build_vae
 
 K = 3
 KP = 2  # components of the pixel whose 256³ colours are enumerated (the cost is linear in it)

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from turbovae import checkpoint, distributed
 from turbovae.config import resolve
+from turbovae.engine import checkpoint, distributed
 from turbovae.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(
@@ -37,7 +37,7 @@ STEPS = 2 * (1617 // (2 * PER_RANK))
 WRAPPER = textwrap.dedent(
     """
     import os, signal, sys
-    import turbovae.train as t
+    import turbovae.engine.loop as t
 
     at = int(os.environ.get("KILL_AT_STEP", "0"))
     if at and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":

@@ -11,7 +11,8 @@ import torch
 from test_objectives import LinearGaussianNet, make_vae
 from torch import nn
 
-from turbovae import evaluate, runtime
+from turbovae import evaluation as evaluate
+from turbovae import runtime
 from turbovae.cli import main
 from turbovae.distributions import DiagonalGaussian
 from turbovae.likelihoods import Bernoulli, build_likelihood

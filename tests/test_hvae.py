@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from turbovae import evaluate
+from turbovae import evaluation as evaluate
 from turbovae.cli import main
 from turbovae.config import ModelConfig
 from turbovae.errors import ConfigError, DataError

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from turbovae.distributions import DiagonalGaussian
-from turbovae.evaluate import iwae_nll, nelbo
+from turbovae.evaluation import iwae_nll, nelbo
 from turbovae.likelihoods import build_likelihood
 from turbovae.objectives import elbo, iwae, log_weights
 from turbovae.vae import VAE

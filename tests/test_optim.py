@@ -11,9 +11,11 @@ from conftest import DEVICE
 
 from turbovae import load
 from turbovae.config import resolve
+from turbovae.engine.loop import fit
+from turbovae.engine.optim import EMA, SGD, Adamax, GradGuard, kl_weight_at, lr_at, make_optimizer
+from turbovae.engine.setup import build_vae
+from turbovae.engine.step import STATS, make_step
 from turbovae.errors import ConfigError
-from turbovae.optim import EMA, SGD, Adamax, GradGuard, kl_weight_at, lr_at, make_optimizer
-from turbovae.train import STATS, build_vae, fit, make_step
 
 
 def cfg_with(**train):
@@ -184,7 +186,7 @@ def test_metrics_carry_noise_scale_active_units_and_skips(tmp_path):
 
 
 def test_repeated_nan_gradients_roll_back_with_a_lower_lr(tmp_path, monkeypatch, capsys):
-    import turbovae.train as t
+    import turbovae.engine.loop as t
 
     real = t.make_step
 
@@ -213,7 +215,7 @@ def test_repeated_nan_gradients_roll_back_with_a_lower_lr(tmp_path, monkeypatch,
 def test_ema_weights_are_what_the_run_evaluates_and_load_returns(tmp_path):
     out, _, _ = run(tmp_path, "train.ema=0.9")
     vae = load(out)
-    from turbovae import checkpoint
+    from turbovae.engine import checkpoint
 
     tensors, _ = checkpoint.load(checkpoint.latest(out))
     for name, p in vae.named_parameters():

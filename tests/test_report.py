@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from turbovae import report
 from turbovae.cli import main
+from turbovae.commands import report
 from turbovae.likelihoods import build_likelihood
 from turbovae.models.mlp import MLPNet
 from turbovae.vae import VAE
+from turbovae.viz import figures, plots
 
 TINY = ["--data", "digits", "--hidden", "32", "--latent", "4", "--progress", "off", "eval.iwae_k=5"]
 
@@ -72,7 +73,7 @@ def test_pictures_of_vector_data_do_not_crash(tmp_path):
     torch.manual_seed(0)
     vae = VAE(MLPNet((10,), 3, 1, [16]), build_likelihood("gaussian", (10,)), 3)
     x = torch.randn(50, 10)
-    paths = report.write_pictures(vae, x, tmp_path, labels=None)
+    paths = figures.write_pictures(vae, x, tmp_path, labels=None)
     assert set(paths) == {
         "samples",
         "reconstructions",
@@ -85,16 +86,16 @@ def test_pictures_of_vector_data_do_not_crash(tmp_path):
         check_png(path)
     # one latent dimension, few examples, labels: the map and the traversals still draw
     vae1 = VAE(MLPNet((10,), 1, 1, [16]), build_likelihood("gaussian", (10,)), 1)
-    paths = report.write_pictures(vae1, x[:3], tmp_path / "one", labels=torch.tensor([0, 1, 1]))
+    paths = figures.write_pictures(vae1, x[:3], tmp_path / "one", labels=torch.tensor([0, 1, 1]))
     for path in paths.values():
         check_png(path)
 
 
 def test_curves_read_metrics_and_survive_missing_data(runs, tmp_path):
     events = report.read_metrics(runs[0])
-    xs, ys = report._series(events, "train", "loss")
+    xs, ys = plots._series(events, "train", "loss")
     assert len(xs) == len(ys) > 0 and all(a <= b for a, b in itertools.pairwise(xs))
-    paths = report.plot_curves([("empty", [])], tmp_path)
+    paths = plots.plot_curves([("empty", [])], tmp_path)
     for path in paths.values():
         check_png(path, (960, 600))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from turbovae import checkpoint
+from turbovae.engine import checkpoint
 
 # every piece of state a step changes: lr schedule, cyclical β, weight average, the adaptive skip's
 # running norm, clipping, the noise-scale probe
@@ -28,8 +28,8 @@ ARGS = ["--data", "digits", "--hidden", "64,64", "--latent", "8", "--batch-size"
 WRAPPER = textwrap.dedent(
     """
     import os, signal, sys, tempfile, time
-    import turbovae.checkpoint as c
-    import turbovae.train as t
+    import turbovae.engine.checkpoint as c
+    import turbovae.engine.loop as t
 
     kind, _, n = os.environ.get("KILL_PLAN", "").partition(":")
     n = int(n or 0)

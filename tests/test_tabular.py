@@ -22,8 +22,10 @@ from turbovae.data.arrays import split_indices
 from turbovae.data.mixture import fit_dp_mixtures
 from turbovae.data.table_transform import decode, encode, fit_transform, load_table
 from turbovae.data.tables import Column, Table, export_tables, read_table, write_table
+from turbovae.engine.rundir import load
+from turbovae.engine.setup import build_vae
 from turbovae.errors import ConfigError, DataError
-from turbovae.fidelity import (
+from turbovae.evaluation.fidelity import (
     column_distances,
     correlation_mae,
     fidelity_report,
@@ -32,7 +34,6 @@ from turbovae.fidelity import (
     total_variation,
 )
 from turbovae.likelihoods import LIKELIHOODS, build_likelihood
-from turbovae.train import build_vae, load
 
 
 def write_csv(path: Path, rows: list[list[object]]) -> Path:

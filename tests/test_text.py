@@ -27,11 +27,11 @@ from turbovae.data.text import (
     synthetic_grammar,
     trim,
 )
+from turbovae.engine.step import kl_weight
 from turbovae.errors import ConfigError, DataError
 from turbovae.likelihoods import build_likelihood
 from turbovae.models import build_network
 from turbovae.objectives import elbo, iwae
-from turbovae.train import kl_weight
 from turbovae.vae import VAE
 
 # A small network and a short schedule; the anti-collapse settings (KL warm-up, free bits, word

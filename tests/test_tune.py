@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from turbovae.cli import main
-from turbovae.config import resolve
-from turbovae.tune import (
-    NoiseScale,
+from turbovae.commands.tune.measure import lr_range_test
+from turbovae.commands.tune.rules import (
     candidate_batches,
     choose_batch,
-    lr_range_test,
     scale_lr,
     smooth,
     suggest_lr,
     warmup_steps_for,
 )
+from turbovae.config import resolve
+from turbovae.engine.noise import NoiseScale
 
 # one thread: on a busy 2-core machine two torch threads collapse, and tune would measure that
 SMALL = ["--data", "digits", "--hidden", "32", "--latent", "4", "--batch-size", "64", "train.threads=1"]

@@ -16,6 +16,9 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, unknown_name
+from .likelihoods import LIKELIHOODS
+from .models import ACTIVATIONS, MODELS, TEXT_MODELS
+from .objectives import OBJECTIVES
 
 
 @dataclass
@@ -322,9 +325,6 @@ def parse_resize(text: str | None) -> tuple[int, int] | None:
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError for values that cannot work; names are checked where they are built too."""
-    from .likelihoods import LIKELIHOODS
-    from .models import ACTIVATIONS, MODELS, TEXT_MODELS
-    from .objectives import OBJECTIVES
 
     for key, options in CHOICES.items():
         section, name = key.split(".")

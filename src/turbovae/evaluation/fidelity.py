@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.table_transform import decode, is_table_meta
-from .data.tables import Column, Table
-from .errors import DataError
-from .vae import VAE
+from ..data.table_transform import decode, is_table_meta
+from ..data.tables import Column, Table
+from ..errors import DataError
+from ..vae import VAE
 
 NUMERIC = ("continuous", "integer")
 # below this distance (in standard deviations) a row counts as a copy: the nearest-neighbour search

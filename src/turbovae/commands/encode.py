@@ -9,18 +9,21 @@ training), float arrays are taken as already in [0, 1], image files are bytes di
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import evaluate
-from .config import parse_resize
-from .data.arrays import _read, split_indices, to_channels_first
-from .data.images import load_image_folder
-from .data.text import Tokenizer, read_lines, trim, warn
-from .errors import DataError
-from .vae import VAE
+from .. import evaluation, runtime
+from ..config import parse_resize
+from ..data.arrays import _read, split_indices, to_channels_first
+from ..data.images import load_image_folder
+from ..data.text import Tokenizer, read_lines, trim, warn
+from ..engine.rundir import load
+from ..errors import ConfigError, DataError
+from ..vae import VAE
 
 
 def _text_input(vae: VAE, path: Path) -> torch.Tensor:
@@ -96,5 +99,38 @@ def encode(vae: VAE, x: torch.Tensor, batch_size: int = 256) -> tuple[np.ndarray
     """(posterior means, posterior standard deviations), each (N, latent) float32, for inputs ``x``."""
     device = next(vae.parameters()).device
     prepare = trim if x.dtype == torch.int64 else (lambda raw: raw)
-    q = evaluate.encode_all(vae, x.to(device), prepare, batch_size=batch_size)
+    q = evaluation.encode_all(vae, x.to(device), prepare, batch_size=batch_size)
     return q.mean.cpu().numpy(), q.stddev.cpu().numpy()
+
+
+def add_parser(sub: Any) -> None:
+    c = sub.add_parser(
+        "encode",
+        help="posterior means of new inputs: the lines of a text file, or images",
+        description="Encode every line of a UTF-8 text file (text runs, with the run's tokeniser) or every "
+        "image of a .npy/.npz file or an image folder: posterior means (N, latent) to a .npy file; a .npz "
+        "out also holds the posterior standard deviations (mean, stddev).",
+    )
+    c.add_argument("run_dir")
+    c.add_argument("--input", required=True, help="FILE.txt (text runs), FILE.npy, FILE.npz or IMAGE_FOLDER/")
+    c.add_argument("--out", help="FILE.npy or FILE.npz (default RUN_DIR/encoded-INPUT.npy)")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = Path(args.out or Path(args.run_dir) / f"encoded-{Path(args.input).stem}.npy")
+    if out.suffix not in (".npy", ".npz"):
+        raise ConfigError(f"--out must end in .npy or .npz, got {out}")
+    device = runtime.select_device(args.device)
+    vae = load(args.run_dir, device)
+    mean, stddev = encode(vae, read_input(vae, args.input), args.batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        np.savez(out, mean=mean, stddev=stddev)
+    else:
+        np.save(out, mean)
+    print(out)
+    return 0

@@ -9,175 +9,33 @@ event files.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import datetime
 import html
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+import yaml
+from PIL import Image
 
-GRID_BACKGROUND = 64  # the grey between grid cells
-FIGURE_SIZE = (6.4, 4.0)  # inches; at FIGURE_DPI this is 960 × 600 pixels
-FIGURE_DPI = 150
-# names of the classes of the built-in labelled data, for legends
-FASHION = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot"
-CLASS_NAMES: dict[str, list[str]] = {"fashion-mnist": FASHION.split(",")}
-
+from .. import __version__, evaluation, runtime
+from ..engine.rundir import load
+from ..engine.setup import setup
+from ..errors import CheckpointError, ConfigError, TurboVAEError
+from ..viz.figures import write_pictures
+from ..viz.plots import plot_curves
 
 # ---- image grids (Pillow) --------------------------------------------------------------------------
 
 
-def as_images(x: torch.Tensor, event_shape: tuple[int, ...]) -> torch.Tensor:
-    """(N, *event_shape) values → (N, C, H, W) in [0, 1] for display.
-
-    Vectors whose length is a square are shown as square images (flattened pictures); other vectors
-    as one-pixel-high strips, min-max scaled over the batch.
-    """
-    x = x.detach().float().cpu()
-    if len(event_shape) == 3:
-        return x.clamp(0, 1)
-    dims = math.prod(event_shape)
-    x = x.reshape(len(x), dims)
-    side = math.isqrt(dims)
-    if side * side == dims and float(x.min()) >= 0 and float(x.max()) <= 1:
-        return x.reshape(len(x), 1, side, side)
-    low, high = x.min(), x.max()
-    x = (x - low) / (high - low) if high > low else torch.zeros_like(x)
-    return x.reshape(len(x), 1, 1, dims)
-
-
-def grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
-    """(N, C, H, W) in [0, 1] → one uint8 array (rows of ``nrow`` images), with a 1-pixel border."""
-    n, c, h, w = images.shape
-    ncol = math.ceil(n / nrow)
-    out = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), GRID_BACKGROUND, dtype=np.uint8)
-    pixels = (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        out[
-            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
-        ] = pixels[i]
-    return out[..., 0] if c == 1 else out
-
-
-def grid_image(images: torch.Tensor, nrow: int, min_side: int = 256) -> Image.Image:
-    """A grid as a Pillow image, upscaled with nearest-neighbour so that small images stay readable.
-
-    Strips (images one pixel high, from vector data) are stretched to at least 8 pixels high."""
-    array = grid(images, nrow)
-    picture = Image.fromarray(array)
-    scale = max(1, math.ceil(min_side / max(array.shape[0], array.shape[1])))
-    height_scale = max(scale, 8) if images.shape[2] == 1 else scale
-    if scale > 1 or height_scale > 1:
-        size = (array.shape[1] * scale, array.shape[0] * height_scale)
-        picture = picture.resize(size, Image.Resampling.NEAREST)
-    return picture
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, min_side: int = 256) -> None:
-    """Write a PNG grid, upscaled with nearest-neighbour so that small images stay readable."""
-    grid_image(images, nrow, min_side).save(path, format="PNG")
-
-
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def label_rows(picture: Image.Image, labels: Sequence[str], width: int = 120) -> Image.Image:
-    """Add a white margin on the left with one label centred on each of ``len(labels)`` equal rows."""
-    rows = len(labels)
-    out = Image.new("RGB", (picture.width + width, picture.height), "white")
-    out.paste(picture.convert("RGB"), (width, 0))
-    draw = ImageDraw.Draw(out)
-    font = _font(max(10, min(16, picture.height // max(rows, 1) // 3)))
-    for i, text in enumerate(labels):
-        y = (i + 0.5) * picture.height / rows
-        draw.text((width - 8, y), text, fill=(40, 40, 40), font=font, anchor="rm")
-    return out
-
-
-@torch.no_grad()
-def sample_grid(vae: Any, n: int = 64, seed: int = 7) -> torch.Tensor:
-    """n samples from the prior, shown as E[x | z]: (n, C, H, W) in [0, 1]."""
-    device = next(vae.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    return as_images(vae.sample(n, generator=g), vae.event_shape)
-
-
-@torch.no_grad()
-def reconstruction_grid(vae: Any, x: torch.Tensor) -> torch.Tensor:
-    """Inputs (first row) above their reconstructions E[x | z = mean of q(z | x)] (second row)."""
-    return torch.cat([as_images(x, vae.event_shape), as_images(vae.reconstruct(x), vae.event_shape)])
-
-
-@torch.no_grad()
-def interpolation_grid(vae: Any, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
-    """One row per pair: x_a, the decoded points on the line between the posterior means of x_a and
-    x_b (``steps`` of them, ends included), then x_b. Shape (pairs · (steps + 2), C, H, W)."""
-    za, zb = vae.encode(x_a).mean, vae.encode(x_b).mean  # (P, L)
-    t = torch.linspace(0, 1, steps, device=za.device).view(1, steps, 1)
-    path = za.unsqueeze(1) * (1 - t) + zb.unsqueeze(1) * t  # (P, steps, L)
-    decoded = as_images(vae.decode(path.flatten(0, 1)), vae.event_shape).unflatten(0, (len(za), steps))
-    ends_a = as_images(x_a, vae.event_shape).unsqueeze(1)
-    ends_b = as_images(x_b, vae.event_shape).unsqueeze(1)
-    # the decoded strips are min-max scaled on their own for vector data; inputs likewise
-    return torch.cat([ends_a, decoded, ends_b], dim=1).flatten(0, 1)
-
-
-@torch.no_grad()
-def traversal_grid(
-    vae: Any, base: torch.Tensor, dims: Sequence[int], values: Sequence[float]
-) -> torch.Tensor:
-    """One row per latent dimension in ``dims``: ``base`` (L,) with that coordinate set to each of
-    ``values``, decoded. Shape (len(dims) · len(values), C, H, W)."""
-    v = torch.tensor(list(values), device=base.device, dtype=base.dtype)
-    z = base.repeat(len(dims), len(v), 1)  # (D, V, L)
-    for row, d in enumerate(dims):
-        z[row, :, d] = v
-    return as_images(vae.decode(z.flatten(0, 1)), vae.event_shape)
-
-
 # ---- charts (matplotlib, Agg) ----------------------------------------------------------------------
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update(
-        {
-            "font.size": 10,
-            "axes.titlesize": 11,
-            "axes.titleweight": "bold",
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-            "axes.grid": True,
-            "grid.alpha": 0.3,
-            "legend.frameon": False,
-            "figure.dpi": FIGURE_DPI,
-            "savefig.dpi": FIGURE_DPI,
-        }
-    )
-    return plt
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, format="png", dpi=FIGURE_DPI)  # no bbox_inches: the size is the figure's
-    plt.close(fig)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -196,225 +54,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return events
 
 
-# (file stem, title, y-axis label, [(event, key, line label, style)], log y)
-CURVES: list[tuple[str, str, str, list[tuple[str, str, str, str]], bool]] = [
-    (
-        "curve_loss",
-        "Loss",
-        "nats per example",
-        [("train", "loss", "train loss", "-"), ("eval", "test_nelbo", "test NELBO", "--")],
-        False,
-    ),
-    (
-        "curve_kl",
-        "KL(q(z|x) ‖ p(z))",
-        "nats per example",
-        [("train", "kl", "train KL", "-"), ("eval", "test_kl", "test KL", "--")],
-        False,
-    ),
-    ("curve_lr", "Learning rate", "learning rate", [("train", "lr", "learning rate", "-")], True),
-    (
-        "curve_speed",
-        "Training throughput",
-        "samples / s",
-        [("train", "samples_per_second", "samples / s", "-")],
-        False,
-    ),
-]
-
-
-def _series(events: list[dict[str, Any]], event: str, key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for e in events:
-        if e.get("event") == event and isinstance(e.get(key), int | float) and "epoch" in e:
-            xs.append(float(e["epoch"]))
-            ys.append(float(e[key]))
-    return xs, ys
-
-
-def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], out_dir: Path) -> dict[str, Path]:
-    """Loss, KL, learning-rate and samples/s over training (x: epoch), one line per run and series.
-
-    Returns {stem: path} of the PNGs written (FIGURE_SIZE × FIGURE_DPI pixels each); a curve with no
-    data in any run still gets a figure that says so."""
-    plt = _pyplot()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    written = {}
-    for stem, title, ylabel, series, log_y in CURVES:
-        fig, ax = plt.subplots(figsize=FIGURE_SIZE)
-        drawn = 0
-        for r, (name, events) in enumerate(runs):
-            for event, key, label, style in series:
-                xs, ys = _series(events, event, key)
-                if not xs:
-                    continue
-                full = label if len(runs) == 1 else f"{name}: {label}"
-                marker = "o" if event == "eval" and len(xs) < 30 else None
-                colour = colours[r % len(colours)]
-                ax.plot(xs, ys, style, color=colour, label=full, marker=marker, ms=3, lw=1.5)
-                drawn += 1
-        if drawn == 0:
-            ax.text(0.5, 0.5, "no data in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
-        if log_y and drawn:
-            ax.set_yscale("log")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        if drawn > 1:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{stem}.png"
-        _save_figure(fig, path)
-        written[stem] = path
-    return written
-
-
-def plot_kl_per_dim(
-    kl: Sequence[float], mean_variance: Sequence[float], threshold: float, path: Path, title: str = ""
-) -> None:
-    """Two panels over the latent dimensions: the average KL per dimension (nats) and Burda's activity
-    Cov_x(E_q[z_u]) on a log scale with the threshold; active dimensions in colour."""
-    plt = _pyplot()
-    kl_a, var_a = np.asarray(kl, dtype=float), np.maximum(np.asarray(mean_variance, dtype=float), 1e-12)
-    dims = np.arange(len(kl_a))
-    active = var_a > threshold
-    colour = np.where(active, "#1f77b4", "#c7c7c7")
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=FIGURE_SIZE, sharex=True)
-    ax1.bar(dims, kl_a, color=colour)
-    ax1.set_ylabel("KL (nats)")
-    ax1.set_title(title or f"KL per latent dimension ({int(active.sum())} of {len(kl_a)} units active)")
-    ax2.bar(dims, var_a, color=colour)
-    ax2.axhline(threshold, color="#d62728", lw=1, ls="--")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("Cov$_x$(E$_q$[z$_u$])")
-    ax2.set_xlabel("latent dimension u")
-    ax2.set_title(f"activity; dashed: the threshold {threshold:g} (active above, in colour)", fontsize=9,
-                  fontweight="normal", loc="left")  # fmt: skip
-    if len(dims) <= 40:
-        ax2.set_xticks(dims)
-        ax2.tick_params(axis="x", labelsize=7 if len(dims) > 20 else 9)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def plot_latent_map(
-    means: np.ndarray, labels: np.ndarray | None, path: Path, class_names: Sequence[str] | None = None
-) -> str:
-    """Scatter of posterior means in 2-D (the first two principal components when the latent has more
-    than two dimensions), coloured by label when there are labels. Returns how the axes were made."""
-    plt = _pyplot()
-    means = np.asarray(means, dtype=np.float64)
-    if means.shape[1] == 1:
-        points = np.concatenate([means, np.zeros_like(means)], axis=1)
-        axes, how = ("z₁", ""), "the single latent dimension"
-    elif means.shape[1] == 2:
-        points, axes, how = means, ("z₁", "z₂"), "the two latent dimensions"
-    else:
-        centred = means - means.mean(0)
-        _, s, vt = np.linalg.svd(centred, full_matrices=False)
-        points = centred @ vt[:2].T
-        share = s**2 / max(float((s**2).sum()), 1e-30)
-        axes = (f"PC 1 ({share[0]:.0%} of variance)", f"PC 2 ({share[1]:.0%} of variance)")
-        how = "the first two principal components of the posterior means"
-    fig, ax = plt.subplots(figsize=(6.4, 5.2))
-    size = 4 if len(points) > 2000 else 10
-    if labels is not None and len(labels) == len(points):
-        classes = np.unique(labels)
-        cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "viridis")
-        for i, c in enumerate(classes):
-            sel = labels == c
-            name = class_names[int(c)] if class_names and 0 <= int(c) < len(class_names) else str(c)
-            colour = cmap(i % 10) if len(classes) <= 10 else cmap(i / max(len(classes) - 1, 1))
-            ax.scatter(points[sel, 0], points[sel, 1], s=size, color=colour, label=name, alpha=0.7, lw=0)
-        if len(classes) <= 20:
-            ax.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    else:
-        ax.scatter(points[:, 0], points[:, 1], s=size, color="#1f77b4", alpha=0.6, lw=0)
-    ax.set_xlabel(axes[0])
-    ax.set_ylabel(axes[1] or "")
-    ax.set_title(f"Posterior means of {len(points):,} test examples")
-    fig.tight_layout()
-    _save_figure(fig, path)
-    return how
-
-
 # ---- the pictures of one run -----------------------------------------------------------------------
-
-
-@torch.no_grad()
-def write_pictures(
-    vae: Any,
-    x: torch.Tensor,
-    out_dir: Path,
-    *,
-    labels: torch.Tensor | None = None,
-    data_name: str = "",
-    stats: dict[str, Any] | None = None,
-    seed: int = 0,
-) -> dict[str, Path]:
-    """Every picture of a trained model on prepared test inputs ``x`` (N, *event_shape), into ``out_dir``.
-
-    ``stats`` are evaluate's posterior statistics (``kl_per_dim``, ``posterior_mean_variance``,
-    ``active_threshold``) and ``means`` (N, L) of q(z | x); they are computed when not given. Returns
-    {name: path} for samples, reconstructions, interpolations, traversals, kl_per_dim, latent_map.
-    """
-    from . import evaluate
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    was_training = vae.training
-    vae.eval()
-    if stats is None:
-        q = evaluate.encode_all(vae, x, lambda t: t)
-        _, variance = evaluate.active_units(q)
-        stats = {
-            "kl_per_dim": evaluate.kl_per_dim(q),
-            "posterior_mean_variance": variance,
-            "active_threshold": evaluate.ACTIVE_THRESHOLD,
-            "means": q.mean,
-        }
-    paths: dict[str, Path] = {}
-    shape = vae.event_shape
-    vector = len(shape) != 3 and as_images(x[:1], shape).shape[2] == 1  # shown as strips
-
-    paths["samples"] = out_dir / "samples.png"
-    save_grid(sample_grid(vae, 64, seed=7 + seed), paths["samples"], nrow=8)
-
-    n_recon = min(16, len(x))
-    paths["reconstructions"] = out_dir / "reconstructions.png"
-    save_grid(reconstruction_grid(vae, x[:n_recon]), paths["reconstructions"], nrow=n_recon)
-
-    g = torch.Generator().manual_seed(seed)
-    pairs = min(8, len(x) // 2)
-    if pairs >= 1:
-        order = torch.randperm(len(x), generator=g)[: 2 * pairs].to(x.device)
-        steps = 8
-        images = interpolation_grid(vae, x[order[:pairs]], x[order[pairs:]], steps=steps)
-        picture = grid_image(images, nrow=steps + 2, min_side=512 if not vector else 256)
-        paths["interpolations"] = out_dir / "interpolations.png"
-        picture.save(paths["interpolations"], format="PNG")
-
-    kl = np.asarray(stats["kl_per_dim"], dtype=float)
-    top = [int(d) for d in np.argsort(-kl, kind="stable")[: min(8, len(kl))]]
-    values = np.linspace(-3, 3, 9).tolist()
-    base = torch.as_tensor(stats["means"][0], dtype=torch.float32, device=x.device)
-    images = traversal_grid(vae, base, top, values)
-    picture = grid_image(images, nrow=len(values), min_side=512 if not vector else 256)
-    picture = label_rows(picture, [f"z{d} · KL {kl[d]:.2f}" for d in top], width=130)
-    paths["traversals"] = out_dir / "traversals.png"
-    picture.save(paths["traversals"], format="PNG")
-
-    paths["kl_per_dim"] = out_dir / "kl_per_dim.png"
-    plot_kl_per_dim(
-        stats["kl_per_dim"], stats["posterior_mean_variance"], stats["active_threshold"], paths["kl_per_dim"]
-    )
-
-    paths["latent_map"] = out_dir / "latent_map.png"
-    y = labels.cpu().numpy() if labels is not None else None
-    means = torch.as_tensor(stats["means"]).cpu().numpy()
-    stats["latent_map_axes"] = plot_latent_map(means, y, paths["latent_map"], CLASS_NAMES.get(data_name))
-    vae.train(was_training)
-    return paths
 
 
 # ---- one run, as the report sees it ------------------------------------------------------------------
@@ -453,12 +93,6 @@ def collect_run(
     The evaluation table comes from ``eval.json`` (written by ``turbovae eval``) when present; the
     posterior statistics (active units, KL per dimension, mutual information) are computed here on
     the test split either way, since the pictures need them."""
-    import yaml
-
-    from . import evaluate
-    from .errors import CheckpointError, TurboVAEError
-    from .train import load, setup
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a turbovae run directory (no config.yaml)")
@@ -486,18 +120,18 @@ def collect_run(
     s.vae = vae
     x = s.x_test
     xp = torch.cat([s.prepare_test(b) for b in x.split(1000)])
-    q = evaluate.encode_all(vae, xp, lambda t: t)
-    active, variance = evaluate.active_units(q)
+    q = evaluation.encode_all(vae, xp, lambda t: t)
+    active, variance = evaluation.active_units(q)
     stats: dict[str, Any] = {
-        "kl_per_dim": evaluate.kl_per_dim(q),
+        "kl_per_dim": evaluation.kl_per_dim(q),
         "posterior_mean_variance": variance,
-        "active_threshold": evaluate.ACTIVE_THRESHOLD,
+        "active_threshold": evaluation.ACTIVE_THRESHOLD,
         "active_units": active,
         "means": q.mean,
         "latent": vae.latent,
         "n": len(xp),
     }
-    stats.update(evaluate.mutual_information(q, generator=torch.Generator(device=device).manual_seed(0)))
+    stats.update(evaluation.mutual_information(q, generator=torch.Generator(device=device).manual_seed(0)))
     labels = s.data.y_test
     info.pictures = write_pictures(vae, xp, figures, labels=labels, data_name=s.data.name, stats=stats)
     computed = {k: v for k, v in stats.items() if k != "means"}
@@ -801,8 +435,6 @@ def _fidelity_section(runs: list[RunInfo]) -> str:
 
 def render_html(runs: list[RunInfo], curves: dict[str, Path], title: str | None = None) -> str:
     """The report page: inline CSS, images as data URIs, no external resources and no scripts."""
-    from . import __version__
-
     names = ", ".join(r.name for r in runs)
     title = title or (f"turbovae report — {names}" if len(runs) == 1 else f"turbovae comparison — {names}")
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -908,8 +540,6 @@ def build_report(
     """Write the HTML report of one run (default ``RUN_DIR/report.html``) or a comparison of several
     (``out`` required). Pictures also land as PNG files in ``figures`` (default: a ``figures/`` folder
     next to the report; for one run, ``RUN_DIR/figures``)."""
-    from .errors import ConfigError
-
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise ConfigError("report needs at least one run directory")
@@ -948,8 +578,6 @@ def write_tensorboard(
     ``train`` and ``eval`` events of metrics.jsonl as a scalar at its step (``train/loss``,
     ``test/nelbo``, ...), the summary's and eval.json's numbers at the last step, and the run's PNG
     pictures (``figures`` or the PNGs found in the run directory) as images."""
-    from .errors import ConfigError
-
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -984,3 +612,30 @@ def write_tensorboard(
         writer.add_image(f"pictures/{tag}", array, last, dataformats="HWC")
     writer.close()
     return Path(logdir)
+
+
+def add_parser(sub: Any) -> None:
+    r = sub.add_parser("report", help="an HTML report of one run, or a comparison of several")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", help="the HTML file (default RUN_DIR/report.html for one run)")
+    r.add_argument("--figures", help="folder for the PNG pictures (default: figures/ beside the report)")
+    r.add_argument("--device", default="auto")
+    r.add_argument(
+        "--tensorboard", metavar="LOGDIR", help="also write TensorBoard event files (one subfolder per run)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    device = runtime.select_device(args.device)
+    out = build_report(args.run_dirs, args.out, device=device, figures=args.figures)
+    print(out)
+    if args.tensorboard:
+        runs = [Path(d) for d in args.run_dirs]
+        for run in runs:
+            logdir = Path(args.tensorboard) / (run.resolve().name if len(runs) > 1 else "")
+            figures = Path(args.figures) if args.figures else out.parent / "figures"
+            if len(runs) > 1:
+                figures = figures / run.resolve().name
+            pictures = {p.stem: p for p in sorted(figures.glob("*.png"))} if figures.is_dir() else None
+            print(write_tensorboard(run, logdir, pictures))
+    return 0

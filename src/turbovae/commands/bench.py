@@ -7,6 +7,8 @@ one run, so a busy or different machine moves both sides together.
 
 from __future__ import annotations
 
+import argparse
+import json
 import resource
 import statistics
 import time
@@ -18,14 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import runtime
-from .config import Config
-from .data.batches import to_float
-from .data.text import bucketed, lengths_of, trim
-from .errors import ConfigError
-from .objectives import noise_shape_of
-from .optim import make_optimizer
-from .train import STATS, Setup, make_step, setup
+from .. import runtime
+from ..config import Config
+from ..data.batches import to_float
+from ..data.text import bucketed, lengths_of, trim
+from ..engine.optim import make_optimizer
+from ..engine.setup import Setup, setup
+from ..engine.step import STATS, make_step
+from ..errors import ConfigError
+from ..objectives import noise_shape_of
+from .options import config_from, config_options
 
 PEERS = ("examples", "pythae")
 
@@ -280,3 +284,36 @@ def bench(cfg: Config, *, vs: str | None = None, windows: int = 5, steps: int = 
     if vs is not None:
         result["speedup"] = result["samples_per_second"] / result["peer_samples_per_second"]
     return result
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure training throughput against the hardware and a peer",
+        description="Time the training step that `turbovae train` with the same options would run: median "
+        "samples/s over timed windows after warm-up, FLOP/s against the matmul ceiling measured in the same "
+        "run, and with --vs the same model in a peer's training loop on the same data.",
+    )
+    config_options(p)
+    p.add_argument("--vs", choices=("examples", "pythae"), help="also time a peer's loop and print the ratio")
+    p.add_argument("--windows", type=int, default=5, help="timed windows (default 5)")
+    p.add_argument("--window-steps", type=int, default=50, help="steps per window (default 50)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = bench(config_from(args), vs=args.vs, windows=args.windows, steps=args.window_steps)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['data']}, {result['model']}, batch {result['batch_size']}, {result['precision']}, "
+          f"{result['device']}; {result['compile']}")  # fmt: skip
+    print(f"  turbovae  {result['samples_per_second']:>10,.0f} samples/s  {result['step_ms']:.2f} ms/step  "
+          f"{result['flops_per_second'] / 1e9:.1f} GFLOP/s = {100 * result['ceiling_fraction']:.0f}% of the "
+          f"measured matmul ceiling ({result['ceiling_flops_per_second'] / 1e9:.0f} GFLOP/s)")  # fmt: skip
+    if "tokens_per_second" in result:
+        print(f"  turbovae  {result['tokens_per_second']:>10,.0f} tokens/s")
+    if "peer" in result:
+        print(f"  {result['peer']:<9} {result['peer_samples_per_second']:>10,.0f} samples/s  "
+              f"→ speed-up {result['speedup']:.2f}×")  # fmt: skip
+    return 0

@@ -8,28 +8,25 @@ that ``turbovae eval --json`` prints; the pieces are public for use in your own 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import runtime
-from .distributions import DiagonalGaussian
-from .likelihoods import Bernoulli, Likelihood
-from .objectives import hierarchical_terms
-from .objectives import log_prior_ratio as latent_log_ratio
-from .vae import VAE
+from .. import runtime
+from ..likelihoods import Bernoulli, Likelihood
+from ..objectives import hierarchical_terms
+from ..objectives import log_prior_ratio as latent_log_ratio
+from ..vae import VAE
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
 
-_LOG_2PI = math.log(2.0 * math.pi)
+LOG_2PI = math.log(2.0 * math.pi)
 # decoder output values per IWAE chunk: 2^22 floats (16 MiB) keeps the matmuls large (≈5,000 rows of
 # a 784-pixel decoder) while a chunk's intermediates stay well under 100 MiB at any k
 CHUNK_VALUES = 1 << 22
 L2_VALUES = 1 << 17
-ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015: unit u is active when Cov_x(E_q[z_u]) > 0.01
 # `precision="auto"` evaluates the first BF16_CHECK_EXAMPLES examples both ways with the same samples and
 # keeps bf16 only if the mean estimate moves by less than BF16_TOLERANCE nats (|mean| + 2 s.e. of the
 # per-example differences): well inside the 0.05 nats that would matter when comparing models
@@ -37,7 +34,7 @@ BF16_TOLERANCE = 0.02
 BF16_CHECK_EXAMPLES = 32
 
 
-def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+def batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for i in range(0, len(x), batch_size):
         yield x[i : i + batch_size]
 
@@ -58,7 +55,7 @@ def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return buf.cpu()
 
 
-class _EvalMode:
+class EvalMode:
     """Puts the model in eval mode for the block and restores its previous mode after."""
 
     def __init__(self, vae: nn.Module) -> None:
@@ -88,8 +85,8 @@ def nelbo(
     rank::world) and the sums are all-reduced: every rank must call it, and every rank gets the totals."""
     totals = torch.zeros(3 + len(getattr(vae.net, "group_sizes", ())), dtype=torch.float64)
     part, world = _rank_share(x)
-    with _EvalMode(vae):
-        for raw in _batches(part, batch_size):
+    with EvalMode(vae):
+        for raw in batches(part, batch_size):
             xb = prepare(raw)
             if vae.hierarchical:  # also the KL of every group, top group first
                 log_px_z, kl_groups, _ = hierarchical_terms(vae, xb, generator=generator)
@@ -287,8 +284,8 @@ def iwae_log_likelihood(
     use = precision
     if use == "auto" and not runtime.fast_bf16(x.device):
         use = "fp32"
-    with _EvalMode(vae):
-        for raw in _batches(x, batch):
+    with EvalMode(vae):
+        for raw in batches(x, batch):
             xb = prepare(raw)
             q = _encoded(vae, xb)
             if use == "auto":
@@ -385,229 +382,7 @@ def bits_per_dim(nats: float, dims: int) -> float:
 # ---- the posterior: active units, KL per dimension, mutual information ------------------------------
 
 
-@torch.no_grad()
-def encode_all(vae: VAE, x: torch.Tensor, prepare: Prepare, *, batch_size: int = 1000) -> DiagonalGaussian:
-    """q(z | x) for every example: a DiagonalGaussian with loc and log_scale of shape (N, L), float32."""
-    locs, log_scales = [], []
-    with _EvalMode(vae):
-        for raw in _batches(x, batch_size):
-            q = vae.encode(prepare(raw))
-            locs.append(q.loc)
-            log_scales.append(q.log_scale)
-    return DiagonalGaussian(torch.cat(locs), torch.cat(log_scales))
-
-
-def active_units(q: DiagonalGaussian, threshold: float = ACTIVE_THRESHOLD) -> tuple[int, list[float]]:
-    """Burda et al.'s criterion: unit u is active when A_u = Cov_x(E_q[z_u | x]) > ``threshold``.
-
-    Returns the number of active units and A_u for every dimension (the variance over examples of the
-    posterior mean)."""
-    loc = q.loc.double()
-    variance = loc.var(0) if len(loc) > 1 else torch.zeros(loc.shape[-1], dtype=torch.float64)
-    return int((variance > threshold).sum().item()), variance.cpu().tolist()
-
-
-def kl_per_dim(q: DiagonalGaussian) -> list[float]:
-    """KL(q(z_u | x) || N(0, 1)) for each latent dimension u, averaged over the examples (nats)."""
-    return q.kl_per_dim().double().mean(0).cpu().tolist()
-
-
-@torch.no_grad()
-def mutual_information(
-    q: DiagonalGaussian, *, generator: torch.Generator | None = None, max_values: int = CHUNK_VALUES
-) -> dict[str, float]:
-    """I(x; z) under the encoder's joint q(x, z) = p_data(x) q(z|x), by Hoffman & Johnson's ELBO surgery.
-
-    E_x KL(q(z|x) || p(z)) = I(x; z) + KL(q(z) || p(z)), with the aggregate posterior
-    q(z) = (1/N) Σ_n q(z | x_n) over the N examples given. One z_m ~ q(z | x_m) per example and
-    log q(z_m) = logmeanexp_n log q(z_m | x_n) over all N (chunked, float64) give
-
-        mutual_info = mean_m [log q(z_m | x_m) − log q(z_m)]        (≤ log N by construction)
-        marginal_kl = mean_m [log q(z_m) − log p(z_m)]
-
-    so that mutual_info + marginal_kl is the Monte-Carlo average KL. Both are in nats.
-    """
-    loc, log_scale = q.loc.double(), q.log_scale.double()
-    n, latent = loc.shape
-    eps = torch.randn(loc.shape, generator=generator, device=q.loc.device).double()
-    z = loc + eps * log_scale.exp()  # (N, L)
-    const = -0.5 * latent * _LOG_2PI
-    log_q_own = -0.5 * eps.pow(2).sum(-1) - log_scale.sum(-1) + const  # log q(z_m | x_m)
-    log_prior = -0.5 * z.pow(2).sum(-1) + const
-    # log q(z_m | x_n) = −½ Σ_l (z_ml − μ_nl)² / σ_nl² − Σ_l log σ_nl + const, as matmuls:
-    #   −½ [z² · (1/σ²)ᵀ − 2 z · (μ/σ²)ᵀ + Σ μ²/σ²]
-    precision = torch.exp(-2.0 * log_scale)  # (N, L)
-    a, b = precision.T, (loc * precision).T  # (L, N)
-    c = -0.5 * (loc.pow(2) * precision).sum(-1) - log_scale.sum(-1) + const  # (N,)
-    rows = max(1, max_values // max(1, n))
-    log_marginal = torch.empty(n, dtype=torch.float64, device=loc.device)
-    for i in range(0, n, rows):
-        zc = z[i : i + rows]  # (m, L)
-        log_q = -0.5 * (zc.pow(2) @ a) + zc @ b + c  # (m, N)
-        log_marginal[i : i + rows] = torch.logsumexp(log_q, 1) - math.log(n)
-    return {
-        "mutual_info": (log_q_own - log_marginal).mean().item(),
-        "marginal_kl": (log_marginal - log_prior).mean().item(),
-    }
-
-
 # ---- the matmul-bound floor --------------------------------------------------------------------------
 
 
-def decoder_linears(vae: VAE, rows: int) -> list[tuple[int, int, int]] | None:
-    """The (rows, in, out) shapes of every matmul one decoder pass over ``rows`` latents runs, or None
-    when the decoder runs something other than linear layers and pointwise functions (e.g. convolutions)."""
-    shapes: list[tuple[int, int, int]] = []
-    heavy = False
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal heavy
-        if isinstance(module, nn.Linear):
-            shapes.append((inputs[0].numel() // module.in_features, module.in_features, module.out_features))
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            heavy = True
-
-    if vae.autoregressive:  # a recurrent decoder (text): not linear layers alone
-        return None
-    handles = [m.register_forward_hook(hook) for m in vae.modules()]
-    try:
-        with torch.no_grad(), _EvalMode(vae):
-            device = next(vae.parameters()).device
-            vae.decode_params(torch.zeros(rows, vae.latent, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    return None if heavy or not shapes else shapes
-
-
-@torch.no_grad()
-def matmul_floor(
-    vae: VAE, n: int, k: int, rows: int, precision: str = "fp32", repeats: int = 7
-) -> dict[str, float] | None:
-    """The matmul-bound floor of an IWAE pass: the decoder's FLOPs over n·k latents divided by the
-    throughput torch reaches on this machine for the same matmul shapes and dtype (the best of
-    ``repeats`` timed runs of one chunk's matmuls, with nothing else: no bias, activation, likelihood,
-    sampling or log-sum-exp). None for decoders that are not made of linear layers."""
-    shapes = decoder_linears(vae, rows)
-    if shapes is None:
-        return None
-    device = next(vae.parameters()).device
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    pairs = [
-        (torch.randn(m, i, device=device, dtype=dtype), torch.randn(o, i, device=device, dtype=dtype).T)
-        for m, i, o in shapes
-    ]
-    outs = [torch.empty(a.shape[0], w.shape[1], device=device, dtype=dtype) for a, w in pairs]
-
-    def once() -> None:
-        for (a, w), out in zip(pairs, outs, strict=True):
-            torch.mm(a, w, out=out)
-
-    once()  # warm-up: the first call packs weights and spins up threads
-    best = math.inf
-    for _ in range(repeats):
-        runtime.synchronize(device)
-        t0 = time.perf_counter()
-        once()
-        runtime.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    flops_chunk = sum(2.0 * m * i * o for m, i, o in shapes)
-    total = n * k / rows  # chunks of `rows` latents
-    return {
-        "floor_seconds": best * total,
-        "floor_flops": flops_chunk * total,
-        "floor_gflops_per_second": flops_chunk / best / 1e9,
-    }
-
-
 # ---- everything at once ------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(
-    vae: VAE,
-    x: torch.Tensor,
-    prepare: Prepare,
-    *,
-    k: int,
-    batch_size: int | None = None,
-    generator: torch.Generator | None = None,
-    precision: str = "fp32",
-    floor: bool = False,
-) -> dict[str, Any]:
-    """Every held-out number of a model on ``x``: what ``turbovae eval --json`` prints.
-
-    Keys: ``nelbo``, ``rec``, ``kl`` (single-sample estimate, nats), ``nll_iwae`` ± ``nll_iwae_stderr``
-    with ``k`` samples, ``ess`` (mean effective sample size of the k weights), ``bpd`` (from the IWAE
-    estimate; None unless the likelihood is a probability mass), ``bpd_nelbo``, ``n``, ``latent``,
-    ``active_units`` (with ``active_threshold`` and ``posterior_mean_variance`` per dimension),
-    ``kl_per_dim``, ``mutual_info`` and ``marginal_kl`` (for a hierarchical model, of its top group:
-    ``posterior_stats`` = "top group", ``top_latent`` dims; plus ``kl_groups``, the KL of every
-    group, and ``latent_groups``, their sizes), ``precision`` (of the IWAE decoder; with
-    ``bf16_delta`` under ``auto``), and timings ``seconds`` (all of it) and ``iwae_seconds``. With
-    ``floor=True``, also ``floor_seconds`` (the matmul-bound floor at the precision used, see
-    ``matmul_floor``) and ``floor_ratio`` = iwae_seconds / floor_seconds; under bf16 also the fp32
-    floor ``floor_seconds_fp32`` and ``floor_ratio_fp32``.
-    """
-    t0 = time.perf_counter()
-    ev = nelbo(vae, x, prepare, batch_size=1000, generator=generator)
-    q = encode_all(vae, x, prepare)
-    active, variance = active_units(q)
-    mi = mutual_information(q, generator=generator)
-    device = x.device
-    runtime.synchronize(device)
-    t_iwae = time.perf_counter()
-    r = iwae_log_likelihood(
-        vae, x, prepare, k=k, batch_size=batch_size, generator=generator, precision=precision
-    )
-    runtime.synchronize(device)
-    iwae_seconds = time.perf_counter() - t_iwae
-    nll = -r["log_px"]
-    dims = math.prod(vae.event_shape)
-    discrete = vae.likelihood.discrete
-    result: dict[str, Any] = {
-        "nelbo": ev["nelbo"],
-        "rec": ev["rec"],
-        "kl": ev["kl"],
-        "nll_iwae": nll.mean().item(),
-        "nll_iwae_stderr": nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan"),
-        "k": k,
-        "ess": r["ess"].mean().item(),
-        "bpd": bits_per_dim(nll.mean().item(), dims) if discrete else None,
-        "bpd_nelbo": bits_per_dim(ev["nelbo"], dims) if discrete else None,
-        "n": len(x),
-        "latent": vae.latent,
-        "active_units": active,
-        "active_threshold": ACTIVE_THRESHOLD,
-        "posterior_mean_variance": variance,
-        "kl_per_dim": kl_per_dim(q),
-        "mutual_info": mi["mutual_info"],
-        "marginal_kl": mi["marginal_kl"],
-        "precision": r["precision"],
-        "iwae_batch_size": r["batch_size"],
-        "iwae_sample_chunk": r["sample_chunk"],
-    }
-    for key in ("bf16_delta", "bf16_delta_bound"):
-        if key in r:
-            result[key] = r[key]
-    if vae.hierarchical:
-        # the KL of every group; active units, KL per dim and I(x; z) are the top group's (the latents
-        # whose prior is N(0, I)), over its top_latent dims
-        result["kl_groups"] = ev["kl_groups"]
-        result["latent_groups"] = list(vae.net.group_sizes)  # type: ignore[arg-type]
-        result["posterior_stats"] = "top group"
-        result["top_latent"] = int(vae.net.top_size)  # type: ignore[arg-type]
-    result["iwae_seconds"] = iwae_seconds
-    if floor:
-        rows = r["batch_size"] * r["sample_chunk"]
-        fl = matmul_floor(vae, len(x), k, rows, r["precision"])
-        if fl is not None:
-            result.update(fl)
-            result["floor_ratio"] = iwae_seconds / fl["floor_seconds"]
-            if r["precision"] != "fp32":  # the floor of fp32 matmuls too, which bf16 may beat
-                fp32 = matmul_floor(vae, len(x), k, rows, "fp32")
-                assert fp32 is not None
-                result["floor_seconds_fp32"] = fp32["floor_seconds"]
-                result["floor_ratio_fp32"] = iwae_seconds / fp32["floor_seconds"]
-    result["seconds"] = time.perf_counter() - t0
-    return result

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config
-from .errors import ConfigError
+from ..config import Config
+from ..errors import ConfigError
 
 # ---- optimisers -------------------------------------------------------------------------------------
 

@@ -38,8 +38,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import Config
-from .errors import ConfigError, TurboVAEError
+from ..config import Config
+from ..errors import ConfigError, TurboVAEError
+from ..runtime import select_device
+from . import checkpoint
 
 DEFAULT_TIMEOUT_S = 600.0  # a collective that waits longer than this ends the job (a rank died or hangs)
 LR_SCALINGS = ("auto", "sqrt", "linear", "none")
@@ -172,8 +174,6 @@ def start(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Context:
 
 def _rank_device(device_name: str, local_rank: int) -> torch.device:
     """train.device for this rank: on GPUs, the local rank's GPU (one GPU per rank)."""
-    from .runtime import select_device
-
     device = select_device(device_name)
     if device.type != "cuda":
         return device
@@ -232,8 +232,6 @@ def is_comm_failure(e: BaseException) -> bool:
 
 def lost_contact(e: BaseException, ctx: Context, out: Path) -> DistributedError:
     """The error a rank ends with when a collective fails: what happened, and how to go on."""
-    from . import checkpoint
-
     last = checkpoint.latest(out) if out.is_dir() else None
     saved = f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written yet"
     return DistributedError(

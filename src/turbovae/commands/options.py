@@ -1,0 +1,89 @@
+"""What several commands share: the options that build a config (train, bench, tune) and eval's JSON path."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import Config, resolve
+from ..data.tables import table_path
+from ..data.text import is_text_spec
+from ..errors import ConfigError
+
+# flag name -> config key; the flags are shortcuts for `section.key=value` overrides
+TRAIN_FLAGS: dict[str, str] = {
+    "data": "data.name",
+    "columns": "data.columns",
+    "binarize": "data.binarize",
+    "resize": "data.resize",
+    "model": "model.name",
+    "hidden": "model.hidden",
+    "channels": "model.channels",
+    "latent": "model.latent",
+    "likelihood": "model.likelihood",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "objective": "train.objective",
+    "beta": "train.beta",
+    "seed": "train.seed",
+    "device": "train.device",
+    "precision": "train.precision",
+    "compile": "train.compile",
+    "checkpoint_every": "train.checkpoint_every",
+}
+
+
+def config_options(p: argparse.ArgumentParser) -> None:
+    """The options that build a config: a preset, flag shortcuts, section.key=value overrides."""
+    p.add_argument(
+        "--config",
+        help="preset name (e.g. fmnist-mlp) or a YAML file; "
+        "default digits-mlp when --data is not given either",
+    )
+    p.add_argument(
+        "--data",
+        help="digits | fashion-mnist | mnist | FILE.npz | FILE.npy | IMAGE_FOLDER/ | csv:TABLE.csv"
+        " | text:FILE.txt (one example per line) | words (English words, characters)",
+    )
+    p.add_argument("--columns", help="tables: declared column types, e.g. age:integer,smoker:boolean")
+    p.add_argument("--binarize", help="auto | none | static | dynamic")
+    p.add_argument("--resize", help="HxW, for image folders of mixed sizes")
+    p.add_argument("--model", help="mlp | conv | sentence (text)")
+    p.add_argument("--hidden", help="MLP widths, e.g. 400 or 512,256")
+    p.add_argument("--channels", help="conv widths per level, e.g. 32,64")
+    p.add_argument("--latent", type=int, help="latent dimensions")
+    p.add_argument(
+        "--likelihood",
+        help="bernoulli | bernoulli-grey | continuous-bernoulli | gaussian | "
+        "gaussian-learned | gaussian-pixel | mixed (tables) | categorical (text)",
+    )
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--objective", help="elbo | iwae")
+    p.add_argument("--beta", type=float, help="KL weight of the β-ELBO")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (default auto)")
+    p.add_argument("--compile", help="auto | on | off: torch.compile the training step (default auto)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: every epoch)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """The config the options describe: a preset (default: by the kind of --data), flags, overrides."""
+    flags = {key: getattr(args, name) for name, key in TRAIN_FLAGS.items()}
+    # with neither --config nor --data, the built-in demo preset; a table without --config: tabular
+    default = ("tabular" if table_path(args.data) else None) if args.data else "digits-mlp"
+    if args.data and is_text_spec(args.data):  # text without --config: the text presets
+        default = "words-char" if args.data == "words" else "text"
+    return resolve(args.config or default, flags, args.overrides)
+
+
+def json_out(args: argparse.Namespace, default_name: str) -> Path | None:
+    """Where ``eval`` writes its JSON: ``--out FILE.json``, RUN_DIR/default_name, or nowhere for '-'."""
+    out = None if args.out == "-" else Path(args.out or Path(args.run_dir) / default_name)
+    if out is not None and out.suffix != ".json":
+        raise ConfigError(f"--out must end in .json (or be '-'), got {out}")
+    return out

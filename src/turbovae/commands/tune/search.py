@@ -1,0 +1,220 @@
+"""``turbovae tune --search N``: an Optuna search (``turbovae[search]``) over width, depth, latent size,
+learning rate and β, scored on a validation share of the training split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ... import evaluation, runtime
+from ...config import Config, resolve
+from ...data.batches import binarize, preparer
+from ...engine.optim import kl_weight_at, lr_at
+from ...engine.setup import Setup, setup
+from ...errors import ConfigError, unknown_name
+from .measure import Runner
+from .rules import show
+
+SEARCH_PARAMS = ("width", "depth", "latent", "lr", "beta")
+
+
+def _import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("--search needs Optuna: pip install 'turbovae[search]'") from None
+    return optuna
+
+
+def search_space(cfg: Config, params: Sequence[str]) -> dict[str, tuple[str, Any, Any]]:
+    """name -> (kind, low, high) around the configured values: widths ¼× to 2×, depth 1 to 3 (MLP and
+    sentence models; a conv net keeps its levels), latent ¼× to 2×, learning rate ÷10 to ×10 and β ½× to
+    2× (log scales)."""
+    unknown = [p for p in params if p not in SEARCH_PARAMS]
+    if unknown:
+        raise unknown_name("search parameter", unknown[0], SEARCH_PARAMS)
+    m, t = cfg.model, cfg.train
+    width = (m.channels if m.name == "conv" else m.hidden)[0]
+    space: dict[str, tuple[str, Any, Any]] = {
+        "width": ("int", max(8, width // 4), width * 2),
+        "depth": ("int", 1, 3),
+        "latent": ("int", max(2, m.latent // 4), m.latent * 2),
+        "lr": ("float", t.lr / 10, t.lr * 10),
+        "beta": ("float", t.beta / 2, t.beta * 2),
+    }
+    if m.name == "conv":
+        space.pop("depth")
+    if t.beta == 0:
+        space.pop("beta")
+    return {k: v for k, v in space.items() if k in params}
+
+
+def apply_params(cfg: Config, values: dict[str, Any]) -> Config:
+    """``cfg`` with the searched values in place (validated)."""
+    flags: dict[str, Any] = {}
+    m = cfg.model
+    width = values.get("width")
+    if m.name == "conv":
+        if width is not None:
+            flags["model.channels"] = [int(width) * 2**i for i in range(len(m.channels))]
+    elif width is not None or "depth" in values:
+        depth = int(values.get("depth", len(m.hidden)))
+        flags["model.hidden"] = [int(width if width is not None else m.hidden[0])] * depth
+    if "latent" in values:
+        flags["model.latent"] = int(values["latent"])
+    if "lr" in values:
+        flags["train.lr"] = float(f"{values['lr']:.3g}")
+    if "beta" in values:
+        flags["train.beta"] = float(f"{values['beta']:.3g}")
+    return resolve(base=cfg.to_dict(), flags=flags)
+
+
+def _trial_run(
+    s: Setup,
+    cfg: Config,
+    x_train: torch.Tensor,
+    validate: Callable[[Any], float],
+    epochs: int,
+    report: Callable[[float, int], None],
+) -> float:
+    """Train a fresh model with ``cfg`` for ``epochs`` epochs over ``x_train``; ``report(nelbo, epoch)`` after
+    each epoch with ``validate(vae)`` (it may raise optuna.TrialPruned). Returns the last validation NELBO."""
+    runner = Runner(s, cfg, cfg.train.seed, x_train=x_train)
+    batch = cfg.train.batch_size
+    steps_per_epoch = max(1, len(x_train) // batch)
+    total = epochs * steps_per_epoch
+    value = math.inf
+    for epoch in range(epochs):
+        last = torch.zeros(())
+        for _ in range(steps_per_epoch):
+            step = runner.steps
+            last = runner.step(batch, lr_at(cfg, step, total), kl_weight_at(cfg, step, total))
+        if not math.isfinite(float(last)):
+            return math.inf
+        value = validate(runner.vae)
+        report(value, epoch)
+    return value
+
+
+def search(
+    cfg: Config,
+    n_trials: int,
+    *,
+    storage: Path,
+    budget: float | None = None,
+    trial_epochs: int | None = None,
+    params: Sequence[str] = SEARCH_PARAMS,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """An Optuna search (TPE sampler, median pruning on the per-epoch validation NELBO) over ``params``
+    around ``cfg``, until the study holds ``n_trials`` finished trials or ``budget`` seconds pass.
+
+    Trials train ``trial_epochs`` epochs (default a fifth of train.epochs, at least 1) on 90% of the
+    training split and are scored by the NELBO of the other 10% (a fixed draw): the test split is left
+    for the final run. The study lives in the SQLite file ``storage`` under a name derived from the
+    config, the trial length and the parameters, so the same command resumes an interrupted search.
+
+    Returns {"config": the best config (with the full epochs), "best_validation_nelbo", "trial" (its
+    number), "params", "trials" (count per state), "trial_epochs", "study", "storage"}."""
+    optuna = _import_optuna()
+    if n_trials < 1:
+        raise ConfigError(f"--search must be >= 1 trials, got {n_trials}")
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"--budget must be > 0 seconds, got {budget}")
+    epochs = trial_epochs if trial_epochs is not None else max(1, cfg.train.epochs // 5)
+    if epochs < 1:
+        raise ConfigError(f"--trial-epochs must be >= 1, got {epochs}")
+    space = search_space(cfg, params)
+    if not space:
+        raise ConfigError(f"nothing to search: --search-params {','.join(params)} leaves no parameter here")
+    runtime.seed_everything(cfg.train.seed)
+    s = setup(cfg)
+    runtime.configure(s.device, cfg.train.threads)
+    n = len(s.x_train)
+    n_val = max(1, n // 10)
+    if n - n_val < cfg.train.batch_size:
+        raise ConfigError(
+            f"the search trains on 90% of the {n} training examples, fewer than train.batch_size = "
+            f"{cfg.train.batch_size}; lower --batch-size"
+        )
+    split = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(s.device)
+    x_fit, x_val = s.x_train[split[n_val:]], s.x_train[split[:n_val]]
+    prepare_val = preparer(s.train_max, False, None)
+    if s.binarize_mode == "dynamic":  # a fixed draw, so that every trial is scored on the same data
+        x_val, prepare_val = binarize(x_val, s.train_max, seed=4), preparer(1.0, False, None)
+
+    def validate(vae: Any) -> float:
+        gen = runtime.generator(s.device, 12345)
+        return evaluation.nelbo(vae, x_val, prepare_val, batch_size=cfg.eval.batch_size, generator=gen)[
+            "nelbo"
+        ]
+
+    key = json.dumps({"config": cfg.to_dict(), "epochs": epochs, "space": space}, sort_keys=True, default=str)
+    name = "turbovae-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(
+        study_name=name,
+        storage=f"sqlite:///{storage}",
+        load_if_exists=True,
+        direction="minimize",
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0),
+    )
+    # seeded past the stored trials: a resumed search does not propose its first points again
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.train.seed + len(study.trials))
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    if done:
+        log(f"resuming study {name} in {storage}: {done} of {n_trials} trials done")
+
+    def objective(trial: Any) -> float:
+        values = {}
+        for pname, (kind, low, high) in space.items():
+            if kind == "int":
+                values[pname] = trial.suggest_int(pname, low, high, log=pname != "depth")
+            else:
+                values[pname] = trial.suggest_float(pname, low, high, log=True)
+        trial_cfg = apply_params(cfg, values)
+
+        def report(value: float, epoch: int) -> None:
+            trial.report(value, epoch)
+            if trial.should_prune():
+                log(f"trial {trial.number}: pruned after epoch {epoch + 1} (validation NELBO {value:.2f})")
+                raise optuna.TrialPruned()
+
+        t0 = time.perf_counter()
+        value = _trial_run(s, trial_cfg, x_fit, validate, epochs, report)
+        shown = ", ".join(f"{k} {show(v)}" for k, v in values.items())
+        if not math.isfinite(value):
+            log(f"trial {trial.number}: {shown}: diverged")
+            raise optuna.TrialPruned()
+        log(f"trial {trial.number}: {shown}: validation NELBO {value:.2f} ({time.perf_counter() - t0:.1f} s)")
+        return value
+
+    if done < n_trials:
+        study.optimize(objective, n_trials=n_trials - done, timeout=budget, gc_after_trial=False)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise ConfigError(
+            f"no search trial finished (of {len(study.trials)}); raise --budget or --trial-epochs, or lower "
+            "--lr"
+        )
+    best = study.best_trial
+    states = [t.state.name.lower() for t in study.trials]
+    return {
+        "config": apply_params(cfg, best.params),
+        "best_validation_nelbo": best.value,
+        "trial": best.number,
+        "params": best.params,
+        "trials": {state: states.count(state) for state in sorted(set(states))},
+        "trial_epochs": epochs,
+        "study": name,
+        "storage": str(storage),
+    }

@@ -1,0 +1,131 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import runtime
+from ..config import Config, parse_resize
+from ..data import Dataset, load_dataset
+from ..data.batches import binarize, preparer, value_range
+from ..data.text import check_text_setup
+from ..errors import DataError
+from ..likelihoods import build_likelihood
+from ..models import TEXT_MODELS, build_network
+from ..vae import VAE
+from . import distributed
+
+
+@dataclass
+class Setup:
+    """Everything built from a config before the first step."""
+
+    cfg: Config
+    device: torch.device
+    data: Dataset
+    x_train: torch.Tensor  # on the device, stored dtype (uint8 stays uint8)
+    x_test: torch.Tensor  # on the device; fixed binarisation under dynamic binarisation
+    train_max: float
+    test_max: float
+    binarize_mode: str  # resolved: none | static | dynamic
+    vae: VAE
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
+
+    def prepare_test(self, raw: torch.Tensor) -> torch.Tensor:
+        return preparer(self.test_max, False, None)(raw)
+
+    def split(self, name: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """(data, prepare) to evaluate a split on: binary data stay a fixed draw, so numbers repeat."""
+        if name == "test":
+            return self.x_test, self.prepare_test
+        if self.binarize_mode == "dynamic":
+            return binarize(self.x_train, self.train_max, seed=3), preparer(1.0, False, None)
+        return self.x_train, preparer(self.train_max, False, None)
+
+
+def resolve_binarize(mode: str, likelihood_support: str, binary: bool) -> str:
+    if mode == "auto":
+        return "dynamic" if likelihood_support == "binary" and not binary else "none"
+    return mode
+
+
+def build_vae(cfg: Config, event_shape: tuple[int, ...], data_meta: dict[str, Any] | None = None) -> VAE:
+    m = cfg.model
+    likelihood = build_likelihood(m.likelihood, event_shape, m.likelihood_scale, data_meta, m.mixtures)
+    net = build_network(m.name, event_shape, m.latent, likelihood.params_per_dim, m)
+    # a hierarchical net's latent vector is all its groups, flattened (the noise the loop draws)
+    vae = VAE(net, likelihood, getattr(net, "latent_size", m.latent))
+    vae.data_meta = data_meta or {}
+    return vae
+
+
+def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, Any] | None = None) -> Setup:
+    """Load and check the data and build the model: user errors surface here, before any file is written.
+
+    ``data_meta``: a trained run's ``Dataset.meta``, whose fitted transforms (a table's) are reused."""
+    device = device or runtime.select_device(cfg.train.device)
+    data = load_dataset(
+        cfg.data.name,
+        resize=parse_resize(cfg.data.resize),
+        test_fraction=cfg.data.test_fraction,
+        split_seed=0,
+        data_dir=cfg.data.dir,
+        columns=cfg.data.columns,
+        continuous_transform=cfg.data.continuous_transform,
+        meta=data_meta,
+        tokenizer=cfg.data.tokenizer,
+        max_length=cfg.data.max_length,
+        min_freq=cfg.data.min_freq,
+    )
+    low, high, binary = value_range(
+        torch.cat([data.x_train.flatten(), data.x_test.flatten()]), data.max_value
+    )
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise DataError(f"data '{data.name}' contains NaN or Inf values")
+    vae = build_vae(cfg, data.event_shape, data.meta)
+    mode = resolve_binarize(cfg.data.binarize, vae.likelihood.support, binary)
+    if data.is_tokens or vae.likelihood.support == "tokens":  # text: no scaling and no binarisation
+        check_text_setup(data, cfg.model.name, cfg.model.likelihood, cfg.data.binarize, TEXT_MODELS)
+    if mode != "none" and (low < 0 or high > 1):
+        raise DataError(
+            f"binarisation needs data in [0, 1], but '{data.name}' has values in [{low:g}, {high:g}]"
+        )
+    if mode != "none":
+        binary, low, high = True, 0.0, 1.0
+    vae.likelihood.check_data(low, high, binary, data.name)
+    if len(data.x_train) < cfg.train.batch_size:
+        raise DataError(
+            f"data '{data.name}' has {len(data.x_train)} training examples, fewer than train.batch_size "
+            f"= {cfg.train.batch_size}; lower --batch-size"
+        )
+    if len(data.x_test) == 0:
+        raise DataError(f"data '{data.name}' has an empty test split")
+    x_train, x_test, train_max, test_max = data.x_train, data.x_test, data.max_value, data.max_value
+    if mode == "static":
+        x_train, train_max = binarize(x_train, data.max_value, seed=1), 1.0
+    if mode in ("static", "dynamic"):
+        x_test, test_max = binarize(x_test, data.max_value, seed=2), 1.0
+    if cfg.model.name == "conv" and device.type == "cuda":
+        vae = vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # cuDNN prefers NHWC
+    precision = runtime.resolve_precision(cfg.train.precision, device)
+    return Setup(cfg, device, data, x_train.to(device), x_test.to(device), train_max, test_max, mode,
+                 vae.to(device), precision)  # fmt: skip
+
+
+def check_shares(s: Setup, ctx: distributed.Context) -> None:
+    """Data-parallel: enough training examples for one global batch, and test examples for every rank."""
+    need = s.cfg.train.batch_size * ctx.world
+    if len(s.x_train) < need:
+        raise DataError(
+            f"data '{s.data.name}' has {len(s.x_train)} training examples, fewer than one global batch: "
+            f"train.batch_size {s.cfg.train.batch_size} per rank x {ctx.world} ranks = {need}; lower "
+            "--batch-size or use fewer ranks"
+        )
+    if len(s.x_test) < ctx.world:
+        raise DataError(f"data '{s.data.name}' has {len(s.x_test)} test examples, fewer than the {ctx.world} "
+                        "ranks that share the evaluation")  # fmt: skip

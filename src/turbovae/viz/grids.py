@@ -1,0 +1,127 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+GRID_BACKGROUND = 64  # the grey between grid cells
+
+
+def as_images(x: torch.Tensor, event_shape: tuple[int, ...]) -> torch.Tensor:
+    """(N, *event_shape) values → (N, C, H, W) in [0, 1] for display.
+
+    Vectors whose length is a square are shown as square images (flattened pictures); other vectors
+    as one-pixel-high strips, min-max scaled over the batch.
+    """
+    x = x.detach().float().cpu()
+    if len(event_shape) == 3:
+        return x.clamp(0, 1)
+    dims = math.prod(event_shape)
+    x = x.reshape(len(x), dims)
+    side = math.isqrt(dims)
+    if side * side == dims and float(x.min()) >= 0 and float(x.max()) <= 1:
+        return x.reshape(len(x), 1, side, side)
+    low, high = x.min(), x.max()
+    x = (x - low) / (high - low) if high > low else torch.zeros_like(x)
+    return x.reshape(len(x), 1, 1, dims)
+
+
+def grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] → one uint8 array (rows of ``nrow`` images), with a 1-pixel border."""
+    n, c, h, w = images.shape
+    ncol = math.ceil(n / nrow)
+    out = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), GRID_BACKGROUND, dtype=np.uint8)
+    pixels = (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        out[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
+        ] = pixels[i]
+    return out[..., 0] if c == 1 else out
+
+
+def grid_image(images: torch.Tensor, nrow: int, min_side: int = 256) -> Image.Image:
+    """A grid as a Pillow image, upscaled with nearest-neighbour so that small images stay readable.
+
+    Strips (images one pixel high, from vector data) are stretched to at least 8 pixels high."""
+    array = grid(images, nrow)
+    picture = Image.fromarray(array)
+    scale = max(1, math.ceil(min_side / max(array.shape[0], array.shape[1])))
+    height_scale = max(scale, 8) if images.shape[2] == 1 else scale
+    if scale > 1 or height_scale > 1:
+        size = (array.shape[1] * scale, array.shape[0] * height_scale)
+        picture = picture.resize(size, Image.Resampling.NEAREST)
+    return picture
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, min_side: int = 256) -> None:
+    """Write a PNG grid, upscaled with nearest-neighbour so that small images stay readable."""
+    grid_image(images, nrow, min_side).save(path, format="PNG")
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def label_rows(picture: Image.Image, labels: Sequence[str], width: int = 120) -> Image.Image:
+    """Add a white margin on the left with one label centred on each of ``len(labels)`` equal rows."""
+    rows = len(labels)
+    out = Image.new("RGB", (picture.width + width, picture.height), "white")
+    out.paste(picture.convert("RGB"), (width, 0))
+    draw = ImageDraw.Draw(out)
+    font = _font(max(10, min(16, picture.height // max(rows, 1) // 3)))
+    for i, text in enumerate(labels):
+        y = (i + 0.5) * picture.height / rows
+        draw.text((width - 8, y), text, fill=(40, 40, 40), font=font, anchor="rm")
+    return out
+
+
+@torch.no_grad()
+def sample_grid(vae: Any, n: int = 64, seed: int = 7) -> torch.Tensor:
+    """n samples from the prior, shown as E[x | z]: (n, C, H, W) in [0, 1]."""
+    device = next(vae.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    return as_images(vae.sample(n, generator=g), vae.event_shape)
+
+
+@torch.no_grad()
+def reconstruction_grid(vae: Any, x: torch.Tensor) -> torch.Tensor:
+    """Inputs (first row) above their reconstructions E[x | z = mean of q(z | x)] (second row)."""
+    return torch.cat([as_images(x, vae.event_shape), as_images(vae.reconstruct(x), vae.event_shape)])
+
+
+@torch.no_grad()
+def interpolation_grid(vae: Any, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """One row per pair: x_a, the decoded points on the line between the posterior means of x_a and
+    x_b (``steps`` of them, ends included), then x_b. Shape (pairs · (steps + 2), C, H, W)."""
+    za, zb = vae.encode(x_a).mean, vae.encode(x_b).mean  # (P, L)
+    t = torch.linspace(0, 1, steps, device=za.device).view(1, steps, 1)
+    path = za.unsqueeze(1) * (1 - t) + zb.unsqueeze(1) * t  # (P, steps, L)
+    decoded = as_images(vae.decode(path.flatten(0, 1)), vae.event_shape).unflatten(0, (len(za), steps))
+    ends_a = as_images(x_a, vae.event_shape).unsqueeze(1)
+    ends_b = as_images(x_b, vae.event_shape).unsqueeze(1)
+    # the decoded strips are min-max scaled on their own for vector data; inputs likewise
+    return torch.cat([ends_a, decoded, ends_b], dim=1).flatten(0, 1)
+
+
+@torch.no_grad()
+def traversal_grid(
+    vae: Any, base: torch.Tensor, dims: Sequence[int], values: Sequence[float]
+) -> torch.Tensor:
+    """One row per latent dimension in ``dims``: ``base`` (L,) with that coordinate set to each of
+    ``values``, decoded. Shape (len(dims) · len(values), C, H, W)."""
+    v = torch.tensor(list(values), device=base.device, dtype=base.dtype)
+    z = base.repeat(len(dims), len(v), 1)  # (D, V, L)
+    for row, d in enumerate(dims):
+        z[row, :, d] = v
+    return as_images(vae.decode(z.flatten(0, 1)), vae.event_shape)

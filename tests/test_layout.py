@@ -1,0 +1,109 @@
+"""The layout rules of the package: no import cycles (function-local imports included), no function of
+100 lines or more, and the training loop's function at most 80 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "src" / "turbovae"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for f in ROOT.rglob("*.py"):
+        parts = f.relative_to(ROOT.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return mods
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skip: set[int] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test):
+            skip.update(id(x) for x in ast.walk(n))
+    return skip
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports anywhere in its text (TYPE_CHECKING blocks excluded);
+    the package itself ("turbovae", the public API) is left out as a target."""
+    mods = _modules()
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        tree = ast.parse(f.read_text())
+        skip = _type_checking_nodes(tree)
+        package = m if f.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for n in ast.walk(tree):
+            if id(n) in skip:
+                continue
+            targets: list[str] = []
+            if isinstance(n, ast.Import):
+                targets = [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom):
+                if n.level:
+                    base = package.split(".")[: len(package.split(".")) - (n.level - 1)]
+                    t = ".".join(base + ([n.module] if n.module else []))
+                else:
+                    t = n.module or ""
+                targets = [f"{t}.{a.name}" if f"{t}.{a.name}" in mods else t for a in n.names]
+            for t in targets:
+                while t and t not in mods:  # `import turbovae.engine.loop` names the module itself
+                    t = t.rsplit(".", 1)[0] if "." in t else ""
+                if t and t not in (m, "turbovae"):
+                    edges[m].add(t)
+    return edges
+
+
+def _cycle_from(start: str, edges: dict[str, set[str]]) -> list[str] | None:
+    path, seen = [start], set()
+
+    def visit(m: str) -> list[str] | None:
+        for w in sorted(edges[m]):
+            if w == start:
+                return [*path, w]
+            if w not in seen:
+                seen.add(w)
+                path.append(w)
+                found = visit(w)
+                if found:
+                    return found
+                path.pop()
+        return None
+
+    return visit(start)
+
+
+def test_no_import_cycles() -> None:
+    edges = import_graph()
+    cycles = [c for m in sorted(edges) if (c := _cycle_from(m, edges))]
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles[:5])
+
+
+def test_the_graph_sees_function_local_imports(tmp_path: Path) -> None:
+    # the checker itself: a lazy import inside a function is an edge
+    edges = import_graph()
+    assert "turbovae.engine.loop" in edges["turbovae.cli"] or "turbovae.commands.train" in edges["turbovae.cli"]
+    tree = ast.parse("def f():\n    from .b import x\n")
+    assert any(isinstance(n, ast.ImportFrom) for n in ast.walk(tree))
+
+
+def _functions() -> list[tuple[str, str, int]]:
+    out = []
+    for f in ROOT.rglob("*.py"):
+        for n in ast.walk(ast.parse(f.read_text())):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert n.end_lineno is not None
+                out.append((f"{f.relative_to(ROOT)}:{n.lineno}", n.name, n.end_lineno - n.lineno + 1))
+    return out
+
+
+def test_no_function_of_100_lines_or_more() -> None:
+    long = [f"{where} {name} ({lines} lines)" for where, name, lines in _functions() if lines >= 100]
+    assert not long, "functions of 100 lines or more: " + "; ".join(long)
+
+
+def test_the_training_loop_reads_in_80_lines() -> None:
+    loops = [lines for where, name, lines in _functions() if where.startswith("engine/loop.py") and name == "_fit"]
+    assert loops, "engine/loop.py has no _fit"
+    assert loops[0] <= 80, f"the training loop's function is {loops[0]} lines"
