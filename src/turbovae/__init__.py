@@ -3,14 +3,14 @@
 from .config import Config, resolve
 from .data import DATASETS, Dataset, load_dataset
 from .distributions import DiagonalGaussian
+from .engine.loop import fit
+from .engine.rundir import load
+from .engine.setup import build_vae
 from .errors import CheckpointError, ConfigError, DataError, TurboVAEError
 from .evaluation import bits_per_dim, iwae_nll, nelbo
 from .likelihoods import LIKELIHOODS, build_likelihood
 from .models import MODELS, build_network
 from .objectives import OBJECTIVES, elbo, iwae
-from .engine.loop import fit
-from .engine.rundir import load
-from .engine.setup import build_vae
 from .vae import VAE
 
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -70,6 +71,44 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+def with_precision(fn: Callable[..., Any], device: torch.device, precision: str) -> Callable[..., Any]:
+    """``fn`` run under :func:`autocast` at ``precision`` (fp32: ``fn`` itself). The training step calls
+    the objective through this, so that the step itself makes no hardware decision."""
+    if precision == "fp32":
+        return fn
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with autocast(device, precision):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """fp16's loss scaler (it also skips steps with inf/NaN gradients); None for bf16 and fp32."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def place(module: torch.nn.Module, device: torch.device, channels_last: bool = False) -> torch.nn.Module:
+    """``module`` on ``device``, NHWC where asked and on CUDA (cuDNN's preferred convolution layout)."""
+    if channels_last and device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return module.to(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The device's peak allocated memory on CUDA (since :func:`reset_peak_memory`); the process's peak
+    resident set size on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run in hardware here (CUDA with bf16, or a CPU with AMX or AVX512-BF16)."""
     if device.type == "cuda":
@@ -120,7 +159,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 # ---- torch.compile of the training step ------------------------------------------------------------
 
 # Without a measurement of our own: what compiling costs (seconds, cold cache) and what it saves.
-_COMPILE_DEFAULTS = {"cpu": (30.0, 1.3), "cuda": (40.0, 2.0)}
+COMPILE_DEFAULTS = {"cpu": (30.0, 1.3), "cuda": (40.0, 2.0)}
+
+
+def compile_estimate(device_type: str) -> tuple[float, float]:
+    """(compile seconds, speed-up) assumed without a measurement of our own on this kind of device."""
+    return COMPILE_DEFAULTS.get(device_type, (60.0, 1.0))
+
+
 PROBE_STEPS = 20
 
 
@@ -250,7 +296,7 @@ class StepCompiler:
 
     def _decide(self, eager_step_s: float) -> None:
         self.eager_step_s = eager_step_s
-        cost, speedup = self._records().get(self.key) or _COMPILE_DEFAULTS.get(self.device.type, (60.0, 1.0))
+        cost, speedup = self._records().get(self.key) or compile_estimate(self.device.type)
         remaining = self.remaining - PROBE_STEPS
         saving = remaining * eager_step_s * (1.0 - 1.0 / max(speedup, 1.0))
         if saving > 1.2 * cost:
@@ -268,7 +314,7 @@ class StepCompiler:
         synchronize(self.device)
         compiled_step_s = (time.perf_counter() - self.t_compiled) / self.n_compiled
         eager = getattr(self, "eager_step_s", None)
-        speedup = eager / compiled_step_s if eager else _COMPILE_DEFAULTS.get(self.device.type, (0, 1.0))[1]
+        speedup = eager / compiled_step_s if eager else compile_estimate(self.device.type)[1]
         records = self._records()
         # bounded: a probe timed on a busy machine must not talk later runs into anything extreme
         records[self.key] = [self.first_compiled_call_s, min(max(speedup, 0.5), 4.0)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -65,17 +64,11 @@ def _windows(run: Callable[[int], None], device: torch.device, windows: int, ste
     return seconds
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
     """Time turbovae's own training step, as ``turbovae train`` would run it."""
     cfg, device, vae = s.cfg, s.device, s.vae
     opt = make_optimizer(cfg, vae, device)
-    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+    scaler = runtime.grad_scaler(device, s.precision)
     eager = make_step(vae, opt, scaler, cfg, device, s.precision)
     batch = cfg.train.batch_size
     total = cfg.train.epochs * (len(s.x_train) // batch)
@@ -118,8 +111,7 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     run(runtime.PROBE_STEPS + 10)  # warm-up: the compile decision (and compilation) happen here
     warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    runtime.reset_peak_memory(device)
     seconds = _windows(run, device, windows, steps)
     if not torch.isfinite(sums).all() or sums[STATS.index("skipped")] > sums[STATS.index("applied")]:
         raise ConfigError("the loss became NaN or Inf during the benchmark; lower --lr")
@@ -132,7 +124,7 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
         "window_seconds": seconds,
         "flops_per_step": flops,
         "flops_per_second": flops * steps / median,
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": runtime.peak_memory_bytes(device),
         "warmup_seconds": warmup_s,
         "compile": step.decision,
     }

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Evaluation during and at the end of training: the per-epoch collapse check, the final NELBO and IWAE,
+the pictures (or text outputs) and summary.json."""
 
 from __future__ import annotations
 

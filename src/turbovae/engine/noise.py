@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The gradient-noise scale: the estimator (:class:`NoiseScale`, shared with ``turbovae tune``) and the
+probe that measures it during training (:class:`NoiseProbe`)."""
 
 from __future__ import annotations
 
@@ -10,46 +11,6 @@ from .. import runtime
 from ..config import Config
 from ..vae import VAE
 from .step import Task
-
-
-class NoiseProbe:
-    """The gradient-noise scale B_simple = tr(Σ)/|G|² during training (McCandlish et al. 2018): every
-    ``train.noise_scale_every`` steps (default: the log interval) one extra backward pass on half the
-    batch, before the step, gives |G_small|²; the step's own gradient norm gives |G_big|² at the same
-    parameters. The estimator (tune.NoiseScale) smooths both and logs ``noise_scale``, an
-    estimate of the critical batch size. Costs one half-batch backward per probe (1% at every 50 steps)."""
-
-    def __init__(self, cfg: Config, vae: VAE, device: torch.device, precision: str) -> None:
-        every = cfg.train.noise_scale_every or cfg.train.log_every
-        self.every = max(every, 0)
-        self.device, self.precision = device, precision
-        self.task = Task(vae, cfg)  # not DDP's: the probe's gradient is this rank's own
-        self.params = [p for p in vae.parameters() if p.requires_grad]
-        self.estimator = NoiseScale()
-        self.g2_small: torch.Tensor | None = None
-        self.b_small = 0
-
-    def due(self, step: int, batch: int) -> bool:
-        return bool(self.every) and step % self.every == 0 and batch >= 4
-
-    def small(self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None) -> None:
-        h = len(x) // 2
-        with runtime.autocast(self.device, self.precision):
-            loss = self.task(x[:h], eps.narrow(-2, 0, h), beta)["loss"]
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        self.g2_small = sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(()))
-        self.b_small = h
-
-    def big(self, norm: torch.Tensor, batch: int) -> None:
-        g2_big = norm.square()
-        if self.g2_small is not None and torch.isfinite(self.g2_small) & torch.isfinite(g2_big):
-            self.estimator.update(self.g2_small, self.b_small, g2_big, batch)
-
-    def log(self) -> dict[str, float]:
-        value = self.estimator.value if self.every else None
-        value = None if value is None else float(value)
-        return {"noise_scale": value} if value is not None and math.isfinite(value) else {}
-
 
 Number = float | torch.Tensor  # a Python float or a 0-dim tensor (kept on its device)
 
@@ -131,3 +92,41 @@ class NoiseScale:
             float(state["trace"]),
             float(state["weight"]),
         )
+
+
+class NoiseProbe:
+    """The gradient-noise scale B_simple = tr(Σ)/|G|² during training (McCandlish et al. 2018): every
+    ``train.noise_scale_every`` steps (default: the log interval) one extra backward pass on half the
+    batch, before the step, gives |G_small|²; the step's own gradient norm gives |G_big|² at the same
+    parameters. The estimator (:class:`NoiseScale`) smooths both and logs ``noise_scale``, an
+    estimate of the critical batch size. Costs one half-batch backward per probe (1% at every 50 steps)."""
+
+    def __init__(self, cfg: Config, vae: VAE, device: torch.device, precision: str) -> None:
+        every = cfg.train.noise_scale_every or cfg.train.log_every
+        self.every = max(every, 0)
+        # not DDP's: the probe's gradient is this rank's own
+        self.forward = runtime.with_precision(Task(vae, cfg), device, precision)
+        self.params = [p for p in vae.parameters() if p.requires_grad]
+        self.estimator = NoiseScale()
+        self.g2_small: torch.Tensor | None = None
+        self.b_small = 0
+
+    def due(self, step: int, batch: int) -> bool:
+        return bool(self.every) and step % self.every == 0 and batch >= 4
+
+    def small(self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None) -> None:
+        h = len(x) // 2
+        loss = self.forward(x[:h], eps.narrow(-2, 0, h), beta)["loss"]
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        self.g2_small = sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(()))
+        self.b_small = h
+
+    def big(self, norm: torch.Tensor, batch: int) -> None:
+        g2_big = norm.square()
+        if self.g2_small is not None and torch.isfinite(self.g2_small) & torch.isfinite(g2_big):
+            self.estimator.update(self.g2_small, self.b_small, g2_big, batch)
+
+    def log(self) -> dict[str, float]:
+        value = self.estimator.value if self.every else None
+        value = None if value is None else float(value)
+        return {"noise_scale": value} if value is not None and math.isfinite(value) else {}

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The run directory: its rules (never replaced without --overwrite, nor continued without --resume),
+metrics.jsonl, and ``load`` (the trained model of a run directory)."""
 
 from __future__ import annotations
 

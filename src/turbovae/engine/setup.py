@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Everything built from a config before the first step: the data, checked, and the VAE (``setup``);
+user errors in config or data surface here, before any file is written."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..data.batches import binarize, preparer, value_range
 from ..data.text import check_text_setup
 from ..errors import DataError
 from ..likelihoods import build_likelihood
-from ..models import TEXT_MODELS, build_network
+from ..models import TEXT_MODELS, build_network, model_spec
 from ..vae import VAE
 from . import distributed
 
@@ -110,11 +111,10 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         x_train, train_max = binarize(x_train, data.max_value, seed=1), 1.0
     if mode in ("static", "dynamic"):
         x_test, test_max = binarize(x_test, data.max_value, seed=2), 1.0
-    if cfg.model.name == "conv" and device.type == "cuda":
-        vae = vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # cuDNN prefers NHWC
+    vae = runtime.place(vae, device, model_spec(cfg.model.name).channels_last)
     precision = runtime.resolve_precision(cfg.train.precision, device)
     return Setup(cfg, device, data, x_train.to(device), x_test.to(device), train_max, test_max, mode,
-                 vae.to(device), precision)  # fmt: skip
+                 vae, precision)  # fmt: skip
 
 
 def check_shares(s: Setup, ctx: distributed.Context) -> None:

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""What a checkpoint holds besides the config (``TrainState``: model, optimiser, RNG streams, loop
+position), and the NaN guard's in-memory snapshot with its roll-back."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""One optimisation step: the VAE and its objective as one module (``Task``) and ``make_step``, which
+returns the step's statistics on the device (no host sync: it can be compiled or graph-captured).
+The loss itself is computed in turbovae.objectives."""
 
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ def make_step(
     Returns the ``STATS`` vector on the device: nothing here waits for the device, so the whole step
     can be compiled, or captured as one CUDA graph.
     """
-    forward = forward or Task(vae, cfg)
+    # reduced precision inside the objective's forward only (runtime decides how, once, here)
+    forward = runtime.with_precision(forward or Task(vae, cfg), device, precision)
     params = [p for p in vae.parameters() if p.requires_grad]
     guard = guard or GradGuard(cfg, params, device)
     if scaler is not None and cfg.train.skip_grad:
@@ -87,8 +90,7 @@ def make_step(
 
     def step(x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None) -> torch.Tensor:
         """``beta``: this step's KL weight (a 0-dim tensor, under a KL schedule), else train.beta."""
-        with runtime.autocast(device, precision):
-            terms = forward(x, eps, beta)
+        terms = forward(x, eps, beta)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: the scaler skips non-finite steps itself
             scaler.scale(terms["loss"]).backward()

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Posterior diagnostics: the posterior of every example, active units (Burda et al.'s criterion), the KL
+per latent dimension, and the mutual information I(x; z) with the marginal KL(q(z) || p(z))."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The matmul-bound floor of an IWAE pass: the time its decoder's matrix products alone take here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""``evaluate``: every held-out number of a model on a split, the JSON that ``turbovae eval`` prints."""
 
 from __future__ import annotations
 

@@ -1,9 +1,13 @@
 """Model networks, registered by name. A network maps x → q(z|x) (``encode``) and z → likelihood
-parameters (``decode``); it never computes a loss."""
+parameters (``decode``); it never computes a loss.
+
+A new model is one file in this folder and one ``MODELS`` entry: its builder and its ``ModelSpec``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -60,22 +64,68 @@ def _hvae(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg) -
     )
 
 
-# name -> builder(event_shape, latent, params_per_dim, model_config)
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": _mlp,
-    "conv": _conv,
-    "sentence": _sentence,
-    "hvae": _hvae,
+def _widths(key: str, label: str) -> Callable[[dict[str, Any]], str]:
+    def describe(model: dict[str, Any]) -> str:
+        sep = "-" if key == "hidden" else ","
+        return f"{label} {sep.join(str(v) for v in model.get(key, []))}, latent {model.get('latent', '?')}"
+
+    return describe
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: how to build it, and what the rest of turbovae needs to know about it."""
+
+    build: Callable[..., nn.Module]  # (event_shape, latent, params_per_dim, model_config) -> network
+    fields: tuple[str, ...]  # the model.* keys that shape the network (the compile-cost cache key)
+    width: str | None = None  # the model.* list that tune's search scales
+    depth: bool = False  # whether tune's search may change that list's length
+    channels_last: bool = False  # lay the weights out NHWC on CUDA (cuDNN's preferred layout)
+    text: bool = False  # a model of token sequences (likelihood categorical)
+    describe: Callable[[dict[str, Any]], str] | None = None  # one line for the report, from model.*
+
+    def text_of(self, name: str, model: dict[str, Any]) -> str:
+        if self.describe is not None:
+            return self.describe(model)
+        return f"{name}, latent {model.get('latent', '?')}"
+
+
+_COMMON = ("latent", "activation", "dropout", "likelihood", "mixtures")
+_HVAE = ("channels", "latent_channels", "groups", "enc_blocks", "patch", "bottleneck", "softplus_scales",
+         "residual_posterior", "kl_balance")  # fmt: skip
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(
+        _mlp, ("hidden", *_COMMON), width="hidden", depth=True, describe=_widths("hidden", "MLP")
+    ),
+    "conv": ModelSpec(
+        _conv,
+        ("channels", *_COMMON),
+        width="channels",
+        channels_last=True,
+        describe=_widths("channels", "conv"),
+    ),
+    "sentence": ModelSpec(
+        _sentence,
+        ("hidden", "embedding", "cell", "word_dropout", *_COMMON),
+        width="hidden",
+        depth=True,
+        text=True,
+    ),
+    "hvae": ModelSpec(_hvae, (*_HVAE, *_COMMON), width="channels"),
 }
-TEXT_MODELS = ("sentence",)  # models of token sequences (likelihood categorical)
+TEXT_MODELS = tuple(name for name, spec in MODELS.items() if spec.text)  # models of token sequences
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise unknown_name("model", name, MODELS)
+    return MODELS[name]
 
 
 def build_network(
     name: str, event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg
 ) -> nn.Module:
-    if name not in MODELS:
-        raise unknown_name("model", name, MODELS)
-    return MODELS[name](event_shape, latent, params_per_dim, cfg)
+    return model_spec(name).build(event_shape, latent, params_per_dim, cfg)
 
 
 __all__ = [
@@ -85,6 +135,8 @@ __all__ = [
     "ConvNet",
     "HVAENet",
     "MLPNet",
+    "ModelSpec",
     "SentenceNet",
     "build_network",
+    "model_spec",
 ]

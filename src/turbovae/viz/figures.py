@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The report's pictures of one model: samples, reconstructions, interpolations, traversals, the KL per
+dimension and the latent map, written as PNG files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Image grids (Pillow): samples, reconstructions, interpolations and latent traversals as pictures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Plots (matplotlib, headless): training curves, KL per latent dimension, a 2-d map of the latents."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Text outputs of a sentence VAE: sampled lines, reconstructions and interpolations as .txt files."""
 
 from __future__ import annotations
 

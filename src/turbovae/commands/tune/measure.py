@@ -21,6 +21,7 @@ from ...engine.noise import NoiseScale
 from ...engine.optim import make_optimizer
 from ...engine.setup import Setup, build_vae
 from ...engine.step import Task
+from ...models import model_spec
 from ...objectives import noise_shape_of
 from ..bench import bench_turbovae
 from .rules import smooth, suggest_lr
@@ -119,12 +120,10 @@ def lr_range_test(
 
 
 def fresh_vae(s: Setup, cfg: Config, seed: int) -> Any:
-    """A newly initialised VAE for ``cfg`` on the set-up's device, laid out as ``train.setup`` lays it."""
+    """A newly initialised VAE for ``cfg`` on the set-up's device, laid out as ``engine.setup`` lays it."""
     torch.manual_seed(seed)
-    vae = build_vae(cfg, s.data.event_shape, s.data.meta).to(s.device)
-    if cfg.model.name == "conv" and s.device.type == "cuda":
-        vae = vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # as setup does
-    return vae
+    vae = build_vae(cfg, s.data.event_shape, s.data.meta)
+    return runtime.place(vae, s.device, model_spec(cfg.model.name).channels_last)
 
 
 class Runner:
@@ -137,7 +136,8 @@ class Runner:
         self.vae.train()
         self.opt = make_optimizer(cfg, self.vae, s.device)
         self.params = [p for p in self.vae.parameters() if p.requires_grad]
-        self.task = Task(self.vae, cfg)  # the objective as `turbovae train` calls it
+        # the objective as `turbovae train` calls it
+        self.forward = runtime.with_precision(Task(self.vae, cfg), s.device, s.precision)
         # the VAE's latent width: a hierarchical net's is all its groups, not model.latent
         self.noise_shape = functools.partial(noise_shape_of, cfg.train.objective, latent=self.vae.latent,
                                              k=cfg.train.iwae_k)  # fmt: skip
@@ -147,7 +147,7 @@ class Runner:
         self.x = s.x_train if x_train is None else x_train
         self.perm = torch.randperm(len(self.x), generator=self.gen_data, device=s.device)
         self.position = 0
-        self.scaler = torch.amp.GradScaler(s.device.type) if s.precision == "fp16" else None
+        self.scaler = runtime.grad_scaler(s.device, s.precision)
         self.steps = 0
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,8 +161,7 @@ class Runner:
         return x, eps
 
     def loss(self, x: torch.Tensor, eps: torch.Tensor, beta: float | None = None) -> torch.Tensor:
-        with runtime.autocast(self.device, self.s.precision):
-            return self.task(x, eps, beta)["loss"]  # beta None: train.beta
+        return self.forward(x, eps, beta)["loss"]  # beta None: train.beta
 
     def step(self, size: int, lr: float, beta: float | None = None) -> torch.Tensor:
         """One optimisation step at learning rate ``lr``; the loss, detached, still on the device."""

@@ -114,7 +114,7 @@ def show(value: Any) -> str:
 
 def compile_choice(device_type: str, steps: int, step_s: float) -> tuple[str, str]:
     """Compile only when the run is long enough to repay it, with the numbers runtime.StepCompiler uses."""
-    cost, speedup = getattr(runtime, "_COMPILE_DEFAULTS", {}).get(device_type, (30.0, 1.3))
+    cost, speedup = runtime.compile_estimate(device_type)
     saving = steps * step_s * (1 - 1 / max(speedup, 1.0))
     if saving > 1.2 * cost:
         return "auto", (
