@@ -12,10 +12,10 @@ from test_objectives import LinearGaussianNet, make_vae
 from torch import nn
 
 from turbovae import evaluation as evaluate
-from turbovae.evaluation import floor, likelihood
 from turbovae import runtime
 from turbovae.cli import main
 from turbovae.distributions import DiagonalGaussian
+from turbovae.evaluation import floor, likelihood
 from turbovae.likelihoods import Bernoulli, build_likelihood
 from turbovae.models.conv import ConvNet
 from turbovae.models.mlp import MLPNet

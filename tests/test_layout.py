@@ -83,7 +83,9 @@ def test_no_import_cycles() -> None:
 def test_the_graph_sees_function_local_imports(tmp_path: Path) -> None:
     # the checker itself: a lazy import inside a function is an edge
     edges = import_graph()
-    assert "turbovae.engine.loop" in edges["turbovae.cli"] or "turbovae.commands.train" in edges["turbovae.cli"]
+    assert (
+        "turbovae.engine.loop" in edges["turbovae.cli"] or "turbovae.commands.train" in edges["turbovae.cli"]
+    )
     tree = ast.parse("def f():\n    from .b import x\n")
     assert any(isinstance(n, ast.ImportFrom) for n in ast.walk(tree))
 
@@ -104,6 +106,8 @@ def test_no_function_of_100_lines_or_more() -> None:
 
 
 def test_the_training_loop_reads_in_80_lines() -> None:
-    loops = [lines for where, name, lines in _functions() if where.startswith("engine/loop.py") and name == "_fit"]
+    loops = [
+        lines for where, name, lines in _functions() if where.startswith("engine/loop.py") and name == "_fit"
+    ]
     assert loops, "engine/loop.py has no _fit"
     assert loops[0] <= 80, f"the training loop's function is {loops[0]} lines"

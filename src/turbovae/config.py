@@ -379,6 +379,15 @@ def validate(cfg: Config) -> None:
     ):
         if not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}")
+    _check_training(cfg)
+    _check_model_and_data(cfg)
+    if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
+        raise unknown_name("device", cfg.train.device, ("auto", "cpu", "cuda"))
+    parse_resize(cfg.data.resize)
+
+
+def _check_training(cfg: Config) -> None:
+    """The training options' own rules and the combinations that cannot work."""
     if not (cfg.train.skip_grad == 0 or cfg.train.skip_grad > 1):
         raise ConfigError(
             f"train.skip_grad is a multiple of the running gradient norm: 0 (off) or > 1, "
@@ -400,6 +409,10 @@ def validate(cfg: Config) -> None:
             "train.objective=elbo, "
             f"or set them to 0 for '{cfg.train.objective}'"
         )
+
+
+def _check_model_and_data(cfg: Config) -> None:
+    """Model widths and per-level lists, the text model/likelihood pairing, the data split."""
     text_model, text_likelihood = cfg.model.name in TEXT_MODELS, cfg.model.likelihood == "categorical"
     if text_model != text_likelihood:
         raise ConfigError(
@@ -422,9 +435,6 @@ def validate(cfg: Config) -> None:
             )
     if cfg.model.patch < 1 or cfg.model.mixtures < 1 or not 0 < cfg.model.bottleneck <= 1:
         raise ConfigError("model.patch and model.mixtures must be >= 1 and model.bottleneck in (0, 1]")
-    if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
-        raise unknown_name("device", cfg.train.device, ("auto", "cpu", "cuda"))
-    parse_resize(cfg.data.resize)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -12,12 +12,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -89,7 +91,7 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-def place(module: torch.nn.Module, device: torch.device, channels_last: bool = False) -> torch.nn.Module:
+def place(module: M, device: torch.device, channels_last: bool = False) -> M:
     """``module`` on ``device``, NHWC where asked and on CUDA (cuDNN's preferred convolution layout)."""
     if channels_last and device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

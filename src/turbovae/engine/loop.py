@@ -218,7 +218,7 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     forward = None
     if ctx.world > 1:  # model + objective in DDP, compiled before wrapping (the step itself runs eagerly)
         task = Task(s.vae, cfg)
-        compiled = runtime.compile_fn(task, s.device) if _compiled_forward(cfg, ctx) else task
+        compiled = runtime.compile_fn(task, s.device) if _compiled_forward(cfg, s.device) else task
         forward = ctx.wrap(compiled)  # type: ignore[arg-type]
     dynamic = s.binarize_mode == "dynamic"
     return Run(s, st, ctx, out, cfg, log, preparer(s.train_max, dynamic, st.gens["data"]), global_batch,
@@ -226,9 +226,10 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
                lr_now, NoiseProbe(cfg, s.vae, s.device, s.precision), Snapshot(st), forward)  # fmt: skip
 
 
-def _compiled_forward(cfg: Config, ctx: distributed.Context) -> bool:
+def _compiled_forward(cfg: Config, device: torch.device) -> bool:
+    """Data-parallel runs compile the objective's forward (on, or auto on CUDA) and run the step eagerly."""
     mode = cfg.train.compile
-    return mode == "on" or (mode == "auto" and ctx.device.type == "cuda")
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
 def compiled_step(r: Run) -> runtime.StepCompiler:
@@ -293,9 +294,8 @@ def _fit(
     step.record()
     loop["compile"] = step.decision
     if ctx.world > 1:
-        loop["compile"] = (
-            f"{'compiled forward' if _compiled_forward(r.cfg, ctx) else 'eager'}, DDP over {ctx.world} ranks"
-        )
+        how = "compiled forward" if _compiled_forward(r.cfg, r.s.device) else "eager"
+        loop["compile"] = f"{how}, DDP over {ctx.world} ranks"
     if r.cfg.train.checkpoint_every and loop["step"] % r.cfg.train.checkpoint_every:
         r.save_checkpoint()  # the final state, when it did not fall on a checkpoint step
     summary = finish(r.s, out, loop, r.st.ema, write=ctx.main)

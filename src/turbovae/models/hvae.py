@@ -134,6 +134,45 @@ class Group(nn.Module):
         return self.res(h_next), (q, p, z)
 
 
+def _level_sizes(event_shape: tuple[int, ...], channels: list[int], groups: list[int],
+                 latent_channels: list[int], enc_blocks: list[int], bottleneck: float,
+                 patch: int) -> list[tuple[int, int]]:  # fmt: skip
+    """The (H, W) of every resolution level, after checking that the options fit the images."""
+    if len(event_shape) != 3:
+        raise ConfigError(
+            f"model 'hvae' needs images (C, H, W), but the data have shape {tuple(event_shape)}"
+        )
+    levels = len(channels)
+    for key, values in (("groups", groups), ("latent_channels", latent_channels),
+                        ("enc_blocks", enc_blocks)):  # fmt: skip
+        if len(values) != levels:
+            raise ConfigError(
+                f"model.{key} needs one entry per resolution level ({levels}, as model.channels "
+                f"{channels}), got {values}"
+            )
+        if any(v < 0 for v in values):
+            raise ConfigError(f"model.{key} must not be negative, got {values}")
+    if sum(groups) < 1:
+        raise ConfigError(f"model.groups must hold at least one stochastic layer, got {groups}")
+    if any(c < 1 for g, c in zip(groups, latent_channels, strict=True) if g):
+        raise ConfigError(f"model.latent_channels must be >= 1 where there are groups, got {latent_channels}")
+    if not 0 < bottleneck <= 4:
+        raise ConfigError(f"model.bottleneck must be in (0, 4], got {bottleneck}")
+    _, height, width = event_shape
+    if patch < 1 or height % patch or width % patch:
+        raise ConfigError(
+            f"model.patch must be >= 1 and divide the image size, got {patch} for {height}×{width}"
+        )
+    # level 0 is the input's resolution over the patch size; then halving, rounded up: 28, 14, 7, 4, 2, 1
+    sizes = [(-(-height // patch // 2**i), -(-width // patch // 2**i)) for i in range(levels)]
+    if levels > 1 and sizes[-2] == (1, 1):
+        raise ConfigError(
+            f"model 'hvae': {height}×{width} images reach 1×1 after {sizes.index((1, 1)) + 1} levels, "
+            f"but model.channels has {levels}"
+        )
+    return sizes
+
+
 class HVAENet(nn.Module):
     """The network of the top-down hierarchical VAE (see the module docstring); ``hierarchical = True``
     tells the objectives, the VAE and the evaluation to go top-down."""
@@ -156,40 +195,9 @@ class HVAENet(nn.Module):
         patch: int = 1,
     ) -> None:
         super().__init__()
-        if len(event_shape) != 3:
-            raise ConfigError(
-                f"model 'hvae' needs images (C, H, W), but the data have shape {tuple(event_shape)}"
-            )
-        levels = len(channels)
-        for key, values in (("groups", groups), ("latent_channels", latent_channels),
-                            ("enc_blocks", enc_blocks)):  # fmt: skip
-            if len(values) != levels:
-                raise ConfigError(
-                    f"model.{key} needs one entry per resolution level ({levels}, as model.channels "
-                    f"{channels}), got {values}"
-                )
-            if any(v < 0 for v in values):
-                raise ConfigError(f"model.{key} must not be negative, got {values}")
-        if sum(groups) < 1:
-            raise ConfigError(f"model.groups must hold at least one stochastic layer, got {groups}")
-        if any(c < 1 for g, c in zip(groups, latent_channels, strict=True) if g):
-            raise ConfigError(
-                f"model.latent_channels must be >= 1 where there are groups, got {latent_channels}"
-            )
-        if not 0 < bottleneck <= 4:
-            raise ConfigError(f"model.bottleneck must be in (0, 4], got {bottleneck}")
+        sizes = _level_sizes(event_shape, channels, groups, latent_channels, enc_blocks, bottleneck, patch)
         c_in, height, width = event_shape
-        if patch < 1 or height % patch or width % patch:
-            raise ConfigError(
-                f"model.patch must be >= 1 and divide the image size, got {patch} for {height}×{width}"
-            )
-        # level 0 is the input's resolution over the patch size; then halving, rounded up: 28, 14, 7, 4, 2, 1
-        sizes = [(-(-height // patch // 2**i), -(-width // patch // 2**i)) for i in range(levels)]
-        if levels > 1 and sizes[-2] == (1, 1):
-            raise ConfigError(
-                f"model 'hvae': {height}×{width} images reach 1×1 after {sizes.index((1, 1)) + 1} levels, "
-                f"but model.channels has {levels}"
-            )
+        levels = len(channels)
         self.event_shape = tuple(event_shape)
         self.params_per_dim = params_per_dim
         self.kl_balance = kl_balance

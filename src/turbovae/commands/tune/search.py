@@ -19,10 +19,12 @@ from ...data.batches import binarize, preparer
 from ...engine.optim import kl_weight_at, lr_at
 from ...engine.setup import Setup, setup
 from ...errors import ConfigError, unknown_name
+from ...models import model_spec
 from .measure import Runner
 from .rules import show
 
 SEARCH_PARAMS = ("width", "depth", "latent", "lr", "beta")
+Space = dict[str, tuple[str, Any, Any]]  # name -> (kind, low, high)
 
 
 def _import_optuna() -> Any:
@@ -33,40 +35,42 @@ def _import_optuna() -> Any:
     return optuna
 
 
-def search_space(cfg: Config, params: Sequence[str]) -> dict[str, tuple[str, Any, Any]]:
-    """name -> (kind, low, high) around the configured values: widths ¼× to 2×, depth 1 to 3 (MLP and
-    sentence models; a conv net keeps its levels), latent ¼× to 2×, learning rate ÷10 to ×10 and β ½× to
-    2× (log scales)."""
+def search_space(cfg: Config, params: Sequence[str]) -> Space:
+    """name -> (kind, low, high) around the configured values: the width (the model spec's width list)
+    ¼× to 2×, its depth 1 to 3 where the spec allows (MLP and sentence models; convolutional nets keep
+    their levels), latent ¼× to 2×, learning rate ÷10 to ×10 and β ½× to 2× (log scales)."""
     unknown = [p for p in params if p not in SEARCH_PARAMS]
     if unknown:
         raise unknown_name("search parameter", unknown[0], SEARCH_PARAMS)
-    m, t = cfg.model, cfg.train
-    width = (m.channels if m.name == "conv" else m.hidden)[0]
-    space: dict[str, tuple[str, Any, Any]] = {
-        "width": ("int", max(8, width // 4), width * 2),
-        "depth": ("int", 1, 3),
+    m, t, spec = cfg.model, cfg.train, model_spec(cfg.model.name)
+    space: Space = {
         "latent": ("int", max(2, m.latent // 4), m.latent * 2),
         "lr": ("float", t.lr / 10, t.lr * 10),
         "beta": ("float", t.beta / 2, t.beta * 2),
     }
-    if m.name == "conv":
-        space.pop("depth")
+    if spec.width is not None:
+        width = getattr(m, spec.width)[0]
+        space["width"] = ("int", max(8, width // 4), width * 2)
+        if spec.depth:
+            space["depth"] = ("int", 1, 3)
     if t.beta == 0:
         space.pop("beta")
-    return {k: v for k, v in space.items() if k in params}
+    return {k: space[k] for k in SEARCH_PARAMS if k in space and k in params}
 
 
 def apply_params(cfg: Config, values: dict[str, Any]) -> Config:
-    """``cfg`` with the searched values in place (validated)."""
+    """``cfg`` with the searched values in place (validated). A width scales the whole width list (a
+    convolutional net keeps its ratios between levels); a depth repeats the first width."""
     flags: dict[str, Any] = {}
-    m = cfg.model
-    width = values.get("width")
-    if m.name == "conv":
-        if width is not None:
-            flags["model.channels"] = [int(width) * 2**i for i in range(len(m.channels))]
-    elif width is not None or "depth" in values:
-        depth = int(values.get("depth", len(m.hidden)))
-        flags["model.hidden"] = [int(width if width is not None else m.hidden[0])] * depth
+    m, spec = cfg.model, model_spec(cfg.model.name)
+    if spec.width is not None and ("width" in values or "depth" in values):
+        widths = list(getattr(m, spec.width))
+        width = int(values.get("width", widths[0]))
+        if spec.depth:
+            widths = [width] * int(values.get("depth", len(widths)))
+        else:
+            widths = [round(width * w / widths[0]) for w in widths]
+        flags[f"model.{spec.width}"] = widths
     if "latent" in values:
         flags["model.latent"] = int(values["latent"])
     if "lr" in values:
@@ -103,6 +107,72 @@ def _trial_run(
     return value
 
 
+def _fit_and_validation(cfg: Config) -> tuple[Setup, torch.Tensor, Callable[[Any], float]]:
+    """The set-up, the 90% of the training split that trials train on, and the validation NELBO on the
+    other 10% (a fixed draw: every trial is scored on the same data)."""
+    runtime.seed_everything(cfg.train.seed)
+    s = setup(cfg)
+    runtime.configure(s.device, cfg.train.threads)
+    n = len(s.x_train)
+    n_val = max(1, n // 10)
+    if n - n_val < cfg.train.batch_size:
+        raise ConfigError(
+            f"the search trains on 90% of the {n} training examples, fewer than train.batch_size = "
+            f"{cfg.train.batch_size}; lower --batch-size"
+        )
+    split = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(s.device)
+    x_fit, x_val = s.x_train[split[n_val:]], s.x_train[split[:n_val]]
+    prepare_val = preparer(s.train_max, False, None)
+    if s.binarize_mode == "dynamic":  # a fixed draw, so that every trial is scored on the same data
+        x_val, prepare_val = binarize(x_val, s.train_max, seed=4), preparer(1.0, False, None)
+
+    def validate(vae: Any) -> float:
+        gen = runtime.generator(s.device, 12345)
+        ev = evaluation.nelbo(vae, x_val, prepare_val, batch_size=cfg.eval.batch_size, generator=gen)
+        return ev["nelbo"]
+
+    return s, x_fit, validate
+
+
+def _objective(
+    optuna: Any,
+    s: Setup,
+    cfg: Config,
+    space: dict[str, tuple[str, Any, Any]],
+    x_fit: torch.Tensor,
+    validate: Callable[[Any], float],
+    epochs: int,
+    log: Callable[[str], None],
+) -> Callable[[Any], float]:
+    """Optuna's objective: a trial's config from its suggestions, trained and scored (pruned on the way)."""
+
+    def objective(trial: Any) -> float:
+        values = {}
+        for pname, (kind, low, high) in space.items():
+            if kind == "int":
+                values[pname] = trial.suggest_int(pname, low, high, log=pname != "depth")
+            else:
+                values[pname] = trial.suggest_float(pname, low, high, log=True)
+        trial_cfg = apply_params(cfg, values)
+
+        def report(value: float, epoch: int) -> None:
+            trial.report(value, epoch)
+            if trial.should_prune():
+                log(f"trial {trial.number}: pruned after epoch {epoch + 1} (validation NELBO {value:.2f})")
+                raise optuna.TrialPruned()
+
+        t0 = time.perf_counter()
+        value = _trial_run(s, trial_cfg, x_fit, validate, epochs, report)
+        shown = ", ".join(f"{k} {show(v)}" for k, v in values.items())
+        if not math.isfinite(value):
+            log(f"trial {trial.number}: {shown}: diverged")
+            raise optuna.TrialPruned()
+        log(f"trial {trial.number}: {shown}: validation NELBO {value:.2f} ({time.perf_counter() - t0:.1f} s)")
+        return value
+
+    return objective
+
+
 def search(
     cfg: Config,
     n_trials: int,
@@ -134,28 +204,7 @@ def search(
     space = search_space(cfg, params)
     if not space:
         raise ConfigError(f"nothing to search: --search-params {','.join(params)} leaves no parameter here")
-    runtime.seed_everything(cfg.train.seed)
-    s = setup(cfg)
-    runtime.configure(s.device, cfg.train.threads)
-    n = len(s.x_train)
-    n_val = max(1, n // 10)
-    if n - n_val < cfg.train.batch_size:
-        raise ConfigError(
-            f"the search trains on 90% of the {n} training examples, fewer than train.batch_size = "
-            f"{cfg.train.batch_size}; lower --batch-size"
-        )
-    split = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(s.device)
-    x_fit, x_val = s.x_train[split[n_val:]], s.x_train[split[:n_val]]
-    prepare_val = preparer(s.train_max, False, None)
-    if s.binarize_mode == "dynamic":  # a fixed draw, so that every trial is scored on the same data
-        x_val, prepare_val = binarize(x_val, s.train_max, seed=4), preparer(1.0, False, None)
-
-    def validate(vae: Any) -> float:
-        gen = runtime.generator(s.device, 12345)
-        return evaluation.nelbo(vae, x_val, prepare_val, batch_size=cfg.eval.batch_size, generator=gen)[
-            "nelbo"
-        ]
-
+    s, x_fit, validate = _fit_and_validation(cfg)
     key = json.dumps({"config": cfg.to_dict(), "epochs": epochs, "space": space}, sort_keys=True, default=str)
     name = "turbovae-" + hashlib.sha256(key.encode()).hexdigest()[:12]
     storage.parent.mkdir(parents=True, exist_ok=True)
@@ -174,30 +223,7 @@ def search(
     if done:
         log(f"resuming study {name} in {storage}: {done} of {n_trials} trials done")
 
-    def objective(trial: Any) -> float:
-        values = {}
-        for pname, (kind, low, high) in space.items():
-            if kind == "int":
-                values[pname] = trial.suggest_int(pname, low, high, log=pname != "depth")
-            else:
-                values[pname] = trial.suggest_float(pname, low, high, log=True)
-        trial_cfg = apply_params(cfg, values)
-
-        def report(value: float, epoch: int) -> None:
-            trial.report(value, epoch)
-            if trial.should_prune():
-                log(f"trial {trial.number}: pruned after epoch {epoch + 1} (validation NELBO {value:.2f})")
-                raise optuna.TrialPruned()
-
-        t0 = time.perf_counter()
-        value = _trial_run(s, trial_cfg, x_fit, validate, epochs, report)
-        shown = ", ".join(f"{k} {show(v)}" for k, v in values.items())
-        if not math.isfinite(value):
-            log(f"trial {trial.number}: {shown}: diverged")
-            raise optuna.TrialPruned()
-        log(f"trial {trial.number}: {shown}: validation NELBO {value:.2f} ({time.perf_counter() - t0:.1f} s)")
-        return value
-
+    objective = _objective(optuna, s, cfg, space, x_fit, validate, epochs, log)
     if done < n_trials:
         study.optimize(objective, n_trials=n_trials - done, timeout=budget, gc_after_trial=False)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
