@@ -98,6 +98,19 @@ def place(module: M, device: torch.device, channels_last: bool = False) -> M:
     return module.to(device)
 
 
+def adam_options(device: torch.device) -> tuple[bool, bool]:
+    """Adam's (fused, capturable): fused, one kernel for the whole update (CUDA and CPU: about 15% of a
+    small MLP's step on a CPU; it honours found_inf); on CUDA capturable, step counters on the device (for
+    CUDA graphs)."""
+    return True, device.type == "cuda"
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Return the caching allocator's free blocks (CUDA), e.g. after an out-of-memory probe."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -29,6 +29,7 @@ from .. import __version__, evaluation, runtime
 from ..engine.rundir import load
 from ..engine.setup import setup
 from ..errors import CheckpointError, ConfigError, TurboVAEError
+from ..models import MODELS
 from ..viz.figures import write_pictures
 from ..viz.plots import plot_curves
 
@@ -230,14 +231,11 @@ def _seconds(value: Any) -> str:
 
 
 def _model_text(cfg: dict[str, Any], summary: dict[str, Any]) -> str:
+    """One line about the model, as its registry entry describes it (an unknown name: name and latent)."""
     model = cfg.get("model", {})
     name = model.get("name", summary.get("model", "?"))
-    if name == "mlp":
-        return f"MLP {'-'.join(str(h) for h in model.get('hidden', []))}, latent {model.get('latent', '?')}"
-    if name == "conv":
-        channels = ",".join(str(c) for c in model.get("channels", []))
-        return f"conv {channels}, latent {model.get('latent', '?')}"
-    return f"{name}, latent {model.get('latent', '?')}"
+    spec = MODELS.get(name)
+    return spec.text_of(name, model) if spec is not None else f"{name}, latent {model.get('latent', '?')}"
 
 
 # row label, unit, function of a run → value, lower is better (None: not compared)

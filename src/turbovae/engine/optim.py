@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import runtime
 from ..config import Config
 from ..errors import ConfigError
 
@@ -109,10 +110,9 @@ def make_optimizer(
     lr = torch.tensor(t.lr, dtype=torch.float32, device=device)
     params = list(model.parameters())
     if t.optimizer in ("adam", "adamw"):
-        # fused: one kernel for the whole update (CUDA and CPU), about 15% of a small MLP's step on CPU;
-        # it honours found_inf, and on CUDA capturable keeps its step counters on the device
         cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, weight_decay=t.weight_decay, fused=True, capturable=device.type == "cuda")
+        fused, capturable = runtime.adam_options(device)
+        return cls(params, lr=lr, weight_decay=t.weight_decay, fused=fused, capturable=capturable)
     if t.optimizer == "adamax":
         return Adamax(params, lr=lr, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":

@@ -274,7 +274,7 @@ def throughput_sweep(
             result = bench_turbovae(point_setup, windows, steps)
         except torch.cuda.OutOfMemoryError:
             del vae, point_setup
-            torch.cuda.empty_cache()
+            runtime.free_cached_memory(s.device)
             stopped = f"out of memory at batch {batch}"
             break
         point = {"batch_size": batch, "samples_per_second": result["samples_per_second"],
@@ -292,8 +292,7 @@ def throughput_sweep(
                 f"throughput fell to {point['samples_per_second'] / best:.0%} of the best at batch {batch}"
             )
             break
-        if s.device.type == "cuda":
-            torch.cuda.empty_cache()
+        runtime.free_cached_memory(s.device)
     largest = points[-1]["batch_size"] if points else None
     return {"points": points, "stopped": stopped, "largest_batch": largest,
             "memory": "device peak" if s.device.type == "cuda" else "process peak RSS"}  # fmt: skip
