@@ -29,6 +29,9 @@ class DataConfig:
     binarize: str = "auto"
     resize: str | None = None  # "HxW" for image folders of mixed sizes
     test_fraction: float = 0.1  # held-out share for sources without a test split
+    # share of the training split held out for validation (per-epoch evaluation, `best`, tune's search),
+    # at most VALIDATION_MAX examples, drawn with a fixed seed; 0: none (no per-epoch evaluation, no best)
+    validation: float = 0.1
     dir: str | None = None  # where to look for / download files (fashion-mnist, mnist)
     # tables (csv:PATH): declared column types by name, {name: continuous|integer|categorical|boolean|drop}
     # (the others are inferred); also "name:type,name:type" on the command line
@@ -421,6 +424,8 @@ def _check_model_and_data(cfg: Config) -> None:
         )
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    if not 0 <= cfg.data.validation < 1:
+        raise ConfigError(f"data.validation must be in [0, 1), got {cfg.data.validation}")
     if not 0 < cfg.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
     for key, widths in (("model.hidden", cfg.model.hidden), ("model.channels", cfg.model.channels)):

@@ -23,7 +23,13 @@ def add_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="evaluate a trained run on held-out data")
     e.add_argument("run_dir")
     e.add_argument("--iwae-k", type=int, default=1000, help="importance samples per example (default 1000)")
-    e.add_argument("--split", choices=("test", "train"), default="test")
+    e.add_argument(
+        "--split",
+        choices=("test", "val", "train"),
+        default="test",
+        help="the held-out test split (default), the validation split held out of the training data "
+        "(data.validation), or the training examples",
+    )
     e.add_argument("--batch-size", type=int, help="examples per IWAE batch (default: chosen from k)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        bpd = f"  ({result['bpd']:.4f} bits/dim)" if result["bpd"] is not None else ""
+        bpd = f"  ({result['bpd_iwae']:.4f} bits/dim)" if result["bpd_iwae"] is not None else ""
         print(f"{args.split} set, {result['n']} examples of {s.data.name}:")
         print(
             f"  NELBO        {result['nelbo']:.3f} nats "
@@ -101,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  latent       {result['active_units']} of {result.get('top_latent', result['latent'])} units "
             f"{'of the top group ' if 'top_latent' in result else ''}active, "
-            f"I(x; z) {result['mutual_info']:.3f} nats, KL(q(z) || p(z)) {result['marginal_kl']:.3f} nats"
+            f"I(x; z) {result['mutual_info']:.3f} ± {result['mutual_info_stderr']:.3f} nats, "
+            f"KL(q(z) || p(z)) {result['marginal_kl']:.3f} ± {result['marginal_kl_stderr']:.3f} nats"
         )
         floor = f", {result['floor_ratio']:.2f}x the matmul floor" if "floor_ratio" in result else ""
         if "floor_ratio_fp32" in result:

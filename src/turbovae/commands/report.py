@@ -261,7 +261,7 @@ def _summary_rows() -> list[tuple[str, str, Any, Any]]:
 
     def bpd(r: RunInfo) -> Any:
         if "nll_iwae" in r.evaluation:
-            return r.evaluation.get("bpd")
+            return r.evaluation.get("bpd_iwae", r.evaluation.get("bpd"))
         return r.summary.get("test_bpd_iwae", r.summary.get("test_bpd"))
 
     def active(r: RunInfo) -> Any:
@@ -325,7 +325,7 @@ EVAL_ROWS: list[tuple[str, str, str]] = [
     ("nll_iwae", "NLL, IWAE estimate", "nats"),
     ("nll_iwae_stderr", "  standard error over examples", "nats"),
     ("ess", "  effective sample size (mean)", "of k"),
-    ("bpd", "Bits per dim (IWAE)", "bits"),
+    ("bpd_iwae", "Bits per dim (IWAE)", "bits"),
     ("active_units", "Active units (Cov_x E_q[z_u] > 0.01)", ""),
     ("latent", "Latent dimensions", ""),
     ("mutual_info", "Mutual information I(x; z)", "nats"),

@@ -26,14 +26,14 @@ def averaged(ema: EMA | None) -> contextlib.AbstractContextManager[None]:
     return ema.swapped() if ema is not None else contextlib.nullcontext()
 
 
-COLLAPSE_EXAMPLES = 2000  # test examples the per-epoch active-unit count looks at
+COLLAPSE_EXAMPLES = 2000  # validation examples the per-epoch active-unit count looks at
 
 
 def collapse_check(s: Setup, log: MetricsLog, loop: dict[str, Any]) -> dict[str, Any]:
-    """Active units (Burda et al.'s criterion) and KL per latent dimension on the first test examples,
-    for metrics.jsonl; a warning, once, when most units are inactive (posterior collapse)."""
+    """Active units (Burda et al.'s criterion) and KL per latent dimension on the first validation
+    examples, for metrics.jsonl; a warning, once, when most units are inactive (posterior collapse)."""
     q = evaluation.encode_all(
-        s.vae, s.x_test[:COLLAPSE_EXAMPLES], s.prepare_test, batch_size=s.cfg.eval.batch_size
+        s.vae, s.x_val[:COLLAPSE_EXAMPLES], s.prepare_val, batch_size=s.cfg.eval.batch_size
     )
     active, _ = evaluation.active_units(q)
     kl = evaluation.kl_per_dim(q)
@@ -79,6 +79,13 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> di
             generator=eval_gen,
         )
     )
+    # the validation NELBO with the per-epoch evaluation's noise: the last epoch's figure, for the final model
+    val = (
+        evaluation.nelbo(vae, s.x_val, s.prepare_val, batch_size=cfg.eval.batch_size,
+                         generator=runtime.generator(s.device, 12345))["nelbo"]
+        if s.has_validation
+        else None
+    )  # fmt: skip
     if write:
         write_pictures(s, out)
     dims = math.prod(s.data.event_shape)
@@ -87,6 +94,7 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> di
         "test_nelbo": ev["nelbo"],
         "test_rec": ev["rec"],
         "test_kl": ev["kl"],
+        "val_nelbo": val,
         "test_nll_iwae": iw["nll"],
         "test_nll_iwae_stderr": iw["stderr"],
         "iwae_k": iw["k"],
@@ -108,6 +116,7 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> di
         "compile": loop.get("compile", "eager"),
         "data": s.data.name,
         "n_train": len(s.x_train),
+        "n_val": len(s.x_val),
         "n_test": len(s.x_test),
         "binarize": s.binarize_mode,
         "model": cfg.model.name,

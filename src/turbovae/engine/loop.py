@@ -161,7 +161,7 @@ def _new_state(cfg: Config, s: Setup) -> TrainState:
         "model": runtime.generator(device, cfg.train.seed + 1),  # reparameterisation noise
     }
     loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "examples": 0,
-            "best_test_nelbo": None, "skipped": 0, "rollbacks": 0, "lr_scale": 1.0}  # fmt: skip
+            "best_val_nelbo": None, "skipped": 0, "rollbacks": 0, "lr_scale": 1.0}  # fmt: skip
     return TrainState(
         vae,
         make_optimizer(cfg, vae, device),
@@ -387,8 +387,9 @@ def log_interval(r: Run, meter: Meter, stop: _StopFlag) -> bool:
 
 
 def end_epoch(r: Run, meter: Meter, over: bool) -> None:
-    """Count a completed epoch, checkpoint, and evaluate it (eval.every_epoch); ``best`` is the model with
-    the lowest NELBO so far."""
+    """Count a completed epoch, checkpoint, and evaluate it on the validation split (eval.every_epoch;
+    none without one); ``best`` is the model with the lowest validation NELBO so far. The test split is
+    touched only by the final evaluation."""
     loop, cfg, s = r.loop, r.cfg, r.s
     # the epoch is complete unless the time limit broke it off (>=: a text run resumed on more ranks has
     # fewer batches per epoch than the one that saved it)
@@ -399,15 +400,15 @@ def end_epoch(r: Run, meter: Meter, over: bool) -> None:
     meter.bank(loop)
     if not cfg.train.checkpoint_every:
         r.save_checkpoint()  # (with checkpoint_every, the final save after the loop writes it)
-    if not (completed and cfg.eval.every_epoch):
+    if not (completed and cfg.eval.every_epoch and s.has_validation):
         return
     # the same evaluation noise every epoch: the curve shows the model change, not noise
     with averaged(r.st.ema):
-        ev = evaluation.nelbo(s.vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size,
+        ev = evaluation.nelbo(s.vae, s.x_val, s.prepare_val, batch_size=cfg.eval.batch_size,
                               generator=runtime.generator(s.device, 12345))  # fmt: skip
         units = collapse_check(s, r.log, loop)
-    r.log.write("eval", step=loop["step"], epoch=loop["epoch"], split="test",
-                **{f"test_{k}": v for k, v in ev.items()}, **units)  # fmt: skip
-    if loop["best_test_nelbo"] is None or ev["nelbo"] < loop["best_test_nelbo"]:
-        loop["best_test_nelbo"] = ev["nelbo"]
+    r.log.write("eval", step=loop["step"], epoch=loop["epoch"], split="val",
+                **{f"val_{k}": v for k, v in ev.items()}, **units)  # fmt: skip
+    if loop.get("best_val_nelbo") is None or ev["nelbo"] < loop["best_val_nelbo"]:
+        loop["best_val_nelbo"] = ev["nelbo"]
         r.save_checkpoint("best")

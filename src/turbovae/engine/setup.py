@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from ..config import Config, parse_resize
 from ..data import Dataset, load_dataset
 from ..data.batches import binarize, preparer, value_range
 from ..data.text import check_text_setup
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..likelihoods import build_likelihood
 from ..models import TEXT_MODELS, build_network, model_spec
 from ..vae import VAE
@@ -36,17 +36,45 @@ class Setup:
     binarize_mode: str  # resolved: none | static | dynamic
     vae: VAE
     precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
+    # the validation split, held out of the training data (0 rows: data.validation = 0); a fixed draw
+    # under binarisation, like the test split
+    x_val: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    val_max: float = 1.0
 
     def prepare_test(self, raw: torch.Tensor) -> torch.Tensor:
         return preparer(self.test_max, False, None)(raw)
 
+    def prepare_val(self, raw: torch.Tensor) -> torch.Tensor:
+        return preparer(self.val_max, False, None)(raw)
+
+    @property
+    def has_validation(self) -> bool:
+        return len(self.x_val) > 0
+
     def split(self, name: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        """(data, prepare) to evaluate a split on: binary data stay a fixed draw, so numbers repeat."""
+        """(data, prepare) to evaluate a split on (test, val or train): binary data stay a fixed draw, so
+        numbers repeat."""
         if name == "test":
             return self.x_test, self.prepare_test
+        if name == "val":
+            if not self.has_validation:
+                raise ConfigError("this run has no validation split (data.validation = 0)")
+            return self.x_val, self.prepare_val
         if self.binarize_mode == "dynamic":
             return binarize(self.x_train, self.train_max, seed=3), preparer(1.0, False, None)
         return self.x_train, preparer(self.train_max, False, None)
+
+
+VALIDATION_MAX = 5000  # examples: 10% of 60,000 would be 6,000
+VALIDATION_SEED = 0  # the split is a property of the data, the same for every training seed
+
+
+def validation_split(n: int, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, validation) indices of ``n`` training examples: ``share`` of them, at most
+    VALIDATION_MAX, drawn with a fixed seed; both in their original order."""
+    n_val = min(VALIDATION_MAX, round(share * n)) if share > 0 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    return order[n_val:].sort().values, order[:n_val].sort().values
 
 
 def resolve_binarize(mode: str, likelihood_support: str, binary: bool) -> str:
@@ -106,19 +134,28 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         )
     if len(data.x_test) == 0:
         raise DataError(f"data '{data.name}' has an empty test split")
-    x_train, x_test, train_max, test_max = data.x_train, data.x_test, data.max_value, data.max_value
+    fit_idx, val_idx = validation_split(len(data.x_train), cfg.data.validation)
+    x_train, x_val, x_test = data.x_train[fit_idx], data.x_train[val_idx], data.x_test
+    train_max = val_max = test_max = data.max_value
     if mode == "static":
         x_train, train_max = binarize(x_train, data.max_value, seed=1), 1.0
     if mode in ("static", "dynamic"):
         x_test, test_max = binarize(x_test, data.max_value, seed=2), 1.0
+        x_val, val_max = binarize(x_val, data.max_value, seed=4), 1.0
+    if len(val_idx) and len(x_train) < cfg.train.batch_size:
+        raise DataError(
+            f"data '{data.name}' has {len(x_train)} training examples once {len(val_idx)} are held out for "
+            f"validation (data.validation = {cfg.data.validation:g}), fewer than train.batch_size = "
+            f"{cfg.train.batch_size}; lower --batch-size or data.validation"
+        )
     vae = runtime.place(vae, device, model_spec(cfg.model.name).channels_last)
     precision = runtime.resolve_precision(cfg.train.precision, device)
     return Setup(cfg, device, data, x_train.to(device), x_test.to(device), train_max, test_max, mode,
-                 vae, precision)  # fmt: skip
+                 vae, precision, x_val.to(device), val_max)  # fmt: skip
 
 
 def check_shares(s: Setup, ctx: distributed.Context) -> None:
-    """Data-parallel: enough training examples for one global batch, and test examples for every rank."""
+    """Data-parallel: enough training examples for one global batch, and held-out examples for every rank."""
     need = s.cfg.train.batch_size * ctx.world
     if len(s.x_train) < need:
         raise DataError(
@@ -126,6 +163,7 @@ def check_shares(s: Setup, ctx: distributed.Context) -> None:
             f"train.batch_size {s.cfg.train.batch_size} per rank x {ctx.world} ranks = {need}; lower "
             "--batch-size or use fewer ranks"
         )
-    if len(s.x_test) < ctx.world:
-        raise DataError(f"data '{s.data.name}' has {len(s.x_test)} test examples, fewer than the {ctx.world} "
-                        "ranks that share the evaluation")  # fmt: skip
+    for split, x in (("test", s.x_test), ("validation", s.x_val)):
+        if len(x) < ctx.world and (split == "test" or s.has_validation):
+            raise DataError(f"data '{s.data.name}' has {len(x)} {split} examples, fewer than the {ctx.world} "
+                            "ranks that share the evaluation")  # fmt: skip

@@ -64,7 +64,7 @@ class TrainState:
     scaler: torch.amp.GradScaler | None  # fp16 only
     gens: dict[str, torch.Generator]  # "data": order and binarisation, "model": reparameterisation noise
     perm: torch.Tensor  # this epoch's order of the training examples
-    loop: dict[str, Any]  # step, epoch, batch_in_epoch, train_seconds, examples, best_test_nelbo, ...
+    loop: dict[str, Any]  # step, epoch, batch_in_epoch, train_seconds, examples, best_val_nelbo, ...
     guard: GradGuard  # the running gradient-norm statistics of the skip decision
     ema: EMA | None = None  # the weight average (train.ema > 0)
 

@@ -30,10 +30,12 @@ def evaluate(
     """Every held-out number of a model on ``x``: what ``turbovae eval --json`` prints.
 
     Keys: ``nelbo``, ``rec``, ``kl`` (single-sample estimate, nats), ``nll_iwae`` ± ``nll_iwae_stderr``
-    with ``k`` samples, ``ess`` (mean effective sample size of the k weights), ``bpd`` (from the IWAE
-    estimate; None unless the likelihood is a probability mass), ``bpd_nelbo``, ``n``, ``latent``,
-    ``active_units`` (with ``active_threshold`` and ``posterior_mean_variance`` per dimension),
-    ``kl_per_dim``, ``mutual_info`` and ``marginal_kl`` (for a hierarchical model, of its top group:
+    with ``k`` samples, ``ess`` (mean effective sample size of the k weights), ``bpd`` (the NELBO's
+    bits/dim, as ``test_bpd`` in summary.json) and ``bpd_iwae`` (the IWAE estimate's, as ``test_bpd_iwae``;
+    both None unless the likelihood is a probability mass), ``n``, ``latent``, ``active_units`` (with
+    ``active_threshold`` and ``posterior_mean_variance`` per dimension), ``kl_per_dim``, ``mutual_info``
+    and ``marginal_kl`` with their standard errors, ``kl_mc`` (their sum) and ``mi_draws`` (see
+    :func:`mutual_information`; for a hierarchical model, of its top group:
     ``posterior_stats`` = "top group", ``top_latent`` dims; plus ``kl_groups``, the KL of every
     group, and ``latent_groups``, their sizes), ``precision`` (of the IWAE decoder; with
     ``bf16_delta`` under ``auto``), and timings ``seconds`` (all of it) and ``iwae_seconds``. With
@@ -65,16 +67,15 @@ def evaluate(
         "nll_iwae_stderr": nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan"),
         "k": k,
         "ess": r["ess"].mean().item(),
-        "bpd": bits_per_dim(nll.mean().item(), dims) if discrete else None,
-        "bpd_nelbo": bits_per_dim(ev["nelbo"], dims) if discrete else None,
+        "bpd": bits_per_dim(ev["nelbo"], dims) if discrete else None,
+        "bpd_iwae": bits_per_dim(nll.mean().item(), dims) if discrete else None,
         "n": len(x),
         "latent": vae.latent,
         "active_units": active,
         "active_threshold": ACTIVE_THRESHOLD,
         "posterior_mean_variance": variance,
         "kl_per_dim": kl_per_dim(q),
-        "mutual_info": mi["mutual_info"],
-        "marginal_kl": mi["marginal_kl"],
+        **mi,
         "precision": r["precision"],
         "iwae_batch_size": r["batch_size"],
         "iwae_sample_chunk": r["sample_chunk"],

@@ -166,14 +166,23 @@ CURVES: list[tuple[str, str, str, list[tuple[str, str, str, str]], bool]] = [
         "curve_loss",
         "Loss",
         "nats per example",
-        [("train", "loss", "train loss", "-"), ("eval", "test_nelbo", "test NELBO", "--")],
+        # runs from before the validation split evaluated each epoch on the test split
+        [
+            ("train", "loss", "train loss", "-"),
+            ("eval", "val_nelbo", "validation NELBO", "--"),
+            ("eval", "test_nelbo", "test NELBO", ":"),
+        ],
         False,
     ),
     (
         "curve_kl",
         "KL(q(z|x) ‖ p(z))",
         "nats per example",
-        [("train", "kl", "train KL", "-"), ("eval", "test_kl", "test KL", "--")],
+        [
+            ("train", "kl", "train KL", "-"),
+            ("eval", "val_kl", "validation KL", "--"),
+            ("eval", "test_kl", "test KL", ":"),
+        ],
         False,
     ),
     ("curve_lr", "Learning rate", "learning rate", [("train", "lr", "learning rate", "-")], True),

@@ -55,8 +55,9 @@ def add_parser(sub: Any) -> None:
         "--search",
         type=int,
         metavar="N",
-        help="run an Optuna search of N trials (short runs on 90%% of the training split, median pruning on "
-        "the per-epoch NELBO of the other 10%%) and write the best config; the same command resumes an "
+        help="run an Optuna search of N trials (short runs on the training examples, median pruning on "
+        "the per-epoch NELBO of the validation split, data.validation) and write the best config; the same "
+        "command resumes an "
         "interrupted search",
     )
     p.add_argument(

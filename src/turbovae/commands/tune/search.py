@@ -15,7 +15,6 @@ import torch
 
 from ... import evaluation, runtime
 from ...config import Config, resolve
-from ...data.batches import binarize, preparer
 from ...engine.optim import kl_weight_at, lr_at
 from ...engine.setup import Setup, setup
 from ...errors import ConfigError, unknown_name
@@ -108,30 +107,20 @@ def _trial_run(
 
 
 def _fit_and_validation(cfg: Config) -> tuple[Setup, torch.Tensor, Callable[[Any], float]]:
-    """The set-up, the 90% of the training split that trials train on, and the validation NELBO on the
-    other 10% (a fixed draw: every trial is scored on the same data)."""
+    """The set-up, the training examples trials train on, and the NELBO on the run's validation split
+    (data.validation; a fixed draw under binarisation: every trial is scored on the same data)."""
     runtime.seed_everything(cfg.train.seed)
     s = setup(cfg)
     runtime.configure(s.device, cfg.train.threads)
-    n = len(s.x_train)
-    n_val = max(1, n // 10)
-    if n - n_val < cfg.train.batch_size:
-        raise ConfigError(
-            f"the search trains on 90% of the {n} training examples, fewer than train.batch_size = "
-            f"{cfg.train.batch_size}; lower --batch-size"
-        )
-    split = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(s.device)
-    x_fit, x_val = s.x_train[split[n_val:]], s.x_train[split[:n_val]]
-    prepare_val = preparer(s.train_max, False, None)
-    if s.binarize_mode == "dynamic":  # a fixed draw, so that every trial is scored on the same data
-        x_val, prepare_val = binarize(x_val, s.train_max, seed=4), preparer(1.0, False, None)
+    if not s.has_validation:
+        raise ConfigError("--search scores trials on the validation split: set data.validation > 0")
 
     def validate(vae: Any) -> float:
         gen = runtime.generator(s.device, 12345)
-        ev = evaluation.nelbo(vae, x_val, prepare_val, batch_size=cfg.eval.batch_size, generator=gen)
+        ev = evaluation.nelbo(vae, s.x_val, s.prepare_val, batch_size=cfg.eval.batch_size, generator=gen)
         return ev["nelbo"]
 
-    return s, x_fit, validate
+    return s, s.x_train, validate
 
 
 def _objective(
@@ -186,10 +175,11 @@ def search(
     """An Optuna search (TPE sampler, median pruning on the per-epoch validation NELBO) over ``params``
     around ``cfg``, until the study holds ``n_trials`` finished trials or ``budget`` seconds pass.
 
-    Trials train ``trial_epochs`` epochs (default a fifth of train.epochs, at least 1) on 90% of the
-    training split and are scored by the NELBO of the other 10% (a fixed draw): the test split is left
-    for the final run. The study lives in the SQLite file ``storage`` under a name derived from the
-    config, the trial length and the parameters, so the same command resumes an interrupted search.
+    Trials train ``trial_epochs`` epochs (default a fifth of train.epochs, at least 1) on the training
+    examples and are scored by the NELBO of the validation split the run holds out (data.validation):
+    the test split is left for the final run. The study lives in the SQLite file ``storage`` under a
+    name derived from the config, the trial length and the parameters, so the same command resumes an
+    interrupted search.
 
     Returns {"config": the best config (with the full epochs), "best_validation_nelbo", "trial" (its
     number), "params", "trials" (count per state), "trial_epochs", "study", "storage"}."""
