@@ -72,6 +72,14 @@ def test_cli_md_holds_every_commands_help(monkeypatch: pytest.MonkeyPatch) -> No
     assert not stale, f"docs/cli.md is out of date for {stale}: run python scripts/cli_doc.py"
 
 
+def test_cli_md_names_every_preset() -> None:
+    from turbovae.config import preset_names
+
+    cli_md = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    missing = [name for name in preset_names() if f"`{name}`" not in cli_md]
+    assert not missing, f"docs/cli.md does not list the presets {missing}"
+
+
 def test_readme_is_a_front_door() -> None:
     size = len(README.read_bytes())
     assert size <= README_LIMIT, f"README.md is {size} bytes, more than {README_LIMIT}: move text to docs/"
