@@ -15,6 +15,8 @@ from turbovae import evaluation as evaluate
 from turbovae import runtime
 from turbovae.cli import main
 from turbovae.distributions import DiagonalGaussian
+from turbovae.evaluation import floor as matmul_floor
+from turbovae.evaluation import likelihood
 from turbovae.likelihoods import Bernoulli, build_likelihood
 from turbovae.models.conv import ConvNet
 from turbovae.models.mlp import MLPNet
@@ -90,7 +92,7 @@ def test_chunks_are_bounded_and_large():
     for k in (1, 5, 100, 1000, 5000, 100_000):
         batch, chunk = evaluate.plan_chunks(vae, 10_000, k)
         rows = batch * chunk
-        assert rows * 784 <= evaluate.CHUNK_VALUES  # memory bounded for any k
+        assert rows * 784 <= likelihood.CHUNK_VALUES  # memory bounded for any k
         assert rows >= 4000  # matmuls stay large
         assert chunk <= k and math.ceil(k / chunk) * chunk - k < math.ceil(k / chunk)  # equal chunks
 
@@ -157,12 +159,12 @@ def test_the_fast_bernoulli_likelihood_is_exact(shape):
     params = torch.randn(6, 4, 1, *shape, generator=g) * 8
     eta = params.double().select(-len(shape) - 1, 0)
     reference = (x.double() * eta - torch.nn.functional.softplus(eta)).flatten(-len(shape)).sum(-1)
-    fast = evaluate._log_likelihood(lik, x, params)
+    fast = likelihood._log_likelihood(lik, x, params)
     assert fast.dtype == torch.float32 and fast.shape == (6, 4)
     torch.testing.assert_close(fast.double(), reference, rtol=1e-6, atol=2e-3)
     low = params.bfloat16()  # bf16 logits (the autocast path): same values, scored in float32
     torch.testing.assert_close(
-        evaluate._log_likelihood(lik, x, low), lik.log_prob(x, low), rtol=1e-6, atol=2e-3
+        likelihood._log_likelihood(lik, x, low), lik.log_prob(x, low), rtol=1e-6, atol=2e-3
     )
 
 
@@ -178,18 +180,18 @@ def test_bf16_is_used_only_where_it_moves_the_estimate_little():
     if not runtime.fast_bf16(torch.device("cpu")):
         assert auto["precision"] == "fp32" and "bf16_delta" not in auto
         return
-    assert auto["bf16_delta_bound"] < evaluate.BF16_TOLERANCE and auto["precision"] == "bf16"
+    assert auto["bf16_delta_bound"] < likelihood.BF16_TOLERANCE and auto["precision"] == "bf16"
     assert abs(auto["nll"] - ref["nll"]) < 0.05
 
 
 def test_the_matmul_floor_counts_the_decoder():
     vae = VAE(MLPNet((1, 28, 28), 20, 1, [400]), Bernoulli((1, 28, 28)), 20)
-    assert evaluate.decoder_linears(vae, 64) == [(64, 20, 400), (64, 400, 784)]
-    floor = evaluate.matmul_floor(vae, n=100, k=10, rows=64, repeats=2)
+    assert matmul_floor.decoder_linears(vae, 64) == [(64, 20, 400), (64, 400, 784)]
+    floor = matmul_floor.matmul_floor(vae, n=100, k=10, rows=64, repeats=2)
     assert floor is not None and floor["floor_seconds"] > 0
     assert floor["floor_flops"] == pytest.approx(2 * 100 * 10 * (20 * 400 + 400 * 784))
     conv = VAE(ConvNet((1, 28, 28), 8, 1, [8, 16]), Bernoulli((1, 28, 28)), 8)
-    assert evaluate.matmul_floor(conv, n=10, k=2, rows=8) is None
+    assert matmul_floor.matmul_floor(conv, n=10, k=2, rows=8) is None
 
 
 def test_eval_cli_json_carries_everything(tmp_path, capsys):
