@@ -106,6 +106,61 @@ def test_a_nan_gradient_is_skipped_and_counted_state_and_all(name):
     assert not all(torch.equal(p, q) for p, q in zip(params, vae.parameters(), strict=True))
 
 
+def _fp16_scaler_or_skip(device):
+    """A GradScaler for ``device`` and a check that fp16 autocast runs there, or a skip that says why."""
+    try:
+        scaler = torch.amp.GradScaler(device.type)
+        with torch.autocast(device.type, dtype=torch.float16):
+            y = torch.nn.functional.linear(torch.ones(2, 3, device=device), torch.ones(4, 3, device=device))
+    except (AttributeError, RuntimeError, TypeError) as e:
+        pytest.skip(f"torch {torch.__version__} has no fp16 autocast with a GradScaler on {device.type}: {e}")
+    if y.dtype != torch.float16:
+        pytest.skip(f"torch {torch.__version__} does not autocast linear layers to fp16 on {device.type}")
+    return scaler
+
+
+def test_the_fp16_step_with_a_grad_scaler_learns_and_skips_a_nan_batch():
+    """make_step's GradScaler branch, built directly (runtime.resolve_precision keeps fp16 for CUDA): the
+    network runs in fp16, the loss falls over a few steps, and a NaN batch is skipped by the scaler,
+    counted in STATS, with the parameters untouched."""
+    device = torch.device(DEVICE)
+    scaler = _fp16_scaler_or_skip(device)
+    cfg = resolve("digits-mlp", overrides=["train.lr=3e-3", "model.hidden=[64]"])
+    torch.manual_seed(0)
+    vae = build_vae(cfg, (1, 8, 8)).to(device)
+    dtypes = set()
+    first_layer = next(m for m in vae.modules() if isinstance(m, torch.nn.Linear))
+    first_layer.register_forward_hook(lambda module, args, y: dtypes.add(y.dtype))
+    opt = make_optimizer(cfg, vae, device)
+    step = make_step(vae, opt, scaler, cfg, device, "fp16")
+    g = torch.Generator(device=device).manual_seed(0)
+    x = (torch.rand(64, 1, 8, 8, generator=g, device=device) < 0.3).float()
+    x[:32, :, 2:6, 2:6] = 1.0  # two kinds of images: something to learn
+    noise = lambda: torch.randn(64, cfg.model.latent, generator=g, device=device)  # noqa: E731
+    losses, sums = [], torch.zeros(len(STATS), device=device)
+    for _ in range(30):
+        out = step(x, noise())
+        sums += out
+        losses.append(out[STATS.index("loss")].item())
+    assert dtypes == {torch.float16}  # autocast ran the network in fp16
+    # fp16 overflows at the scaler's initial scale could skip a first step or two; the rest are applied
+    applied, skipped = sums[STATS.index("applied")].item(), sums[STATS.index("skipped")].item()
+    assert applied >= 28 and applied + skipped == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 2  # nats per image: it learns
+    scale = scaler.get_scale()
+    params = [p.detach().clone() for p in vae.parameters()]
+    bad = x.clone()
+    bad[0, 0, 0, 0] = math.nan
+    out = step(bad, noise())
+    assert out[STATS.index("skipped")] == 1 and out[STATS.index("applied")] == 0
+    assert torch.isfinite(out).all()  # nothing of the NaN step reaches the loop's sums
+    assert all(torch.equal(p, q) for p, q in zip(params, vae.parameters(), strict=True))
+    assert scaler.get_scale() == scale / 2  # the scaler saw the inf and backed off
+    out = step(x, noise())
+    assert out[STATS.index("applied")] == 1
+    assert not all(torch.equal(p, q) for p, q in zip(params, vae.parameters(), strict=True))
+
+
 def _guard_run(norms, skip=3.0):
     """Feed the guard gradients of the given norms; the list of keep decisions."""
     cfg = cfg_with(skip_grad=skip)
