@@ -290,6 +290,7 @@ def test_the_installed_command_reports_errors_without_a_traceback(tmp_path):
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian's Fashion-MNIST absent"
 )
+@pytest.mark.slow  # real Fashion-MNIST
 def test_fashion_mnist_smoke(tmp_path):
     out = tmp_path / "fmnist"
     argv = ["train", "--data", "fashion-mnist", "--epochs", "1", "--hidden", "128", "--latent", "16"]

@@ -138,6 +138,7 @@ def test_candidate_batches():
 # ---- the command ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # tune end to end, three times, and a training run
 def test_tune_writes_a_config_train_accepts(tmp_path, capsys):
     out = tmp_path / "tuned.yaml"
     t0 = time.perf_counter()
@@ -205,6 +206,7 @@ def test_search_without_optuna_says_how_to_install(tmp_path, capsys, monkeypatch
     assert err == "turbovae: error: --search needs Optuna: pip install 'turbovae[search]'\n"
 
 
+@pytest.mark.slow  # an Optuna search of seven trials
 def test_search_writes_the_best_config_and_resumes(tmp_path, capsys):
     optuna = pytest.importorskip("optuna")
     out = tmp_path / "best.yaml"
