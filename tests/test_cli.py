@@ -83,7 +83,11 @@ def test_eval_json(run, capsys):
 def test_sample_png_and_npy(run, tmp_path, capsys):
     assert main(["sample", str(run), "--n", "10", "--out", str(tmp_path / "s.png")]) == 0
     with Image.open(tmp_path / "s.png") as im:
-        assert im.size[0] > 0
+        # 10 images of 8×8 in rows of 8 with 1-pixel borders: 73×19 pixels, scaled ×4 to reach 256 wide
+        assert im.size == (292, 76) and im.mode == "L"
+        pixels = np.asarray(im)
+    assert (pixels[40:72, 76:] == 64).all()  # the second row holds 2 images; the rest is background
+    assert (pixels[4:36, 4:36] != 64).any() and (pixels[40:72, 40:72] != 64).any()
     assert main(["sample", str(run), "--n", "10", "--out", str(tmp_path / "s.npy"), "--draw"]) == 0
     x = np.load(tmp_path / "s.npy")
     assert x.shape == (10, 1, 8, 8) and set(np.unique(x)) <= {0.0, 1.0}
@@ -286,6 +290,7 @@ def test_the_installed_command_reports_errors_without_a_traceback(tmp_path):
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian's Fashion-MNIST absent"
 )
+@pytest.mark.slow  # real Fashion-MNIST
 def test_fashion_mnist_smoke(tmp_path):
     out = tmp_path / "fmnist"
     argv = ["train", "--data", "fashion-mnist", "--epochs", "1", "--hidden", "128", "--latent", "16"]

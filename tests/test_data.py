@@ -6,6 +6,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import json
 import socket
 import struct
 import tempfile
@@ -23,9 +24,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from sklearn.datasets import load_digits
 
+import turbovae.engine.loop as loop
+from turbovae.cli import main
+from turbovae.config import resolve
 from turbovae.data import DATASETS, Dataset, download, load_dataset
 from turbovae.data.arrays import load_arrays, split_indices
 from turbovae.data.idx import read_idx
+from turbovae.engine.setup import setup
 from turbovae.errors import ConfigError, DataError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -259,6 +264,54 @@ def test_digits() -> None:
     train, test = split_indices(1797, 0.1, 0)
     assert len(test) == 180 and not set(train) & set(test) and len(train) + len(test) == 1797
     assert load_dataset("digits", resize=(16, 16)).event_shape == (1, 16, 16)
+
+
+def _epochs_seen(monkeypatch, tmp_path: Path, mode: str) -> tuple[list[Counter], dict]:
+    """Train 2 epochs on digits with data.binarize=mode through the CLI, recording every batch the
+    training step receives. Batches of 231 = 1617 / 7: each epoch shows every training image once.
+    Returns the images of each epoch (a multiset of rows) and summary.json."""
+    real, seen = loop.make_step, []
+
+    def recording(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def record(x, eps, *rest):
+            seen.append(x.detach().cpu().flatten(1).clone())
+            return step(x, eps, *rest)
+
+        return record
+
+    monkeypatch.setattr(loop, "make_step", recording)
+    out = tmp_path / mode
+    argv = ["train", "--data", "digits", "--binarize", mode, "--hidden", "32", "--latent", "4",
+            "--epochs", "2", "--batch-size", "231", "--out", str(out), "--progress", "off", "eval.iwae_k=0",
+            "train.compile=off", "eval.every_epoch=false"]  # fmt: skip
+    assert main(argv) == 0
+    assert len(seen) == 14
+    epochs = [Counter(map(tuple, torch.cat(seen[e * 7 : (e + 1) * 7]).tolist())) for e in range(2)]
+    return epochs, json.loads((out / "summary.json").read_text())
+
+
+def test_static_binarisation_is_one_fixed_draw_dynamic_a_new_one_each_epoch(monkeypatch, tmp_path):
+    s = setup(resolve("digits-mlp", overrides=["data.binarize=static"]), torch.device("cpu"))
+    assert s.binarize_mode == "static" and s.train_max == 1.0
+    assert set(s.x_train.unique().tolist()) == {0, 1} and s.x_train.shape == (1617, 1, 8, 8)
+    grey = load_dataset("digits").x_train
+    # a Bernoulli draw of the grey values (a pixel of value v/16 is 1 with probability v/16), not a threshold
+    for v in (4, 8, 12):
+        assert abs(s.x_train[grey == v].float().mean() - v / 16) < 0.05, v
+    again = setup(resolve("digits-mlp", overrides=["data.binarize=static"]), torch.device("cpu"))
+    assert torch.equal(s.x_train, again.x_train)  # the same draw every time
+
+    static, summary = _epochs_seen(monkeypatch, tmp_path, "static")
+    assert summary["binarize"] == "static"
+    assert static[0] == static[1]  # the model sees the same binary images in both epochs
+    assert static[0] == Counter(map(tuple, s.x_train.float().flatten(1).tolist()))  # setup's draw
+    dynamic, summary = _epochs_seen(monkeypatch, tmp_path, "dynamic")
+    assert summary["binarize"] == "dynamic"
+    assert all(set(v for row in epoch for v in row) == {0.0, 1.0} for epoch in dynamic)
+    assert dynamic[0] != dynamic[1]  # a fresh draw each epoch
+    assert len(set(dynamic[0]) & set(static[0])) < 0.5 * len(static[0])
 
 
 def test_unknown_name_and_missing_path(tmp_path: Path) -> None:

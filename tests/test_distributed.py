@@ -123,6 +123,7 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     return final_state(out)
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, reference):
     # the same global batch; Adam's learning rate on 2 ranks is scaled by √2, so here it is given
     lr = 1e-3 * math.sqrt(2)
@@ -132,6 +133,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, reference):
     assert_same(reference, final_state(out))
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_a_killed_rank_stops_the_job_and_its_checkpoint_resumes_on_one_and_on_two_ranks(tmp_path, reference):
     out, script = tmp_path / "killed", tmp_path / "wrapper.py"
     script.write_text(WRAPPER)
@@ -162,6 +164,7 @@ def test_a_killed_rank_stops_the_job_and_its_checkpoint_resumes_on_one_and_on_tw
     assert_same(reference, final_state(tmp_path / "copy"))
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, reference):
     out, script = tmp_path / "elastic", tmp_path / "wrapper.py"
     script.write_text(WRAPPER)
@@ -173,6 +176,7 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, reference):
     assert_same(reference, final_state(out))
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_a_time_limit_stops_both_ranks_after_the_same_step(tmp_path):
     """train.time_limit under torchrun: each rank reads its own clock at the log interval and the ranks
     agree (any rank over the limit stops all), so both leave the loop after the same step (a rank that

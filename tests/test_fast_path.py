@@ -6,6 +6,8 @@ import pytest
 
 from turbovae.cli import main
 
+pytestmark = pytest.mark.slow  # two 8-epoch runs per case, one of them compiled
+
 ARGS = ["--data", "digits", "--hidden", "128", "--latent", "8", "--batch-size", "64", "--epochs", "8",
         "--progress", "off", "eval.iwae_k=0", "eval.every_epoch=false", "train.threads=2"]  # fmt: skip
 

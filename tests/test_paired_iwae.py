@@ -9,6 +9,8 @@ import pytest
 
 from turbovae.cli import main
 
+pytestmark = pytest.mark.slow  # three training runs and an IWAE script per test
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_iwae.py"
 FAST = ["--data", "digits", "--hidden", "32", "--latent", "4", "--batch-size", "64", "--progress", "off",
         "eval.iwae_k=0"]  # fmt: skip

@@ -167,6 +167,7 @@ window.addEventListener("load", () => {
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+@pytest.mark.slow  # a browser
 def test_the_page_loads_in_headless_chromium(page, tmp_path):
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))

@@ -15,6 +15,8 @@ import torch
 
 from turbovae.engine import checkpoint
 
+pytestmark = pytest.mark.slow  # killed and resumed CLI processes, several runs each
+
 # every piece of state a step changes: lr schedule, cyclical β, weight average, the adaptive skip's
 # running norm, clipping, the noise-scale probe
 ARGS = ["--data", "digits", "--hidden", "64,64", "--latent", "8", "--batch-size", "64", "--epochs", "5",

@@ -65,6 +65,24 @@ def mixed_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "mixed.csv", rows)
 
 
+def mean_ks(real: Table, synthetic: Table) -> float:
+    return float(np.mean([c["ks"] for c in column_distances(real, synthetic).values() if "ks" in c]))
+
+
+def range_only(real: Table, n: int, seed: int = 0) -> Table:
+    """A baseline that knows nothing but each column's range and categories: uniform draws within them."""
+    rng = np.random.default_rng(seed)
+    columns = []
+    for c in real.columns:
+        if c.type == "categorical":
+            values = rng.choice(np.array(sorted({v for v in c.values if v is not None}), dtype=object), n)
+        else:
+            values = rng.uniform(np.nanmin(c.values), np.nanmax(c.values), n)
+            values = values if c.type == "continuous" else np.round(values)
+        columns.append(Column(c.name, c.type, values, c.decimals))
+    return Table(columns)
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     code = main(args)
     captured = capsys.readouterr()
@@ -339,12 +357,21 @@ def test_train_sample_and_fidelity_on_real_tables(tmp_path, tables, mixed_csv, c
             assert set(s.values) <= set(r.values)
         else:
             assert r.values.min() <= s.values.min() and s.values.max() <= r.values.max()
+    # the model learnt the marginals: closer to the real ones than rows that know only each column's range
+    # and categories (mean KS 0.17 after these 5 epochs against the baseline's 0.26; an inverse transform
+    # that is wrong or samples stuck at a few values give 0.4 to 1)
+    assert mean_ks(real, synthetic) < 0.8 * mean_ks(real, range_only(real, 300))
 
     code, out, err = run_cli(["eval", str(run), "--fidelity"], capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report == json.loads((run / "fidelity.json").read_text())
-    assert 0 <= report["mean_ks"] <= 1 and 0 <= report["mean_tv"] <= 1 and report["corr_mae"] >= 0
+    # the summary numbers are the means of the per-column ones (wine: 13 numeric columns, 1 categorical)
+    columns = report["columns"]
+    assert sum("ks" in c for c in columns.values()) == 13 and columns["cultivar"]["type"] == "categorical"
+    assert report["mean_ks"] == pytest.approx(np.mean([c["ks"] for c in columns.values() if "ks" in c]))
+    assert report["mean_tv"] == pytest.approx(columns["cultivar"]["tv"])
+    assert 0 < report["mean_ks"] < 1 and 0 < report["corr_mae"] < 1
     assert report["ml_efficacy"]["target"] == "cultivar" and report["dcr"]["median"] > 0
     assert set(report["columns"]) == set(real.names)
     # the HTML report shows the fidelity measures of a table run

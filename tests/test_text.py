@@ -302,6 +302,7 @@ def test_defaults_learn_to_reconstruct_and_keep_latents_active(run):
     assert train[0]["kl_weight"] < 0.5 and train[-1]["kl_weight"] == 1.0 and "tokens_per_second" in train[-1]
 
 
+@pytest.mark.slow  # a second text run of the full length
 def test_without_annealing_free_bits_and_word_dropout_the_posterior_collapses(grammar, run, tmp_path):
     summary = _fit(grammar, tmp_path / "collapsed", NO_ANNEALING)
     assert summary["test_kl"] < 0.1  # z carries (almost) nothing: a plain language model

@@ -138,6 +138,7 @@ def test_candidate_batches():
 # ---- the command ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # tune end to end, three times, and a training run
 def test_tune_writes_a_config_train_accepts(tmp_path, capsys):
     out = tmp_path / "tuned.yaml"
     t0 = time.perf_counter()
@@ -205,8 +206,9 @@ def test_search_without_optuna_says_how_to_install(tmp_path, capsys, monkeypatch
     assert err == "turbovae: error: --search needs Optuna: pip install 'turbovae[search]'\n"
 
 
+@pytest.mark.slow  # an Optuna search of seven trials
 def test_search_writes_the_best_config_and_resumes(tmp_path, capsys):
-    pytest.importorskip("optuna")
+    optuna = pytest.importorskip("optuna")
     out = tmp_path / "best.yaml"
     argv = ["tune", *SMALL, "--trial-epochs", "2", "--search-params", "width,latent,lr", "--json",
             "--out", str(out)]  # fmt: skip
@@ -224,4 +226,18 @@ def test_search_writes_the_best_config_and_resumes(tmp_path, capsys):
     second = json.loads(captured.out)
     assert sum(second["trials"].values()) == 4 and second["study"] == first["study"]
     assert "resuming study" in captured.err and "3 of 4 trials done" in captured.err
-    assert second["best_validation_nelbo"] <= first["best_validation_nelbo"]
+    # the stored study: four trials, the reported best is the lowest validation NELBO of the finished ones,
+    # with its parameters in the written config, and the resumed search proposed a new point (a sampler
+    # seeded as before would have repeated trial 0's)
+    study = optuna.load_study(study_name=second["study"], storage=f"sqlite:///{tmp_path / 'search.db'}")
+    trials = study.get_trials(deepcopy=False)
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value)
+    assert second["best_validation_nelbo"] == best.value and second["trial"] == best.number
+    assert second["params"] == best.params
+    assert first["best_validation_nelbo"] == min(t.value for t in complete if t.number < 3)
+    assert trials[3].params not in [t.params for t in trials[:3]]
+    cfg = resolve(str(out))
+    assert cfg.model.hidden == [best.params["width"]] and cfg.model.latent == best.params["latent"]
+    assert cfg.train.lr == pytest.approx(best.params["lr"], rel=1e-2)  # written with 3 significant digits
