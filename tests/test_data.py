@@ -30,7 +30,7 @@ from turbovae.config import resolve
 from turbovae.data import DATASETS, Dataset, download, load_dataset
 from turbovae.data.arrays import load_arrays, split_indices
 from turbovae.data.idx import read_idx
-from turbovae.engine.setup import setup
+from turbovae.engine.setup import setup, validation_split
 from turbovae.errors import ConfigError, DataError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -268,7 +268,8 @@ def test_digits() -> None:
 
 def _epochs_seen(monkeypatch, tmp_path: Path, mode: str) -> tuple[list[Counter], dict]:
     """Train 2 epochs on digits with data.binarize=mode through the CLI, recording every batch the
-    training step receives. Batches of 231 = 1617 / 7: each epoch shows every training image once.
+    training step receives. Batches of 485 = (1617 - 162 held out for validation) / 3: each epoch shows every
+    training image once.
     Returns the images of each epoch (a multiset of rows) and summary.json."""
     real, seen = loop.make_step, []
 
@@ -284,19 +285,19 @@ def _epochs_seen(monkeypatch, tmp_path: Path, mode: str) -> tuple[list[Counter],
     monkeypatch.setattr(loop, "make_step", recording)
     out = tmp_path / mode
     argv = ["train", "--data", "digits", "--binarize", mode, "--hidden", "32", "--latent", "4",
-            "--epochs", "2", "--batch-size", "231", "--out", str(out), "--progress", "off", "eval.iwae_k=0",
+            "--epochs", "2", "--batch-size", "485", "--out", str(out), "--progress", "off", "eval.iwae_k=0",
             "train.compile=off", "eval.every_epoch=false"]  # fmt: skip
     assert main(argv) == 0
-    assert len(seen) == 14
-    epochs = [Counter(map(tuple, torch.cat(seen[e * 7 : (e + 1) * 7]).tolist())) for e in range(2)]
+    assert len(seen) == 6
+    epochs = [Counter(map(tuple, torch.cat(seen[e * 3 : (e + 1) * 3]).tolist())) for e in range(2)]
     return epochs, json.loads((out / "summary.json").read_text())
 
 
 def test_static_binarisation_is_one_fixed_draw_dynamic_a_new_one_each_epoch(monkeypatch, tmp_path):
     s = setup(resolve("digits-mlp", overrides=["data.binarize=static"]), torch.device("cpu"))
     assert s.binarize_mode == "static" and s.train_max == 1.0
-    assert set(s.x_train.unique().tolist()) == {0, 1} and s.x_train.shape == (1617, 1, 8, 8)
-    grey = load_dataset("digits").x_train
+    assert set(s.x_train.unique().tolist()) == {0, 1} and s.x_train.shape == (1455, 1, 8, 8)
+    grey = load_dataset("digits").x_train[validation_split(1617, 0.1)[0]]  # the training examples
     # a Bernoulli draw of the grey values (a pixel of value v/16 is 1 with probability v/16), not a threshold
     for v in (4, 8, 12):
         assert abs(s.x_train[grey == v].float().mean() - v / 16) < 0.05, v

@@ -145,7 +145,7 @@ def test_tensorboard_export(runs, page, tmp_path):
     acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert {"train/loss", "train/kl", "train/lr", "train/samples_per_second", "test/nelbo"} <= set(
+    assert {"train/loss", "train/kl", "train/lr", "train/samples_per_second", "val/nelbo"} <= set(
         tags["scalars"]
     )
     assert "eval/nll_iwae" in tags["scalars"]

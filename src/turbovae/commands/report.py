@@ -574,7 +574,7 @@ def write_tensorboard(
 ) -> Path:
     """Convert a finished run into TensorBoard event files in ``logdir``: every numeric value of the
     ``train`` and ``eval`` events of metrics.jsonl as a scalar at its step (``train/loss``,
-    ``test/nelbo``, ...), the summary's and eval.json's numbers at the last step, and the run's PNG
+    ``val/nelbo``, ...), the summary's and eval.json's numbers at the last step, and the run's PNG
     pictures (``figures`` or the PNGs found in the run directory) as images."""
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -595,7 +595,8 @@ def write_tensorboard(
         for key, value in e.items():
             if key in ("event", "step", "split") or not isinstance(value, int | float):
                 continue
-            tag = f"test/{key.removeprefix('test_')}" if kind == "eval" else f"train/{key}"
+            split = str(e.get("split", "test"))  # per-epoch evaluations: "val" (runs before it: "test")
+            tag = f"{split}/{key.removeprefix(split + '_')}" if kind == "eval" else f"train/{key}"
             writer.add_scalar(tag, float(value), step)
     for name, source in (("summary", "summary.json"), ("eval", "eval.json")):
         for key, value in _read_json(run_dir / source).items():
