@@ -232,6 +232,13 @@ class _CoupledLogisticCoder(_SymbolCoder):
         return _mixture_table(log_w.flatten(1), mu[stage].flatten(1), log_scale[:, stage].flatten(1))
 
 
+def check_model(vae: VAE) -> None:
+    """Raise ConfigError when this model cannot be used as a codec (its likelihood or its kind)."""
+    _symbol_coder(vae.likelihood)
+    if vae.autoregressive:
+        raise ConfigError("compression is for image and vector runs; this run is a text model")
+
+
 def _symbol_coder(likelihood: Likelihood) -> _SymbolCoder:
     if type(likelihood) is Bernoulli:
         return _BernoulliCoder(likelihood)
@@ -280,9 +287,9 @@ class _Codec:
 
     # latents: flat models pop/push every dim with one table; hvae walks its groups top-down
 
-    def pop_posterior(self, coders: list[Any], x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Encoder side: pop z ~ q(z | x) on every lane; returns (z indices (n, L) int32, what
-        ``push_prior`` needs) and the likelihood params (n, P, *event)."""
+    def pop_posterior(self, coders: list[Any], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Encoder side: pop z ~ q(z | x) on every lane: (z indices (n, L), the likelihood params
+        (n, P, *event), what ``push_prior`` needs)."""
         xf = self.model_input(x)
         if not self.hierarchical:
             q = self.vae.encode(xf)
@@ -445,6 +452,7 @@ def compress(
     ans = _constriction().stream.stack.AnsCoder
     seeds = [_seed(j, codec.seed_words) for j in range(lanes)]
     coders = [ans(s.copy()) for s in seeds]
+    start_bits = [c.num_valid_bits() for c in coders]
     for t, count in enumerate(counts):
         xb = sym[t * lanes : t * lanes + count]
         active = coders[:count]
@@ -481,7 +489,9 @@ def compress(
     data = body + struct.pack("<I", zlib.crc32(body))
     if stats is not None:
         payload = 32 * sum(len(w) for w in lane_words)
-        net = sum(32 * (len(w) + s - codec.seed_words) for w, s in zip(lane_words, stripped, strict=True))
+        # the chains' growth, exact to the bit (num_valid_bits); the rest of the payload is the seed words
+        # kept and the rounding of every stack to whole words
+        net = sum(c.num_valid_bits() - b for c, b in zip(coders, start_bits, strict=True))
         stats.update(
             bits=8 * len(data), header_bytes=header_bytes, initial_bits=payload - net, net_bits=net,
             lanes=lanes, latent_bits=latent_bits,
@@ -494,7 +504,7 @@ def read_header(data: bytes) -> tuple[dict[str, Any], bytes, bytes]:
     CRC and the length, raising CompressionError for a corrupt or truncated file."""
     if len(data) < _HEAD.size + 4 or data[:4] != MAGIC:
         raise CompressionError("not a turbovae compressed file (.tvz): no TVZ header")
-    magic, version, ckpt, weights, meta_len = _HEAD.unpack_from(data)
+    _, version, ckpt, weights, meta_len = _HEAD.unpack_from(data)
     if version != VERSION:
         raise CompressionError(f"compressed file version {version}; this turbovae reads version {VERSION}")
     (crc,) = struct.unpack_from("<I", data, len(data) - 4)
