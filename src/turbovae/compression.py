@@ -126,12 +126,11 @@ class _Buckets:
         """(..., B) float64: the mass of every bucket under N(loc, e^log_scale), for loc (...,)."""
         loc, scale = loc.double().unsqueeze(-1), log_scale.double().exp().unsqueeze(-1)
         t = (self.edges - loc) / scale  # (..., B + 1) standardised edges
-        # Φ(t) = ½ erfc(−t/√2); differences of the upper tail taken on the survival function instead, so
-        # that the masses of buckets far above the mean keep their relative precision
-        cdf = 0.5 * torch.erfc(-t * (1.0 / math.sqrt(2.0)))
-        sf = 0.5 * torch.erfc(t * (1.0 / math.sqrt(2.0)))
-        upper = t[..., :-1] > 0
-        mass = torch.where(upper, sf[..., :-1] - sf[..., 1:], cdf[..., 1:] - cdf[..., :-1])
+        # g = the normal's mass beyond |t|, one erfc per edge: below the mean the CDF, above it the
+        # survival function, so that far buckets on either side keep their relative precision
+        g = 0.5 * torch.erfc(t.abs() * (1.0 / math.sqrt(2.0)))
+        lo, hi, g_lo, g_hi = t[..., :-1], t[..., 1:], g[..., :-1], g[..., 1:]
+        mass = torch.where(hi <= 0, g_hi - g_lo, torch.where(lo >= 0, g_lo - g_hi, 1.0 - g_lo - g_hi))
         return mass.clamp(min=0.0).cpu().numpy()
 
 
@@ -140,7 +139,9 @@ class _Buckets:
 
 class _SymbolCoder:
     """How x is coded under p(x | z): ``stages`` groups of symbols, stage s's probabilities depending on
-    the parameters and the symbols of the earlier stages (the RGB coupling's channels)."""
+    the parameters and the symbols of the earlier stages (the RGB coupling's channels). Tables are
+    computed for a step's images together, in chunks whose size depends only on the shapes, so that
+    both directions run the same float64 operations on tensors of the same shapes."""
 
     stages = 1
     values = 2
@@ -149,23 +150,35 @@ class _SymbolCoder:
         self.likelihood = likelihood
 
     def symbols(self, x: torch.Tensor, stage: int) -> torch.Tensor:
-        """Stage ``stage``'s symbols of one image x (*event) int: (S,) int32."""
-        return x.flatten()
-
-    def table(self, params: torch.Tensor, x: torch.Tensor, stage: int) -> torch.Tensor:
-        """(S, V) float64 probabilities of stage ``stage`` for one image's params (P, *event); ``x``
-        (*event) holds the symbols of the earlier stages (the rest is ignored)."""
-        raise NotImplementedError
+        """Stage ``stage``'s symbols of images x (n, *event) int: (n, S)."""
+        return x.flatten(1)
 
     def place(self, x: torch.Tensor, stage: int, symbols: torch.Tensor) -> None:
-        x.view(-1).copy_(symbols)
+        x.view(len(x), -1).copy_(symbols)
+
+    def tables(self, params: torch.Tensor, x: torch.Tensor, stage: int) -> np.ndarray:
+        """(n, S, V) float64 probabilities of stage ``stage`` for params (n, P, *event); ``x`` (n, *event)
+        holds the symbols of the earlier stages (the rest is ignored)."""
+        per_image = self.floats_per_image(params)
+        chunk = max(1, 2**23 // max(1, per_image))
+        parts = [
+            self.table(params[i : i + chunk], x[i : i + chunk], stage).cpu().numpy()
+            for i in range(0, len(params), chunk)
+        ]
+        return np.concatenate(parts)
+
+    def floats_per_image(self, params: torch.Tensor) -> int:
+        return params[0].numel() * self.values
+
+    def table(self, params: torch.Tensor, x: torch.Tensor, stage: int) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class _BernoulliCoder(_SymbolCoder):
     values = 2
 
     def table(self, params: torch.Tensor, x: torch.Tensor, stage: int) -> torch.Tensor:
-        logits = params[0].double().flatten()
+        logits = params[:, 0].double().flatten(1)  # (n, D)
         return torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)], -1)
 
 
@@ -173,7 +186,7 @@ class _Categorical256Coder(_SymbolCoder):
     values = 256
 
     def table(self, params: torch.Tensor, x: torch.Tensor, stage: int) -> torch.Tensor:
-        return torch.softmax(params.double().flatten(1), dim=0).T  # (D, 256)
+        return torch.softmax(params.double().flatten(2), dim=1).transpose(1, 2)  # (n, D, 256)
 
 
 _HALF = 1.0 / 255.0  # half a bin of the discretised logistic, in y = 2x − 1
@@ -181,15 +194,15 @@ _EDGES = torch.arange(255, dtype=torch.float64) * (2.0 / 255.0) - 1.0 + _HALF  #
 
 
 def _mixture_table(log_weights: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """(S, 256) masses of a mixture of discretised logistics: log_weights, loc, log_scale (K, S) float64."""
-    weights = torch.softmax(log_weights, dim=0).unsqueeze(-1)  # (K, S, 1)
-    t = (_EDGES.to(loc.device) - loc.unsqueeze(-1)) * torch.exp(-log_scale).unsqueeze(-1)  # (K, S, 255)
-    cdf = (weights * torch.sigmoid(t)).sum(0)  # (S, 255), the mixture's CDF at the inner edges
-    sf = (weights * torch.sigmoid(-t)).sum(0)
-    zero, one = cdf.new_zeros(cdf.shape[0], 1), cdf.new_ones(cdf.shape[0], 1)
-    cdf, sf = torch.cat([zero, cdf, one], 1), torch.cat([one, sf, zero], 1)  # (S, 257)
-    lower = cdf[:, :-1] > 0.5  # bins in the upper half: differences of the survival function
-    return torch.where(lower, sf[:, :-1] - sf[:, 1:], cdf[:, 1:] - cdf[:, :-1]).clamp(min=0.0)
+    """(n, S, 256) masses of mixtures of discretised logistics: log_weights, loc, log_scale (n, K, S)."""
+    weights = torch.softmax(log_weights, dim=1).unsqueeze(-1)  # (n, K, S, 1)
+    t = (_EDGES.to(loc.device) - loc.unsqueeze(-1)) * torch.exp(-log_scale).unsqueeze(-1)  # (n, K, S, 255)
+    cdf = (weights * torch.sigmoid(t)).sum(1)  # (n, S, 255), the mixture's CDF at the inner edges
+    sf = (weights * torch.sigmoid(-t)).sum(1)
+    zero, one = cdf.new_zeros(*cdf.shape[:2], 1), cdf.new_ones(*cdf.shape[:2], 1)
+    cdf, sf = torch.cat([zero, cdf, one], -1), torch.cat([one, sf, zero], -1)  # (n, S, 257)
+    upper = cdf[..., :-1] > 0.5  # bins in the upper half: differences of the survival function
+    return torch.where(upper, sf[..., :-1] - sf[..., 1:], cdf[..., 1:] - cdf[..., :-1]).clamp(min=0.0)
 
 
 class _LogisticCoder(_SymbolCoder):
@@ -197,12 +210,14 @@ class _LogisticCoder(_SymbolCoder):
 
     values = 256
 
+    def floats_per_image(self, params: torch.Tensor) -> int:
+        return params[0].numel() * 255
+
     def table(self, params: torch.Tensor, x: torch.Tensor, stage: int) -> torch.Tensor:
         like = self.likelihood
         assert isinstance(like, DiscretizedLogistic)
-        logits, loc, log_scale = like._split(params.unsqueeze(0))  # (1, K, *event) each
-        flat = [t[0].double().flatten(1) for t in (logits, loc, log_scale)]  # (K, S)
-        return _mixture_table(torch.log_softmax(flat[0], 0), flat[1], flat[2])
+        logits, loc, log_scale = (t.double().flatten(2) for t in like._split(params))  # (n, K, S)
+        return _mixture_table(torch.log_softmax(logits, 1), loc, log_scale)
 
 
 class _CoupledLogisticCoder(_SymbolCoder):
@@ -213,23 +228,31 @@ class _CoupledLogisticCoder(_SymbolCoder):
     stages = 3
     values = 256
 
+    def floats_per_image(self, params: torch.Tensor) -> int:
+        return params[0].numel() * 255
+
     def symbols(self, x: torch.Tensor, stage: int) -> torch.Tensor:
-        return x[stage].flatten()
+        return x[:, stage].flatten(1)
 
     def place(self, x: torch.Tensor, stage: int, symbols: torch.Tensor) -> None:
-        x[stage].view(-1).copy_(symbols)
+        x[:, stage] = symbols.view(x[:, stage].shape)
 
     def table(self, params: torch.Tensor, x: torch.Tensor, stage: int) -> torch.Tensor:
         like = self.likelihood
         assert isinstance(like, DiscretizedLogistic)
-        logits, loc, log_scale, coeff = (t[0].double() for t in like._split_coupled(params.unsqueeze(0)))
-        # logits (K, H, W); loc, log_scale, coeff (K, 3, H, W)
-        y = 2.0 * x.double() / 255.0 - 1.0  # (3, H, W), valid for the earlier stages
-        mu = [loc[:, 0], loc[:, 1] + coeff[:, 0] * y[0], loc[:, 2] + coeff[:, 1] * y[0] + coeff[:, 2] * y[1]]
-        log_w = torch.log_softmax(logits, dim=0)
+        logits, loc, log_scale, coeff = (t.double() for t in like._split_coupled(params))
+        # logits (n, K, H, W); loc, log_scale, coeff (n, K, 3, H, W)
+        y = (2.0 * x.double() / 255.0 - 1.0).unsqueeze(1)  # (n, 1, 3, H, W), valid for the earlier stages
+        y_r, y_g = y[:, :, 0], y[:, :, 1]
+        mu = [
+            loc[:, :, 0],
+            loc[:, :, 1] + coeff[:, :, 0] * y_r,
+            loc[:, :, 2] + coeff[:, :, 1] * y_r + coeff[:, :, 2] * y_g,
+        ]
+        log_w = torch.log_softmax(logits, dim=1)
         for c in range(stage):  # the components' posterior given the earlier channels' values
-            log_w = log_w + _logistic_log_mass(y[c], mu[c], log_scale[:, c])
-        return _mixture_table(log_w.flatten(1), mu[stage].flatten(1), log_scale[:, stage].flatten(1))
+            log_w = log_w + _logistic_log_mass(y[:, :, c], mu[c], log_scale[:, :, c])
+        return _mixture_table(log_w.flatten(2), mu[stage].flatten(2), log_scale[:, :, stage].flatten(2))
 
 
 def check_model(vae: VAE) -> None:
@@ -369,20 +392,20 @@ class _Codec:
     # the data
 
     def push_data(self, coders: list[Any], params: torch.Tensor, x: torch.Tensor) -> None:
+        x = x.to(self.device)
+        stages = range(self.symbols.stages)
+        tables = [self.symbols.tables(params, x, s) for s in stages]
+        symbols = [self.symbols.symbols(x, s).cpu().numpy().astype(np.int32) for s in stages]
         for j, c in enumerate(coders):
-            xj = x[j].to(self.device)
-            tables = [self.symbols.table(params[j], xj, s) for s in range(self.symbols.stages)]
-            for s in reversed(range(self.symbols.stages)):  # last stage first: the decoder pops stage 0 first
-                sym = self.symbols.symbols(xj, s).cpu().numpy().astype(np.int32)
-                c.encode_reverse(sym, self.categorical, tables[s].cpu().numpy())
+            for s in reversed(stages):  # the last stage first: the decoder pops stage 0 first
+                c.encode_reverse(symbols[s][j], self.categorical, tables[s][j])
 
     def pop_data(self, coders: list[Any], params: torch.Tensor) -> torch.Tensor:
         x = torch.zeros(len(coders), *self.vae.event_shape, dtype=torch.int64, device=self.device)
-        for j, c in enumerate(coders):
-            for s in range(self.symbols.stages):
-                table = self.symbols.table(params[j], x[j], s).cpu().numpy()
-                sym = c.decode(self.categorical, table)
-                self.symbols.place(x[j], s, torch.from_numpy(sym.astype(np.int64)).to(self.device))
+        for s in range(self.symbols.stages):
+            tables = self.symbols.tables(params, x, s)
+            sym = np.stack([c.decode(self.categorical, tables[j]) for j, c in enumerate(coders)])
+            self.symbols.place(x, s, torch.from_numpy(sym.astype(np.int64)).to(self.device))
         return x
 
 
@@ -398,7 +421,7 @@ def _as_symbols(vae: VAE, x: torch.Tensor, binary: bool) -> torch.Tensor:
     if x.is_floating_point():  # model inputs: bits, or bytes / 255
         scaled = x.double() if binary else x.double() * 255.0
         sym = torch.round(scaled)
-        if not torch.equal(sym, scaled.nan_to_num(-1.0)):
+        if not bool(((sym - scaled).abs() < 1e-3).all()):
             raise DataError(
                 "float images must be the model's inputs exactly: 0/1 for a bernoulli run, bytes / 255 "
                 "for an 8-bit run (pass integer arrays to code stored values)"
