@@ -1,5 +1,6 @@
 """turbovae: train variational autoencoders fast and correctly."""
 
+from .compression import compress, decompress
 from .config import Config, resolve
 from .data import DATASETS, Dataset, load_dataset
 from .distributions import DiagonalGaussian
@@ -32,6 +33,8 @@ __all__ = [
     "build_likelihood",
     "build_network",
     "build_vae",
+    "compress",
+    "decompress",
     "elbo",
     "fit",
     "iwae",

@@ -11,8 +11,9 @@ import argparse
 import re
 import sys
 
-from .commands import bench, data, encode, report, sample, train, tune
+from .commands import bench, compress, data, encode, report, sample, train, tune
 from .commands import eval as eval_command
+from .commands.compress import DECOMPRESS
 from .engine.distributed import launch
 from .errors import TurboVAEError
 
@@ -28,6 +29,8 @@ COMMANDS = {
     "data": data,
     "sample": sample,
     "encode": encode,
+    "compress": compress,
+    "decompress": DECOMPRESS,
 }
 
 

@@ -1,0 +1,227 @@
+"""Bits-back ANS compression (turbovae/compression.py, commands/compress.py): exact round trips for every
+supported likelihood and model, the rate of a trained model against its NELBO, and refusals."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("constriction")
+
+import turbovae
+from turbovae import compression
+from turbovae.cli import main
+from turbovae.config import Config
+from turbovae.engine.setup import build_vae
+from turbovae.errors import CheckpointError, ConfigError, DataError
+
+# (model, likelihood, event shape): every model and likelihood the codec supports, the RGB coupling too
+CASES = [
+    ("mlp", "bernoulli", (1, 8, 8)),
+    ("conv", "bernoulli", (1, 8, 8)),
+    ("mlp", "categorical-256", (1, 6, 6)),
+    ("conv", "categorical-256", (1, 8, 8)),
+    ("mlp", "discretized-logistic", (1, 8, 8)),
+    ("conv", "discretized-logistic", (1, 8, 8)),
+    ("mlp", "discretized-logistic", (3, 4, 4)),  # coupled: R, G | R, B | R, G
+    ("conv", "discretized-logistic", (3, 8, 8)),
+    ("hvae", "bernoulli", (1, 8, 8)),
+    ("hvae", "discretized-logistic", (3, 8, 8)),
+    ("hvae", "categorical-256", (1, 8, 8)),
+]
+
+
+def random_vae(model: str, likelihood: str, shape: tuple[int, ...], seed: int = 0) -> turbovae.VAE:
+    torch.manual_seed(seed)
+    cfg = Config()
+    cfg.model.name, cfg.model.likelihood = model, likelihood
+    cfg.model.latent, cfg.model.hidden, cfg.model.mixtures = 4, [32], 3
+    cfg.model.channels = [8, 16] if model != "hvae" else [8, 16, 16]
+    if model == "hvae":
+        cfg.model.groups, cfg.model.enc_blocks, cfg.model.latent_channels = [1, 1, 1], [1, 1, 1], [1, 2, 2]
+    vae = build_vae(cfg, shape, {"levels": 256})
+    vae.config = cfg
+    return vae.eval()
+
+
+def random_images(likelihood: str, n: int, shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
+    high = 2 if likelihood == "bernoulli" else 256
+    return torch.randint(0, high, (n, *shape), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+
+
+@pytest.mark.parametrize(("model", "likelihood", "shape"), CASES)
+def test_round_trip_is_exact_on_random_models(model, likelihood, shape):
+    vae = random_vae(model, likelihood, shape)
+    n = 5 if model == "hvae" else 11  # 3 lanes: steps of 3 and a last one of 2
+    x = random_images(likelihood, n, shape)
+    stats: dict = {}
+    data = compression.compress(vae, x, lanes=3, latent_bits=10, stats=stats)
+    y = compression.decompress(vae, data)
+    assert y.dtype == torch.uint8 and torch.equal(x, y)
+    assert stats["bits"] == 8 * len(data) and stats["net_bits"] > 0 and stats["initial_bits"] > 0
+
+
+def test_compression_is_deterministic_and_takes_model_inputs():
+    vae = random_vae("mlp", "discretized-logistic", (1, 6, 6))
+    x = random_images("discretized-logistic", 5, (1, 6, 6))
+    a = turbovae.compress(vae, x, lanes=2)
+    assert turbovae.compress(vae, x.float() / 255.0, lanes=2) == a  # bytes / 255, as the model takes them
+    assert torch.equal(turbovae.decompress(vae, a), x)
+    one = turbovae.compress(vae, x[:1], lanes=64)  # more lanes than images
+    assert torch.equal(turbovae.decompress(vae, one), x[:1])
+
+
+def test_the_rate_of_an_8_bit_model_tracks_its_nelbo():
+    """Random model, so the NELBO is high; the coded rate still equals it up to the discretisation."""
+    vae = random_vae("mlp", "discretized-logistic", (1, 8, 8))
+    x = random_images("discretized-logistic", 64, (1, 8, 8))
+    stats: dict = {}
+    compression.compress(vae, x, lanes=2, stats=stats)
+    gen = torch.Generator().manual_seed(0)
+    nats = turbovae.nelbo(vae, x.float() / 255.0, lambda r: r, generator=gen)["nelbo"]
+    nelbo_bits = nats * len(x) / np.log(2.0)
+    assert abs(stats["net_bits"] / nelbo_bits - 1.0) < 0.02
+
+
+def test_values_off_the_likelihood_are_refused():
+    vae = random_vae("mlp", "bernoulli", (1, 4, 4))
+    with pytest.raises(DataError, match="binary"):
+        compression.compress(vae, torch.full((2, 1, 4, 4), 3, dtype=torch.uint8))
+    with pytest.raises(DataError, match="shape"):
+        compression.compress(vae, torch.zeros(2, 1, 5, 5, dtype=torch.uint8))
+    grey = random_vae("mlp", "gaussian", (1, 4, 4))
+    with pytest.raises(ConfigError, match="probability mass"):
+        compression.compress(grey, torch.zeros(2, 1, 4, 4))
+
+
+def test_another_model_and_a_tampered_payload_are_refused():
+    vae = random_vae("mlp", "bernoulli", (1, 6, 6))
+    x = random_images("bernoulli", 9, (1, 6, 6))
+    data = compression.compress(vae, x, lanes=2)
+    with pytest.raises(CheckpointError, match="another model"):
+        compression.decompress(random_vae("mlp", "bernoulli", (1, 6, 6), seed=5), data)
+    with pytest.raises(CheckpointError, match="checkpoint"):
+        compression.decompress(
+            vae, compression.compress(vae, x, checkpoint=b"\1" * 32), checkpoint=b"\2" * 32
+        )
+    # a changed ANS word with a recomputed CRC (as if the file had been rewritten): the chains do not
+    # end on their seed words, or constriction refuses a state
+    body = bytearray(data[:-4])
+    body[-8] ^= 0xFF
+    forged = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+    with pytest.raises(DataError, match="corrupt"):
+        compression.decompress(vae, forged)
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        compression.decompress(vae, data[:-10])
+    with pytest.raises(DataError, match="not a turbovae"):
+        compression.decompress(vae, b"PK\3\4" + data[4:])
+
+
+# ---- a briefly trained digits model, through the CLI -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """digits-mlp (Bernoulli, dynamically binarised) trained for 30 epochs (a few seconds)."""
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    args = ["train", "--config", "digits-mlp", "--out", str(out), "--epochs", "30", "--progress", "off"]
+    assert main([*args, "train.threads=1", "eval.iwae_k=1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_test(digits_run, tmp_path_factory) -> Path:
+    """The run's own binarised test images (N, 8, 8) uint8 0/1, the images its NELBO is measured on."""
+    from turbovae.engine.setup import setup
+
+    vae = turbovae.load(digits_run)
+    path = tmp_path_factory.mktemp("data") / "test.npy"
+    np.save(path, setup(vae.config).x_test.numpy()[:, 0])
+    return path
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("turbovae: error:"), err
+    return err[0]
+
+
+def test_cli_round_trip_and_rate_within_3_percent_of_the_nelbo(digits_run, digits_test, tmp_path, capsys):
+    tvz = tmp_path / "test.tvz"
+    capsys.readouterr()
+    assert (
+        main(["compress", str(digits_run), str(digits_test), "--out", str(tvz), "--json", "--lanes", "4"])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 180 and report["bytes"] == tvz.stat().st_size
+    for key in ("bits_per_dim", "initial_bits", "nelbo_bits_per_dim", "seconds"):
+        assert key in report
+    # the chains' rate (initial bits and header apart) against the single-sample NELBO on the same images
+    assert abs(report["net_bits_per_dim"] / report["nelbo_bits_per_dim"] - 1.0) < 0.03
+    out = tmp_path / "back.npy"
+    assert main(["decompress", str(digits_run), str(tvz), "--out", str(out)]) == 0
+    a, b = np.load(digits_test), np.load(out)
+    assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_cli_image_folder_round_trip(digits_run, digits_test, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    x = np.load(digits_test)[:7] * np.uint8(255)  # binary PNGs, 0/255
+    for i, image in enumerate(x):
+        Image.fromarray(image).save(folder / ("sub" if i % 2 else "") / f"d{i}.png")
+    tvz = tmp_path / "f.tvz"
+    assert main(["compress", str(digits_run), str(folder), "--out", str(tvz)]) == 0
+    assert main(["decompress", str(digits_run), str(tvz), "--out", str(tmp_path / "out")]) == 0
+    for path in folder.rglob("*.png"):
+        back = tmp_path / "out" / path.relative_to(folder)
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(back)))
+
+
+def test_cli_refuses_grey_data_for_a_bernoulli_run_unless_asked(digits_run, tmp_path, capsys):
+    grey = tmp_path / "grey.npy"
+    np.save(grey, np.arange(64 * 3, dtype=np.uint8).reshape(3, 8, 8))
+    capsys.readouterr()
+    assert main(["compress", str(digits_run), str(grey), "--out", str(tmp_path / "g.tvz")]) == 2
+    assert "--binarize" in _one_line_error(capsys)
+    assert main(["compress", str(digits_run), str(grey), "--out", str(tmp_path / "g.tvz"), "--binarize"]) == 0
+
+
+@pytest.fixture(scope="module")
+def digits_tvz(digits_run, digits_test, tmp_path_factory) -> Path:
+    tvz = tmp_path_factory.mktemp("tvz") / "test.tvz"
+    assert main(["compress", str(digits_run), str(digits_test), "--out", str(tvz), "--lanes", "4"]) == 0
+    return tvz
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_cli_refuses_a_corrupt_or_truncated_file(digits_run, digits_tvz, tmp_path, capsys, damage):
+    data = bytearray(digits_tvz.read_bytes())
+    if damage == "corrupt":
+        data[len(data) // 2] ^= 0x10
+    else:
+        data = data[: len(data) - 37]
+    bad = tmp_path / "bad.tvz"
+    bad.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["decompress", str(digits_run), str(bad), "--out", str(tmp_path / "x.npy")]) == 2
+    assert "corrupt" in _one_line_error(capsys)
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_cli_refuses_another_checkpoint(digits_run, digits_tvz, tmp_path, capsys):
+    other = tmp_path / "other"
+    args = ["train", "--config", "digits-mlp", "--out", str(other), "--epochs", "1", "--seed", "7"]
+    assert main([*args, "--progress", "off", "train.threads=1", "eval.iwae_k=1"]) == 0
+    capsys.readouterr()
+    assert main(["decompress", str(other), str(digits_tvz), "--out", str(tmp_path / "x.npy")]) == 2
+    assert "checkpoint" in _one_line_error(capsys)
