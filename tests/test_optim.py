@@ -232,15 +232,15 @@ def run(tmp_path, *overrides, name="run"):
 
 
 def test_metrics_carry_noise_scale_active_units_and_skips(tmp_path):
-    out, summary, events = run(tmp_path, "train.skip_grad=4", "train.epochs=6")
+    out, summary, events = run(tmp_path, "train.skip_grad=4", "train.epochs=10")
     train = [e for e in events if e["event"] == "train"]
     evals = [e for e in events if e["event"] == "eval"]
     assert all("noise_scale" in e and e["noise_scale"] > 0 for e in train[2:])
-    assert len(evals) == 6 and all(len(e["kl_per_dim"]) == 16 for e in evals)
-    # the last epoch's count is the trained model's, recomputed here from its checkpoint on the same test
-    # images; after 6 epochs the model uses its latents (11 of 16 active here; 0 would be a collapse)
+    assert len(evals) == 10 and all(len(e["kl_per_dim"]) == 16 for e in evals)
+    # the last epoch's count is the trained model's, recomputed here from its checkpoint on the same
+    # validation images; after 10 epochs the model uses its latents again (11 of 16 active; 0: a collapse)
     s = setup(resolve("digits-mlp", overrides=SMALL), torch.device("cpu"))
-    q = encode_all(load(out), s.x_test[:COLLAPSE_EXAMPLES], s.prepare_test)
+    q = encode_all(load(out), s.x_val[:COLLAPSE_EXAMPLES], s.prepare_val)
     assert evals[-1]["active_units"] == active_units(q)[0] >= 4
     # a healthy run: the adaptive skip leaves every step alone, and the counts add up
     assert all(e["grad_norm"] > 0 for e in train)

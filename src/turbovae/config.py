@@ -123,6 +123,11 @@ class TrainConfig:
     # interval, then evaluates and writes as at the end; 0 = none. The schedules still span train.epochs
     time_limit: float = 0.0
     keep_checkpoints: int = 2  # most recent checkpoints kept
+    # live tracking while training (engine/tracking.py): a TensorBoard log directory, an MLflow tracking
+    # URI (e.g. sqlite:///mlflow.db) and the MLflow experiment's name
+    tensorboard: str | None = None
+    mlflow: str | None = None
+    mlflow_experiment: str = "turbovae"
 
 
 @dataclass

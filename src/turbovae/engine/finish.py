@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import evaluation, runtime
 from ..evaluation.text import text_summary
-from ..viz.grids import as_images, save_grid
+from ..viz.grids import as_images, grid_image, reconstruction_grid, sample_grid, save_grid
 from ..viz.text import write_text_outputs
 from .optim import EMA
 from .rundir import MetricsLog
@@ -153,3 +154,20 @@ def write_pictures(s: Setup, out: Path, n_samples: int = 64, n_recon: int = 16) 
     both = torch.cat([as_images(x, shape), as_images(recon, shape)])
     save_grid(both, out / "reconstructions.png", nrow=min(n_recon, len(x)))
     vae.train()
+
+
+@torch.no_grad()
+def tracked_pictures(s: Setup, n_samples: int = 64, n_recon: int = 16) -> dict[str, np.ndarray]:
+    """The pictures live tracking shows at each evaluation (image data only): prior samples and
+    validation reconstructions, as uint8 arrays."""
+    if s.data.is_tokens or len(s.data.event_shape) != 3 or not s.has_validation:
+        return {}
+    vae = s.vae
+    vae.eval()
+    try:
+        x = s.prepare_val(s.x_val[:n_recon])
+        pictures = {"samples": grid_image(sample_grid(vae, n_samples), nrow=8),
+                    "reconstructions": grid_image(reconstruction_grid(vae, x), nrow=len(x))}  # fmt: skip
+    finally:
+        vae.train()
+    return {name: np.asarray(picture) for name, picture in pictures.items()}

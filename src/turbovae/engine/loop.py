@@ -25,14 +25,15 @@ from ..data.batches import preparer
 from ..data.text import bucketed, lengths_of
 from ..models import model_spec
 from ..objectives import noise_shape_of
-from . import checkpoint, distributed, optim
-from .finish import averaged, collapse_check, finish
+from . import checkpoint, distributed, optim, tracking
+from .finish import averaged, collapse_check, finish, tracked_pictures
 from .noise import NoiseProbe
 from .optim import EMA, GradGuard, make_optimizer
 from .rundir import MetricsLog, check_out_dir, prepare_dir, saved_data_meta
 from .setup import Setup, check_shares, setup
 from .state import Snapshot, TrainingDiverged, TrainState, roll_back
 from .step import STATS, Task, kl_weight, make_step
+from .tracking import Tracker
 
 
 class _StopFlag:
@@ -122,6 +123,7 @@ class Run:
     probe: NoiseProbe
     snapshot: Snapshot  # the last good state, for the NaN guard's rollback
     forward: Callable[..., dict[str, torch.Tensor]] | None  # data-parallel: the DDP-wrapped objective
+    tracker: Tracker  # live TensorBoard / MLflow logging (train.tensorboard, train.mlflow), rank 0
 
     @property
     def loop(self) -> dict[str, Any]:
@@ -179,6 +181,7 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     event: everything before the first step."""
     if ctx.main:  # rank 0 alone decides about the directory it alone writes
         check_out_dir(out, overwrite, resume)
+    tracking.check_available(cfg)
     runtime.seed_everything(cfg.train.seed)
     # every user error in config or data is raised here, before any file is touched
     s = setup(cfg, device=ctx.device, data_meta=saved_data_meta(out) if resume else None)
@@ -223,7 +226,8 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     dynamic = s.binarize_mode == "dynamic"
     return Run(s, st, ctx, out, cfg, log, preparer(s.train_max, dynamic, st.gens["data"]), global_batch,
                steps_per_epoch, total_steps, tokens or dynamic, lengths_of(s.x_train) if tokens else None,
-               lr_now, NoiseProbe(cfg, s.vae, s.device, s.precision), Snapshot(st), forward)  # fmt: skip
+               lr_now, NoiseProbe(cfg, s.vae, s.device, s.precision), Snapshot(st), forward,
+               Tracker(cfg, out, ctx.main))  # fmt: skip
 
 
 def _compiled_forward(cfg: Config, device: torch.device) -> bool:
@@ -287,6 +291,7 @@ def _fit(
                 meter.t_segment = meter.t_log = time.perf_counter()
     finally:
         bar.close()
+        r.tracker.close()
     if over and loop["epoch"] < r.cfg.train.epochs:  # train.time_limit stopped the run before its end
         loop["time_limited"] = loop["epoch"] + loop["batch_in_epoch"] / r.steps_per_epoch
         r.log.write("time_limit", step=loop["step"], train_seconds=loop["train_seconds"],
@@ -369,10 +374,12 @@ def log_interval(r: Run, meter: Meter, stop: _StopFlag) -> bool:
         )
     loop["skipped"] += int(totals["skipped"])
     epoch = loop["epoch"] + loop["batch_in_epoch"] / r.steps_per_epoch
-    r.log.write("train", step=loop["step"], epoch=epoch, **terms, lr=r.lr_now.item(),
-                grad_norm=totals["grad_norm"] / max(applied, 1), skipped=int(totals["skipped"]),
-                skipped_total=loop["skipped"], **r.probe.log(), samples_per_second=speed,
-                **r.extra_log(speed))  # fmt: skip
+    lr, grad_norm, probe = r.lr_now.item(), totals["grad_norm"] / max(applied, 1), r.probe.log()
+    r.log.write("train", step=loop["step"], epoch=epoch, **terms, lr=lr, grad_norm=grad_norm,
+                skipped=int(totals["skipped"]), skipped_total=loop["skipped"], **probe,
+                samples_per_second=speed, **r.extra_log(speed))  # fmt: skip
+    tracked = {**terms, "lr": lr, "grad_norm": grad_norm, "samples_per_second": speed, **probe}
+    r.tracker.scalars(loop["step"], {f"train/{k}": v for k, v in tracked.items()})
     meter.bar.set_postfix(epoch=loop["epoch"] + 1, loss=f"{terms['loss']:.2f}", samples_s=f"{speed:,.0f}")
     meter.bar.update(meter.since_log)
     meter.sums.zero_()
@@ -409,6 +416,11 @@ def end_epoch(r: Run, meter: Meter, over: bool) -> None:
         units = collapse_check(s, r.log, loop)
     r.log.write("eval", step=loop["step"], epoch=loop["epoch"], split="val",
                 **{f"val_{k}": v for k, v in ev.items()}, **units)  # fmt: skip
+    if r.tracker.active:
+        scalars = {f"val/{k}": v for k, v in ev.items()} | {"val/active_units": units["active_units"]}
+        r.tracker.scalars(loop["step"], scalars)
+        with averaged(r.st.ema):
+            r.tracker.images(loop["step"], tracked_pictures(s))
     if loop.get("best_val_nelbo") is None or ev["nelbo"] < loop["best_val_nelbo"]:
         loop["best_val_nelbo"] = ev["nelbo"]
         r.save_checkpoint("best")
