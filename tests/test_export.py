@@ -403,6 +403,9 @@ def test_from_pretrained_downloads_a_repo_id(
 def test_from_pretrained_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(CheckpointError, match="not a turbovae model folder"):
         from_pretrained(tmp_path)
+    run = make_run(tmp_path / "run", *MODELS["mlp"])
+    with pytest.raises(CheckpointError, match=r"it is a run directory: turbovae\.load reads it"):
+        from_pretrained(run)
     (tmp_path / "config.json").write_text(json.dumps({"format": FORMAT}))
     with pytest.raises(CheckpointError, match="unreadable"):
         from_pretrained(tmp_path)
@@ -501,6 +504,9 @@ def test_push_uploads_the_hub_layout(trained: Path, tmp_path: Path, fake_hub: tu
     for name, data in hub.files.items():
         (received / name).write_bytes(data)
     same_model(from_pretrained(received), load(trained))
+    local = save_pretrained(load(trained), tmp_path / "local", run_dir=trained, repo_id="someone/digits-vae")
+    for name in ("config.json", "config.yaml", "model.safetensors", "README.md"):
+        assert hub.files[name] == (local / name).read_bytes(), name
     assert 'from_pretrained("someone/digits-vae")' in hub.files["README.md"].decode()
 
 

@@ -307,7 +307,8 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> V
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
     if not config_path.is_file():
-        raise CheckpointError(f"{folder} is not a turbovae model folder (no {CONFIG})")
+        hint = "; it is a run directory: turbovae.load reads it" if (folder / "config.yaml").is_file() else ""
+        raise CheckpointError(f"{folder} is not a turbovae model folder (no {CONFIG}){hint}")
     config = _read_json(config_path)
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{config_path} is not a turbovae model config (format {FORMAT} expected)")
@@ -348,9 +349,9 @@ def push(
     instead of ``huggingface_hub.HfApi(endpoint=endpoint, token=token)``."""
     if not REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
         raise ConfigError(f"'{repo_id}' is not a Hub repository id (expected user/name)")
-    vae = load(run_dir, "cpu")
     if api is None:
         api = _hf().HfApi(endpoint=endpoint, token=token)
+    vae = load(run_dir, "cpu")
     with tempfile.TemporaryDirectory(prefix="turbovae-push-") as tmp:
         save_pretrained(vae, tmp, run_dir=run_dir, repo_id=repo_id)
         try:
