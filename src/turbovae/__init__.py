@@ -9,6 +9,7 @@ from .engine.rundir import load
 from .engine.setup import build_vae
 from .errors import CheckpointError, ConfigError, DataError, TurboVAEError
 from .evaluation import bits_per_dim, iwae_nll, nelbo
+from .hub import from_pretrained
 from .likelihoods import LIKELIHOODS, build_likelihood
 from .models import MODELS, build_network
 from .objectives import OBJECTIVES, elbo, iwae
@@ -37,6 +38,7 @@ __all__ = [
     "decompress",
     "elbo",
     "fit",
+    "from_pretrained",
     "iwae",
     "iwae_nll",
     "load",

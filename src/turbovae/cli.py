@@ -11,7 +11,7 @@ import argparse
 import re
 import sys
 
-from .commands import bench, compress, data, encode, report, sample, train, tune
+from .commands import bench, compress, data, encode, export, push, report, sample, train, tune
 from .commands import eval as eval_command
 from .commands.compress import DECOMPRESS
 from .engine.distributed import launch
@@ -31,6 +31,8 @@ COMMANDS = {
     "encode": encode,
     "compress": compress,
     "decompress": DECOMPRESS,
+    "export": export,
+    "push": push,
 }
 
 
