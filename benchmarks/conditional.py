@@ -107,7 +107,8 @@ def rare_table(path: Path, rare: int, seed: int) -> tuple[int, int]:
     bc = load_breast_cancer()
     rng = np.random.default_rng(seed)
     malignant = np.flatnonzero(bc.target == 0)
-    keep = np.sort(np.concatenate([np.flatnonzero(bc.target == 1), rng.choice(malignant, rare, replace=False)]))
+    kept_malignant = rng.choice(malignant, rare, replace=False)
+    keep = np.sort(np.concatenate([np.flatnonzero(bc.target == 1), kept_malignant]))
     names = [n.replace(" ", "_") for n in bc.feature_names]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
