@@ -309,3 +309,41 @@ def test_hvae_conditional_training(tmp_path):
     assert main(args) == 0
     assert main(["sample", str(out), "--label", "0,1", "--n", "3", "--out", str(tmp_path / "s.npy")]) == 0
     assert np.load(tmp_path / "s.npy").shape == (6, *SHAPE)
+
+
+def test_two_ranks_shard_the_labels_with_the_batch(tmp_path):
+    """Data-parallel (torchrun, 2 CPU ranks, gloo): each rank's class ids are the rows of its share of
+    the batch, so 2 ranks of batch B train what 1 process of batch 2B trains."""
+    import math
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from turbovae.engine import checkpoint
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    args = ["train", "--data", "digits", "--condition", "label", "--hidden", "32", "--latent", "4",
+            "--epochs", "1", "--progress", "off", "eval.iwae_k=2", "--compile", "off", "train.threads=1",
+            "train.precision=fp32"]  # fmt: skip
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(port()), "-m", "turbovae", *args, "--batch-size", "16",
+           "--out", str(tmp_path / "two")]  # fmt: skip
+    one = [sys.executable, "-m", "turbovae", *args, "--batch-size", "32", "--lr", repr(1e-3 * math.sqrt(2)),
+           "--out", str(tmp_path / "one")]  # fmt: skip
+    for cmd in (two, one):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    states = []
+    for name in ("two", "one"):
+        path = checkpoint.latest(tmp_path / name)
+        assert path is not None
+        states.append({k: v for k, v in checkpoint.load(path)[0].items() if k.startswith("model.")})
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-4, atol=1e-5, msg=k)
