@@ -42,6 +42,9 @@ class DataConfig:
     tokenizer: str = "auto"
     max_length: int = 64  # text: tokens kept per line; longer lines are cut, and counted
     min_freq: int = 1  # text: occurrences in the training split a token needs to enter the vocabulary
+    # conditional generation (a CVAE): '' (none) | label (the source's labels: npz y, IDX labels, digits,
+    # image sub-folders) | a table's categorical COLUMN (then not generated: given, by --where)
+    condition: str = ""
 
 
 @dataclass

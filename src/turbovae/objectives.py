@@ -3,6 +3,10 @@
 
 The sign convention: rec = −E_q[log p(x|z)] ≥ 0 for discrete data, kl = KL(q(z|x) || p(z)) ≥ 0,
 nelbo = rec + kl, the *negative* ELBO. This is the one place the loss is computed.
+
+A conditional VAE (``vae.n_classes`` > 0) takes the class ids ``y`` (B,) of the batch: the objectives
+then bound log p(x | y), with q(z | x, y) and p(x | z, y) (Sohn, Lee & Yan 2015). Without ``y`` the
+code paths are the unconditional ones, unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def elbo(
     eps: Noise = None,
     beta: float | torch.Tensor = 1.0,
     free_bits: float = 0.0,
+    y: torch.Tensor | None = None,
     **_: object,
 ) -> dict[str, torch.Tensor]:
     """The (β-)ELBO with one reparameterised sample: loss = mean(rec + β·kl). β = 1 is the ELBO.
@@ -43,10 +48,10 @@ def elbo(
     among the terms; free bits apply to each group's batch-mean KL, see ``hierarchical_elbo``.
     """
     if vae.hierarchical:
-        return hierarchical_elbo(vae, x, generator=generator, eps=eps, beta=beta, free_bits=free_bits)
-    q = vae.encode(x)
+        return hierarchical_elbo(vae, x, generator=generator, eps=eps, beta=beta, free_bits=free_bits, y=y)
+    q = vae.encode(x, y)
     z = q.rsample(generator=generator, eps=eps)  # (B, L)
-    rec = -vae.likelihood.log_prob(x, vae.decode_params(z, x))  # (B,)
+    rec = -vae.likelihood.log_prob(x, vae.decode_params(z, x, y))  # (B,)
     kl = q.kl()  # (B,) analytic KL against N(0, I)
     if free_bits > 0:
         kl_charged = q.kl_per_dim().mean(0).clamp(min=free_bits).sum()  # below λ nats a dimension is free
@@ -70,6 +75,7 @@ def hierarchical_terms(
     eps: Noise = None,
     generator: torch.Generator | None = None,
     k: int | None = None,
+    y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p(x | z) (..., B), KL per group (..., B, G), Σ_l log p(z_l | z_<l) − log q(z_l | x, z_<l)
     (..., B)) of one posterior pass of a hierarchical network, for noise ``eps`` (..., B, latent)
@@ -79,7 +85,10 @@ def hierarchical_terms(
         shape = (*(() if k is None else (k,)), len(x), vae.latent)
         eps = torch.randn(shape, generator=generator, device=x.device)
     net = vae.net
-    params, groups = net.posterior(net.features(x), eps)  # type: ignore[operator]
+    if y is None:
+        params, groups = net.posterior(net.features(x), eps)  # type: ignore[operator]
+    else:  # conditional: every prior and posterior of the top-down pass sees the class
+        params, groups = net.posterior(net.features(x), eps, y)  # type: ignore[operator]
     log_px_z = vae.likelihood.log_prob(x, params)
     kl_groups = torch.stack([q.kl(p) for q, p, _ in groups], -1)  # analytic; p = None is N(0, I)
     return log_px_z, kl_groups, log_prior_ratio(groups)
@@ -114,6 +123,7 @@ def hierarchical_elbo(
     eps: Noise = None,
     beta: float | torch.Tensor = 1.0,
     free_bits: float = 0.0,
+    y: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The ELBO of a hierarchical network: rec + Σ_l KL_l, each KL analytic given the sampled z_<l.
 
@@ -121,7 +131,7 @@ def hierarchical_elbo(
     ``kl_balance`` on, while β < 1 (KL warm-up) the groups' KLs are weighed by ``kl_balance_weights``
     (mean 1); at β = 1 the loss is the plain (free-bits) ELBO. ``kl`` is the total, ``kl_groups``
     the per-group batch means (they sum to ``kl``)."""
-    log_px_z, kl_groups, _ = hierarchical_terms(vae, x, eps, generator)
+    log_px_z, kl_groups, _ = hierarchical_terms(vae, x, eps, generator, y=y)
     rec = -log_px_z  # (B,)
     kl = kl_groups.sum(-1)  # (B,)
     per_group = kl_groups.mean(0)  # (G,)
@@ -143,24 +153,34 @@ def hierarchical_elbo(
 
 
 def _importance(
-    vae: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None, eps: Noise = None
+    vae: VAE,
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None,
+    eps: Noise = None,
+    y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(KL (B,) of the first sample's posterior, log p(x | z_i) (k, B), log-weights (k, B))."""
     if vae.hierarchical:  # log w = log p(x|z) + Σ_l [log p(z_l | z_<l) − log q(z_l | x, z_<l)]
-        log_px_z, kl_groups, log_ratio = hierarchical_terms(vae, x, eps, generator, k)
+        log_px_z, kl_groups, log_ratio = hierarchical_terms(vae, x, eps, generator, k, y=y)
         return kl_groups[0].sum(-1), log_px_z, log_px_z + log_ratio
-    q = vae.encode(x)
+    q = vae.encode(x, y)
     z = q.rsample((k,), generator=generator, eps=eps)  # (k, B, L)
-    log_px_z = vae.likelihood.log_prob(x, vae.decode_params(z, x))  # (k, B)
+    log_px_z = vae.likelihood.log_prob(x, vae.decode_params(z, x, y))  # (k, B)
     log_w = log_px_z + vae.prior(x.device).log_prob(z) - q.log_prob(z)
     return q.kl(), log_px_z, log_w
 
 
 def log_weights(
-    vae: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None, eps: Noise = None
+    vae: VAE,
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    eps: Noise = None,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance log-weights log p(x, z_i) − log q(z_i | x) for k samples: shape (k, B), float32."""
-    return _importance(vae, x, k, generator, eps)[2]
+    return _importance(vae, x, k, generator, eps, y)[2]
 
 
 def iwae(
@@ -170,6 +190,7 @@ def iwae(
     generator: torch.Generator | None = None,
     eps: Noise = None,
     k: int = 5,
+    y: torch.Tensor | None = None,
     **_: object,
 ) -> dict[str, torch.Tensor]:
     """The importance-weighted bound (Burda et al. 2015) with k samples; k = 1 is the ELBO.
@@ -177,7 +198,7 @@ def iwae(
     ``eps`` has shape (k, B, L). ``nelbo``/``rec``/``kl`` are reported from the first sample so that
     curves stay comparable with the ELBO's.
     """
-    kl, log_px_z, log_w = _importance(vae, x, k, generator, eps)
+    kl, log_px_z, log_w = _importance(vae, x, k, generator, eps, y)
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)  # (B,)
     rec = -log_px_z[0]
     return {"loss": -bound.mean(), "nelbo": (rec + kl).mean(), "rec": rec.mean(), "kl": kl.mean()}

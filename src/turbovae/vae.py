@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import conditioning
 from .distributions import DiagonalGaussian
 from .errors import ConfigError
 from .likelihoods import Likelihood
@@ -44,45 +45,109 @@ class VAE(nn.Module):
         vector is all groups' values, its prior is conditional, not N(0, I) over the flat vector."""
         return bool(getattr(self.net, "hierarchical", False))
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    @property
+    def n_classes(self) -> int:
+        """K, the classes of a conditional VAE (``data.condition``), 0 for an unconditional one."""
+        return int(getattr(self.net, "n_classes", 0))
+
+    @property
+    def condition(self) -> dict[str, Any] | None:
+        """What a conditional VAE's class ids mean (``data_meta["condition"]``: kind, names, counts)."""
+        return self.data_meta.get("condition")
+
+    def condition_ids(self, condition: Any, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """``condition`` as (n,) int64 class ids: a tensor or sequence of n ids, or one class (an id or a
+        name) for all n."""
+        if isinstance(condition, torch.Tensor) and condition.dim() == 1:  # ids: no host sync (training)
+            if condition.shape != (n,):
+                raise ConfigError(f"condition: {len(condition)} class ids for {n} examples")
+            return condition.to(device=device, dtype=torch.long)
+        if isinstance(condition, list | tuple):
+            ids = [self._class_id(c) for c in condition]
+            return conditioning.check_labels(torch.tensor(ids, device=device), n, self.n_classes, "condition")
+        return torch.full((n,), self._class_id(condition), dtype=torch.long, device=device)
+
+    def _class_id(self, c: Any) -> int:
+        if isinstance(c, torch.Tensor):
+            c = int(c.item())
+        if isinstance(c, int) and not isinstance(c, bool):
+            if not 0 <= c < self.n_classes:
+                raise ConfigError(f"class id {c} is not in 0..{self.n_classes - 1}")
+            return c
+        if self.condition is None:
+            raise ConfigError(f"condition '{c}' names a class, but this VAE has no class names")
+        return conditioning.resolve(self.condition, c)
+
+    def _y(self, condition: Any, n: int, device: torch.device) -> torch.Tensor | None:
+        if condition is None:
+            return None
+        if not self.n_classes:
+            raise ConfigError(
+                "this VAE is not conditional (trained without data.condition): pass no condition"
+            )
+        return self.condition_ids(condition, n, device)
+
+    def encode(self, x: torch.Tensor, condition: Any = None) -> DiagonalGaussian:
         """The posterior q(z | x); ``.mean`` gives the usual embedding. For a hierarchical network, the
-        top group's posterior q(z_1 | x), the one group whose prior is N(0, I)."""
-        return self.net.encode(x)  # type: ignore[operator]
+        top group's posterior q(z_1 | x), the one group whose prior is N(0, I). A conditional VAE
+        needs ``condition`` (class ids (B,), or one class id or name): q(z | x, y)."""
+        if condition is None:
+            return self.net.encode(x)  # type: ignore[operator]
+        return self.net.encode(x, self._y(condition, len(x), x.device))  # type: ignore[operator]
 
     @property
     def autoregressive(self) -> bool:
         """Whether the decoder reads the data it scores (text: teacher forcing), see ``decode_params``."""
         return bool(getattr(self.net, "autoregressive", False))
 
-    def decode_params(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_params(
+        self, z: torch.Tensor, x: torch.Tensor | None = None, condition: Any = None
+    ) -> torch.Tensor:
         """Raw likelihood parameters ``(..., P, *event_shape)`` for latents ``(..., latent)``.
 
         An autoregressive network (text) also needs the data ``x`` (B, *event) whose likelihood the
         parameters are for (each position is predicted from the ones before it); z may carry sample
-        dims in front of B. Other networks ignore ``x``."""
+        dims in front of B. Other networks ignore ``x``. A conditional VAE needs ``condition``: the
+        class of each of the B rows (ids (B,) or one class), shared by z's sample dims."""
+        if condition is not None:
+            n = z.shape[-2] if z.dim() > 1 else 1
+            return self.net.decode(z, self._y(condition, n, z.device))  # type: ignore[operator]
         if self.autoregressive:
             if x is None:
                 raise ValueError("an autoregressive decoder needs x in decode_params; decode/sample generate")
             return self.net.decode(z, x)  # type: ignore[operator]
         return self.net.decode(z)  # type: ignore[operator]
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, condition: Any = None) -> torch.Tensor:
         """E[x | z], the picture a latent stands for: ``(..., *event_shape)``. For text, the greedy
-        decoding of z: token ids (..., T)."""
+        decoding of z: token ids (..., T). A conditional VAE: E[x | z, y] for ``condition`` y."""
+        if condition is not None:
+            return self.likelihood.mean(self.decode_params(z, condition=condition))
         if self.autoregressive:
             ids = self.net.generate(z.reshape(-1, self.latent), self.event_shape[0])  # type: ignore[operator]
             return ids.view(*z.shape[:-1], -1)
         return self.likelihood.mean(self.decode_params(z))
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """E[x | z = mean of q(z | x)]; hierarchical: every group at its posterior mean, top-down."""
+    def reconstruct(self, x: torch.Tensor, condition: Any = None) -> torch.Tensor:
+        """E[x | z = mean of q(z | x)]; hierarchical: every group at its posterior mean, top-down.
+        A conditional VAE: with ``condition`` y in both the encoder and the decoder."""
+        if condition is not None:
+            y = self._y(condition, len(x), x.device)
+            if self.hierarchical:
+                return self.likelihood.mean(self.net.reconstruct_params(x, y))  # type: ignore[operator]
+            return self.decode(self.encode(x, y).mean, y)
         if self.hierarchical:
             return self.likelihood.mean(self.net.reconstruct_params(x))  # type: ignore[operator]
         return self.decode(self.encode(x).mean)
 
     @torch.no_grad()
     def sample(
-        self, n: int, generator: torch.Generator | None = None, mean: bool = True, temperature: float = 1.0
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        mean: bool = True,
+        temperature: float = 1.0,
+        condition: Any = None,
     ) -> torch.Tensor:
         """n draws from the model: z ~ N(0, I), then E[x | z] (``mean=True``) or x ~ p(x | z).
 
@@ -90,10 +155,15 @@ class VAE(nn.Module):
         Hierarchical: z drawn top-down from the conditional priors p(z_l | z_<l).
         ``temperature`` T scales the prior's standard deviations (z ~ N(0, T²I); hierarchical: every
         group's σ_p): below 1 the draws come from nearer the prior's mode, the usual trade of diversity
-        for cleaner samples in deep VAEs (NVAE, VDVAE); 0 gives the mode itself."""
+        for cleaner samples in deep VAEs (NVAE, VDVAE); 0 gives the mode itself.
+
+        A conditional VAE draws from p(x | y) for ``condition`` y: one class (an id or a name) for all n
+        draws, or n class ids; without it, y is drawn from the training frequencies, then z."""
         if not (temperature >= 0.0 and math.isfinite(temperature)):
             raise ConfigError(f"the sampling temperature must be finite and >= 0, got {temperature}")
         device = next(self.parameters()).device
+        if condition is not None or self.n_classes:
+            return self._sample_conditional(n, generator, mean, temperature, condition, device)
         if self.hierarchical:
             params = self.net.sample_params(n, generator, temperature)  # type: ignore[operator]
             return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
@@ -101,4 +171,29 @@ class VAE(nn.Module):
         if self.autoregressive:
             return self.net.generate(z, self.event_shape[0], generator, greedy=mean)  # type: ignore[operator]
         params = self.decode_params(z)
+        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
+
+    def _sample_conditional(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        mean: bool,
+        temperature: float,
+        condition: Any,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """n draws from p(x | y): y from ``condition``, else from the training frequencies."""
+        if condition is None:
+            if self.condition is None:
+                raise ConfigError("this VAE is conditional: pass condition= (class ids or a class)")
+            y = conditioning.draw_classes(self.condition, n, generator, device)
+        else:
+            given = self._y(condition, n, device)  # an unconditional VAE: the error that says so
+            assert given is not None
+            y = given
+        if self.hierarchical:
+            params = self.net.sample_params(n, generator, temperature, y)  # type: ignore[operator]
+        else:
+            z = temperature * self.prior(device).rsample((n,), generator=generator)
+            params = self.net.decode(z, y)  # type: ignore[operator]
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)

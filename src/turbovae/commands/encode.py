@@ -5,6 +5,10 @@ empty sentence) with the run's saved tokeniser. Image and vector runs read a ``.
 array), a ``.npz`` file (its ``x`` array, or its only array) or a folder of PNG/JPEG images (rows in
 the order of the sorted file paths). Integer arrays are divided by the run's ``max_value`` (as in
 training), float arrays are taken as already in [0, 1], image files are bytes divided by 255.
+
+A conditional run (``--condition``) encodes q(z | x, y): the class of every input comes from
+``--label`` (one class for all) or ``--labels FILE`` (a .npy of class ids, or a text file of class
+names or ids, one per line).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import evaluation, runtime
+from .. import conditioning, evaluation, runtime
 from ..config import parse_resize
 from ..data.arrays import _read, split_indices, to_channels_first
 from ..data.images import load_image_folder
@@ -94,12 +98,40 @@ def read_input(vae: VAE, path: str | Path) -> torch.Tensor:
     return x
 
 
+def input_labels(vae: VAE, args: argparse.Namespace, n: int) -> torch.Tensor | None:
+    """The class ids (n,) of the inputs of a conditional run, from --label or --labels."""
+    if args.label is None and args.labels is None:
+        if vae.condition is not None:
+            names = ", ".join(str(c) for c in vae.condition["names"])
+            raise ConfigError(f"this run is conditional: give --label or --labels FILE (classes: {names})")
+        return None
+    if vae.condition is None:
+        raise ConfigError("--label/--labels need a conditional run (trained with --condition)")
+    if args.label is not None and args.labels is not None:
+        raise ConfigError("give --label or --labels, not both")
+    if args.label is not None:
+        return torch.full((n,), conditioning.resolve(vae.condition, args.label), dtype=torch.long)
+    path = Path(args.labels)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix.lower() == ".npy":
+        ids = torch.from_numpy(np.asarray(_read(path)[""]).astype(np.int64).reshape(-1))
+    else:
+        words = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        ids = torch.tensor([conditioning.resolve(vae.condition, w) for w in words], dtype=torch.long)
+    return conditioning.check_labels(ids, n, len(vae.condition["names"]), str(path))
+
+
 @torch.no_grad()
-def encode(vae: VAE, x: torch.Tensor, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(posterior means, posterior standard deviations), each (N, latent) float32, for inputs ``x``."""
+def encode(
+    vae: VAE, x: torch.Tensor, batch_size: int = 256, y: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(posterior means, posterior standard deviations), each (N, latent) float32, for inputs ``x``
+    (with the class ids ``y`` (N,) of a conditional run)."""
     device = next(vae.parameters()).device
     prepare = trim if x.dtype == torch.int64 else (lambda raw: raw)
-    q = evaluation.encode_all(vae, x.to(device), prepare, batch_size=batch_size)
+    labels = None if y is None else y.to(device)
+    q = evaluation.encode_all(vae, x.to(device), prepare, batch_size=batch_size, y=labels)
     return q.mean.cpu().numpy(), q.stddev.cpu().numpy()
 
 
@@ -114,6 +146,13 @@ def add_parser(sub: Any) -> None:
     c.add_argument("run_dir")
     c.add_argument("--input", required=True, help="FILE.txt (text runs), FILE.npy, FILE.npz or IMAGE_FOLDER/")
     c.add_argument("--out", help="FILE.npy or FILE.npz (default RUN_DIR/encoded-INPUT.npy)")
+    c.add_argument("--label", help="a conditional run: the class of every input (a name or an index)")
+    c.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="a conditional run: the class of each input, a .npy of class ids or a text file of names "
+        "or ids, one per line",
+    )
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--device", default="auto")
 
@@ -126,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out must end in .npy or .npz, got {out}")
     device = runtime.select_device(args.device)
     vae = load(args.run_dir, device)
-    mean, stddev = encode(vae, read_input(vae, args.input), args.batch_size)
+    x = read_input(vae, args.input)
+    mean, stddev = encode(vae, x, args.batch_size, input_labels(vae, args, len(x)))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
         np.savez(out, mean=mean, stddev=stddev)

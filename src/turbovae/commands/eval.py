@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     result.update(
         evaluation.evaluate(
             vae, x, prepare, k=args.iwae_k, batch_size=args.batch_size, generator=gen,
-            precision=args.precision, floor=args.floor,
+            precision=args.precision, floor=args.floor, y=s.labels(args.split),
         )
     )  # fmt: skip
     if s.data.is_tokens:  # text: nats per token and perplexity
@@ -90,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         bpd = f"  ({result['bpd_iwae']:.4f} bits/dim)" if result["bpd_iwae"] is not None else ""
-        print(f"{args.split} set, {result['n']} examples of {s.data.name}:")
+        given = (
+            f", conditional on {vae.config.data.condition}: -log p(x | y)"
+            if result.get("conditional")
+            else ""
+        )
+        print(f"{args.split} set, {result['n']} examples of {s.data.name}{given}:")
         print(
             f"  NELBO        {result['nelbo']:.3f} nats "
             f"(reconstruction {result['rec']:.3f} + KL {result['kl']:.3f})"

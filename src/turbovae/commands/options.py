@@ -14,6 +14,7 @@ from ..errors import ConfigError
 TRAIN_FLAGS: dict[str, str] = {
     "data": "data.name",
     "columns": "data.columns",
+    "condition": "data.condition",
     "binarize": "data.binarize",
     "resize": "data.resize",
     "model": "model.name",
@@ -47,6 +48,11 @@ def config_options(p: argparse.ArgumentParser) -> None:
         " | text:FILE.txt (one example per line) | words (English words, characters)",
     )
     p.add_argument("--columns", help="tables: declared column types, e.g. age:integer,smoker:boolean")
+    p.add_argument(
+        "--condition",
+        help="a conditional VAE: label (the data's labels) or, for a table, a categorical COLUMN "
+        "(sample --label / --where then choose the class)",
+    )
     p.add_argument("--binarize", help="auto | none | static | dynamic")
     p.add_argument("--resize", help="HxW, for image folders of mixed sizes")
     p.add_argument("--model", help="mlp | conv | sentence (text)")

@@ -121,7 +121,7 @@ def collect_run(
     s.vae = vae
     x = s.x_test
     xp = torch.cat([s.prepare_test(b) for b in x.split(1000)])
-    q = evaluation.encode_all(vae, xp, lambda t: t)
+    q = evaluation.encode_all(vae, xp, lambda t: t, y=s.y_test)  # a conditional run: q(z | x, y)
     active, variance = evaluation.active_units(q)
     stats: dict[str, Any] = {
         "kl_per_dim": evaluation.kl_per_dim(q),

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from .. import runtime
+from .. import conditioning, runtime
 from ..data.tables import write_table
 from ..engine.rundir import load
 from ..errors import ConfigError
@@ -35,6 +36,16 @@ def add_parser(sub: Any) -> None:
         help="scale of the prior's standard deviations (hierarchical: of every group's); below 1 draws "
         "nearer the prior's mode, 0 gives the mode (default 1)",
     )
+    s.add_argument(
+        "--label",
+        help="a conditional run (--condition label): the class to draw, by name or index; several "
+        "(3,7) give one row each, --n per class",
+    )
+    s.add_argument(
+        "--where",
+        metavar="COLUMN=VALUE",
+        help="a table run conditioned on COLUMN (--condition COLUMN): rows with that value",
+    )
     s.add_argument("--device", default="auto")
 
 
@@ -46,29 +57,57 @@ def run(args: argparse.Namespace) -> int:
     vae = load(args.run_dir, device)
     if vae.data_meta.get("text"):  # text: generated lines, on stdout or in --out FILE.txt
         return _sample_text(args, vae, device)
+    classes = _classes(args, vae)
     table = bool(vae.data_meta.get("table"))
     out = Path(args.out or Path(args.run_dir) / f"samples-{args.n}.{'csv' if table else 'png'}")
     if out.suffix.lower() in (".csv", ".tsv", ".parquet"):
         rows = synthesize(
-            vae, args.n, generator=runtime.generator(device, args.seed), temperature=args.temperature
+            vae,
+            args.n,
+            generator=runtime.generator(device, args.seed),
+            temperature=args.temperature,
+            condition=None if classes is None else classes[0],
         )
         print(write_table(rows, out))
         return 0
     if out.suffix not in (".png", ".npy"):
         raise ConfigError(f"--out must end in .png or .npy (tables: .csv or .parquet), got {out}")
+    # several classes: --n draws of each, one grid row (of up to 8... --n) per class
+    y = None if classes is None else torch.tensor(classes, device=device).repeat_interleave(args.n)
     x = vae.sample(
-        args.n,
+        args.n if y is None else len(y),
         generator=runtime.generator(device, args.seed),
         mean=not args.draw,
         temperature=args.temperature,
+        condition=y,
     ).cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, x.numpy())
     else:
-        save_grid(as_images(x, vae.event_shape), out, nrow=min(8, args.n))
+        nrow = min(8, args.n) if classes is None or len(classes) == 1 else min(args.n, 16)
+        save_grid(as_images(x, vae.event_shape), out, nrow=nrow)
     print(out)
     return 0
+
+
+def _classes(args: argparse.Namespace, vae: Any) -> list[int] | None:
+    """The class ids --label or --where ask for (None: neither); an unknown one is a ConfigError."""
+    if args.label is not None and args.where is not None:
+        raise ConfigError("give --label (image labels) or --where COLUMN=VALUE (tables), not both")
+    if args.label is None and args.where is None:
+        return None
+    condition = vae.condition
+    if condition is None:
+        flag = "--label" if args.label is not None else "--where"
+        raise ConfigError(
+            f"{flag} needs a conditional run (train it with --condition); {args.run_dir} is not"
+        )
+    if args.where is not None:
+        return [conditioning.parse_where(condition, args.where)]
+    if condition.get("kind") == "column":
+        raise ConfigError(f"this table run is conditioned on a column: --where {condition['column']}=VALUE")
+    return conditioning.resolve_many(condition, args.label)
 
 
 def _sample_text(args: argparse.Namespace, vae: Any, device: Any) -> int:

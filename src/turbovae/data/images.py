@@ -36,6 +36,7 @@ def load_image_folder(
     resize: tuple[int, int] | None = None,
     test_fraction: float = 0.1,
     split_seed: int = 0,
+    labels: bool = False,
 ) -> Dataset:
     """Load every PNG/JPEG image under a folder (recursively) as ``uint8`` (N, C, H, W).
 
@@ -48,6 +49,8 @@ def load_image_folder(
         resize: (height, width) every image is resized to. Without it all images must share a size.
         test_fraction: Fraction held out for test when there are no ``train/``/``test/`` subfolders.
         split_seed: Seed of that split.
+        labels: Read class labels from the sub-folder names (``CLASS/*.png``, or ``train/CLASS/`` and
+            ``test/CLASS/``): ``y_train``/``y_test`` and ``meta["class_names"]`` (sorted names).
 
     Returns:
         A ``Dataset`` with ``max_value = 255`` named after the folder.
@@ -107,7 +110,30 @@ def load_image_folder(
         except _OPEN_ERRORS as e:
             raise DataError(f"{file}: cannot decode image ({e})") from e
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))  # (N, C, H, W)
-    return Dataset(name=root.resolve().name, x_train=x[train_idx], x_test=x[test_idx], max_value=255.0)
+    dataset = Dataset(name=root.resolve().name, x_train=x[train_idx], x_test=x[test_idx], max_value=255.0)
+    if labels:
+        split = (root / "train").is_dir() and (root / "test").is_dir()
+        classes = [_class_of(file, root, split) for file in files]
+        names = sorted({c for c in classes if c is not None})
+        if None in classes or len(names) < 2:
+            raise DataError(
+                f"{root}: --condition label reads classes from sub-folders (CLASS/IMAGE.png), but "
+                + (
+                    "some images lie outside one"
+                    if None in classes
+                    else f"found {len(names)} class folder(s)"
+                )
+            )
+        y = torch.tensor([names.index(c) for c in classes if c is not None], dtype=torch.long)
+        dataset.y_train, dataset.y_test = y[train_idx], y[test_idx]
+        dataset.meta["class_names"] = names
+    return dataset
+
+
+def _class_of(file: Path, root: Path, split: bool) -> str | None:
+    """The class sub-folder of an image (below train/ or test/ when the folder is split), or None."""
+    parts = file.relative_to(root).parts[1 if split else 0 :]
+    return parts[0] if len(parts) > 1 else None
 
 
 def resize_images(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:

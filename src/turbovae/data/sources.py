@@ -134,6 +134,7 @@ def load_dataset(
     tokenizer: str = "auto",
     max_length: int = 64,
     min_freq: int = 1,
+    condition: str = "",
 ) -> Dataset:
     """Load a dataset by built-in name or path.
 
@@ -152,6 +153,9 @@ def load_dataset(
         tokenizer: Text (``text:PATH``, ``words``): ``auto``, ``char`` or ``word`` (see ``data/text.py``).
         max_length: Text: tokens kept per line; longer lines are cut (and counted).
         min_freq: Text: occurrences in the training split a token needs to enter the vocabulary.
+        condition: ``data.condition``: ``label`` reads an image folder's class sub-folders as labels;
+            for a table, the categorical column the model is conditioned on (taken out of the vector,
+            its class ids in ``y_train``/``y_test``). Other sources' labels are read anyway.
 
     Returns:
         The dataset, in memory.
@@ -179,6 +183,7 @@ def load_dataset(
             test_fraction=test_fraction,
             split_seed=split_seed,
             fitted=(meta or {}).get("table"),
+            condition=condition if condition != "label" else "",
         )
     if spec in DATASETS:
         dataset = DATASETS[spec](test_fraction=test_fraction, split_seed=split_seed, data_dir=data_dir)
@@ -186,7 +191,13 @@ def load_dataset(
     path = Path(spec).expanduser()
     if path.is_dir():
         return _with_levels(
-            load_image_folder(path, resize=resize, test_fraction=test_fraction, split_seed=split_seed)
+            load_image_folder(
+                path,
+                resize=resize,
+                test_fraction=test_fraction,
+                split_seed=split_seed,
+                labels=condition == "label",
+            )
         )
     if path.is_file():
         if path.suffix.lower() in (".npz", ".npy"):

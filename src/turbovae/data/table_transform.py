@@ -233,17 +233,23 @@ def load_table(
     test_fraction: float = 0.1,
     split_seed: int = 0,
     fitted: dict[str, Any] | None = None,
+    condition: str = "",
 ) -> Dataset:
     """A table file as a ``Dataset``: float32 (N, D) rows in the transformed space, split
     deterministically (``split_indices``), the transform fitted on the training rows and kept in
     ``meta["table"]`` with the source path and split. With ``fitted`` (a trained run's transform),
-    the file is read with that run's column types and encoded with its transform, unchanged."""
+    the file is read with that run's column types and encoded with its transform, unchanged.
+
+    ``condition`` (data.condition): a categorical or boolean column the model is conditioned on. It is
+    taken out of the vector (the model does not generate it); its class ids are ``y_train``/``y_test``,
+    its spec is ``meta["table"]["condition"]`` and ``meta["condition"]`` says what the ids mean."""
     path = table_path(spec)
     if path is None:
         raise DataError(f"{spec}: not a table (expected csv:PATH, parquet:PATH or a .csv/.tsv/.parquet file)")
     fmt = "parquet" if spec.startswith("parquet:") else None
     if fitted is not None:
-        table = read_table(path, schema=fitted["columns"], fmt=fmt)
+        given = fitted.get("condition")
+        table = read_table(path, schema=fitted["columns"] + ([given] if given else []), fmt=fmt)
         if len(table) != fitted["n_rows"]:
             raise DataError(
                 f"{path}: has {len(table)} rows, but the run was trained on {fitted['n_rows']}; "
@@ -254,18 +260,95 @@ def load_table(
     else:
         table = read_table(path, columns, fmt=fmt)
         train, test = split_indices(len(table), test_fraction, split_seed)
-        transform = fit_transform(table, train, method)
+        given = condition_spec(table, condition) if condition else None
+        transform = fit_transform(without(table, given), train, method)
         transform.update(
             source=str(path.resolve()), n_rows=len(table), test_fraction=test_fraction, split_seed=split_seed
         )
+        if given is not None:
+            transform["condition"] = given
+    meta: dict[str, Any] = {"table": transform}
+    y_train = y_test = None
+    if given is not None:
+        codes = torch.from_numpy(condition_codes(table, given))
+        y_train, y_test = codes[train], codes[test]
+        names = list(given.get("categories") or given["tokens"])
+        counts = torch.bincount(y_train, minlength=len(names)).tolist()
+        meta["condition"] = {"kind": "column", "column": given["name"], "names": names, "counts": counts}
+        table = without(table, given)
     x = encode(table, transform)
     return Dataset(
         name=path.stem,
         x_train=torch.from_numpy(x[train]),
         x_test=torch.from_numpy(x[test]),
+        y_train=y_train,
+        y_test=y_test,
         max_value=1.0,
-        meta={"table": transform},
+        meta=meta,
     )
+
+
+# ---- a condition column ---------------------------------------------------------------------------
+
+
+def condition_spec(table: Table, name: str) -> dict[str, Any]:
+    """The spec of the column ``name`` that a conditional run is conditioned on (categorical or
+    boolean, no missing values): its categories (or boolean tokens) and place among the columns."""
+    if name not in table.names:
+        raise ConfigError(
+            f"data.condition: {table.source} has no column '{name}' (columns: {', '.join(table.names)})"
+        )
+    c = table.column(name)
+    if c.type not in ("categorical", "boolean"):
+        raise ConfigError(
+            f"data.condition: column '{name}' is {c.type}; a condition needs a categorical or boolean "
+            f"column (declare it with --columns {name}:categorical)"
+        )
+    if c.missing.any():
+        raise DataError(
+            f"{table.source}: the condition column '{name}' has {int(c.missing.sum())} missing values; "
+            "fill them in or drop those rows"
+        )
+    spec: dict[str, Any] = {"name": name, "type": c.type, "missing": False, "index": table.names.index(name)}
+    if c.type == "categorical":
+        spec["categories"] = sorted({str(v) for v in c.values})
+    else:
+        spec["tokens"] = list(c.tokens)
+    return spec
+
+
+def condition_codes(table: Table, spec: dict[str, Any]) -> np.ndarray:
+    """The class id (int64) of every row's value of the condition column."""
+    c = table.column(spec["name"])
+    if c.missing.any():
+        raise DataError(f"{table.source}: the condition column '{c.name}' has missing values")
+    if spec["type"] == "boolean":
+        return c.values.astype(np.int64)
+    index = {v: i for i, v in enumerate(spec["categories"])}
+    codes = np.array([index.get(v, -1) for v in c.values], dtype=np.int64)
+    if (codes < 0).any():
+        value = c.values[int(np.flatnonzero(codes < 0)[0])]
+        raise DataError(f"{table.source}: the condition column '{c.name}' has the value '{value}', which "
+                        f"is not one of the run's: {', '.join(spec['categories'])}")  # fmt: skip
+    return codes
+
+
+def without(table: Table, spec: dict[str, Any] | None) -> Table:
+    """``table`` without the condition column (itself when there is none)."""
+    if spec is None:
+        return table
+    return Table([c for c in table.columns if c.name != spec["name"]], table.source, table.lines)
+
+
+def with_condition(table: Table, spec: dict[str, Any], ids: np.ndarray) -> Table:
+    """Decoded rows with the condition column put back, at its place, holding the classes ``ids``."""
+    if spec["type"] == "boolean":
+        column = Column(spec["name"], "boolean", ids.astype(np.float64), tokens=tuple(spec["tokens"]))
+    else:
+        column = Column(spec["name"], "categorical", np.array(spec["categories"], dtype=object)[ids])
+    columns = list(table.columns)
+    columns.insert(min(spec["index"], len(columns)), column)
+    return Table(columns, table.source, table.lines)
 
 
 def source_splits(transform: dict[str, Any]) -> tuple[Table, Table]:

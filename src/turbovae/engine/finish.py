@@ -33,8 +33,9 @@ COLLAPSE_EXAMPLES = 2000  # validation examples the per-epoch active-unit count 
 def collapse_check(s: Setup, log: MetricsLog, loop: dict[str, Any]) -> dict[str, Any]:
     """Active units (Burda et al.'s criterion) and KL per latent dimension on the first validation
     examples, for metrics.jsonl; a warning, once, when most units are inactive (posterior collapse)."""
+    y = None if s.y_val is None else s.y_val[:COLLAPSE_EXAMPLES]
     q = evaluation.encode_all(
-        s.vae, s.x_val[:COLLAPSE_EXAMPLES], s.prepare_val, batch_size=s.cfg.eval.batch_size
+        s.vae, s.x_val[:COLLAPSE_EXAMPLES], s.prepare_val, batch_size=s.cfg.eval.batch_size, y=y
     )
     active, _ = evaluation.active_units(q)
     kl = evaluation.kl_per_dim(q)
@@ -66,7 +67,8 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> di
     cfg, vae = s.cfg, s.vae
     t0 = time.perf_counter()
     eval_gen = runtime.generator(s.device, 54321)
-    ev = evaluation.nelbo(vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size, generator=eval_gen)
+    ev = evaluation.nelbo(vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size, generator=eval_gen,
+                          y=s.y_test)  # fmt: skip
     no_iwae = {"nll": None, "stderr": None, "k": 0}  # eval.iwae_k = 0: skipped
     iw = (
         no_iwae
@@ -78,12 +80,13 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> di
             k=cfg.eval.iwae_k,
             batch_size=max(1, cfg.eval.batch_size // 10),
             generator=eval_gen,
+            y=s.y_test,
         )
     )
     # the validation NELBO with the per-epoch evaluation's noise: the last epoch's figure, for the final model
     val = (
         evaluation.nelbo(vae, s.x_val, s.prepare_val, batch_size=cfg.eval.batch_size,
-                         generator=runtime.generator(s.device, 12345))["nelbo"]
+                         generator=runtime.generator(s.device, 12345), y=s.y_val)["nelbo"]
         if s.has_validation
         else None
     )  # fmt: skip
@@ -127,6 +130,9 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> di
         "rollbacks": loop.get("rollbacks", 0),
         "ema": cfg.train.ema,
     }
+    if vae.condition is not None:  # a conditional run: the figures above are −log p(x | y)
+        summary["condition"] = cfg.data.condition
+        summary["classes"] = len(vae.condition["names"])
     if loop.get("global_batch", cfg.train.batch_size) != cfg.train.batch_size:  # data-parallel
         summary["global_batch"] = loop["global_batch"]
     if not write:
@@ -147,10 +153,15 @@ def write_pictures(s: Setup, out: Path, n_samples: int = 64, n_recon: int = 16) 
     vae = s.vae
     vae.eval()
     shape = s.data.event_shape
-    samples = vae.sample(n_samples, generator=runtime.generator(s.device, 7))
+    if vae.n_classes:  # a conditional run: one row of 8 samples per class (up to 16 classes)
+        classes = min(vae.n_classes, 16)
+        y = torch.arange(classes, device=s.device).repeat_interleave(8)
+        samples = vae.sample(len(y), generator=runtime.generator(s.device, 7), condition=y)
+    else:
+        samples = vae.sample(n_samples, generator=runtime.generator(s.device, 7))
     save_grid(as_images(samples, shape), out / "samples.png", nrow=8)
     x = s.prepare_test(s.x_test[:n_recon])
-    recon = vae.reconstruct(x)
+    recon = vae.reconstruct(x) if s.y_test is None else vae.reconstruct(x, s.y_test[:n_recon])
     both = torch.cat([as_images(x, shape), as_images(recon, shape)])
     save_grid(both, out / "reconstructions.png", nrow=min(n_recon, len(x)))
     vae.train()

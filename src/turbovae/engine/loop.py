@@ -247,7 +247,7 @@ def compiled_step(r: Run) -> runtime.StepCompiler:
         cfg.train.compile if r.forward is None else "off",
         s.device,
         key=f"{s.device.type}|{torch.__version__}|{m.name}|{s.data.event_shape}|{shape}|{cfg.train.objective}|"
-        f"{s.precision}|{batch}",
+        f"{s.precision}|{batch}" + (f"|classes {s.vae.n_classes}" if s.vae.n_classes else ""),
         remaining_steps=r.total_steps - r.loop["step"],
         graphs=cfg.train.cuda_graph and not s.data.is_tokens and st.scaler is None and r.forward is None,
     )
@@ -320,10 +320,16 @@ def train_epoch(r: Run, step: Callable[..., torch.Tensor], meter: Meter, stop: _
     scheduled = cfg.train.schedule != "constant" or cfg.train.warmup_steps > 0
     anneal = bool(cfg.train.kl_warmup_steps or cfg.train.kl_cycles)  # β changes during the run
     over = False
+    # a conditional run: the class ids of the batch go with it (a fixed β as a tensor: the step's
+    # arguments are tensors, for the compiled step and the CUDA graph)
+    fixed_beta = torch.tensor(cfg.train.beta, device=device) if s.y_train is not None else None
     for b in range(loop["batch_in_epoch"], r.steps_per_epoch):
         raw = s.x_train[st.perm[b * r.global_batch : (b + 1) * r.global_batch]]
         # this rank's rows rank::world of the global batch (one rank: all of it)
         x = ctx.shard(r.prepare(raw)) if r.whole else r.prepare(ctx.shard(raw))
+        y = None
+        if s.y_train is not None:  # the same rows of the class ids, sharded the same way
+            y = ctx.shard(s.y_train[st.perm[b * r.global_batch : (b + 1) * r.global_batch]])
         shape = noise_shape_of(cfg.train.objective, len(x) * ctx.world, s.vae.latent, cfg.train.iwae_k)
         eps = ctx.shard(torch.randn(shape, generator=gens["model"], device=device), dim=-2)
         # schedules (lr, β) follow the global step, so a resumed run continues them exactly
@@ -332,8 +338,11 @@ def train_epoch(r: Run, step: Callable[..., torch.Tensor], meter: Meter, stop: _
         beta = kl_weight(cfg, loop["step"], device, r.total_steps) if anneal else None
         probing = r.probe.due(loop["step"], len(x))
         if probing:
-            r.probe.small(x, eps, beta)  # the half batch's gradient, before the step moves θ
-        meter.sums += step(x, eps) if beta is None else step(x, eps, beta)
+            r.probe.small(x, eps, beta, y)  # the half batch's gradient, before the step moves θ
+        if y is not None:
+            meter.sums += step(x, eps, fixed_beta if beta is None else beta, y)
+        else:
+            meter.sums += step(x, eps) if beta is None else step(x, eps, beta)
         if probing:
             r.probe.big(st.guard.state["last_norm"], len(x) * ctx.world)
         meter.since_log += 1
@@ -412,7 +421,7 @@ def end_epoch(r: Run, meter: Meter, over: bool) -> None:
     # the same evaluation noise every epoch: the curve shows the model change, not noise
     with averaged(r.st.ema):
         ev = evaluation.nelbo(s.vae, s.x_val, s.prepare_val, batch_size=cfg.eval.batch_size,
-                              generator=runtime.generator(s.device, 12345))  # fmt: skip
+                              generator=runtime.generator(s.device, 12345), y=s.y_val)  # fmt: skip
         units = collapse_check(s, r.log, loop)
     r.log.write("eval", step=loop["step"], epoch=loop["epoch"], split="val",
                 **{f"val_{k}": v for k, v in ev.items()}, **units)  # fmt: skip

@@ -114,9 +114,14 @@ class NoiseProbe:
     def due(self, step: int, batch: int) -> bool:
         return bool(self.every) and step % self.every == 0 and batch >= 4
 
-    def small(self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None) -> None:
+    def small(
+        self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None, y: torch.Tensor | None = None
+    ) -> None:
         h = len(x) // 2
-        loss = self.forward(x[:h], eps.narrow(-2, 0, h), beta)["loss"]
+        if y is None:
+            loss = self.forward(x[:h], eps.narrow(-2, 0, h), beta)["loss"]
+        else:  # a conditional run: the half batch's class ids too
+            loss = self.forward(x[:h], eps.narrow(-2, 0, h), beta, y[:h])["loss"]
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         self.g2_small = sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(()))
         self.b_small = h

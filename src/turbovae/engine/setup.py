@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import runtime
+from .. import conditioning, runtime
 from ..config import Config, parse_resize
 from ..data import Dataset, load_dataset
 from ..data.batches import binarize, preparer, value_range
@@ -40,6 +40,15 @@ class Setup:
     # under binarisation, like the test split
     x_val: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     val_max: float = 1.0
+    # a conditional run (data.condition): the class ids (N,) int64 of every split, on the device, split
+    # exactly as the x's (the validation rows held out of the training rows); None otherwise
+    y_train: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+    def labels(self, name: str) -> torch.Tensor | None:
+        """The class ids of split ``name`` (test, val or train) of a conditional run, else None."""
+        return {"test": self.y_test, "val": self.y_val, "train": self.y_train}[name]
 
     def prepare_test(self, raw: torch.Tensor) -> torch.Tensor:
         return preparer(self.test_max, False, None)(raw)
@@ -86,7 +95,8 @@ def resolve_binarize(mode: str, likelihood_support: str, binary: bool) -> str:
 def build_vae(cfg: Config, event_shape: tuple[int, ...], data_meta: dict[str, Any] | None = None) -> VAE:
     m = cfg.model
     likelihood = build_likelihood(m.likelihood, event_shape, m.likelihood_scale, data_meta, m.mixtures)
-    net = build_network(m.name, event_shape, m.latent, likelihood.params_per_dim, m)
+    net = build_network(m.name, event_shape, m.latent, likelihood.params_per_dim, m,
+                        n_classes=conditioning.n_classes(data_meta))  # fmt: skip
     # a hierarchical net's latent vector is all its groups, flattened (the noise the loop draws)
     vae = VAE(net, likelihood, getattr(net, "latent_size", m.latent))
     vae.data_meta = data_meta or {}
@@ -110,7 +120,9 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         tokenizer=cfg.data.tokenizer,
         max_length=cfg.data.max_length,
         min_freq=cfg.data.min_freq,
+        condition=cfg.data.condition,
     )
+    condition_on(data, cfg.data.condition)
     low, high, binary = value_range(
         torch.cat([data.x_train.flatten(), data.x_test.flatten()]), data.max_value
     )
@@ -150,8 +162,42 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         )
     vae = runtime.place(vae, device, model_spec(cfg.model.name).channels_last)
     precision = runtime.resolve_precision(cfg.train.precision, device)
+    ys: list[torch.Tensor | None] = [None, None, None]
+    if data.y_train is not None and data.y_test is not None and cfg.data.condition:
+        ys = [data.y_train[fit_idx].to(device), data.y_test.to(device), data.y_train[val_idx].to(device)]
     return Setup(cfg, device, data, x_train.to(device), x_test.to(device), train_max, test_max, mode,
-                 vae, precision, x_val.to(device), val_max)  # fmt: skip
+                 vae, precision, x_val.to(device), val_max, *ys)  # fmt: skip
+
+
+def condition_on(data: Dataset, condition: str) -> None:
+    """A conditional run (``data.condition``): the data's class ids 0..K-1 in ``y_train``/``y_test`` and
+    ``meta["condition"]`` (what they mean); a table's condition column was taken out by its loader."""
+    if not condition:
+        return
+    if data.is_tokens:
+        raise ConfigError("data.condition is for images, vectors and tables, not text")
+    table = "table" in data.meta
+    if condition != "label" and not table:
+        raise ConfigError(
+            f"data.condition '{condition}': use 'label' (the labels of '{data.name}') or, for a table "
+            "(csv:PATH), the name of a categorical column"
+        )
+    if condition == "label" and table:
+        raise ConfigError("data.condition for a table names its categorical column: --condition COLUMN")
+    if data.y_train is None or data.y_test is None:
+        raise DataError(
+            f"data '{data.name}' has no labels for --condition label (labels come from an npz's y_train/"
+            "y_test or y, IDX label files, digits, or an image folder's class sub-folders)"
+        )
+    if not table:
+        values, names = conditioning.label_ids(torch.cat([data.y_train, data.y_test]), data.name,
+                                               data.meta.get("class_names"))  # fmt: skip
+        data.y_train = conditioning.remap(data.y_train, values)
+        data.y_test = conditioning.remap(data.y_test, values)
+        counts = torch.bincount(data.y_train, minlength=len(names)).tolist()
+        data.meta["condition"] = {"kind": "label", "names": names, "counts": counts}
+    if len(data.meta["condition"]["names"]) < 2:
+        raise DataError(f"data '{data.name}': --condition {condition} needs at least 2 classes, found 1")
 
 
 def check_shares(s: Setup, ctx: distributed.Context) -> None:

@@ -44,8 +44,17 @@ class Task(nn.Module):
                                            k=cfg.train.iwae_k, free_bits=cfg.train.free_bits)  # fmt: skip
 
     def forward(
-        self, x: torch.Tensor, eps: torch.Tensor, beta: float | torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        eps: torch.Tensor,
+        beta: float | torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``y``: the batch's class ids (B,) of a conditional run (data.condition), else None."""
+        if y is not None:
+            if beta is None:
+                return self.objective(self.vae, x, eps=eps, y=y)
+            return self.objective(self.vae, x, eps=eps, beta=beta, y=y)
         if beta is None:
             return self.objective(self.vae, x, eps=eps)
         return self.objective(self.vae, x, eps=eps, beta=beta)
@@ -88,9 +97,12 @@ def make_step(
     if scaler is None:
         opt.found_inf = found_inf  # type: ignore[attr-defined]
 
-    def step(x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None) -> torch.Tensor:
-        """``beta``: this step's KL weight (a 0-dim tensor, under a KL schedule), else train.beta."""
-        terms = forward(x, eps, beta)
+    def step(
+        x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``beta``: this step's KL weight (a 0-dim tensor, under a KL schedule), else train.beta;
+        ``y``: the class ids (B,) of a conditional run's batch."""
+        terms = forward(x, eps, beta) if y is None else forward(x, eps, beta, y)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: the scaler skips non-finite steps itself
             scaler.scale(terms["loss"]).backward()

@@ -15,12 +15,16 @@ ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015: unit u is active when Cov_x(E_q[z_
 
 
 @torch.no_grad()
-def encode_all(vae: VAE, x: torch.Tensor, prepare: Prepare, *, batch_size: int = 1000) -> DiagonalGaussian:
-    """q(z | x) for every example: a DiagonalGaussian with loc and log_scale of shape (N, L), float32."""
+def encode_all(
+    vae: VAE, x: torch.Tensor, prepare: Prepare, *, batch_size: int = 1000, y: torch.Tensor | None = None
+) -> DiagonalGaussian:
+    """q(z | x) for every example: a DiagonalGaussian with loc and log_scale of shape (N, L), float32.
+    A conditional model takes the class ids ``y`` (N,): q(z | x, y)."""
     locs, log_scales = [], []
     with EvalMode(vae):
-        for raw in batches(x, batch_size):
-            q = vae.encode(prepare(raw))
+        for start, raw in enumerate(batches(x, batch_size)):
+            yb = None if y is None else y[start * batch_size : (start + 1) * batch_size]
+            q = vae.encode(prepare(raw), yb)
             locs.append(q.loc)
             log_scales.append(q.log_scale)
     return DiagonalGaussian(torch.cat(locs), torch.cat(log_scales))

@@ -76,26 +76,30 @@ def nelbo(
     *,
     batch_size: int = 1000,
     generator: torch.Generator | None = None,
+    y: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Single-sample NELBO per example over all of ``x`` (an unbiased estimate), with rec and KL; a
     hierarchical model also gets ``kl_groups``, the mean KL of every latent group, top group first
-    (they sum to ``kl``).
+    (they sum to ``kl``). A conditional model takes the class ids ``y`` (N,) of ``x``: the bound on
+    −log p(x | y).
 
     Under torch.distributed with several ranks, each rank evaluates its share of ``x`` (rows
     rank::world) and the sums are all-reduced: every rank must call it, and every rank gets the totals."""
     totals = torch.zeros(3 + len(getattr(vae.net, "group_sizes", ())), dtype=torch.float64)
     part, world = _rank_share(x)
+    labels = _rank_share(y)[0] if y is not None else None
     with EvalMode(vae):
-        for raw in batches(part, batch_size):
+        for start, raw in enumerate(batches(part, batch_size)):
             xb = prepare(raw)
+            yb = None if labels is None else labels[start * batch_size : start * batch_size + len(xb)]
             if vae.hierarchical:  # also the KL of every group, top group first
-                log_px_z, kl_groups, _ = hierarchical_terms(vae, xb, generator=generator)
+                log_px_z, kl_groups, _ = hierarchical_terms(vae, xb, generator=generator, y=yb)
                 rec, kl = -log_px_z, kl_groups.sum(-1)
                 groups = kl_groups.sum(0)
             else:
-                q = vae.encode(xb)
+                q = vae.encode(xb, yb)
                 z = q.rsample(generator=generator)
-                rec = -vae.likelihood.log_prob(xb, vae.decode_params(z, xb))
+                rec = -vae.likelihood.log_prob(xb, vae.decode_params(z, xb, yb))
                 kl = q.kl()
                 groups = kl.new_zeros(0)
             totals += torch.cat([torch.stack([(rec + kl).sum(), rec.sum(), kl.sum()]), groups]).double().cpu()
@@ -181,14 +185,16 @@ def _bernoulli_block(logits: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return total + t.unflatten(-1, (dims // group, group)).prod(-1).log_().sum(-1)
 
 
-def _encoded(vae: VAE, xb: torch.Tensor) -> Any:
+def _encoded(vae: VAE, xb: torch.Tensor, yb: torch.Tensor | None = None) -> Any:
     """What the IWAE estimate computes once per example: q(z | x), or a hierarchical model's
     bottom-up activations (its posteriors depend on the sampled z_<l, so they are computed per sample
     in the top-down pass)."""
-    return vae.net.features(xb) if vae.hierarchical else vae.encode(xb)  # type: ignore[operator]
+    return vae.net.features(xb) if vae.hierarchical else vae.encode(xb, yb)  # type: ignore[operator]
 
 
-def _chunk_log_weights(vae: VAE, xb: torch.Tensor, q: Any, eps: torch.Tensor, precision: str) -> torch.Tensor:
+def _chunk_log_weights(
+    vae: VAE, xb: torch.Tensor, q: Any, eps: torch.Tensor, precision: str, yb: torch.Tensor | None = None
+) -> torch.Tensor:
     """log p(x, z) − log q(z | x) for z = loc + σ·eps, eps (c, B, L): shape (c, B), float32.
 
     Only the decoder runs per sample (under ``precision``); log q uses eps directly, which is exact.
@@ -197,12 +203,12 @@ def _chunk_log_weights(vae: VAE, xb: torch.Tensor, q: Any, eps: torch.Tensor, pr
     """
     if vae.hierarchical:
         with runtime.autocast(xb.device, precision):
-            params = vae.net.posterior(q, eps)  # type: ignore[operator]
+            params = vae.net.posterior(q, eps) if yb is None else vae.net.posterior(q, eps, yb)  # type: ignore[operator]
         log_px_z = _log_likelihood(vae.likelihood, xb, params[0])
         return log_px_z + latent_log_ratio(params[1])
     z = q.loc + eps * q.stddev  # (c, B, L)
     with runtime.autocast(xb.device, precision):
-        params = vae.decode_params(z, xb)  # (c, B, P, *event); xb: autoregressive (text) decoders read it
+        params = vae.decode_params(z, xb, yb)  # (c, B, P, *event); xb: autoregressive (text) decoders read it
     log_px_z = _log_likelihood(vae.likelihood, xb, params)  # (c, B), float32 sums
     # log p(z) − log q(z|x) = −½|z|² + ½|eps|² + Σ log σ   (the 2π terms cancel)
     log_prior_ratio = 0.5 * (eps.pow(2) - z.pow(2)).sum(-1) + q.log_scale.sum(-1)
@@ -217,6 +223,7 @@ def _batch_log_px(
     chunk: int,
     generator: torch.Generator | None,
     precision: str,
+    yb: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-mean-exp of the k log-weights, log of Σw²) per example, float64, streamed over chunks."""
     lse = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=xb.device)
@@ -225,7 +232,7 @@ def _batch_log_px(
     for start in range(0, k, chunk):
         c = min(chunk, k - start)
         eps = torch.randn((c, *shape), generator=generator, device=xb.device)
-        lw = _chunk_log_weights(vae, xb, q, eps, precision).double()  # (c, B)
+        lw = _chunk_log_weights(vae, xb, q, eps, precision, yb).double()  # (c, B)
         lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
         lse2 = torch.logaddexp(lse2, torch.logsumexp(2.0 * lw, 0))
     return lse - math.log(k), lse2
@@ -259,6 +266,7 @@ def iwae_log_likelihood(
     sample_chunk: int | None = None,
     generator: torch.Generator | None = None,
     precision: str = "fp32",
+    y: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Per-example importance-weighted estimates of log p(x) with k samples (Burda et al. 2015).
 
@@ -272,6 +280,8 @@ def iwae_log_likelihood(
     (Σw)²/Σw² of each example's weights —, the ``precision`` used and, for ``auto`` where bf16 is
     fast, ``bf16_delta`` (mean bf16 − fp32 difference of the checked examples, nats) and
     ``bf16_delta_bound`` (its |mean| + 2 s.e., what was compared with the tolerance).
+
+    A conditional model takes the class ids ``y`` (N,) of ``x``: estimates of log p(x | y).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -285,21 +295,22 @@ def iwae_log_likelihood(
     if use == "auto" and not runtime.fast_bf16(x.device):
         use = "fp32"
     with EvalMode(vae):
-        for raw in batches(x, batch):
+        for start, raw in enumerate(batches(x, batch)):
             xb = prepare(raw)
-            q = _encoded(vae, xb)
+            yb = None if y is None else y[start * batch : start * batch + len(xb)]
+            q = _encoded(vae, xb, yb)
             if use == "auto":
                 # the same samples both ways: the difference is the rounding alone
                 state = _generator_state(generator)
-                lse, lse2 = _batch_log_px(vae, xb, q, k, chunk, generator, "fp32")
+                lse, lse2 = _batch_log_px(vae, xb, q, k, chunk, generator, "fp32", yb)
                 _set_generator_state(generator, state)
-                low, _ = _batch_log_px(vae, xb, q, k, chunk, generator, "bf16")
+                low, _ = _batch_log_px(vae, xb, q, k, chunk, generator, "bf16", yb)
                 deltas.append((low - lse).cpu())
                 d = torch.cat(deltas)
                 if len(d) >= BF16_CHECK_EXAMPLES:
                     use = "bf16" if _shift_bound(d) < BF16_TOLERANCE else "fp32"
             else:
-                lse, lse2 = _batch_log_px(vae, xb, q, k, chunk, generator, use)
+                lse, lse2 = _batch_log_px(vae, xb, q, k, chunk, generator, use, yb)
             log_px.append(lse.cpu())
             # ESS = (Σw)² / Σw² = exp(2·log Σw − log Σw²), with log Σw = lse + log k
             ess.append(torch.exp(2.0 * (lse + math.log(k)) - lse2).cpu())
@@ -331,6 +342,7 @@ def iwae_nll(
     sample_chunk: int | None = None,
     generator: torch.Generator | None = None,
     precision: str = "fp32",
+    y: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """−log p(x) estimated with k importance samples per example (Burda et al. 2015), in nats.
 
@@ -339,9 +351,11 @@ def iwae_nll(
     ``stderr`` (the spread of the per-example estimates over examples / √n: the uncertainty that
     comes from which examples are in the test set), ``k``, ``n``, the mean effective sample size
     ``ess`` and the ``precision`` used (see ``iwae_log_likelihood``). Under torch.distributed with
-    several ranks, split over the ranks like ``nelbo`` (each needs at least one example).
+    several ranks, split over the ranks like ``nelbo`` (each needs at least one example). A
+    conditional model takes the class ids ``y`` (N,): −log p(x | y).
     """
     part, world = _rank_share(x)
+    labels = _rank_share(y)[0] if y is not None else None
     r = iwae_log_likelihood(
         vae,
         part,
@@ -351,6 +365,7 @@ def iwae_nll(
         sample_chunk=sample_chunk,
         generator=generator,
         precision=precision,
+        y=labels,
     )
     nll = -r["log_px"]
     stderr = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")

@@ -26,6 +26,7 @@ def evaluate(
     generator: torch.Generator | None = None,
     precision: str = "fp32",
     floor: bool = False,
+    y: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Every held-out number of a model on ``x``: what ``turbovae eval --json`` prints.
 
@@ -42,17 +43,20 @@ def evaluate(
     ``floor=True``, also ``floor_seconds`` (the matmul-bound floor at the precision used, see
     ``matmul_floor``) and ``floor_ratio`` = iwae_seconds / floor_seconds; under bf16 also the fp32
     floor ``floor_seconds_fp32`` and ``floor_ratio_fp32``.
+
+    A conditional model takes the class ids ``y`` (N,) of ``x``: every figure is then conditional,
+    −log p(x | y) and q(z | x, y), and ``conditional`` is True.
     """
     t0 = time.perf_counter()
-    ev = nelbo(vae, x, prepare, batch_size=1000, generator=generator)
-    q = encode_all(vae, x, prepare)
+    ev = nelbo(vae, x, prepare, batch_size=1000, generator=generator, y=y)
+    q = encode_all(vae, x, prepare, y=y)
     active, variance = active_units(q)
     mi = mutual_information(q, generator=generator)
     device = x.device
     runtime.synchronize(device)
     t_iwae = time.perf_counter()
     r = iwae_log_likelihood(
-        vae, x, prepare, k=k, batch_size=batch_size, generator=generator, precision=precision
+        vae, x, prepare, k=k, batch_size=batch_size, generator=generator, precision=precision, y=y
     )
     runtime.synchronize(device)
     iwae_seconds = time.perf_counter() - t_iwae
@@ -80,6 +84,8 @@ def evaluate(
         "iwae_batch_size": r["batch_size"],
         "iwae_sample_chunk": r["sample_chunk"],
     }
+    if y is not None:
+        result["conditional"] = True
     for key in ("bf16_delta", "bf16_delta_bound"):
         if key in r:
             result[key] = r[key]

@@ -18,12 +18,18 @@ from .mlp import ACTIVATIONS, MLPNet
 from .text import SentenceNet
 
 
-def _mlp(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg) -> nn.Module:
-    return MLPNet(event_shape, latent, params_per_dim, list(cfg.hidden), cfg.activation, cfg.dropout)
+def _mlp(
+    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg, n_classes: int = 0
+) -> nn.Module:
+    return MLPNet(event_shape, latent, params_per_dim, list(cfg.hidden), cfg.activation, cfg.dropout,
+                  n_classes=n_classes)  # fmt: skip
 
 
-def _conv(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg) -> nn.Module:
-    return ConvNet(event_shape, latent, params_per_dim, list(cfg.channels), cfg.activation, cfg.dropout)
+def _conv(
+    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg, n_classes: int = 0
+) -> nn.Module:
+    return ConvNet(event_shape, latent, params_per_dim, list(cfg.channels), cfg.activation, cfg.dropout,
+                   n_classes=n_classes)  # fmt: skip
 
 
 def _sentence(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg) -> nn.Module:
@@ -43,7 +49,9 @@ def _per_level(cfg, key: str, default: list[int]) -> list[int]:
     return [int(v) for v in values] if values else default
 
 
-def _hvae(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg) -> nn.Module:
+def _hvae(
+    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg, n_classes: int = 0
+) -> nn.Module:
     # model.channels: widths per resolution level; model.latent: latent channels per group wherever
     # model.latent_channels does not say; model.hidden is unused. The hvae options are read with
     # defaults, so that configs without them (older runs) build the same network.
@@ -61,6 +69,7 @@ def _hvae(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg) -
         residual_posterior=bool(getattr(cfg, "residual_posterior", True)),
         kl_balance=bool(getattr(cfg, "kl_balance", True)),
         patch=int(getattr(cfg, "patch", 1)),
+        n_classes=n_classes,
     )
 
 
@@ -82,6 +91,8 @@ class ModelSpec:
     depth: bool = False  # whether tune's search may change that list's length
     channels_last: bool = False  # lay the weights out NHWC on CUDA (cuDNN's preferred layout)
     text: bool = False  # a model of token sequences (likelihood categorical)
+    # whether the builder takes n_classes (a conditional VAE: data.condition, see conditioning.py)
+    conditional: bool = False
     describe: Callable[[dict[str, Any]], str] | None = None  # one line for the report, from model.*
 
     def text_of(self, name: str, model: dict[str, Any]) -> str:
@@ -95,13 +106,19 @@ _HVAE = ("channels", "latent_channels", "groups", "enc_blocks", "patch", "bottle
          "residual_posterior", "kl_balance")  # fmt: skip
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(
-        _mlp, ("hidden", *_COMMON), width="hidden", depth=True, describe=_widths("hidden", "MLP")
+        _mlp,
+        ("hidden", *_COMMON),
+        width="hidden",
+        depth=True,
+        conditional=True,
+        describe=_widths("hidden", "MLP"),
     ),
     "conv": ModelSpec(
         _conv,
         ("channels", *_COMMON),
         width="channels",
         channels_last=True,
+        conditional=True,
         describe=_widths("channels", "conv"),
     ),
     "sentence": ModelSpec(
@@ -111,7 +128,7 @@ MODELS: dict[str, ModelSpec] = {
         depth=True,
         text=True,
     ),
-    "hvae": ModelSpec(_hvae, (*_HVAE, *_COMMON), width="channels"),
+    "hvae": ModelSpec(_hvae, (*_HVAE, *_COMMON), width="channels", conditional=True),
 }
 TEXT_MODELS = tuple(name for name, spec in MODELS.items() if spec.text)  # models of token sequences
 
@@ -123,9 +140,17 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def build_network(
-    name: str, event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg
+    name: str, event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg, n_classes: int = 0
 ) -> nn.Module:
-    return model_spec(name).build(event_shape, latent, params_per_dim, cfg)
+    """The network ``name``; with ``n_classes`` K > 0 a conditional one (models whose spec is
+    ``conditional``)."""
+    spec = model_spec(name)
+    if not n_classes:
+        return spec.build(event_shape, latent, params_per_dim, cfg)
+    if not spec.conditional:
+        conditional = ", ".join(n for n, s in MODELS.items() if s.conditional)
+        raise ConfigError(f"model '{name}' cannot be conditional (data.condition); use one of: {conditional}")
+    return spec.build(event_shape, latent, params_per_dim, cfg, n_classes=n_classes)
 
 
 __all__ = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..conditioning import one_hot
 from ..distributions import DiagonalGaussian
 from ..errors import ConfigError
 from .mlp import ACTIVATIONS
@@ -31,6 +32,10 @@ class ConvNet(nn.Module):
 
     Decoder mirrors it with nearest-neighbour upsampling + conv (no checkerboard artefacts of
     transposed convolutions) and outputs P·C channels at full resolution.
+
+    With ``n_classes`` K > 0 it is conditional (a CVAE): the one-hot class y enters the encoder as K
+    constant input planes and the decoder concatenated to z. K = 0 builds exactly the unconditional
+    network.
     """
 
     def __init__(
@@ -41,8 +46,10 @@ class ConvNet(nn.Module):
         channels: list[int],
         activation: str = "silu",
         dropout: float = 0.0,
+        n_classes: int = 0,
     ) -> None:
         super().__init__()
+        self.n_classes = n_classes
         if len(event_shape) != 3:
             raise ConfigError(
                 f"model 'conv' needs images (C, H, W), but the data have shape {tuple(event_shape)}; "
@@ -61,14 +68,14 @@ class ConvNet(nn.Module):
         flat = channels[-1] * self.bottom[1] * self.bottom[2]
         act = ACTIVATIONS[activation]
 
-        enc: list[nn.Module] = [nn.Conv2d(c_in, channels[0], 3, padding=1)]
+        enc: list[nn.Module] = [nn.Conv2d(c_in + n_classes, channels[0], 3, padding=1)]
         for i, c in enumerate(channels):
             c_next = channels[min(i + 1, levels - 1)]
             enc += [ResBlock(c, activation), nn.Conv2d(c, c_next, 4, stride=2, padding=1)]
         enc += [act(), nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, 2 * latent)]
         self.encoder = nn.Sequential(*enc)
 
-        dec: list[nn.Module] = [nn.Linear(latent, flat), nn.Unflatten(1, self.bottom)]
+        dec: list[nn.Module] = [nn.Linear(latent + n_classes, flat), nn.Unflatten(1, self.bottom)]
         rev = list(reversed(channels))
         for i, c in enumerate(rev):
             c_next = rev[min(i + 1, levels - 1)]
@@ -80,12 +87,18 @@ class ConvNet(nn.Module):
         dec += [act(), nn.Conv2d(rev[-1], params_per_dim * c_in, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> DiagonalGaussian:
+        if self.n_classes:  # the class as K constant planes: (B, C + K, H, W)
+            planes = one_hot(y, self.n_classes, x)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, planes], 1)
         loc, log_scale = self.encoder(x).chunk(2, dim=-1)  # (B, L) each
         return DiagonalGaussian(loc, log_scale)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         lead = z.shape[:-1]  # (B,) or (S, B) for importance samples
+        if self.n_classes:  # y (B,) broadcast over the sample dims: (..., B, L + K)
+            code = one_hot(y, self.n_classes, z)
+            z = torch.cat([z, code.expand(*lead, self.n_classes)], -1)
         out = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, P·C, H, W)
         c, h, w = self.event_shape
         return out.view(*lead, self.params_per_dim, c, h, w)

@@ -24,6 +24,12 @@ The flat latent vector the training loop draws noise for (``latent_size`` = Σ_l
 concatenation of the groups' noise in top-down order, each flattened as (C, H, W). ``encode`` returns
 the top group's posterior q(z_1 | x) (the one group whose prior is N(0, I)); ``decode`` takes either
 the whole flat vector or the top group's values alone (the lower groups then take their prior means).
+
+Conditional (``n_classes`` K > 0, a CVAE): the one-hot class y enters the top-down pass, which both the
+priors and the posteriors read: a learned projection of it is added to the top state h_top, and before
+every group another (zero-initialised) projection is added to the decoder state, so that every prior
+p(z_l | z_<l, y) and posterior q(z_l | x, z_<l, y) sees the class. K = 0 builds exactly the
+unconditional network.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conditioning import one_hot
 from ..distributions import DiagonalGaussian
 from ..errors import ConfigError
 from .mlp import ACTIVATIONS
@@ -193,8 +200,10 @@ class HVAENet(nn.Module):
         residual_posterior: bool = True,
         kl_balance: bool = True,
         patch: int = 1,
+        n_classes: int = 0,
     ) -> None:
         super().__init__()
+        self.n_classes = n_classes
         sizes = _level_sizes(event_shape, channels, groups, latent_channels, enc_blocks, bottleneck, patch)
         c_in, height, width = event_shape
         levels = len(channels)
@@ -250,6 +259,11 @@ class HVAENet(nn.Module):
             if patch == 1  # else depth-to-space: every pixel of a patch its own parameters
             else nn.ConvTranspose2d(channels[0], params_per_dim * c_in, patch, stride=patch),
         )
+        if n_classes:  # the class: into the top state, and before every group (zero at the start)
+            self.cond_top = nn.Linear(n_classes, channels[-1])
+            self.cond_groups = nn.ModuleList(nn.Linear(n_classes, channels[lv]) for lv in self.group_level)
+            for proj in self.cond_groups.parameters():
+                nn.init.zeros_(proj)
         # NHWC weights (the loop converts only the plain conv model, and only on CUDA)
         self.to(memory_format=NHWC)  # type: ignore[call-overload]
         # floats of a decoded example: the decoder state at every level and the output, the size the
@@ -278,17 +292,29 @@ class HVAENet(nn.Module):
     # ---- top-down ----------------------------------------------------------------------------------
 
     def top_down(
-        self, n: int, feats: list[torch.Tensor] | None, pick: Pick, stop_after: int | None = None
+        self,
+        n: int,
+        feats: list[torch.Tensor] | None,
+        pick: Pick,
+        stop_after: int | None = None,
+        y: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[DiagonalGaussian | None, DiagonalGaussian, torch.Tensor]]]:
         """(likelihood parameters (n, P, C, H, W), [(q, p, z) per group]) for n examples; ``feats``
-        (n examples each) give the posteriors, None runs the prior alone."""
+        (n examples each) give the posteriors, None runs the prior alone; ``y`` (n,): the class ids of
+        a conditional network."""
         h = self.h_top.expand(n, -1, -1, -1).contiguous(memory_format=NHWC)
+        code = None
+        if self.n_classes:
+            code = one_hot(y, self.n_classes, self.h_top)  # (n, K)
+            h = h + self.cond_top(code)[:, :, None, None].to(h.dtype)
         level = len(self.enc) - 1
         records = []
         for index, group in enumerate(self.groups):
             while self.group_level[index] < level:
                 level -= 1
                 h = self._up(h, level)
+            if code is not None:
+                h = h + self.cond_groups[index](code)[:, :, None, None].to(h.dtype)
             h, record = group(h, None if feats is None else feats[level], index, pick)
             records.append(record)
             if stop_after is not None and len(records) >= stop_after:
@@ -309,7 +335,7 @@ class HVAENet(nn.Module):
         return list(flat.split(self.group_sizes, dim=-1))
 
     def posterior(
-        self, feats: list[torch.Tensor], eps: torch.Tensor
+        self, feats: list[torch.Tensor], eps: torch.Tensor, y: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[tuple[DiagonalGaussian, DiagonalGaussian | None, torch.Tensor]]]:
         """Reparameterised samples z_l = μ_q + σ_q·ε_l, top-down, for noise ``eps`` (..., B, latent_size)
         (leading sample dims in front of the batch). Returns the likelihood parameters (..., B, P, *event)
@@ -324,13 +350,15 @@ class HVAENet(nn.Module):
                 .contiguous(memory_format=NHWC)
                 for f in feats
             ]
+            if y is not None:  # the class of every example, once per sample (sample-major, as feats)
+                y = y.unsqueeze(0).expand(n // batch, batch).reshape(n)
         noise = self._slices(eps.reshape(n, -1).float())
 
         def pick(i: int, p: DiagonalGaussian, q: DiagonalGaussian | None) -> torch.Tensor:
             assert q is not None
             return q.loc + noise[i] * q.stddev
 
-        params, records = self.top_down(n, feats, pick)
+        params, records = self.top_down(n, feats, pick, y=y)
 
         def shaped(d: DiagonalGaussian) -> DiagonalGaussian:
             return DiagonalGaussian(d.loc.view(*lead, -1), d.log_scale.view(*lead, -1))
@@ -341,14 +369,14 @@ class HVAENet(nn.Module):
             out.append((shaped(q), None if index == 0 else shaped(p), z.view(*lead, -1)))
         return params.view(*lead, *params.shape[1:]), out
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> DiagonalGaussian:
         """The top group's posterior q(z_1 | x), (B, top_size): the latents whose prior is N(0, I)."""
-        records = self.top_down(len(x), self.features(x), lambda i, p, q: q.loc, stop_after=1)[1]  # type: ignore[union-attr]
+        records = self.top_down(len(x), self.features(x), lambda i, p, q: q.loc, stop_after=1, y=y)[1]  # type: ignore[union-attr]
         q = records[0][0]
         assert q is not None
         return q
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Likelihood parameters (..., P, *event) for latents z (..., latent_size), all groups given,
         or z (..., top_size), the top group given and the lower groups at their prior means."""
         lead = z.shape[:-1]
@@ -367,11 +395,17 @@ class HVAENet(nn.Module):
                 f"hvae decodes z of {self.latent_size} (all groups) or {self.top_size} (the top group) "
                 f"values, got {z.shape[-1]}"
             )
-        params = self.top_down(len(flat), None, pick)[0]
+        if y is not None:  # y (B,) for z (..., B, latent): one class per decoded row
+            y = y.expand(*lead).reshape(-1)
+        params = self.top_down(len(flat), None, pick, y=y)[0]
         return params.view(*lead, *params.shape[1:])
 
     def sample_params(
-        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Likelihood parameters (n, P, *event) of n ancestral draws z_l ~ p(z_l | z_<l), top-down, with
         the prior scales multiplied by ``temperature``."""
@@ -381,8 +415,8 @@ class HVAENet(nn.Module):
             eps = torch.randn(p.loc.shape, generator=generator, device=device)
             return p.loc + temperature * eps * p.stddev
 
-        return self.top_down(n, None, pick)[0]
+        return self.top_down(n, None, pick, y=y)[0]
 
-    def reconstruct_params(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct_params(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Likelihood parameters for z_l = the mean of q(z_l | x, z_<l) in every group, top-down."""
-        return self.top_down(len(x), self.features(x), lambda i, p, q: q.loc)[0]  # type: ignore[union-attr]
+        return self.top_down(len(x), self.features(x), lambda i, p, q: q.loc, y=y)[0]  # type: ignore[union-attr]

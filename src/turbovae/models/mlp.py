@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from ..conditioning import one_hot
 from ..distributions import DiagonalGaussian
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -33,7 +34,11 @@ def mlp(sizes: list[int], activation: str, dropout: float = 0.0) -> nn.Sequentia
 
 
 class MLPNet(nn.Module):
-    """Encoder D → hidden… → 2·latent and mirrored decoder latent → …hidden → P·D."""
+    """Encoder D → hidden… → 2·latent and mirrored decoder latent → …hidden → P·D.
+
+    With ``n_classes`` K > 0 the network is conditional (a CVAE): the one-hot class y (K) is
+    concatenated to the encoder's input and to the decoder's z. K = 0 builds exactly the
+    unconditional network."""
 
     def __init__(
         self,
@@ -43,19 +48,28 @@ class MLPNet(nn.Module):
         hidden: list[int],
         activation: str = "relu",
         dropout: float = 0.0,
+        n_classes: int = 0,
     ) -> None:
         super().__init__()
         self.event_shape = tuple(event_shape)
         self.params_per_dim = params_per_dim
+        self.n_classes = n_classes
         dims = math.prod(self.event_shape)
-        self.encoder = mlp([dims, *hidden, 2 * latent], activation, dropout)
-        self.decoder = mlp([latent, *reversed(hidden), params_per_dim * dims], activation, dropout)
+        self.encoder = mlp([dims + n_classes, *hidden, 2 * latent], activation, dropout)
+        self.decoder = mlp(
+            [latent + n_classes, *reversed(hidden), params_per_dim * dims], activation, dropout
+        )
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        h = self.encoder(x.flatten(1))  # (B, 2L)
-        loc, log_scale = h.chunk(2, dim=-1)
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> DiagonalGaussian:
+        h = x.flatten(1)  # (B, D)
+        if self.n_classes:  # (B, D + K)
+            h = torch.cat([h, one_hot(y, self.n_classes, h)], -1)
+        loc, log_scale = self.encoder(h).chunk(2, dim=-1)  # (B, L) each
         return DiagonalGaussian(loc, log_scale)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.n_classes:  # y (B,) broadcast over z's leading sample dims: (..., B, L + K)
+            code = one_hot(y, self.n_classes, z)
+            z = torch.cat([z, code.expand(*z.shape[:-1], self.n_classes)], -1)
         out = self.decoder(z)  # (..., P·D); leading dims pass through
         return out.unflatten(-1, (self.params_per_dim, *self.event_shape))

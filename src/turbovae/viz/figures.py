@@ -12,6 +12,7 @@ import torch
 from .. import evaluation
 from .grids import (
     as_images,
+    class_sample_grid,
     grid_image,
     interpolation_grid,
     label_rows,
@@ -39,12 +40,16 @@ def write_pictures(
     ``stats`` are evaluate's posterior statistics (``kl_per_dim``, ``posterior_mean_variance``,
     ``active_threshold``) and ``means`` (N, L) of q(z | x); they are computed when not given. Returns
     {name: path} for samples, reconstructions, interpolations, traversals, kl_per_dim, latent_map.
+
+    A conditional VAE (``vae.n_classes``) takes the inputs' class ids from ``labels``: its samples are
+    one row per class, and the other pictures encode and decode with the inputs' classes.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = vae.training
     vae.eval()
+    cond = labels.to(x.device) if vae.n_classes and labels is not None else None
     if stats is None:
-        q = evaluation.encode_all(vae, x, lambda t: t)
+        q = evaluation.encode_all(vae, x, lambda t: t, y=cond)
         _, variance = evaluation.active_units(q)
         stats = {
             "kl_per_dim": evaluation.kl_per_dim(q),
@@ -57,18 +62,23 @@ def write_pictures(
     vector = len(shape) != 3 and as_images(x[:1], shape).shape[2] == 1  # shown as strips
 
     paths["samples"] = out_dir / "samples.png"
-    save_grid(sample_grid(vae, 64, seed=7 + seed), paths["samples"], nrow=8)
+    if vae.n_classes:  # one row of 8 per class
+        save_grid(class_sample_grid(vae, 8, seed=7 + seed), paths["samples"], nrow=8)
+    else:
+        save_grid(sample_grid(vae, 64, seed=7 + seed), paths["samples"], nrow=8)
 
     n_recon = min(16, len(x))
     paths["reconstructions"] = out_dir / "reconstructions.png"
-    save_grid(reconstruction_grid(vae, x[:n_recon]), paths["reconstructions"], nrow=n_recon)
+    recon_y = None if cond is None else cond[:n_recon]
+    save_grid(reconstruction_grid(vae, x[:n_recon], recon_y), paths["reconstructions"], nrow=n_recon)
 
     g = torch.Generator().manual_seed(seed)
     pairs = min(8, len(x) // 2)
     if pairs >= 1:
         order = torch.randperm(len(x), generator=g)[: 2 * pairs].to(x.device)
         steps = 8
-        images = interpolation_grid(vae, x[order[:pairs]], x[order[pairs:]], steps=steps)
+        pair_y = None if cond is None else (cond[order[:pairs]], cond[order[pairs:]])
+        images = interpolation_grid(vae, x[order[:pairs]], x[order[pairs:]], steps=steps, condition=pair_y)
         picture = grid_image(images, nrow=steps + 2, min_side=512 if not vector else 256)
         paths["interpolations"] = out_dir / "interpolations.png"
         picture.save(paths["interpolations"], format="PNG")
@@ -77,7 +87,7 @@ def write_pictures(
     top = [int(d) for d in np.argsort(-kl, kind="stable")[: min(8, len(kl))]]
     values = np.linspace(-3, 3, 9).tolist()
     base = torch.as_tensor(stats["means"][0], dtype=torch.float32, device=x.device)
-    images = traversal_grid(vae, base, top, values)
+    images = traversal_grid(vae, base, top, values, None if cond is None else cond[0])
     picture = grid_image(images, nrow=len(values), min_side=512 if not vector else 256)
     picture = label_rows(picture, [f"z{d} · KL {kl[d]:.2f}" for d in top], width=130)
     paths["traversals"] = out_dir / "traversals.png"
@@ -91,7 +101,8 @@ def write_pictures(
     paths["latent_map"] = out_dir / "latent_map.png"
     y = labels.cpu().numpy() if labels is not None else None
     means = torch.as_tensor(stats["means"]).cpu().numpy()
-    stats["latent_map_axes"] = plot_latent_map(means, y, paths["latent_map"], CLASS_NAMES.get(data_name))
+    names = vae.condition["names"] if vae.condition is not None else CLASS_NAMES.get(data_name)
+    stats["latent_map_axes"] = plot_latent_map(means, y, paths["latent_map"], names)
     vae.train(was_training)
     return paths
 

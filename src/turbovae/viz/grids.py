@@ -95,19 +95,40 @@ def sample_grid(vae: Any, n: int = 64, seed: int = 7) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_grid(vae: Any, x: torch.Tensor) -> torch.Tensor:
-    """Inputs (first row) above their reconstructions E[x | z = mean of q(z | x)] (second row)."""
-    return torch.cat([as_images(x, vae.event_shape), as_images(vae.reconstruct(x), vae.event_shape)])
+def class_sample_grid(vae: Any, per_class: int = 8, seed: int = 7, classes: int = 16) -> torch.Tensor:
+    """A conditional VAE's samples E[x | z, y], ``per_class`` of each of its first ``classes`` classes
+    in class order (one grid row per class with nrow = per_class): (K · per_class, C, H, W)."""
+    device = next(vae.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    y = torch.arange(min(vae.n_classes, classes), device=device).repeat_interleave(per_class)
+    return as_images(vae.sample(len(y), generator=g, condition=y), vae.event_shape)
 
 
 @torch.no_grad()
-def interpolation_grid(vae: Any, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+def reconstruction_grid(vae: Any, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Inputs (first row) above their reconstructions E[x | z = mean of q(z | x)] (second row);
+    a conditional VAE's with the inputs' classes ``condition``."""
+    return torch.cat(
+        [as_images(x, vae.event_shape), as_images(vae.reconstruct(x, condition), vae.event_shape)]
+    )
+
+
+@torch.no_grad()
+def interpolation_grid(
+    vae: Any, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8, condition: tuple[Any, Any] | None = None
+) -> torch.Tensor:
     """One row per pair: x_a, the decoded points on the line between the posterior means of x_a and
-    x_b (``steps`` of them, ends included), then x_b. Shape (pairs · (steps + 2), C, H, W)."""
-    za, zb = vae.encode(x_a).mean, vae.encode(x_b).mean  # (P, L)
+    x_b (``steps`` of them, ends included), then x_b. Shape (pairs · (steps + 2), C, H, W).
+    A conditional VAE: ``condition`` = the classes (P,) of x_a and of x_b; the path is decoded with
+    x_a's."""
+    ya, yb = condition if condition is not None else (None, None)
+    za, zb = vae.encode(x_a, ya).mean, vae.encode(x_b, yb).mean  # (P, L)
     t = torch.linspace(0, 1, steps, device=za.device).view(1, steps, 1)
     path = za.unsqueeze(1) * (1 - t) + zb.unsqueeze(1) * t  # (P, steps, L)
-    decoded = as_images(vae.decode(path.flatten(0, 1)), vae.event_shape).unflatten(0, (len(za), steps))
+    path_y = None if ya is None else ya.repeat_interleave(steps)
+    decoded = as_images(vae.decode(path.flatten(0, 1), path_y), vae.event_shape).unflatten(
+        0, (len(za), steps)
+    )
     ends_a = as_images(x_a, vae.event_shape).unsqueeze(1)
     ends_b = as_images(x_b, vae.event_shape).unsqueeze(1)
     # the decoded strips are min-max scaled on their own for vector data; inputs likewise
@@ -116,12 +137,13 @@ def interpolation_grid(vae: Any, x_a: torch.Tensor, x_b: torch.Tensor, steps: in
 
 @torch.no_grad()
 def traversal_grid(
-    vae: Any, base: torch.Tensor, dims: Sequence[int], values: Sequence[float]
+    vae: Any, base: torch.Tensor, dims: Sequence[int], values: Sequence[float], condition: Any = None
 ) -> torch.Tensor:
     """One row per latent dimension in ``dims``: ``base`` (L,) with that coordinate set to each of
-    ``values``, decoded. Shape (len(dims) · len(values), C, H, W)."""
+    ``values``, decoded (a conditional VAE's with the class ``condition``). Shape
+    (len(dims) · len(values), C, H, W)."""
     v = torch.tensor(list(values), device=base.device, dtype=base.dtype)
     z = base.repeat(len(dims), len(v), 1)  # (D, V, L)
     for row, d in enumerate(dims):
         z[row, :, d] = v
-    return as_images(vae.decode(z.flatten(0, 1)), vae.event_shape)
+    return as_images(vae.decode(z.flatten(0, 1), condition), vae.event_shape)
