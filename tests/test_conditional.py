@@ -69,7 +69,10 @@ def test_unconditional_networks_and_losses_are_those_of_before():
             elbo(vae, x, eps=eps)["loss"].item(),
             iwae(vae, x, eps=eps_k, k=3)["loss"].item(),
         )
-        assert got == BEFORE[name], name
+        # parameters and initial weights exactly; the losses to float rounding (the IWAE's log-sum-exp
+        # over convolution outputs moves in the last bits with oneDNN's kernel choice)
+        assert got[:2] == BEFORE[name][:2], name
+        assert got[2:] == pytest.approx(BEFORE[name][2:], rel=1e-6, abs=0), name
         assert vae.n_classes == 0 and vae.condition is None
 
 
