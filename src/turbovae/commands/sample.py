@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from .. import runtime
 from ..data.tables import write_table
+from ..engine.checkpoint import replace_file
 from ..engine.rundir import load
 from ..errors import ConfigError
 from ..evaluation.fidelity import synthesize
@@ -62,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
         mean=not args.draw,
         temperature=args.temperature,
     ).cpu()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        np.save(out, x.numpy())
+    if out.suffix == ".npy":  # atomically, as every file turbovae writes
+        buffer = io.BytesIO()
+        np.save(buffer, x.numpy())
+        replace_file(out, buffer.getbuffer())
     else:
         save_grid(as_images(x, vae.event_shape), out, nrow=min(8, args.n))
     print(out)
@@ -81,7 +84,6 @@ def _sample_text(args: argparse.Namespace, vae: Any, device: Any) -> int:
     if out is None:
         print("\n".join(lines))
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(f"{line}\n" for line in lines))
+        replace_file(out, "".join(f"{line}\n" for line in lines).encode())
         print(out)
     return 0
