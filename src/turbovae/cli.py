@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import sys
 
@@ -15,7 +16,7 @@ from .commands import bench, compress, data, encode, export, push, report, sampl
 from .commands import eval as eval_command
 from .commands.compress import DECOMPRESS
 from .engine.distributed import launch
-from .errors import TurboVAEError
+from .errors import TurboVAEError, clip
 
 OVERRIDE = re.compile(r"^[A-Za-z_]+\.[A-Za-z_]+=")
 
@@ -66,9 +67,39 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"turbovae: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        message = file_error(e)
+        if message is None or args.debug:
+            raise
+        print(f"turbovae: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("turbovae: interrupted", file=sys.stderr)
         return 130
+
+
+# file-system errors the user can fix (permissions, a read-only or full disk, a missing folder), with a hint
+_FILE_ERRORS = {
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+    errno.EROFS: "the file system is read-only; write elsewhere (--out)",
+    errno.ENOSPC: "the disk is full; free space or write elsewhere (--out)",
+    errno.EDQUOT: "the disk quota is used up; free space or write elsewhere (--out)",
+    errno.ENOENT: "a folder on the path does not exist",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+}
+
+
+def file_error(e: OSError) -> str | None:
+    """One line for a file-system error the user can fix, naming the path; None for other OSErrors
+    (and for the path-less kinds without a path), which keep their traceback."""
+    hint = _FILE_ERRORS.get(e.errno) if e.errno is not None else None
+    path = e.filename if e.filename is not None else None
+    if hint is None or (path is None and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)):
+        return None
+    where = f"{clip(str(path))}: " if path is not None else ""
+    return f"{where}{e.strerror or e} ({hint})"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, unknown_name
+from .errors import ConfigError, clip, shown, unknown_name
 from .likelihoods import LIKELIHOODS
 from .models import ACTIVATIONS, MODELS, TEXT_MODELS
 from .objectives import OBJECTIVES
@@ -170,13 +170,76 @@ def preset_names() -> list[str]:
     )
 
 
+MAX_YAML_BYTES = 1 << 20  # a config is a few hundred bytes; a larger file is not one
+MAX_YAML_NODES = 100_000  # values and keys of a document once its aliases are expanded
+MAX_STRING = 4096  # characters of one string value (PATH_MAX on Linux)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document that expands past MAX_YAML_NODES nodes: aliases share
+    nodes, so a few hundred bytes can stand for a billion values ("billion laughs")."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the nodes of ``root`` as if every alias were copied out, without copying: each shared node's
+    expanded size is computed once (children before parents, by an explicit stack)."""
+    size: dict[int, int] = {}
+    entered: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        if not children_done and id(node) in entered:  # reached again below itself
+            raise ConfigError("YAML document holds a recursive alias (a value that contains itself)")
+        entered.add(id(node))
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in size)
+            continue
+        size[id(node)] = 1 + sum(size.get(id(k), 1) for k in kids)
+        if size[id(node)] > MAX_YAML_NODES:
+            raise ConfigError(
+                f"YAML document expands to more than {MAX_YAML_NODES:,} values (aliases repeating aliases, "
+                "as in a 'billion laughs' bomb); a config needs no more than a few hundred"
+            )
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML as a config (safe tags only, aliases expanding to at most MAX_YAML_NODES values)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"YAML text of {len(text):,} characters is too long for a config")
+    return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: safe tags only
+
+
 def _read_yaml(path: Path | Any, label: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {label}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {label} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raw = path.read_bytes()
+        if len(raw) > MAX_YAML_BYTES:
+            raise ConfigError(f"config file {label} is {len(raw):,} bytes, too large for a config")
+        data = load_yaml(raw.decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {label}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {label} is not UTF-8 text (byte {shown(e.object[e.start : e.start + 1])} at "
+            f"offset {e.start})"
+        ) from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an integer of 5,000 digits
+        raise ConfigError(
+            f"config file {label} is not valid YAML: {clip((str(e).splitlines() or [type(e).__name__])[0])}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -213,11 +276,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             pairs = [str(v).rpartition(":") for v in value]
             if any(not sep or not name.strip() for name, sep, _ in pairs):
                 raise ConfigError(
-                    f"{key} must map names to values, e.g. 'age:integer,sex:categorical'; got {value!r}"
+                    f"{key} must map names to values, e.g. 'age:integer,sex:categorical'; got {shown(value)}"
                 )
             value = {name.strip(): v.strip() for name, _, v in pairs}
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{key} must be a mapping, got {shown(value)}")
         return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin is list:
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -225,36 +288,41 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {shown(value)}")
         return [_coerce(key, v, args[0]) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
             return value.lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {shown(value)}")
     if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, bool | dict | list | tuple):
+            raise ConfigError(f"{key} must be an integer, got {shown(value)}")
         if isinstance(value, float) and value.is_integer():
             return int(value)
         try:
             return int(str(value).replace("_", ""))
         except ValueError:
-            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+            raise ConfigError(f"{key} must be an integer, got {shown(value)}") from None
     if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, bool | dict | list | tuple):
+            raise ConfigError(f"{key} must be a number, got {shown(value)}")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{key} must be a number, got {shown(value)}") from None
     if hint is str:
-        if isinstance(value, dict | list):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
+        if isinstance(value, dict | list | tuple):
+            raise ConfigError(f"{key} must be a string, got {shown(value)}")
         if isinstance(value, bool):  # YAML 1.1 reads `compile: off` as False: the user meant "off"
             return "on" if value else "off"
-        return str(value)
+        text = str(value)
+        if len(text) > MAX_STRING:
+            raise ConfigError(
+                f"{key} is {len(text):,} characters long, more than {MAX_STRING}: {shown(text)}"
+            )
+        return text
     raise AssertionError(f"unsupported config type {hint} for {key}")
 
 
@@ -275,7 +343,7 @@ def apply(cfg: Config, nested: dict[str, Any]) -> Config:
     for section_name, values in nested.items():
         if not isinstance(values, dict):
             if section_name in {f.name for f in fields(Config)}:
-                raise ConfigError(f"config section '{section_name}' must be a mapping, got {values!r}")
+                raise ConfigError(f"config section '{section_name}' must be a mapping, got {shown(values)}")
             _set(cfg, str(section_name), values)  # raises the unknown-name error
             continue
         for key, value in values.items():
@@ -294,8 +362,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if typing.get_type_hints(type(getattr(Config(), section, None))).get(name) in (str, str | None) and raw:
         return key, raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
+        value = load_yaml(raw) if raw.strip() else raw
+    except (yaml.YAMLError, ConfigError):
         value = raw
     return key, value
 
@@ -328,9 +396,9 @@ def parse_resize(text: str | None) -> tuple[int, int] | None:
     try:
         h, w = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
     except ValueError:
-        raise ConfigError(f"data.resize must look like HxW (e.g. 32x32), got {text!r}") from None
+        raise ConfigError(f"data.resize must look like HxW (e.g. 32x32), got {shown(text)}") from None
     if h < 1 or w < 1:
-        raise ConfigError(f"data.resize must be positive, got {text!r}")
+        raise ConfigError(f"data.resize must be positive, got {shown(text)}")
     return h, w
 
 

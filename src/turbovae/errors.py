@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
+from typing import Any
+
+SHOWN_CHARS = 80  # the most of a user's value an error message shows
+
+# a bounded repr: a few items of each container, a few levels deep, so that formatting a value costs
+# little however large it is (a YAML alias bomb expands to a billion items)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 6, 6, 4, 6
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = SHOWN_CHARS
 
 
 class TurboVAEError(Exception):
@@ -22,9 +32,23 @@ class CheckpointError(TurboVAEError):
     """A missing, corrupt, unsafe or incompatible checkpoint or run directory."""
 
 
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``value`` as an error message shows it: its repr, cut to ``limit`` characters with "...", and built
+    without formatting the whole value."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """A message (an exception's text, a first line) cut to ``limit`` characters with "..."."""
+    text = str(text).replace("\r", " ").replace("\n", " ")  # one line
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def unknown_name(kind: str, name: str, choices: Iterable[str]) -> ConfigError:
     """A ConfigError for an unknown registry name, suggesting the closest valid one."""
     options = sorted(choices)
-    close = difflib.get_close_matches(name, options, n=1)
+    text = str(name) if isinstance(name, str | int | float) else ""
+    close = difflib.get_close_matches(text, options, n=1) if 0 < len(text) <= 200 else []
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown {kind} '{name}' (expected one of: {', '.join(options)}){hint}")
+    return ConfigError(f"unknown {kind} {shown(name)} (expected one of: {', '.join(options)}){hint}")

@@ -10,8 +10,7 @@ from typing import Any
 from .. import evaluation, runtime
 from ..data.table_transform import is_table_meta, source_splits
 from ..data.tables import read_table
-from ..engine.checkpoint import atomic_write
-from ..engine.rundir import load
+from ..engine.rundir import load, write_json
 from ..engine.setup import setup
 from ..errors import ConfigError, DataError
 from ..evaluation.fidelity import fidelity_report, synthesize
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if s.data.is_tokens:  # text: nats per token and perplexity
         result.update(text_metrics(result["nelbo"], result["nll_iwae"], x))
     if out is not None:
-        atomic_write(out, (json.dumps(result, indent=1) + "\n").encode())
+        write_json(out, result)
     if args.json:
         print(json.dumps(result))
     else:
@@ -154,6 +153,6 @@ def run_fidelity(args: argparse.Namespace) -> int:
     result = {"run": str(args.run_dir), "real": args.real or f"{transform['source']} (held-out split)"}
     result.update(fidelity_report(real_test, synthetic, real_train, target=args.target, seed=args.seed))
     if out is not None:
-        atomic_write(out, (json.dumps(result, indent=1) + "\n").encode())
+        write_json(out, result)
     print(json.dumps(result))
     return 0

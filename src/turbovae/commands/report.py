@@ -26,6 +26,8 @@ import yaml
 from PIL import Image
 
 from .. import __version__, evaluation, runtime
+from ..config import load_yaml
+from ..engine.checkpoint import replace_file
 from ..engine.rundir import load
 from ..engine.setup import setup
 from ..errors import CheckpointError, ConfigError, TurboVAEError
@@ -45,7 +47,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     events = []
-    for line in path.read_text().splitlines():
+    for line in _read_text(path).splitlines():
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
@@ -77,10 +79,20 @@ class RunInfo:
     notes: list[str] = field(default_factory=list)
 
 
+def _read_text(path: Path) -> str:
+    """A run file's text; a file that is not UTF-8 (damaged) is a one-line error naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(
+            f"{path} is not UTF-8 text (a bad byte at offset {e.start}): it is damaged"
+        ) from None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(_read_text(path))
+    except (OSError, json.JSONDecodeError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -98,10 +110,11 @@ def collect_run(
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a turbovae run directory (no config.yaml)")
     info = RunInfo(path=run_dir, name=run_dir.resolve().name)
-    info.config_text = (run_dir / "config.yaml").read_text()
+    info.config_text = _read_text(run_dir / "config.yaml")
     try:
-        info.config = yaml.safe_load(info.config_text) or {}
-    except yaml.YAMLError:
+        nested = load_yaml(info.config_text) or {}
+        info.config = nested if isinstance(nested, dict) else {}
+    except (yaml.YAMLError, ValueError, ConfigError):
         info.notes.append("config.yaml is not valid YAML")
     info.summary = _read_json(run_dir / "summary.json")
     info.evaluation = _read_json(run_dir / "eval.json")
@@ -561,8 +574,7 @@ def build_report(
         info.name = name
         runs.append(info)
     curves = plot_curves([(r.name, r.events) for r in runs], fig_root)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(runs, curves), encoding="utf-8")
+    replace_file(out, render_html(runs, curves).encode("utf-8"))  # atomically: never a truncated report
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from .. import conditioning, runtime
 from ..data.tables import write_table
+from ..engine.checkpoint import replace_file
 from ..engine.rundir import load
 from ..errors import ConfigError
 from ..evaluation.fidelity import synthesize
@@ -81,9 +83,10 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         condition=y,
     ).cpu()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        np.save(out, x.numpy())
+    if out.suffix == ".npy":  # atomically, as every file turbovae writes
+        buffer = io.BytesIO()
+        np.save(buffer, x.numpy())
+        replace_file(out, buffer.getbuffer())
     else:
         nrow = min(8, args.n) if classes is None or len(classes) == 1 else min(args.n, 16)
         save_grid(as_images(x, vae.event_shape), out, nrow=nrow)
@@ -120,7 +123,6 @@ def _sample_text(args: argparse.Namespace, vae: Any, device: Any) -> int:
     if out is None:
         print("\n".join(lines))
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(f"{line}\n" for line in lines))
+        replace_file(out, "".join(f"{line}\n" for line in lines).encode())
         print(out)
     return 0

@@ -7,12 +7,15 @@ verified against the checksums of the official files before they are moved into 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
-import tempfile
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import DataError
 
@@ -51,6 +54,8 @@ SYSTEM_DIRS: dict[str, list[str]] = {"fashion-mnist": ["/usr/share/datasets/fash
 
 TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
+# the largest official file is 26 MB (Fashion-MNIST's training images): a mirror sending more is wrong
+MAX_BYTES = 64 << 20
 
 
 def cache_dir(name: str) -> Path:
@@ -96,35 +101,101 @@ def find_local(name: str, data_dir: str | Path | None = None) -> dict[str, Path]
     return None
 
 
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (flock): downloads into one folder take turns, so one
+    process never removes or appends to the partial file of another. Released when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: go on unlocked
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fetch(url: str, part: Path, timeout: float) -> str:
+    """Download ``url`` into ``part``, continuing a partial file (an HTTP Range request) where there is
+    one; at most MAX_BYTES in all. Returns the SHA-256 of the whole file."""
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:  # 416: nothing after byte `have`: the partial file may be complete
+            raise
+        return _sha256_of(part)
+    with response:
+        if have and response.status != 206:  # the server ignored the range: start again
+            have = 0
+        length = response.headers.get("Content-Length")
+        if length is not None and length.isdigit() and have + int(length) > MAX_BYTES:
+            raise DataError(
+                f"{url}: {have + int(length):,} bytes, more than the {MAX_BYTES:,} bytes a data file can be"
+            )
+        with open(part, "ab" if have else "wb") as out:
+            _copy(response, out, have, url)
+    return _sha256_of(part)
+
+
+def _copy(response: BinaryIO, out: BinaryIO, have: int, url: str) -> None:
+    total = have
+    while chunk := response.read(_CHUNK):
+        total += len(chunk)
+        if total > MAX_BYTES:
+            raise DataError(f"{url}: more than the {MAX_BYTES:,} bytes a data file can be; stopped")
+        out.write(chunk)
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _download_file(name: str, dest: Path, timeout: float) -> None:
+    """Download ``dest`` from the mirrors into ``.NAME.part`` beside it (same folder: the final rename
+    is atomic), verify its SHA-256, rename it into place. A partial file left by a killed or failed
+    download is continued by the next attempt (or started again where the server cannot continue it);
+    one that fails its checksum is deleted."""
     urls = [base + dest.name for base in mirrors(name)]
     sha256 = SHA256[name][dest.name]
+    part = dest.parent / f".{dest.name}.part"
     errors = []
-    for url in urls:
-        # Same directory as the target, so the final rename is atomic and never crosses filesystems.
-        try:
-            fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        except OSError as e:
-            raise DataError(f"{dest.parent}: cannot write the download ({e})") from e
-        tmp = Path(tmp_name)
-        try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-                while chunk := response.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-            if digest.hexdigest() != sha256:
-                raise DataError(
-                    f"{url}: SHA-256 {digest.hexdigest()} does not match the expected {sha256}; "
-                    "the download was deleted"
-                )
-            os.replace(tmp, dest)
+    with _locked(dest.parent):
+        if dest.is_file():  # another process downloaded it while this one waited
             return
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            # Network failures (URLError is an OSError) fall through to the next mirror.
-            errors.append(f"{url}: {e}")
-        finally:
-            tmp.unlink(missing_ok=True)
+        for stale in dest.parent.glob(f".{dest.name}.*.part"):  # random names of earlier versions
+            stale.unlink(missing_ok=True)
+        for url in urls:
+            try:
+                digest = _fetch(url, part, timeout)
+            except DataError as e:  # over the size cap: the partial file is wrong, not unfinished
+                part.unlink(missing_ok=True)
+                errors.append(str(e))
+                continue
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                # network failures (URLError is an OSError) fall through to the next mirror, which
+                # continues the partial file (the mirrors serve the same bytes; the checksum decides)
+                errors.append(f"{url}: {e}")
+                continue
+            if digest != sha256:
+                part.unlink(missing_ok=True)
+                errors.append(
+                    f"{url}: SHA-256 {digest} does not match the expected {sha256}; the download was deleted"
+                )
+                continue
+            os.replace(part, dest)
+            return
     raise DataError(
         f"could not download {dest.name} ({'; '.join(errors)}); without network access, place "
         f"{', '.join(FILES)} in {dest.parent} or in $TURBOVAE_DATA/{name}/"
@@ -134,8 +205,9 @@ def _download_file(name: str, dest: Path, timeout: float) -> None:
 def download(name: str, dest: str | Path | None = None, *, timeout: float = TIMEOUT_S) -> dict[str, Path]:
     """Download the four official files of ``name`` into ``dest`` (default: the user cache).
 
-    Files already in ``dest`` are kept. Each download goes to a temporary file that is checked
-    against its SHA-256 and then renamed into place, so a failed download never leaves a partial file.
+    Files already in ``dest`` are kept. Each download goes to a partial file beside it that is checked
+    against its SHA-256 and then renamed into place, so a failed download never leaves a wrong file in
+    place; a partial file left by an interrupted download is continued by the next one.
 
     Args:
         name: ``"fashion-mnist"`` or ``"mnist"``.

@@ -15,8 +15,26 @@ from .dataset import Dataset
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 # Modes that carry no colour; alpha is dropped because the models see opaque pixels only.
 _GREY_MODES = frozenset({"1", "L", "LA", "La"})
-# 16-bit and float images would need a different max_value; refusing beats silently clipping.
+# 16-bit and float images would need a different max_value; refusing beats silently clipping. Pillow
+# opens 16-bit grey PNGs as I;16 but 16-bit colour ones as 8-bit RGB(A) (dropping the low byte), so
+# PNGs are also judged by their header's bit depth: every 16-bit PNG is refused, grey or colour.
 _UNSUPPORTED_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_KINDS = {0: "grey", 2: "RGB", 3: "palette", 4: "grey + alpha", 6: "RGBA"}
+
+
+def _png_bit_depth(file: Path) -> tuple[int, str] | None:
+    """(bits per channel, colour kind) from a PNG's IHDR chunk; None for other files."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return head[24], _PNG_KINDS.get(head[25], "unknown")
+
+
 _OPEN_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -83,6 +101,12 @@ def load_image_folder(
                 sizes.append(image.size)
         except _OPEN_ERRORS as e:
             raise DataError(f"{file}: cannot read image ({e})") from e
+        depth = _png_bit_depth(file)
+        if depth is not None and depth[0] > 8:
+            raise DataError(
+                f"{file}: a {depth[0]}-bit {depth[1]} PNG; images must be 8 bits per channel (values "
+                "0..255): convert it, e.g. `convert IN.png -depth 8 OUT.png`"
+            )
         if modes[-1] in _UNSUPPORTED_MODES:
             raise DataError(
                 f"{file}: image mode {modes[-1]} is not supported, expected 8-bit greyscale or colour"

@@ -4,7 +4,6 @@ the pictures (or text outputs) and summary.json."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from ..evaluation.text import text_summary
 from ..viz.grids import as_images, grid_image, reconstruction_grid, sample_grid, save_grid
 from ..viz.text import write_text_outputs
 from .optim import EMA
-from .rundir import MetricsLog
+from .rundir import MetricsLog, write_json
 from .setup import Setup
 
 
@@ -139,7 +138,7 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> di
         return summary
     if s.data.is_tokens:  # text: nats per token, perplexity, active units, reconstruction accuracy
         summary.update(text_summary(s, ev, iw, loop))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary)  # atomically; NaN as null
     return summary
 
 

@@ -25,7 +25,7 @@ from ..data.batches import preparer
 from ..data.text import bucketed, lengths_of
 from ..models import model_spec
 from ..objectives import noise_shape_of
-from . import checkpoint, distributed, optim, tracking
+from . import checkpoint, distributed, optim, rundir, tracking
 from .finish import averaged, collapse_check, finish, tracked_pictures
 from .noise import NoiseProbe
 from .optim import EMA, GradGuard, make_optimizer
@@ -100,6 +100,7 @@ def fit(
             raise distributed.lost_contact(e, ctx, out) from None
         raise
     finally:
+        rundir.unlock_run(out)
         ctx.close(finished)
 
 
@@ -179,18 +180,21 @@ def _new_state(cfg: Config, s: Setup) -> TrainState:
 def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, resume: bool) -> Run:
     """Check the directory, set up data and model, restore a checkpoint, write config.yaml and the start
     event: everything before the first step."""
-    if ctx.main:  # rank 0 alone decides about the directory it alone writes
+    resume_from = None
+    if ctx.main:  # rank 0 alone decides about (and locks, for the whole run) the directory it alone writes
+        rundir.lock_run(out, resume)
         check_out_dir(out, overwrite, resume)
+        resume_from = rundir.resume_point(out, cfg) if resume else None  # refused: nothing is touched
     tracking.check_available(cfg)
     runtime.seed_everything(cfg.train.seed)
     # every user error in config or data is raised here, before any file is touched
-    s = setup(cfg, device=ctx.device, data_meta=saved_data_meta(out) if resume else None)
+    s = setup(cfg, device=ctx.device, data_meta=saved_data_meta(out, resume_from) if resume else None)
     if ctx.world > 1:
         check_shares(s, ctx)
     runtime.configure(s.device, cfg.train.threads)
     st = _new_state(cfg, s)
     loop = st.loop
-    state_json = ctx.broadcast(prepare_dir(out, cfg, overwrite, resume) if ctx.main else None)  # rank 0's
+    state_json = ctx.broadcast(prepare_dir(out, cfg, overwrite, resume, resume_from) if ctx.main else None)
     if state_json is not None:
         st.restore(*checkpoint.load(state_json), source=state_json)
         loop.pop("time_limited", None)  # a resumed run is stopped (or not) by its own train.time_limit
@@ -201,7 +205,7 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     lr_factor = distributed.lr_factor(cfg, global_batch / cfg.train.batch_size)
     ctx.decorrelate(cfg.train.seed, loop["step"])
     if ctx.main:
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        checkpoint.replace_file(out / "config.yaml", to_yaml(cfg).encode())
     cfg = distributed.scaled_lr(cfg, lr_factor)  # the learning rate of the global batch (as saved: unscaled)
     log = MetricsLog(out / "metrics.jsonl" if ctx.main else None)
     ranks = {"ranks": ctx.world, "global_batch": global_batch, "lr_factor": lr_factor}

@@ -1,20 +1,24 @@
-"""The run directory: its rules (never replaced without --overwrite, nor continued without --resume),
-metrics.jsonl, and ``load`` (the trained model of a run directory)."""
+"""The run directory: its rules (never replaced without --overwrite, nor continued without --resume, nor
+used by two runs at once), metrics.jsonl, and ``load`` (the trained model of a run directory)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import shutil
+import socket
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from ..config import Config, from_dict
-from ..errors import CheckpointError, ConfigError
+from ..config import Config, from_dict, load_yaml
+from ..errors import CheckpointError, ConfigError, clip, shown
 from ..vae import VAE
 from . import checkpoint
 from .setup import build_vae
@@ -32,6 +36,93 @@ RUN_FILES = (
 )
 
 
+LOCK_NAME = ".lock"
+
+
+@dataclass
+class _Lock:
+    fd: int
+    created: list[Path] = field(default_factory=list)  # the folders taking the lock made, deepest first
+
+
+_held: dict[Path, _Lock] = {}  # the run directories this process has locked
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    """``mkdir -p out``; the folders it made, deepest first."""
+    made, path = [], out
+    while not path.exists() and path != path.parent:
+        made.append(path)
+        path = path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def lock_run(out: Path, resume: bool) -> None:
+    """Lock the run directory ``out`` (``out/.lock``, an ``flock``) for this process until ``unlock_run``:
+    a second train or resume of it stops at once, naming the process that holds it. The lock dies with
+    its process, so a killed run's lock is taken over. Data-parallel runs: rank 0 alone takes it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; a run directory is not locked there
+        return
+    key = out.resolve()
+    if key in _held:  # another run of this process (a thread) holds it
+        raise CheckpointError(f"run directory {out} is in use by another run of this process")
+    if (out.exists() and not out.is_dir()) or (resume and not (out / "config.yaml").is_file()):
+        return  # check_out_dir's error follows
+    made = _make_dirs(out)
+    path = out / LOCK_NAME
+    for _ in range(100):  # the file may go between open and flock (its holder removes it on release)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            os.close(fd)
+            raise CheckpointError(
+                f"run directory {out} is in use by {_holder(holder)} (its lock: {path}); wait for that run "
+                "to end or stop it, or use another --out"
+            ) from None
+        except OSError as e:  # a filesystem without locks (ENOLCK, EOPNOTSUPP): run unlocked, and say so
+            os.close(fd)
+            print(f"turbovae: warning: cannot lock {path} ({e.strerror}); two runs in {out} would clash",
+                  file=sys.stderr)  # fmt: skip
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)
+    else:
+        raise CheckpointError(f"cannot lock {path}: it keeps being replaced")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _held[key] = _Lock(fd, made)
+
+
+def _holder(fields: list[str]) -> str:
+    if not fields:
+        return "another process"
+    pid, host = fields[0], fields[1] if len(fields) > 1 else ""
+    where = f" on {shown(host, 40)}" if host and host != socket.gethostname() else ""
+    return f"process {shown(pid, 20) if not pid.isdigit() else pid}{where}"
+
+
+def unlock_run(out: Path) -> None:
+    """Release the lock ``lock_run`` took, removing the lock file first (while still holding it: a process
+    that opened it meanwhile sees it replaced and opens the new one), so a finished, failed or refused
+    run leaves no file behind. The folders taking the lock created are removed again where empty (a run
+    that failed before its first file)."""
+    lock = _held.pop(out.resolve(), None)
+    if lock is None:
+        return
+    with contextlib.suppress(OSError):
+        (out / LOCK_NAME).unlink()
+        for folder in lock.created:
+            folder.rmdir()  # stops (OSError) at the first folder that is not empty
+    os.close(lock.fd)
+
+
 def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
     """An existing run is never replaced without --overwrite, nor continued without --resume."""
     if resume:
@@ -42,7 +133,7 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
         return
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
         raise ConfigError(
             f"output directory {out} already exists and is not empty; pass --overwrite to replace it, "
             f"--resume {out} to continue it, or --out for a new directory"
@@ -80,24 +171,108 @@ class MetricsLog:
             self.file.close()
 
 
-def saved_data_meta(out: Path) -> dict[str, Any] | None:
+def saved_data_meta(out: Path, state_json: Path | None = None) -> dict[str, Any] | None:
     """The Dataset.meta the run's checkpoints recorded (the same in all): a resumed run encodes its
-    data with the transforms it was trained with, not refitted ones."""
-    for path in sorted((out / "checkpoints").glob("step-*.json"), reverse=True):
-        with contextlib.suppress(OSError, ValueError):
-            return json.loads(path.read_text()).get("data_meta")
-    return None
+    data with the transforms it was trained with, not refitted ones. ``state_json``: the checkpoint
+    chosen (else the newest valid one)."""
+    path = state_json or checkpoint.latest(out, quiet=True)
+    if path is None:
+        return None
+    meta = checkpoint.read_meta(path).get("data_meta")
+    return meta if isinstance(meta, dict) else None
 
 
-def prepare_dir(out: Path, cfg: Config, overwrite: bool, resume: bool) -> Path | None:
-    """Prepare the run directory; on resume, the checkpoint to continue from (None: from the start)."""
+RESUMABLE = ("train.epochs", "train.time_limit")  # what a resumed run may change
+
+
+def _flat(nested: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{k}": v for section, values in nested.items() for k, v in values.items()}
+
+
+def resume_point(out: Path, cfg: Config) -> Path | None:
+    """The checkpoint ``train --resume`` continues from (None: a run stopped before its first one
+    starts again), checked before anything is touched: a CheckpointError if every checkpoint is refused
+    (each with its reason) or if ``cfg`` differs from the checkpoint's config outside RESUMABLE."""
+    chosen, refused = checkpoint.choose(out)
+    folder = out / "checkpoints"
+    if chosen is None and refused:
+        raise CheckpointError(
+            f"cannot resume {out}: none of its {len(refused)} step checkpoints is usable, and nothing was "
+            f"changed: {checkpoint.refusals(refused)}"
+        )
+    if chosen is None:
+        done = [n for n in ("best.json", "../summary.json") if (folder / n).is_file()]
+        if done:  # a run that got past its first checkpoint: starting over would replace its results
+            raise CheckpointError(
+                f"cannot resume {out}: it has {Path(done[0]).name} but no step checkpoint to continue from; "
+                "nothing was changed (start over with --overwrite)"
+            )
+        return None
+    if refused:
+        checkpoint.note(
+            f"resuming {out} from {chosen.name}: skipped {checkpoint.refusals(refused)} (moved to "
+            f"{folder / 'refused'})"
+        )
+    saved = checkpoint.read_meta(chosen).get("config")
+    try:
+        before = _flat(from_dict(saved or {}).to_dict())
+    except ConfigError as e:
+        raise CheckpointError(f"cannot resume {out}: the config in {chosen.name} is not valid: {e}") from None
+    now = _flat(cfg.to_dict())
+    changed = [k for k in now if k not in RESUMABLE and now[k] != before.get(k)]
+    if changed:
+        key = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if len(changed) > 1 else ""
+        raise CheckpointError(
+            f"cannot resume {out}: its checkpoint {chosen.name} does not fit config.yaml: {key} is "
+            f"{shown(before.get(key))} in the checkpoint, {shown(now[key])} in config.yaml{more}; a resumed "
+            f"run may change only {' and '.join(RESUMABLE)} (undo an edit of config.yaml, or train a new run "
+            "with --out)"
+        )
+    return chosen
+
+
+def prepare_dir(
+    out: Path, cfg: Config, overwrite: bool, resume: bool, start: Path | None = None
+) -> Path | None:
+    """Prepare the run directory; on resume, the checkpoint to continue from (``start``, from
+    ``resume_point``; None: from the start). The checkpoints newer than ``start`` (refused) are moved to
+    checkpoints/refused/: they neither count toward train.keep_checkpoints nor shadow the run's own."""
     if resume:
         checkpoint.clean_temporary(out)  # left by a process killed while writing
-        return checkpoint.latest(out)
+        if start is not None:
+            aside = out / "checkpoints" / "refused"
+            for n, path in checkpoint.step_files(out / "checkpoints"):
+                if n > (checkpoint.step_of(start) or 0):
+                    aside.mkdir(exist_ok=True)
+                    for p in (path, path.with_suffix(".safetensors")):
+                        if p.exists():
+                            os.replace(p, aside / p.name)
+        return start
     if overwrite:
         _clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def json_text(value: Any) -> str:
+    """JSON for the run's files: non-finite numbers written as null (JSON has no NaN)."""
+    return json.dumps(_finite(value), indent=1, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``json_text(value)`` written atomically (a full disk leaves the previous file, never an empty one)."""
+    checkpoint.replace_file(path, json_text(value).encode())
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
@@ -111,12 +286,20 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     if not cfg_path.is_file():
         raise CheckpointError(f"{run_dir} is not a turbovae run directory (no config.yaml)")
     try:
-        cfg = from_dict(yaml.safe_load(cfg_path.read_text()) or {})
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{cfg_path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    state_json = checkpoint.latest(run_dir)
+        nested = load_yaml(cfg_path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not UTF-8 text (a bad byte at offset {e.start})") from None
+    except (yaml.YAMLError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid YAML: {clip(str(e).splitlines()[0])}") from None
+    if not isinstance(nested, dict):
+        raise CheckpointError(f"{cfg_path} must hold a mapping of config sections")
+    cfg = from_dict(nested)
+    state_json, refused = checkpoint.choose(run_dir)
     if state_json is None:
-        raise CheckpointError(f"no valid checkpoint in {run_dir / 'checkpoints'}")
+        why = f": {checkpoint.refusals(refused)}" if refused else ""
+        raise CheckpointError(f"no valid checkpoint in {run_dir / 'checkpoints'}{why}")
+    if refused:
+        checkpoint.note(f"using {state_json.name} of {run_dir}: skipped newer {checkpoint.refusals(refused)}")
     tensors, meta = checkpoint.load(state_json)
     if "event_shape" not in meta:
         raise CheckpointError(f"checkpoint {state_json} does not record the data shape (event_shape)")

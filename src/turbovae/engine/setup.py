@@ -4,8 +4,10 @@ user errors in config or data surface here, before any file is written."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,8 +16,9 @@ from .. import conditioning, runtime
 from ..config import Config, parse_resize
 from ..data import Dataset, load_dataset
 from ..data.batches import binarize, preparer, value_range
+from ..data.table_transform import is_table_meta
 from ..data.text import check_text_setup
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, shown
 from ..likelihoods import build_likelihood
 from ..models import TEXT_MODELS, build_network, model_spec
 from ..vae import VAE
@@ -128,6 +131,7 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
     )
     if not (math.isfinite(low) and math.isfinite(high)):
         raise DataError(f"data '{data.name}' contains NaN or Inf values")
+    check_memory(cfg, data.event_shape, data.meta, device)
     vae = build_vae(cfg, data.event_shape, data.meta)
     mode = resolve_binarize(cfg.data.binarize, vae.likelihood.support, binary)
     if data.is_tokens or vae.likelihood.support == "tokens":  # text: no scaling and no binarisation
@@ -139,6 +143,12 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
     if mode != "none":
         binary, low, high = True, 0.0, 1.0
     vae.likelihood.check_data(low, high, binary, data.name)
+    fit_idx, val_idx = validation_split(len(data.x_train), cfg.data.validation)
+    if len(fit_idx) < cfg.train.batch_size and is_table_meta(data.meta):  # as TVAE does
+        n = len(fit_idx)
+        print(f"turbovae: note: table '{data.name}' has {n} training rows, fewer than train.batch_size = "
+              f"{cfg.train.batch_size}: training with one batch of all {n}", file=sys.stderr)  # fmt: skip
+        cfg.train.batch_size = n  # config.yaml records the batch the run used
     if len(data.x_train) < cfg.train.batch_size:
         raise DataError(
             f"data '{data.name}' has {len(data.x_train)} training examples, fewer than train.batch_size "
@@ -146,7 +156,6 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         )
     if len(data.x_test) == 0:
         raise DataError(f"data '{data.name}' has an empty test split")
-    fit_idx, val_idx = validation_split(len(data.x_train), cfg.data.validation)
     x_train, x_val, x_test = data.x_train[fit_idx], data.x_train[val_idx], data.x_test
     train_max = val_max = test_max = data.max_value
     if mode == "static":
@@ -198,6 +207,76 @@ def condition_on(data: Dataset, condition: str) -> None:
         data.meta["condition"] = {"kind": "label", "names": names, "counts": counts}
     if len(data.meta["condition"]["names"]) < 2:
         raise DataError(f"data '{data.name}': --condition {condition} needs at least 2 classes, found 1")
+
+
+# float32 copies of the parameters that training holds at its peak, besides the weights: gradients,
+# the optimiser's state, the NaN guard's snapshot (weights + optimiser state), and a checkpoint's bytes
+# (the same again); the weight average adds one copy to each of the three
+_OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "adamax": 2, "sgd": 1}
+
+
+def check_memory(
+    cfg: Config, event_shape: tuple[int, ...], data_meta: dict[str, Any] | None, device: torch.device
+) -> None:
+    """Refuse, before anything is allocated, a model whose training cannot fit in the memory available
+    (the parameters counted on the meta device, where building a network costs nothing)."""
+    try:
+        with torch.device("meta"):
+            net = build_vae(cfg, event_shape, data_meta)
+        params = sum(p.numel() for p in net.parameters())
+        weights = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):  # a model the meta device cannot build
+        return
+    k = _OPTIMIZER_STATES.get(cfg.train.optimizer, 2) + (1 if cfg.train.ema else 0)
+    on_device = weights * (2 + k + 1 + k)  # weights, gradients, optimiser (+ average), their snapshot
+    on_host = weights * (1 + k)  # a checkpoint's bytes
+    needs = [(on_device + (on_host if device.type == "cpu" else 0), device)]
+    if device.type != "cpu":
+        needs.append((on_host + weights, torch.device("cpu")))  # built on the CPU, then moved
+    for need, where in needs:
+        free = _available_bytes(where)
+        if free is not None and need > free:
+            widths = ", ".join(f"model.{k}={shown(v)}" for k, v in _width_keys(cfg).items())
+            raise ConfigError(
+                f"the model ({widths}) has {params:,} parameters: training it needs at least "
+                f"{need / 2**30:,.1f} GiB of {where.type} memory (weights, gradients, optimiser state, the "
+                f"NaN guard's snapshot and a checkpoint), but {free / 2**30:,.1f} GiB are available; use "
+                "a smaller model"
+            )
+
+
+def _width_keys(cfg: Config) -> dict[str, Any]:
+    m = cfg.model
+    keys: dict[str, Any] = {"latent": m.latent}
+    keys.update({"hidden": m.hidden} if m.name in ("mlp", *TEXT_MODELS) else {"channels": m.channels})
+    return keys
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory free for this process on ``device`` (None: unknown): CUDA's free memory; on the CPU,
+    MemAvailable, or less where a cgroup (a container's memory limit) leaves less."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max" and free is not None:
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def check_shares(s: Setup, ctx: distributed.Context) -> None:

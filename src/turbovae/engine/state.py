@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, TurboVAEError
+from ..errors import CheckpointError, TurboVAEError, clip
 from ..vae import VAE
 from . import checkpoint
 from .optim import EMA, GradGuard
@@ -55,6 +55,10 @@ def _load_rng_state(
     np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+def _first_line(e: BaseException) -> str:
+    return clip((str(e).splitlines() or [""])[0], 160)
+
+
 @dataclass
 class TrainState:
     """What a checkpoint holds, besides the config: the objects a step changes and the loop position."""
@@ -95,20 +99,23 @@ class TrainState:
         try:
             self.vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             checkpoint.load_optimizer_state(self.opt, tensors, meta["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise CheckpointError(f"checkpoint {source} does not fit this model: {_first_line(e)}") from None
+        try:  # the rest was written by turbovae; a checkpoint that fails here is damaged, not mismatched
+            if self.scaler is not None and meta.get("scaler"):
+                self.scaler.load_state_dict(meta["scaler"])
+            _load_rng_state(self.gens, tensors, meta["rng"])
+            self.perm = tensors["loop.perm"].to(self.perm.device)
+            for k, v in self.guard.state.items():
+                if f"guard.{k}" in tensors:
+                    v.copy_(tensors[f"guard.{k}"])
+            if self.ema is not None:
+                self.ema.load(tensors)
+            self.loop.update(meta["loop"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError) as e:
             raise CheckpointError(
-                f"checkpoint {source} does not fit this model: {str(e).splitlines()[0]}"
+                f"checkpoint {source} holds an unusable training state ({type(e).__name__}: {_first_line(e)})"
             ) from None
-        if self.scaler is not None and meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
-        _load_rng_state(self.gens, tensors, meta["rng"])
-        self.perm = tensors["loop.perm"].to(self.perm.device)
-        for k, v in self.guard.state.items():
-            if f"guard.{k}" in tensors:
-                v.copy_(tensors[f"guard.{k}"])
-        if self.ema is not None:
-            self.ema.load(tensors)
-        self.loop.update(meta["loop"])
 
 
 class Snapshot:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ..engine.checkpoint import replace_file
 
 GRID_BACKGROUND = 64  # the grey between grid cells
 
@@ -63,7 +66,14 @@ def grid_image(images: torch.Tensor, nrow: int, min_side: int = 256) -> Image.Im
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, min_side: int = 256) -> None:
     """Write a PNG grid, upscaled with nearest-neighbour so that small images stay readable."""
-    grid_image(images, nrow, min_side).save(path, format="PNG")
+    save_png(grid_image(images, nrow, min_side), path)
+
+
+def save_png(picture: Image.Image, path: Path) -> None:
+    """Write a PNG atomically: a full disk leaves the previous file, never a truncated one."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    replace_file(Path(path), buffer.getbuffer())
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
