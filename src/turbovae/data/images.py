@@ -23,16 +23,19 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_KINDS = {0: "grey", 2: "RGB", 3: "palette", 4: "grey + alpha", 6: "RGBA"}
 
 
-def _png_bit_depth(file: Path) -> tuple[int, str] | None:
-    """(bits per channel, colour kind) from a PNG's IHDR chunk; None for other files."""
+def _check_bit_depth(file: Path) -> None:
+    """Refuse a PNG of more than 8 bits per channel, judged by its IHDR chunk (grey or colour alike)."""
     try:
         with open(file, "rb") as f:
             head = f.read(26)
     except OSError:
-        return None
-    if len(head) < 26 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
-        return None
-    return head[24], _PNG_KINDS.get(head[25], "unknown")
+        return  # Pillow's own error follows
+    if len(head) < 26 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR" or head[24] <= 8:
+        return
+    raise DataError(
+        f"{file}: a {head[24]}-bit {_PNG_KINDS.get(head[25], 'unknown')} PNG; images must be 8 bits per "
+        "channel (values 0..255): convert it, e.g. `convert IN.png -depth 8 OUT.png`"
+    )
 
 
 _OPEN_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -101,12 +104,7 @@ def load_image_folder(
                 sizes.append(image.size)
         except _OPEN_ERRORS as e:
             raise DataError(f"{file}: cannot read image ({e})") from e
-        depth = _png_bit_depth(file)
-        if depth is not None and depth[0] > 8:
-            raise DataError(
-                f"{file}: a {depth[0]}-bit {depth[1]} PNG; images must be 8 bits per channel (values "
-                "0..255): convert it, e.g. `convert IN.png -depth 8 OUT.png`"
-            )
+        _check_bit_depth(file)
         if modes[-1] in _UNSUPPORTED_MODES:
             raise DataError(
                 f"{file}: image mode {modes[-1]} is not supported, expected 8-bit greyscale or colour"
