@@ -14,9 +14,12 @@ from ..engine.checkpoint import atomic_write
 from ..engine.rundir import load
 from ..engine.setup import setup
 from ..errors import ConfigError, DataError
-from ..evaluation.fidelity import fidelity_report, synthesize
+from ..evaluation.fidelity import REPORT_STAGES, fidelity_report, synthesize
 from ..evaluation.text import text_metrics
+from ..progress import Progress, note
 from .options import json_out
+
+LONG_IWAE = 1_000_000  # decoder passes (k x examples) from which eval says what the IWAE pass costs
 
 
 def add_parser(sub: Any) -> None:
@@ -76,12 +79,16 @@ def run(args: argparse.Namespace) -> int:
     gen = runtime.generator(device, args.seed)
     result = {"split": args.split, "data": s.data.name, "run": str(args.run_dir)}
     result["device"] = runtime.describe(device)
-    result.update(
-        evaluation.evaluate(
-            vae, x, prepare, k=args.iwae_k, batch_size=args.batch_size, generator=gen,
-            precision=args.precision, floor=args.floor,
-        )
-    )  # fmt: skip
+    if args.iwae_k * len(x) >= LONG_IWAE:  # say up front what a long pass costs
+        note(f"IWAE with k={args.iwae_k:,} samples on {len(x):,} {args.split} examples "
+             f"({args.iwae_k * len(x):,} decoder passes); a smaller --iwae-k is faster")  # fmt: skip
+    with Progress(len(x), f"IWAE k={args.iwae_k:,}", "examples") as bar:
+        result.update(
+            evaluation.evaluate(
+                vae, x, prepare, k=args.iwae_k, batch_size=args.batch_size, generator=gen,
+                precision=args.precision, floor=args.floor, progress=bar.update,
+            )
+        )  # fmt: skip
     if s.data.is_tokens:  # text: nats per token and perplexity
         result.update(text_metrics(result["nelbo"], result["nll_iwae"], x))
     if out is not None:
@@ -145,9 +152,12 @@ def run_fidelity(args: argparse.Namespace) -> int:
     if args.real:
         real_test = read_table(args.real, schema=transform["columns"])
     n = args.n or (len(real_train) if real_train is not None else len(real_test))
-    synthetic = synthesize(vae, n, generator=runtime.generator(device, args.seed))
-    result = {"run": str(args.run_dir), "real": args.real or f"{transform['source']} (held-out split)"}
-    result.update(fidelity_report(real_test, synthetic, real_train, target=args.target, seed=args.seed))
+    with Progress(1 + REPORT_STAGES, "fidelity", "stages") as bar:
+        synthetic = synthesize(vae, n, generator=runtime.generator(device, args.seed))
+        bar.update()
+        result = {"run": str(args.run_dir), "real": args.real or f"{transform['source']} (held-out split)"}
+        result.update(fidelity_report(real_test, synthetic, real_train, target=args.target, seed=args.seed,
+                                      progress=bar.update))  # fmt: skip
     if out is not None:
         atomic_write(out, (json.dumps(result, indent=1) + "\n").encode())
     print(json.dumps(result))

@@ -15,7 +15,7 @@ import datetime
 import html
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from ..engine.rundir import load
 from ..engine.setup import setup
 from ..errors import CheckpointError, ConfigError, TurboVAEError
 from ..models import MODELS
+from ..progress import Progress
 from ..viz.figures import write_pictures
 from ..viz.plots import plot_curves
 
@@ -85,15 +86,42 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+STAGES = 3  # of collect_run: read and load, posterior statistics, pictures
+
+
 @torch.no_grad()
 def collect_run(
-    run_dir: Path, figures: Path, *, device: torch.device | None = None, pictures: bool = True
+    run_dir: Path,
+    figures: Path,
+    *,
+    device: torch.device | None = None,
+    pictures: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> RunInfo:
     """Read a run directory and draw its pictures into ``figures``.
 
     The evaluation table comes from ``eval.json`` (written by ``turbovae eval``) when present; the
     posterior statistics (active units, KL per dimension, mutual information) are computed here on
-    the test split either way, since the pictures need them."""
+    the test split either way, since the pictures need them. ``progress`` is called with 1 after each
+    of its ``STAGES`` stages."""
+    done = 0
+
+    def stage(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(n)
+
+    try:
+        return _collect_run(run_dir, figures, device, pictures, stage)
+    finally:
+        if done < STAGES:  # a run without pictures (or an error): its stages are over
+            stage(STAGES - done)
+
+
+def _collect_run(
+    run_dir: Path, figures: Path, device: torch.device | None, pictures: bool, stage: Callable[[], None]
+) -> RunInfo:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a turbovae run directory (no config.yaml)")
@@ -119,6 +147,7 @@ def collect_run(
         info.notes.append(f"pictures skipped: {e}")
         return info
     s.vae = vae
+    stage()
     x = s.x_test
     xp = torch.cat([s.prepare_test(b) for b in x.split(1000)])
     q = evaluation.encode_all(vae, xp, lambda t: t)
@@ -133,6 +162,7 @@ def collect_run(
         "n": len(xp),
     }
     stats.update(evaluation.mutual_information(q, generator=torch.Generator(device=device).manual_seed(0)))
+    stage()
     labels = s.data.y_test
     info.pictures = write_pictures(vae, xp, figures, labels=labels, data_name=s.data.name, stats=stats)
     computed = {k: v for k, v in stats.items() if k != "means"}
@@ -551,16 +581,18 @@ def build_report(
     fig_root = Path(figures) if figures is not None else out.parent / "figures"
     runs = []
     names: set[str] = set()
-    for d in dirs:
-        name = d.resolve().name
-        while name in names:
-            name += "'"
-        names.add(name)
-        sub = fig_root if len(dirs) == 1 else fig_root / name
-        info = collect_run(d, sub, device=device)
-        info.name = name
-        runs.append(info)
-    curves = plot_curves([(r.name, r.events) for r in runs], fig_root)
+    with Progress(STAGES * len(dirs) + 1, "report", "stages") as bar:
+        for d in dirs:
+            name = d.resolve().name
+            while name in names:
+                name += "'"
+            names.add(name)
+            sub = fig_root if len(dirs) == 1 else fig_root / name
+            info = collect_run(d, sub, device=device, progress=bar.update)
+            info.name = name
+            runs.append(info)
+        curves = plot_curves([(r.name, r.events) for r in runs], fig_root)
+        bar.update()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(runs, curves), encoding="utf-8")
     return out

@@ -14,6 +14,7 @@ import torch
 
 from .. import evaluation, runtime
 from ..evaluation.text import text_summary
+from ..progress import Progress, note
 from ..viz.grids import as_images, save_grid
 from ..viz.text import write_text_outputs
 from .optim import EMA
@@ -52,33 +53,47 @@ def collapse_check(s: Setup, log: MetricsLog, loop: dict[str, Any]) -> dict[str,
 
 
 def finish(
-    s: Setup, out: Path, loop: dict[str, Any], ema: EMA | None = None, write: bool = True
+    s: Setup,
+    out: Path,
+    loop: dict[str, Any],
+    ema: EMA | None = None,
+    write: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Final evaluation, pictures and summary.json (with the weight average, where there is one).
 
-    Data-parallel runs: every rank evaluates its share; only rank 0 (``write``) writes files."""
+    Data-parallel runs: every rank evaluates its share; only rank 0 (``write``) writes files. With
+    ``progress``, the IWAE pass says what it will cost and shows its progress on stderr."""
     with averaged(ema):
-        return _finish(s, out, loop, write)
+        return _finish(s, out, loop, write, progress)
 
 
-def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> dict[str, Any]:
+def announce_iwae(k: int, n: int) -> str:
+    """What the final IWAE evaluation will cost, and how to skip it."""
+    cheaper = f", eval.iwae_k={k // 10} is about 10x faster" if k >= 20 else ""
+    return (f"final evaluation: IWAE log-likelihood with k={k:,} samples on {n:,} test examples "
+            f"({k * n:,} decoder passes); eval.iwae_k=0 skips it{cheaper}")  # fmt: skip
+
+
+def _iwae(s: Setup, gen: torch.Generator, progress: bool) -> dict[str, Any]:
+    """The final IWAE estimate on the test split (eval.iwae_k; 0: skipped)."""
+    k = s.cfg.eval.iwae_k
+    if not k:
+        return {"nll": None, "stderr": None, "k": 0}
+    if progress:
+        note(announce_iwae(k, len(s.x_test)))
+    with Progress(len(s.x_test), f"IWAE k={k:,}", "examples", enabled=progress) as bar:
+        return evaluation.iwae_nll(s.vae, s.x_test, s.prepare_test, k=k,
+                                   batch_size=max(1, s.cfg.eval.batch_size // 10), generator=gen,
+                                   progress=bar.update)  # fmt: skip
+
+
+def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool, progress: bool) -> dict[str, Any]:
     cfg, vae = s.cfg, s.vae
     t0 = time.perf_counter()
     eval_gen = runtime.generator(s.device, 54321)
     ev = evaluation.nelbo(vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size, generator=eval_gen)
-    no_iwae = {"nll": None, "stderr": None, "k": 0}  # eval.iwae_k = 0: skipped
-    iw = (
-        no_iwae
-        if not cfg.eval.iwae_k
-        else evaluation.iwae_nll(
-            vae,
-            s.x_test,
-            s.prepare_test,
-            k=cfg.eval.iwae_k,
-            batch_size=max(1, cfg.eval.batch_size // 10),
-            generator=eval_gen,
-        )
-    )
+    iw = _iwae(s, eval_gen, progress and write)
     # the validation NELBO with the per-epoch evaluation's noise: the last epoch's figure, for the final model
     val = (
         evaluation.nelbo(vae, s.x_val, s.prepare_val, batch_size=cfg.eval.batch_size,

@@ -21,6 +21,7 @@ from ..objectives import log_prior_ratio as latent_log_ratio
 from ..vae import VAE
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[int], None]  # called with the number of examples each batch finished
 
 LOG_2PI = math.log(2.0 * math.pi)
 # decoder output values per IWAE chunk: 2^22 floats (16 MiB) keeps the matmuls large (≈5,000 rows of
@@ -259,6 +260,7 @@ def iwae_log_likelihood(
     sample_chunk: int | None = None,
     generator: torch.Generator | None = None,
     precision: str = "fp32",
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Per-example importance-weighted estimates of log p(x) with k samples (Burda et al. 2015).
 
@@ -272,6 +274,9 @@ def iwae_log_likelihood(
     (Σw)²/Σw² of each example's weights —, the ``precision`` used and, for ``auto`` where bf16 is
     fast, ``bf16_delta`` (mean bf16 − fp32 difference of the checked examples, nats) and
     ``bf16_delta_bound`` (its |mean| + 2 s.e., what was compared with the tolerance).
+
+    ``progress``, if given, is called with the number of examples of every finished batch (for a
+    progress bar).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -301,6 +306,8 @@ def iwae_log_likelihood(
             else:
                 lse, lse2 = _batch_log_px(vae, xb, q, k, chunk, generator, use)
             log_px.append(lse.cpu())
+            if progress is not None:
+                progress(len(raw))
             # ESS = (Σw)² / Σw² = exp(2·log Σw − log Σw²), with log Σw = lse + log k
             ess.append(torch.exp(2.0 * (lse + math.log(k)) - lse2).cpu())
     if use == "auto":  # fewer examples than the check needs: all of them were computed in fp32
@@ -331,6 +338,7 @@ def iwae_nll(
     sample_chunk: int | None = None,
     generator: torch.Generator | None = None,
     precision: str = "fp32",
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """−log p(x) estimated with k importance samples per example (Burda et al. 2015), in nats.
 
@@ -340,6 +348,9 @@ def iwae_nll(
     comes from which examples are in the test set), ``k``, ``n``, the mean effective sample size
     ``ess`` and the ``precision`` used (see ``iwae_log_likelihood``). Under torch.distributed with
     several ranks, split over the ranks like ``nelbo`` (each needs at least one example).
+
+    ``progress`` is called with the examples each batch finished (over all ranks: this rank's count
+    times the number of ranks).
     """
     part, world = _rank_share(x)
     r = iwae_log_likelihood(
@@ -351,6 +362,7 @@ def iwae_nll(
         sample_chunk=sample_chunk,
         generator=generator,
         precision=precision,
+        progress=None if progress is None else (lambda n: progress(n * world)),
     )
     nll = -r["log_px"]
     stderr = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")

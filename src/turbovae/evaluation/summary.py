@@ -12,7 +12,7 @@ from .. import runtime
 from ..vae import VAE
 from .diagnostics import ACTIVE_THRESHOLD, active_units, encode_all, kl_per_dim, mutual_information
 from .floor import matmul_floor
-from .likelihood import Prepare, bits_per_dim, iwae_log_likelihood, nelbo
+from .likelihood import Prepare, Progress, bits_per_dim, iwae_log_likelihood, nelbo
 
 
 @torch.no_grad()
@@ -26,6 +26,7 @@ def evaluate(
     generator: torch.Generator | None = None,
     precision: str = "fp32",
     floor: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Every held-out number of a model on ``x``: what ``turbovae eval --json`` prints.
 
@@ -41,7 +42,8 @@ def evaluate(
     ``bf16_delta`` under ``auto``), and timings ``seconds`` (all of it) and ``iwae_seconds``. With
     ``floor=True``, also ``floor_seconds`` (the matmul-bound floor at the precision used, see
     ``matmul_floor``) and ``floor_ratio`` = iwae_seconds / floor_seconds; under bf16 also the fp32
-    floor ``floor_seconds_fp32`` and ``floor_ratio_fp32``.
+    floor ``floor_seconds_fp32`` and ``floor_ratio_fp32``. ``progress`` is called with the examples of
+    every finished IWAE batch.
     """
     t0 = time.perf_counter()
     ev = nelbo(vae, x, prepare, batch_size=1000, generator=generator)
@@ -52,8 +54,9 @@ def evaluate(
     runtime.synchronize(device)
     t_iwae = time.perf_counter()
     r = iwae_log_likelihood(
-        vae, x, prepare, k=k, batch_size=batch_size, generator=generator, precision=precision
-    )
+        vae, x, prepare, k=k, batch_size=batch_size, generator=generator, precision=precision,
+        progress=progress,
+    )  # fmt: skip
     runtime.synchronize(device)
     iwae_seconds = time.perf_counter() - t_iwae
     nll = -r["log_px"]
