@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import turbovae
 from turbovae.cli import main
@@ -47,6 +50,36 @@ def wine_run(tables: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     args = ["--data", f"csv:{tables['wine']}", "--batch-size", "64", "--epochs", "20", "--progress", "off"]
     assert main(["train", *args, "eval.iwae_k=5", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("first-hour")
+    rng = random.Random(0)
+    words = (
+        ["the cat", "a dog", "my friend"],
+        ["sees", "likes", "paints"],
+        ["the ball", "a tree", "the sea"],
+    )
+    lines = [" ".join(rng.choice(w) for w in words) for _ in range(600)]
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    small = ["model.hidden=[32]", "model.embedding=16", "train.epochs=2", "train.batch_size=32",
+             "eval.iwae_k=3", "eval.every_epoch=false"]  # fmt: skip
+    out = root / "text"
+    assert (
+        main(
+            ["train", "--data", f"text:{root / 'corpus.txt'}", *small, "--progress", "off", "--out", str(out)]
+        )
+        == 0
+    )
+    return out
+
+
+def colourful(path: Path) -> bool:
+    """Whether a picture has coloured pixels (a barcode), not only greys (an image grid of strips)."""
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    return bool((np.abs(rgb[..., 0] - rgb[..., 1]) > 40).any())
 
 
 @pytest.fixture
@@ -148,3 +181,54 @@ def test_a_compiled_optimiser_step_prints_no_profiler_warning(capfd):
 
     runtime.compile_fn(step, torch.device("cpu"))(torch.randn(2, 4))
     assert "Profiler record function" not in capfd.readouterr().err
+
+
+# ---- 2. outputs that fit the data --------------------------------------------------------------------
+
+
+def test_table_and_text_runs_draw_barcodes_not_image_grids(wine_run, text_run):
+    for run in (wine_run, text_run):
+        for name in ("samples.png", "reconstructions.png"):
+            assert colourful(run / name), (run.name, name)
+    with Image.open(wine_run / "samples.png") as im:
+        assert im.height >= 32 * 14  # 32 samples, a 14-pixel row each
+    assert (text_run / "samples.txt").is_file()  # and the sentences
+
+
+def test_sample_writes_a_barcode_for_tables_and_text_and_refuses_other_pictures(
+    wine_run, text_run, tmp_path, capsys
+):
+    assert main(["sample", str(wine_run), "--n", "10", "--out", str(tmp_path / "rows.png")]) == 0
+    assert colourful(tmp_path / "rows.png")
+    assert main(["sample", str(text_run), "--n", "5", "--out", str(tmp_path / "lines.png")]) == 0
+    assert colourful(tmp_path / "lines.png")
+    capsys.readouterr()
+    for run, out in ((wine_run, "rows.jpg"), (text_run, "lines.npy")):
+        assert main(["sample", str(run), "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--out must end in" in err and ".png" in err
+
+
+def test_the_report_of_a_table_run_shows_rows_and_histograms_and_of_a_text_run_sentences(wine_run, text_run):
+    assert main(["report", str(wine_run)]) == 0
+    page = (wine_run / "report.html").read_text()
+    assert '<section id="rows">' in page and "<th>alcohol</th>" in page and "<th>cultivar</th>" in page
+    assert (wine_run / "figures" / "histograms.png").is_file()
+    assert colourful(wine_run / "figures" / "reconstructions.png")
+    assert "Barcodes for table runs" in page
+    assert main(["report", str(text_run)]) == 0
+    page = (text_run / "report.html").read_text()
+    assert '<section id="sentences">' in page and "<pre>" in page and "input:" in page
+    assert colourful(text_run / "figures" / "samples.png")
+
+
+def test_digits_reconstructions_are_scaled_up_labelled_and_show_the_input_beside_its_binarised_draw(
+    digits_run,
+):
+    with Image.open(digits_run / "reconstructions.png") as im:
+        width, height = im.size
+        rgb = np.asarray(im.convert("RGB"))
+    # three rows (input, binarised draw, reconstruction) of 16 digits, each at least 28 pixels
+    assert height >= 3 * 28 and (width - 110) >= 16 * 28
+    assert (rgb[:, :100] == 255).mean() > 0.9  # a white margin for the row labels...
+    assert (rgb[:, :100] < 128).any()  # ...with the labels on it

@@ -15,7 +15,8 @@ import torch
 from .. import evaluation, runtime
 from ..evaluation.text import text_summary
 from ..progress import Progress, note
-from ..viz.grids import as_images, save_grid
+from ..viz.barcodes import data_kind, reconstruction_barcode, sample_barcode
+from ..viz.grids import as_images, reconstruction_picture, save_grid
 from ..viz.text import write_text_outputs
 from .optim import EMA
 from .rundir import MetricsLog
@@ -153,18 +154,27 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool, progress: bo
 
 @torch.no_grad()
 def write_pictures(s: Setup, out: Path, n_samples: int = 64, n_recon: int = 16) -> None:
-    """samples.png (prior samples, E[x|z]) and reconstructions.png (inputs above, outputs below).
+    """samples.png (prior samples, E[x|z]) and reconstructions.png (inputs above, outputs below; for
+    binarised data, the input, its binarised draw and the reconstruction), with labelled rows.
 
-    Text runs write samples.txt, reconstructions.txt and interpolations.txt instead."""
-    if s.data.is_tokens:
-        return write_text_outputs(s, out)
+    Table and text runs draw them as barcodes (one row per example, ``viz/barcodes.py``); text runs
+    also write samples.txt, reconstructions.txt and interpolations.txt."""
     vae = s.vae
     vae.eval()
+    kind = data_kind(vae)
+    samples = vae.sample(n_samples if kind == "image" else 32, generator=runtime.generator(s.device, 7))
+    x = s.prepare_test(s.x_test[: n_recon if kind == "image" else 12])
+    if kind != "image":
+        sample_barcode(samples, kind).save(out / "samples.png", format="PNG")
+        reconstruction_barcode(x, vae.reconstruct(x), kind).save(out / "reconstructions.png", format="PNG")
+        if kind == "text":
+            write_text_outputs(s, out)
+        vae.train()
+        return
     shape = s.data.event_shape
-    samples = vae.sample(n_samples, generator=runtime.generator(s.device, 7))
     save_grid(as_images(samples, shape), out / "samples.png", nrow=8)
-    x = s.prepare_test(s.x_test[:n_recon])
-    recon = vae.reconstruct(x)
-    both = torch.cat([as_images(x, shape), as_images(recon, shape)])
-    save_grid(both, out / "reconstructions.png", nrow=min(n_recon, len(x)))
+    grey = None
+    if s.binarize_mode != "none":  # the user's input beside the binarised draw the model scored
+        grey = s.data.x_test[: len(x)].to(s.device).float() / s.data.max_value
+    reconstruction_picture(vae, x, grey).save(out / "reconstructions.png", format="PNG")
     vae.train()
