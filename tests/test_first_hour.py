@@ -232,3 +232,40 @@ def test_digits_reconstructions_are_scaled_up_labelled_and_show_the_input_beside
     assert height >= 3 * 28 and (width - 110) >= 16 * 28
     assert (rgb[:, :100] == 255).mean() > 0.9  # a white margin for the row labels...
     assert (rgb[:, :100] < 128).any()  # ...with the labels on it
+
+
+# ---- 3. the comparison report ranks only what compares ------------------------------------------------
+
+
+def _run_info(name: str, likelihood: str, binarize: str, nelbo: float):
+    from turbovae.commands.report import RunInfo
+
+    config = {
+        "data": {"name": "digits", "binarize": binarize},
+        "model": {"name": "mlp", "likelihood": likelihood},
+    }
+    summary = {"data": "digits", "likelihood": likelihood, "binarize": binarize, "test_nelbo": nelbo,
+               "test_nll_iwae": nelbo - 1, "test_nll_iwae_stderr": 0.1, "iwae_k": 10}  # fmt: skip
+    return RunInfo(path=Path(name), name=name, config=config, summary=summary)
+
+
+def test_the_comparison_ranks_only_runs_with_the_same_data_likelihood_and_binarisation():
+    from turbovae.commands.report import _summary_table
+
+    bernoulli = _run_info("bernoulli", "bernoulli", "dynamic", 30.0)
+    gaussian = _run_info("gaussian", "gaussian", "none", -80.0)
+    table = _summary_table([bernoulli, gaussian])
+    assert "best" not in table  # a Gaussian density on grey values is not "better" than a Bernoulli mass
+    assert "the runs differ in likelihood (bernoulli, gaussian) and binarisation (dynamic, none)" in table
+    assert "not ranked: nothing to compare with" in table
+    # a third run like the first: those two are ranked against each other, the Gaussian is not
+    other = _run_info("bernoulli-2", "bernoulli", "dynamic", 28.0)
+    table = _summary_table([bernoulli, gaussian, other])
+    assert table.count('class="num best"') == 2  # NELBO and IWAE NLL of bernoulli-2
+    ranked = table.split("<th>Ranked")[1].split("</tr>")[0]
+    assert ranked.count("<td") == 3
+    assert ranked.index("with bernoulli-2") < ranked.index("not ranked") < ranked.index("with bernoulli<")
+    best = table.split('class="num best">')[1].split("<")[0]
+    assert best == "28.00"
+    same = _summary_table([bernoulli, other])
+    assert "Ranked" not in same and same.count('class="num best"') == 2

@@ -355,19 +355,75 @@ def _summary_rows() -> list[tuple[str, str, Any, Any]]:
     ]  # fmt: skip
 
 
+# what must match for two runs' held-out nats to be comparable: the same data (and resizing), the
+# same likelihood (a Bernoulli mass on binarised pixels and a Gaussian density on grey values are
+# different units) and the same binarisation (a fixed draw is other data than the grey values)
+COMPARED = (
+    ("data", "data"),
+    ("resize", "resizing"),
+    ("likelihood", "likelihood"),
+    ("binarize", "binarisation"),
+)
+
+
+def comparison_key(r: RunInfo) -> dict[str, Any]:
+    """What a run's numbers are numbers of: data, resizing, likelihood and binarisation."""
+    data, model = r.config.get("data", {}), r.config.get("model", {})
+    return {
+        "data": data.get("name", r.summary.get("data")),
+        "resize": data.get("resize"),
+        "likelihood": model.get("likelihood", r.summary.get("likelihood")),
+        "binarize": r.summary.get("binarize", data.get("binarize")),
+    }
+
+
+def comparable_groups(runs: list[RunInfo]) -> tuple[list[int], str]:
+    """(the group of every run: runs with the same ``comparison_key`` share one, the reason the runs are
+    not all comparable, '' when they are)."""
+    keys = [comparison_key(r) for r in runs]
+    seen: list[dict[str, Any]] = []
+    groups = []
+    for key in keys:
+        if key not in seen:
+            seen.append(key)
+        groups.append(seen.index(key))
+    if len(seen) == 1:
+        return groups, ""
+    differs = []
+    for field_, label in COMPARED:
+        values = list(dict.fromkeys(str(k[field_]) for k in keys))
+        if len(values) > 1:
+            differs.append(f"{label} ({', '.join(values)})")
+    return groups, "the runs differ in " + " and ".join(differs)
+
+
 def _summary_table(runs: list[RunInfo]) -> str:
     head = "".join(f'<th class="num">{_e(r.name)}</th>' for r in runs)
+    groups, why = comparable_groups(runs) if len(runs) > 1 else ([0], "")
     rows = []
+    if why:  # say in the table which runs were ranked against which, and why not all of them
+        cells = []
+        for i, g in enumerate(groups):
+            peers = [runs[j].name for j, h in enumerate(groups) if h == g and j != i]
+            text = f"with {', '.join(peers)}" if peers else "not ranked: nothing to compare with"
+            cells.append(f'<td class="num">{_e(text)}</td>')
+        rows.append(
+            f'<tr class="differs"><th>Ranked <span class="unit">(only runs with the same data, '
+            f"likelihood and binarisation: {_e(why)})</span></th>{''.join(cells)}</tr>"
+        )
     for label, unit, get, better in _summary_rows():
         values = [get(r) for r in runs]
         compare = [nll_value(r) for r in runs] if better == "nll" else values
-        best = None
+        best: dict[int, Any] = {}  # group -> its best value, for groups of two runs or more
         if better and len(runs) > 1:
-            numbers = [v for v in compare if isinstance(v, int | float)]
-            best = min(numbers) if numbers else None
+            for g in set(groups):
+                mine = [c for c, h in zip(compare, groups, strict=True) if h == g]
+                numbers = [c for c in mine if isinstance(c, int | float)]
+                if len(numbers) > 1:
+                    best[g] = min(numbers)
         cells = []
-        for v, c in zip(values, compare, strict=True):
-            cls = "num best" if best is not None and c == best else "num"
+        for v, c, g in zip(values, compare, groups, strict=True):
+            cls = "num best" if g in best and c == best[g] else "num"
             cells.append(f'<td class="{cls}">{_e(_fmt(v))}</td>')
         unit_html = f' <span class="unit">({_e(unit)})</span>' if unit else ""
         indent = "&emsp;" if label.startswith("  ") else ""
@@ -598,7 +654,8 @@ def render_html(runs: list[RunInfo], curves: dict[str, Path], title: str | None 
     body["summary"] = (
         '<p class="lead">Held-out numbers are in nats per example on the test split; the IWAE '
         f"negative log-likelihood uses k = {_e(k_text)} importance samples, ± one standard error over "
-        "examples. The best value of each compared row is in bold green.</p>" + _summary_table(runs)
+        "examples. The best value of each compared row is in bold green, among runs with the same data, "
+        "likelihood and binarisation only (other nats are not comparable).</p>" + _summary_table(runs)
     )
     kl_caption = "KL per latent dimension and Burda's activity"
     kl_figs = _per_run_figures(runs, "kl_per_dim", kl_caption, pixels=False)
