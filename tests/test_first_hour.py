@@ -269,3 +269,89 @@ def test_the_comparison_ranks_only_runs_with_the_same_data_likelihood_and_binari
     assert best == "28.00"
     same = _summary_table([bernoulli, other])
     assert "Ranked" not in same and same.count('class="num best"') == 2
+
+
+# ---- 4. messages ---------------------------------------------------------------------------------------
+
+
+def test_one_bad_value_in_1500_is_counted_not_rounded_to_100_percent(tmp_path):
+    from turbovae.data.tables import read_table
+    from turbovae.errors import DataError
+
+    rows = [f"{i},{i * 0.5}" for i in range(1500)]
+    rows[700] = "700,unknown"
+    path = tmp_path / "t.csv"
+    path.write_text("a,b\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError) as e:
+        read_table(path)
+    message = str(e.value)
+    assert "'unknown' is not a number, but 1,499 of the column's 1,500 values are" in message
+    assert "100%" not in message and "line 702" in message
+
+
+def test_the_delimiter_is_detected_and_question_marks_are_missing(tmp_path):
+    from turbovae.data.tables import read_table
+
+    path = tmp_path / "semicolons.csv"
+    path.write_text(
+        "age;income;city\n" + "".join(f"{20 + i};{1000 + 7 * i}.5;{'ab'[i % 2]}\n" for i in range(30))
+    )
+    table = read_table(path)
+    assert table.names == ["age", "income", "city"]
+    assert [c.type for c in table.columns] == ["integer", "continuous", "categorical"]
+    pipes = tmp_path / "pipes.csv"
+    pipes.write_text("x|y\n" + "".join(f"{i}|{i % 3}\n" for i in range(20)))
+    assert read_table(pipes).names == ["x", "y"]
+    uci = tmp_path / "uci.csv"
+    uci.write_text(
+        "age,workclass\n" + "".join(f"{30 + i},{'?' if i % 5 == 0 else 'private'}\n" for i in range(20))
+    )
+    table = read_table(uci)
+    assert table.column("workclass").missing.sum() == 4
+    assert set(table.column("workclass").values) == {"private", None}
+    one = tmp_path / "one.csv"  # one column: nothing to detect, still read
+    one.write_text("v\n" + "".join(f"{i}\n" for i in range(10)))
+    assert read_table(one).names == ["v"]
+
+
+def test_an_image_likelihood_on_a_table_suggests_mixed(tables, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert (
+        main(
+            ["train", "--data", f"csv:{tables['wine']}", "--likelihood", "discretized-logistic", "--out", out]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "--likelihood mixed" in err and "gaussian" not in err and err.count("\n") == 1
+
+
+def test_a_misspelt_option_gets_the_closest_option_of_its_command_in_one_line(capsys):
+    assert main(["train", "--epcohs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err == "turbovae train: error: unrecognized option '--epcohs'; did you mean '--epochs'?\n"
+    assert main(["train", "--learning-rate", "3e-4"]) == 2
+    assert "did you mean '--lr'?" in capsys.readouterr().err
+    assert main(["eval", "runs/x", "--iwae_k", "5"]) == 2
+    assert "did you mean '--iwae-k'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [("train.learning_rate=3e-4", "lr"), ("train.batchsize=32", "batch_size"), ("model.z_dim=8", "latent"),
+     ("train.num_epochs=3", "epochs"), ("model.latent_dim=8", "latent"), ("train.bs=8", "batch_size")],
+)  # fmt: skip
+def test_common_names_of_config_keys_suggest_turbovaes(override, suggestion):
+    from turbovae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
+        turbovae.resolve(overrides=[override])
+
+
+def test_an_8_bit_likelihood_on_binarised_digits_is_refused_with_what_happened(tmp_path, capsys):
+    out = str(tmp_path / "run")  # the default preset, digits-mlp, binarises
+    assert main(["train", "--likelihood", "categorical-256", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "scores 8-bit values, but data.binarize = dynamic makes the data 0/1" in err
+    assert "'digits' has 17 levels (0..16), not 256" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

@@ -22,9 +22,13 @@ class CheckpointError(TurboVAEError):
     """A missing, corrupt, unsafe or incompatible checkpoint or run directory."""
 
 
-def unknown_name(kind: str, name: str, choices: Iterable[str]) -> ConfigError:
-    """A ConfigError for an unknown registry name, suggesting the closest valid one."""
+def unknown_name(
+    kind: str, name: str, choices: Iterable[str], aliases: dict[str, str] | None = None
+) -> ConfigError:
+    """A ConfigError for an unknown registry name, suggesting the closest valid one (``aliases``: the
+    usual other names of valid ones, e.g. learning_rate for lr, which spelling alone would not find)."""
     options = sorted(choices)
-    close = difflib.get_close_matches(name, options, n=1)
+    alias = (aliases or {}).get(name.lower())
+    close = [alias] if alias in options else difflib.get_close_matches(name, options, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown {kind} '{name}' (expected one of: {', '.join(options)}){hint}")
