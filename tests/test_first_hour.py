@@ -355,3 +355,23 @@ def test_an_8_bit_likelihood_on_binarised_digits_is_refused_with_what_happened(t
     assert "scores 8-bit values, but data.binarize = dynamic makes the data 0/1" in err
     assert "'digits' has 17 levels (0..16), not 256" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+# ---- 5. API and small gaps -----------------------------------------------------------------------------
+
+
+def test_iwae_nll_works_without_prepare(digits_run):
+    from turbovae.engine.setup import setup
+    from turbovae.errors import DataError
+
+    vae = turbovae.load(digits_run)
+    s = setup(vae.config, torch.device("cpu"), vae.data_meta)
+    x, prepare = s.split("test")  # uint8 0/1: the fixed binarised draw
+
+    def nll(*args: object) -> float:
+        return turbovae.iwae_nll(vae, *args, k=10, generator=torch.Generator().manual_seed(0))["nll"]
+
+    assert nll(x) == nll(x, prepare) == nll(prepare(x))  # stored draws, or floats already prepared
+    assert turbovae.nelbo(vae, x, generator=torch.Generator().manual_seed(0))["nelbo"] > 0
+    with pytest.raises(DataError, match="scores binary data"):  # grey values are not scored silently
+        turbovae.iwae_nll(vae, s.data.x_test, k=10)

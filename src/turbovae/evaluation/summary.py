@@ -12,14 +12,14 @@ from .. import runtime
 from ..vae import VAE
 from .diagnostics import ACTIVE_THRESHOLD, active_units, encode_all, kl_per_dim, mutual_information
 from .floor import matmul_floor
-from .likelihood import Prepare, Progress, bits_per_dim, iwae_log_likelihood, nelbo
+from .likelihood import Prepare, Progress, bits_per_dim, default_prepare, iwae_log_likelihood, nelbo
 
 
 @torch.no_grad()
 def evaluate(
     vae: VAE,
     x: torch.Tensor,
-    prepare: Prepare,
+    prepare: Prepare | None = None,
     *,
     k: int,
     batch_size: int | None = None,
@@ -42,9 +42,10 @@ def evaluate(
     ``bf16_delta`` under ``auto``), and timings ``seconds`` (all of it) and ``iwae_seconds``. With
     ``floor=True``, also ``floor_seconds`` (the matmul-bound floor at the precision used, see
     ``matmul_floor``) and ``floor_ratio`` = iwae_seconds / floor_seconds; under bf16 also the fp32
-    floor ``floor_seconds_fp32`` and ``floor_ratio_fp32``. ``progress`` is called with the examples of
-    every finished IWAE batch.
+    floor ``floor_seconds_fp32`` and ``floor_ratio_fp32``. ``prepare`` defaults to ``default_prepare``;
+    ``progress`` is called with the examples of every finished IWAE batch.
     """
+    prepare = prepare or default_prepare(vae, x)
     t0 = time.perf_counter()
     ev = nelbo(vae, x, prepare, batch_size=1000, generator=generator)
     q = encode_all(vae, x, prepare)
