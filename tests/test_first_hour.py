@@ -375,3 +375,78 @@ def test_iwae_nll_works_without_prepare(digits_run):
     assert turbovae.nelbo(vae, x, generator=torch.Generator().manual_seed(0))["nelbo"] > 0
     with pytest.raises(DataError, match="scores binary data"):  # grey values are not scored silently
         turbovae.iwae_nll(vae, s.data.x_test, k=10)
+
+
+def test_encode_reads_a_table_with_the_runs_transforms_and_names_the_rows(wine_run, tables, tmp_path):
+    wine = tables["wine"].read_text().splitlines()
+    with_ids = tmp_path / "with-ids.csv"  # an identifier column the run does not model names the rows
+    with_ids.write_text(
+        "\n".join([f"id,{wine[0]}", *(f"w{i},{line}" for i, line in enumerate(wine[1:6]))]) + "\n"
+    )
+    assert main(["encode", str(wine_run), "--input", str(with_ids), "--out", str(tmp_path / "z.npz")]) == 0
+    z = np.load(tmp_path / "z.npz")
+    assert z["mean"].shape == (5, 32) and z["stddev"].shape == (5, 32)
+    assert list(z["names"]) == ["w0", "w1", "w2", "w3", "w4"]
+    assert (
+        main(["encode", str(wine_run), "--input", str(tables["wine"]), "--out", str(tmp_path / "z.csv")]) == 0
+    )
+    lines = (tmp_path / "z.csv").read_text().splitlines()
+    assert lines[0].startswith("name,z0,z1,") and lines[1].startswith("line 2,") and len(lines) == 179
+    # the codes are the posterior means of the rows as the run encodes them
+    vae = turbovae.load(wine_run)
+    from turbovae.data.table_transform import encode as encode_table
+    from turbovae.data.tables import read_table
+
+    x = torch.from_numpy(encode_table(read_table(with_ids, schema=vae.data_meta["table"]["columns"]),
+                                      vae.data_meta["table"]))  # fmt: skip
+    assert np.allclose(vae.encode(x).mean.detach().numpy(), z["mean"], atol=1e-5)
+
+
+def test_encode_names_images_by_file_and_text_by_line(digits_run, text_run, tmp_path):
+    folder = tmp_path / "images"
+    (folder / "b").mkdir(parents=True)
+    for name in ("b/two.png", "one.png"):
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / name)
+    assert main(["encode", str(digits_run), "--input", str(folder), "--out", str(tmp_path / "i.csv")]) == 0
+    names = [line.split(",")[0] for line in (tmp_path / "i.csv").read_text().splitlines()[1:]]
+    assert names == ["b/two.png", "one.png"]
+    (tmp_path / "lines.txt").write_text("the cat sees the sea\na dog likes a tree\n")
+    assert (
+        main(
+            [
+                "encode",
+                str(text_run),
+                "--input",
+                str(tmp_path / "lines.txt"),
+                "--out",
+                str(tmp_path / "t.npz"),
+            ]
+        )
+        == 0
+    )
+    assert list(np.load(tmp_path / "t.npz")["names"]) == ["the cat sees the sea", "a dog likes a tree"]
+
+
+def test_fidelity_states_its_target_rule_and_prints_a_readable_summary(wine_run, capsys):
+    import json
+
+    from turbovae.data.tables import Column, Table
+    from turbovae.evaluation.fidelity import choose_target
+
+    n = 30
+    table = Table([
+        Column("label", "categorical", np.array(["a", "b", "c"] * 10, dtype=object)),
+        Column("x", "continuous", np.arange(n, dtype=float)),
+        Column("organic", "categorical", np.array([f"id{i}" for i in range(n)], dtype=object)),  # 30 classes
+    ])  # fmt: skip
+    column, why = choose_target(table)
+    assert column.name == "label" and "last categorical column with 2-20 classes" in why
+    column, why = choose_target(Table(table.columns[1:]))
+    assert column.name == "x" and "last numeric column" in why
+    assert main(["eval", str(wine_run), "--fidelity", "--out", "-"]) == 0
+    out = capsys.readouterr().out
+    assert "ML efficacy    predicts 'cultivar', the last categorical column with 2-20 classes" in out
+    assert "mean KS" in out and "privacy" in out and not out.lstrip().startswith("{")
+    assert main(["eval", str(wine_run), "--fidelity", "--out", "-", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ml_efficacy"]["target_rule"].startswith("the last categorical column")

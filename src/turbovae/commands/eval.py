@@ -51,13 +51,16 @@ def add_parser(sub: Any) -> None:
         "--fidelity",
         action="store_true",
         help="tables: how faithful synthetic rows are to real held-out rows (KS, TV, correlations, "
-        "ML efficacy, distance to closest record), as JSON (default file RUN_DIR/fidelity.json)",
+        "ML efficacy, distance to closest record): a summary (--json: all of it as JSON), and the JSON in "
+        "RUN_DIR/fidelity.json",
     )
     e.add_argument(
         "--real", metavar="FILE", help="--fidelity: real rows to compare with (default: the held-out split)"
     )
     e.add_argument(
-        "--target", help="--fidelity: the column ML efficacy predicts (default: the last categorical)"
+        "--target",
+        help="--fidelity: the column ML efficacy predicts (default: the last categorical column with 2-20 "
+        "classes, else the last numeric one)",
     )
     e.add_argument("--n", type=int, help="--fidelity: synthetic rows (default: as many as the training rows)")
 
@@ -160,5 +163,48 @@ def run_fidelity(args: argparse.Namespace) -> int:
                                       progress=bar.update))  # fmt: skip
     if out is not None:
         atomic_write(out, (json.dumps(result, indent=1) + "\n").encode())
-    print(json.dumps(result))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(fidelity_lines(result)))
+        if out is not None:
+            print(f"  written to     {out}")
     return 0
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def fidelity_lines(r: dict[str, Any]) -> list[str]:
+    """The fidelity report as a short readable summary (``--json`` prints all of it)."""
+    columns = r.get("columns", {})
+    numeric = sum("ks" in c for c in columns.values())
+    train = f", {r['n_train']:,} training rows" if r.get("n_train") else ""
+    lines = [
+        f"{r['n_synthetic']:,} synthetic rows against {r['n_real']:,} real rows of {r['real']}{train}:",
+        f"  marginals      mean KS {_f(r['mean_ks'])} over {numeric} numeric columns, mean TV "
+        f"{_f(r['mean_tv'])} over {len(columns) - numeric} categorical (0: the same distribution)",
+        f"  correlations   mean |Δρ| {_f(r['corr_mae'])} between numeric columns",
+    ]
+    ml = r.get("ml_efficacy")
+    if ml:
+        metric = "macro F1" if ml["metric"] == "macro_f1" else "R²"
+        real = ""
+        if ml.get("real") is not None:
+            real = f", real-trained {_f(ml['real'])} (ratio {_f(ml['ratio'], 2)})"
+        lines.append(f"  ML efficacy    predicts '{ml['target']}', {ml.get('target_rule', '')} (--target to "
+                     "choose):")  # fmt: skip
+        lines.append(f"                 {ml['task']}, {metric} synthetic-trained {_f(ml['synthetic'])}{real}")
+    dcr = r.get("dcr") or {}
+    if dcr:
+        holdout = f" (real held-out rows: {_f(dcr['holdout_median'])})" if "holdout_median" in dcr else ""
+        lines.append(f"  privacy        distance to the closest training row: median {_f(dcr['median'])}"
+                     f"{holdout}, exact copies {100 * dcr['exact_copies']:.1f}%")  # fmt: skip
+    worst = sorted(columns.items(), key=lambda kv: -kv[1].get("ks", kv[1].get("tv", 0.0)))[:3]
+    if worst:
+        shown = [
+            f"{name} {'KS' if 'ks' in c else 'TV'} {_f(c.get('ks', c.get('tv')), 2)}" for name, c in worst
+        ]
+        lines.append(f"  furthest       {', '.join(shown)}")
+    return lines

@@ -165,18 +165,32 @@ class _Encoder:
         return np.concatenate(features, axis=1) if features else np.zeros((len(table), 0))
 
 
-def _target(table: Table, target: str | None) -> Column:
+MAX_TARGET_CLASSES = 20  # a categorical column with more classes is not the default ML-efficacy target
+
+
+def choose_target(table: Table, target: str | None = None) -> tuple[Column, str]:
+    """The column ML efficacy predicts, and why: ``target`` if given; else the last categorical or
+    boolean column with 2 to MAX_TARGET_CLASSES classes (a label, usually the last column of a
+    dataset); else the last numeric column (a regression); else the last column."""
     if target is not None:
         try:
-            return table.column(target)
+            return table.column(target), "given by --target"
         except KeyError:
             raise DataError(
                 f"--target: the table has no column '{target}' (columns: {', '.join(table.names)})"
             ) from None
     for c in reversed(table.columns):
         if c.type in ("categorical", "boolean"):
-            return c
-    return table.columns[-1]
+            classes = len({v for v, m in zip(_labels(c), c.missing, strict=True) if not m})
+            if 2 <= classes <= MAX_TARGET_CLASSES:
+                return (
+                    c,
+                    f"the last categorical column with 2-{MAX_TARGET_CLASSES} classes (it has {classes})",
+                )
+    for c in reversed(table.columns):
+        if c.type in NUMERIC:
+            return c, f"the last numeric column (no categorical one has 2-{MAX_TARGET_CLASSES} classes)"
+    return table.columns[-1], "the last column"
 
 
 def _labels_of(c: Column) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +218,9 @@ def ml_efficacy(
 
     if len(real_test.columns) < 2:
         return None
-    column = _target(real_test, target)
+    reference = real_train if real_train is not None else real_test
+    column, why = choose_target(reference, target)
+    column = real_test.column(column.name)
     classification = column.type not in NUMERIC
     encoder = _Encoder(real_train if real_train is not None else real_test, exclude=column.name)
     models: dict[str, Any] = (
@@ -244,6 +260,7 @@ def ml_efficacy(
     real_mean = float(np.mean([m["real"] for m in result["models"].values()])) if real_train else None
     return {
         "target": column.name,
+        "target_rule": why,
         "task": "classification" if classification else "regression",
         "metric": "macro_f1" if classification else "r2",
         "synthetic": synthetic_mean,
