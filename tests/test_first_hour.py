@@ -450,3 +450,35 @@ def test_fidelity_states_its_target_rule_and_prints_a_readable_summary(wine_run,
     assert main(["eval", str(wine_run), "--fidelity", "--out", "-", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ml_efficacy"]["target_rule"].startswith("the last categorical column")
+
+
+# ---- 6. the front door ------------------------------------------------------------------------------
+
+
+def test_the_readme_quick_start_trains_on_your_own_images_csv_and_text(tmp_path, tables):
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    top = readme.split("## Set-up")[0]
+    assert "(docs/README.md)" in top and "Contents" in top  # the manual's table of contents, up front
+    quick = readme.split("## Quick start")[1].split("```")[1]
+    own = [
+        line.split("#")[0].split()
+        for line in quick.splitlines()
+        if re.search(r"--data (my-|csv:my-|text:my-)", line)
+    ]
+    assert [args[3] for args in own] == ["my-images/", "csv:my-table.csv", "text:my-corpus.txt"]
+    # each line works on data of that kind (made small here: one epoch, a small batch)
+    rng = np.random.default_rng(0)
+    (tmp_path / "my-images").mkdir()
+    for i in range(40):
+        Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / "my-images" / f"{i}.png"
+        )
+    (tmp_path / "my-table.csv").write_text(tables["iris"].read_text())
+    (tmp_path / "my-corpus.txt").write_text("".join(f"line {i % 7} of {i % 5}\n" for i in range(200)))
+    small = ["--epochs", "1", "--batch-size", "16", "--progress", "off", "eval.iwae_k=2"]
+    for args in own:
+        args = [a.replace("my-", f"{tmp_path}/my-").replace("runs/", f"{tmp_path}/runs/") for a in args]
+        assert main([*args[1:], *small]) == 0, shlex.join(args)
