@@ -66,12 +66,8 @@ def text_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     small = ["model.hidden=[32]", "model.embedding=16", "train.epochs=2", "train.batch_size=32",
              "eval.iwae_k=3", "eval.every_epoch=false"]  # fmt: skip
     out = root / "text"
-    assert (
-        main(
-            ["train", "--data", f"text:{root / 'corpus.txt'}", *small, "--progress", "off", "--out", str(out)]
-        )
-        == 0
-    )
+    data = ["--data", f"text:{root / 'corpus.txt'}"]
+    assert main(["train", *data, *small, "--progress", "off", "--out", str(out)]) == 0
     return out
 
 
@@ -315,13 +311,8 @@ def test_the_delimiter_is_detected_and_question_marks_are_missing(tmp_path):
 
 
 def test_an_image_likelihood_on_a_table_suggests_mixed(tables, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    assert (
-        main(
-            ["train", "--data", f"csv:{tables['wine']}", "--likelihood", "discretized-logistic", "--out", out]
-        )
-        == 2
-    )
+    args = ["--data", f"csv:{tables['wine']}", "--likelihood", "discretized-logistic"]
+    assert main(["train", *args, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "--likelihood mixed" in err and "gaussian" not in err and err.count("\n") == 1
 
@@ -387,10 +378,9 @@ def test_encode_reads_a_table_with_the_runs_transforms_and_names_the_rows(wine_r
     z = np.load(tmp_path / "z.npz")
     assert z["mean"].shape == (5, 32) and z["stddev"].shape == (5, 32)
     assert list(z["names"]) == ["w0", "w1", "w2", "w3", "w4"]
-    assert (
-        main(["encode", str(wine_run), "--input", str(tables["wine"]), "--out", str(tmp_path / "z.csv")]) == 0
-    )
-    lines = (tmp_path / "z.csv").read_text().splitlines()
+    codes = tmp_path / "z.csv"
+    assert main(["encode", str(wine_run), "--input", str(tables["wine"]), "--out", str(codes)]) == 0
+    lines = codes.read_text().splitlines()
     assert lines[0].startswith("name,z0,z1,") and lines[1].startswith("line 2,") and len(lines) == 179
     # the codes are the posterior means of the rows as the run encodes them
     vae = turbovae.load(wine_run)
@@ -410,20 +400,9 @@ def test_encode_names_images_by_file_and_text_by_line(digits_run, text_run, tmp_
     assert main(["encode", str(digits_run), "--input", str(folder), "--out", str(tmp_path / "i.csv")]) == 0
     names = [line.split(",")[0] for line in (tmp_path / "i.csv").read_text().splitlines()[1:]]
     assert names == ["b/two.png", "one.png"]
-    (tmp_path / "lines.txt").write_text("the cat sees the sea\na dog likes a tree\n")
-    assert (
-        main(
-            [
-                "encode",
-                str(text_run),
-                "--input",
-                str(tmp_path / "lines.txt"),
-                "--out",
-                str(tmp_path / "t.npz"),
-            ]
-        )
-        == 0
-    )
+    lines = tmp_path / "lines.txt"
+    lines.write_text("the cat sees the sea\na dog likes a tree\n")
+    assert main(["encode", str(text_run), "--input", str(lines), "--out", str(tmp_path / "t.npz")]) == 0
     assert list(np.load(tmp_path / "t.npz")["names"]) == ["the cat sees the sea", "a dog likes a tree"]
 
 
