@@ -25,7 +25,8 @@ TINY = ["--data", "digits", "--hidden", "32", "--latent", "4", "--progress", "of
 # digits are 8×8 with a latent of 4: grids of 9-pixel cells plus a border, upscaled by whole factors
 EXPECTED_SIZES = {
     "samples.png": (292, 292),  # 8 × 8 cells: 73 px, ×4 to reach 256
-    "reconstructions.png": (290, 38),  # 16 × 2 cells: 145 × 19 px, ×2
+    # labels + 16 × 3 cells (input, binarised draw, reconstruction): 145 × 28 px, ×4 for 28-pixel digits
+    "reconstructions.png": (110 + 580, 112),
     "interpolations.png": (546, 438),  # 10 × 8 cells: 91 × 73 px, ×6 to reach 512
     "traversals.png": (130 + 574, 259),  # labels + 9 values × 4 dimensions: 82 × 37 px, ×7
     "kl_per_dim.png": (960, 600),  # 6.4 × 4 inches at 150 dpi

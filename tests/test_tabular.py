@@ -362,7 +362,7 @@ def test_train_sample_and_fidelity_on_real_tables(tmp_path, tables, mixed_csv, c
     # that is wrong or samples stuck at a few values give 0.4 to 1)
     assert mean_ks(real, synthetic) < 0.8 * mean_ks(real, range_only(real, 300))
 
-    code, out, err = run_cli(["eval", str(run), "--fidelity"], capsys)
+    code, out, err = run_cli(["eval", str(run), "--fidelity", "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report == json.loads((run / "fidelity.json").read_text())
@@ -390,7 +390,7 @@ def test_train_sample_and_fidelity_on_real_tables(tmp_path, tables, mixed_csv, c
     code, _, err = run_cli(["eval", str(run), "--iwae-k", "5", "--out", "-"], capsys)
     assert code == 2 and "has 179 rows, but the run was trained on 178" in err
     # ...but --real rows can still be scored (without the training rows: no real baseline)
-    real_args = ["--real", str(tables["wine"]), "--target", "alcohol", "--out", "-"]
+    real_args = ["--real", str(tables["wine"]), "--target", "alcohol", "--out", "-", "--json"]
     code, out, err = run_cli(["eval", str(run), "--fidelity", *real_args], capsys)
     assert code == 0, err
     report = json.loads(out)

@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import re
 import sys
@@ -15,6 +16,7 @@ import sys
 from .commands import bench, compress, data, encode, export, push, report, sample, train, tune
 from .commands import eval as eval_command
 from .commands.compress import DECOMPRESS
+from .config import KEY_ALIASES
 from .engine.distributed import launch
 from .errors import TurboVAEError, clip
 
@@ -48,12 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unrecognized(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """``turbovae train: error: unrecognized option '--epcohs'; did you mean '--epochs'?``"""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    options = [s for action in sub._actions for s in action.option_strings if s.startswith("--")]
+    flags = [u for u in unknown if u.startswith("-")]
+    if not flags:
+        return f"turbovae {command}: error: unrecognized arguments: {' '.join(unknown)}"
+    flag = flags[0].split("=", 1)[0]
+    alias = KEY_ALIASES.get(flag.lstrip("-").replace("-", "_").lower(), "")
+    close = [f"--{alias.replace('_', '-')}"] if f"--{alias.replace('_', '-')}" in options else []
+    close = close or difflib.get_close_matches(flag, options, n=1, cutoff=0.7)
+    hint = f"; did you mean '{close[0]}'?" if close else f" (turbovae {command} --help lists the options)"
+    return f"turbovae {command}: error: unrecognized option '{flag}'{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # section.key=value overrides may stand anywhere, also between flags (argparse wants them last)
     overrides = [a for a in argv if OVERRIDE.match(a)]
-    args = parser.parse_args([a for a in argv if not OVERRIDE.match(a)])
+    args, unknown = parser.parse_known_args([a for a in argv if not OVERRIDE.match(a)])
+    if unknown:  # one line with the closest option of that command, not the top-level usage
+        print(unrecognized(parser, args.command, unknown), file=sys.stderr)
+        return 2
     if hasattr(args, "overrides"):
         args.overrides = overrides
     elif overrides:

@@ -326,6 +326,25 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise AssertionError(f"unsupported config type {hint} for {key}")
 
 
+# the names other libraries give to config keys, for "did you mean" (only those naming a key of the
+# section in question are suggested)
+KEY_ALIASES = {
+    "learning_rate": "lr", "learningrate": "lr", "lr_rate": "lr", "eta": "lr",
+    "batchsize": "batch_size", "bs": "batch_size", "batch": "batch_size", "minibatch_size": "batch_size",
+    "latent_dim": "latent", "latent_size": "latent", "latent_dims": "latent", "z_dim": "latent",
+    "zdim": "latent", "n_latent": "latent", "num_latent": "latent", "code_size": "latent",
+    "n_epochs": "epochs", "num_epochs": "epochs", "epoch": "epochs", "max_epochs": "epochs",
+    "hidden_dims": "hidden", "hidden_sizes": "hidden", "hidden_size": "hidden", "hidden_dim": "hidden",
+    "layers": "hidden", "wd": "weight_decay", "l2": "weight_decay", "kl_weight": "beta",
+    "scheduler": "schedule", "lr_schedule": "schedule", "lr_scheduler": "schedule",
+    "warmup": "warmup_steps", "grad_clip": "clip_grad", "max_grad_norm": "clip_grad",
+    "clip_grad_norm": "clip_grad", "random_seed": "seed", "log_interval": "log_every",
+    "num_threads": "threads", "k": "iwae_k", "num_samples": "iwae_k", "iwae_samples": "iwae_k",
+    "dataset": "name", "path": "name", "distribution": "likelihood",
+    "decoder_likelihood": "likelihood", "architecture": "name", "arch": "name",
+}  # fmt: skip
+
+
 def _set(cfg: Config, dotted: str, value: Any) -> None:
     section_name, _, key = dotted.partition(".")
     sections = {f.name for f in fields(Config)}
@@ -334,7 +353,7 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     section = getattr(cfg, section_name)
     hints = typing.get_type_hints(type(section))
     if key not in hints:
-        raise unknown_name(f"config key in '{section_name}'", key, [f"{k}" for k in hints])
+        raise unknown_name(f"config key in '{section_name}'", key, [f"{k}" for k in hints], KEY_ALIASES)
     setattr(section, key, _coerce(dotted, value, hints[key]))
 
 

@@ -45,10 +45,17 @@ def clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def unknown_name(kind: str, name: str, choices: Iterable[str]) -> ConfigError:
-    """A ConfigError for an unknown registry name, suggesting the closest valid one."""
+def unknown_name(
+    kind: str, name: str, choices: Iterable[str], aliases: dict[str, str] | None = None
+) -> ConfigError:
+    """A ConfigError for an unknown registry name, suggesting the closest valid one (``aliases``: the
+    usual other names of valid ones, e.g. learning_rate for lr, which spelling alone would not find)."""
     options = sorted(choices)
     text = str(name) if isinstance(name, str | int | float) else ""
-    close = difflib.get_close_matches(text, options, n=1) if 0 < len(text) <= 200 else []
+    alias = (aliases or {}).get(text.lower())
+    if alias in options:
+        close = [alias]
+    else:
+        close = difflib.get_close_matches(text, options, n=1) if 0 < len(text) <= 200 else []
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown {kind} {shown(name)} (expected one of: {', '.join(options)}){hint}")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -190,12 +192,34 @@ def _cache_dir() -> Path:
     return Path(root) / "turbovae"
 
 
+# torch.compile traces the optimiser's step, which opens a profiler record_function
+# ("Optimizer.step#Adam.step"); dynamo logs once that it ignores it, a warning that means nothing to a
+# user. It is a logging record (torch._logging's warning_once), not a Python warning, so
+# warnings.filterwarnings cannot stop it: a filter on the two loggers that emit it drops exactly it.
+_PROFILER_NOISE = re.compile(r"Profiler (record )?function .* will be ignored")
+_PROFILER_LOGGERS = ("torch._dynamo.variables.ctx_manager", "torch._dynamo.variables.torch")
+
+
+class _DropProfilerNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _PROFILER_NOISE.search(record.getMessage())
+
+
+def quiet_compile_logs() -> None:
+    """Drop dynamo's "Profiler record function ... will be ignored" warning (idempotent)."""
+    for name in _PROFILER_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropProfilerNoise) for f in log.filters):
+            log.addFilter(_DropProfilerNoise())
+
+
 def compile_fn(fn: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:
     """torch.compile with artefacts cached across runs. On GPUs the whole step is then captured as one
     CUDA graph by ``CudaGraphStep`` (inductor's own CUDA graphs cover the forward and backward graphs
     but leave the optimiser and the autograd engine between them on the host: 1.3 ms a step on an
     H100, see benchmarks/RESULTS.md)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_cache_dir() / "inductor"))
+    quiet_compile_logs()
     return torch.compile(fn, dynamic=False)
 
 

@@ -13,9 +13,12 @@ from ..data.tables import read_table
 from ..engine.rundir import load, write_json
 from ..engine.setup import setup
 from ..errors import ConfigError, DataError
-from ..evaluation.fidelity import fidelity_report, synthesize
+from ..evaluation.fidelity import REPORT_STAGES, fidelity_report, synthesize
 from ..evaluation.text import text_metrics
+from ..progress import Progress, note
 from .options import json_out
+
+LONG_IWAE = 1_000_000  # decoder passes (k x examples) from which eval says what the IWAE pass costs
 
 
 def add_parser(sub: Any) -> None:
@@ -47,13 +50,16 @@ def add_parser(sub: Any) -> None:
         "--fidelity",
         action="store_true",
         help="tables: how faithful synthetic rows are to real held-out rows (KS, TV, correlations, "
-        "ML efficacy, distance to closest record), as JSON (default file RUN_DIR/fidelity.json)",
+        "ML efficacy, distance to closest record): a summary (--json: all of it as JSON), and the JSON in "
+        "RUN_DIR/fidelity.json",
     )
     e.add_argument(
         "--real", metavar="FILE", help="--fidelity: real rows to compare with (default: the held-out split)"
     )
     e.add_argument(
-        "--target", help="--fidelity: the column ML efficacy predicts (default: the last categorical)"
+        "--target",
+        help="--fidelity: the column ML efficacy predicts (default: the last categorical column with 2-20 "
+        "classes, else the last numeric one)",
     )
     e.add_argument("--n", type=int, help="--fidelity: synthetic rows (default: as many as the training rows)")
 
@@ -75,12 +81,17 @@ def run(args: argparse.Namespace) -> int:
     gen = runtime.generator(device, args.seed)
     result = {"split": args.split, "data": s.data.name, "run": str(args.run_dir)}
     result["device"] = runtime.describe(device)
-    result.update(
-        evaluation.evaluate(
-            vae, x, prepare, k=args.iwae_k, batch_size=args.batch_size, generator=gen,
-            precision=args.precision, floor=args.floor, y=s.labels(args.split),
-        )
-    )  # fmt: skip
+    if args.iwae_k * len(x) >= LONG_IWAE:  # say up front what a long pass costs
+        note(f"IWAE with k={args.iwae_k:,} samples on {len(x):,} {args.split} examples "
+             f"({args.iwae_k * len(x):,} decoder passes); a smaller --iwae-k is faster")  # fmt: skip
+    with Progress(len(x), f"IWAE k={args.iwae_k:,}", "examples") as bar:
+        result.update(
+            evaluation.evaluate(
+                vae, x, prepare, k=args.iwae_k, batch_size=args.batch_size, generator=gen,
+                precision=args.precision, floor=args.floor, y=s.labels(args.split),
+                progress=bar.update,
+            )
+        )  # fmt: skip
     if s.data.is_tokens:  # text: nats per token and perplexity
         result.update(text_metrics(result["nelbo"], result["nll_iwae"], x))
     if out is not None:
@@ -149,10 +160,56 @@ def run_fidelity(args: argparse.Namespace) -> int:
     if args.real:
         real_test = read_table(args.real, schema=transform["columns"])
     n = args.n or (len(real_train) if real_train is not None else len(real_test))
-    synthetic = synthesize(vae, n, generator=runtime.generator(device, args.seed))
-    result = {"run": str(args.run_dir), "real": args.real or f"{transform['source']} (held-out split)"}
-    result.update(fidelity_report(real_test, synthetic, real_train, target=args.target, seed=args.seed))
+    with Progress(1 + REPORT_STAGES, "fidelity", "stages") as bar:
+        synthetic = synthesize(vae, n, generator=runtime.generator(device, args.seed))
+        bar.update()
+        result = {"run": str(args.run_dir), "real": args.real or f"{transform['source']} (held-out split)"}
+        result.update(fidelity_report(real_test, synthetic, real_train, target=args.target, seed=args.seed,
+                                      progress=bar.update))  # fmt: skip
     if out is not None:
         write_json(out, result)
-    print(json.dumps(result))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(fidelity_lines(result)))
+        if out is not None:
+            print(f"  written to     {out}")
     return 0
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def fidelity_lines(r: dict[str, Any]) -> list[str]:
+    """The fidelity report as a short readable summary (``--json`` prints all of it)."""
+    columns = r.get("columns", {})
+    numeric = sum("ks" in c for c in columns.values())
+    train = f", {r['n_train']:,} training rows" if r.get("n_train") else ""
+    lines = [
+        f"{r['n_synthetic']:,} synthetic rows against {r['n_real']:,} real rows of {r['real']}{train}:",
+        f"  marginals      mean KS {_f(r['mean_ks'])} over {numeric} numeric columns, mean TV "
+        f"{_f(r['mean_tv'])} over {len(columns) - numeric} categorical (0: the same distribution)",
+        f"  correlations   mean |Δρ| {_f(r['corr_mae'])} between numeric columns",
+    ]
+    ml = r.get("ml_efficacy")
+    if ml:
+        metric = "macro F1" if ml["metric"] == "macro_f1" else "R²"
+        real = ""
+        if ml.get("real") is not None:
+            real = f", real-trained {_f(ml['real'])} (ratio {_f(ml['ratio'], 2)})"
+        lines.append(f"  ML efficacy    predicts '{ml['target']}', {ml.get('target_rule', '')} (--target to "
+                     "choose):")  # fmt: skip
+        lines.append(f"                 {ml['task']}, {metric} synthetic-trained {_f(ml['synthetic'])}{real}")
+    dcr = r.get("dcr") or {}
+    if dcr:
+        holdout = f" (real held-out rows: {_f(dcr['holdout_median'])})" if "holdout_median" in dcr else ""
+        lines.append(f"  privacy        distance to the closest training row: median {_f(dcr['median'])}"
+                     f"{holdout}, exact copies {100 * dcr['exact_copies']:.1f}%")  # fmt: skip
+    worst = sorted(columns.items(), key=lambda kv: -kv[1].get("ks", kv[1].get("tv", 0.0)))[:3]
+    if worst:
+        shown = [
+            f"{name} {'KS' if 'ks' in c else 'TV'} {_f(c.get('ks', c.get('tv')), 2)}" for name, c in worst
+        ]
+        lines.append(f"  furthest       {', '.join(shown)}")
+    return lines

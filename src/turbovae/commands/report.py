@@ -15,7 +15,7 @@ import datetime
 import html
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,19 @@ from PIL import Image
 
 from .. import __version__, evaluation, runtime
 from ..config import load_yaml
+from ..data.table_transform import decode
+from ..data.tables import Table, _format
 from ..engine.checkpoint import replace_file
 from ..engine.rundir import load
-from ..engine.setup import setup
+from ..engine.setup import Setup, setup
 from ..errors import CheckpointError, ConfigError, TurboVAEError
+from ..evaluation.fidelity import synthesize
 from ..models import MODELS
+from ..progress import Progress
+from ..viz.barcodes import data_kind
 from ..viz.figures import write_pictures
-from ..viz.plots import plot_curves
+from ..viz.plots import plot_column_histograms, plot_curves
+from ..viz.text import write_text_outputs
 
 # ---- image grids (Pillow) --------------------------------------------------------------------------
 
@@ -77,6 +83,9 @@ class RunInfo:
     events: list[dict[str, Any]] = field(default_factory=list)
     pictures: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    kind: str = "image"  # what the data are: image, table or text (viz.barcodes.data_kind)
+    rows: Table | None = None  # table runs: synthetic rows drawn from the model, shown as a table
+    texts: dict[str, str] = field(default_factory=dict)  # text runs: samples, reconstructions, interpolations
 
 
 def _read_text(path: Path) -> str:
@@ -97,15 +106,42 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+STAGES = 3  # of collect_run: read and load, posterior statistics, pictures
+
+
 @torch.no_grad()
 def collect_run(
-    run_dir: Path, figures: Path, *, device: torch.device | None = None, pictures: bool = True
+    run_dir: Path,
+    figures: Path,
+    *,
+    device: torch.device | None = None,
+    pictures: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> RunInfo:
     """Read a run directory and draw its pictures into ``figures``.
 
     The evaluation table comes from ``eval.json`` (written by ``turbovae eval``) when present; the
     posterior statistics (active units, KL per dimension, mutual information) are computed here on
-    the test split either way, since the pictures need them."""
+    the test split either way, since the pictures need them. ``progress`` is called with 1 after each
+    of its ``STAGES`` stages."""
+    done = 0
+
+    def stage(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(n)
+
+    try:
+        return _collect_run(run_dir, figures, device, pictures, stage)
+    finally:
+        if done < STAGES:  # a run without pictures (or an error): its stages are over
+            stage(STAGES - done)
+
+
+def _collect_run(
+    run_dir: Path, figures: Path, device: torch.device | None, pictures: bool, stage: Callable[[], None]
+) -> RunInfo:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a turbovae run directory (no config.yaml)")
@@ -132,6 +168,7 @@ def collect_run(
         info.notes.append(f"pictures skipped: {e}")
         return info
     s.vae = vae
+    stage()
     x = s.x_test
     xp = torch.cat([s.prepare_test(b) for b in x.split(1000)])
     q = evaluation.encode_all(vae, xp, lambda t: t, y=s.y_test)  # a conditional run: q(z | x, y)
@@ -146,13 +183,40 @@ def collect_run(
         "n": len(xp),
     }
     stats.update(evaluation.mutual_information(q, generator=torch.Generator(device=device).manual_seed(0)))
+    stage()
     labels = s.data.y_test
-    info.pictures = write_pictures(vae, xp, figures, labels=labels, data_name=s.data.name, stats=stats)
+    grey = None  # binarised runs: the inputs before binarisation, drawn above their binarised draw
+    if s.binarize_mode != "none":
+        grey = s.data.x_test[:16].to(device).float() / s.data.max_value
+    info.pictures = write_pictures(
+        vae, xp, figures, labels=labels, data_name=s.data.name, stats=stats, grey=grey
+    )
+    info.kind = data_kind(vae)
+    if info.kind == "table":
+        _table_outputs(info, s, figures)
+    elif info.kind == "text":
+        write_text_outputs(s, figures)
+        info.texts = {name: (figures / f"{name}.txt").read_text() for name in TEXT_OUTPUTS}
     computed = {k: v for k, v in stats.items() if k != "means"}
     # eval.json wins for what it has; the posterior statistics fill in what it lacks
     info.evaluation = {**computed, "split": "test", **info.evaluation}
     info.evaluation["latent_map_axes"] = stats.get("latent_map_axes", "")
     return info
+
+
+SYNTHETIC_ROWS = 2000  # drawn for the histograms; the first SHOWN_ROWS are shown as a table
+SHOWN_ROWS = 10
+TEXT_OUTPUTS = ("samples", "reconstructions", "interpolations")
+
+
+def _table_outputs(info: RunInfo, s: Setup, figures: Path) -> None:
+    """Synthetic rows of a table run, and their per-column histograms against all the real rows."""
+    synthetic = synthesize(s.vae, SYNTHETIC_ROWS, generator=torch.Generator(s.device).manual_seed(0))
+    transform = s.vae.data_meta["table"]
+    vectors = torch.cat([s.x_train, s.x_val, s.x_test]).float().cpu().numpy()
+    real = decode(vectors, transform, source="real")
+    info.pictures["histograms"] = plot_column_histograms(real, synthetic, figures / "histograms.png")
+    info.rows = synthetic.take(np.arange(min(SHOWN_ROWS, len(synthetic))))
 
 
 # ---- HTML --------------------------------------------------------------------------------------------
@@ -304,19 +368,75 @@ def _summary_rows() -> list[tuple[str, str, Any, Any]]:
     ]  # fmt: skip
 
 
+# what must match for two runs' held-out nats to be comparable: the same data (and resizing), the
+# same likelihood (a Bernoulli mass on binarised pixels and a Gaussian density on grey values are
+# different units) and the same binarisation (a fixed draw is other data than the grey values)
+COMPARED = (
+    ("data", "data"),
+    ("resize", "resizing"),
+    ("likelihood", "likelihood"),
+    ("binarize", "binarisation"),
+)
+
+
+def comparison_key(r: RunInfo) -> dict[str, Any]:
+    """What a run's numbers are numbers of: data, resizing, likelihood and binarisation."""
+    data, model = r.config.get("data", {}), r.config.get("model", {})
+    return {
+        "data": data.get("name", r.summary.get("data")),
+        "resize": data.get("resize"),
+        "likelihood": model.get("likelihood", r.summary.get("likelihood")),
+        "binarize": r.summary.get("binarize", data.get("binarize")),
+    }
+
+
+def comparable_groups(runs: list[RunInfo]) -> tuple[list[int], str]:
+    """(the group of every run: runs with the same ``comparison_key`` share one, the reason the runs are
+    not all comparable, '' when they are)."""
+    keys = [comparison_key(r) for r in runs]
+    seen: list[dict[str, Any]] = []
+    groups = []
+    for key in keys:
+        if key not in seen:
+            seen.append(key)
+        groups.append(seen.index(key))
+    if len(seen) == 1:
+        return groups, ""
+    differs = []
+    for field_, label in COMPARED:
+        values = list(dict.fromkeys(str(k[field_]) for k in keys))
+        if len(values) > 1:
+            differs.append(f"{label} ({', '.join(values)})")
+    return groups, "the runs differ in " + " and ".join(differs)
+
+
 def _summary_table(runs: list[RunInfo]) -> str:
     head = "".join(f'<th class="num">{_e(r.name)}</th>' for r in runs)
+    groups, why = comparable_groups(runs) if len(runs) > 1 else ([0], "")
     rows = []
+    if why:  # say in the table which runs were ranked against which, and why not all of them
+        cells = []
+        for i, g in enumerate(groups):
+            peers = [runs[j].name for j, h in enumerate(groups) if h == g and j != i]
+            text = f"with {', '.join(peers)}" if peers else "not ranked: nothing to compare with"
+            cells.append(f'<td class="num">{_e(text)}</td>')
+        rows.append(
+            f'<tr class="differs"><th>Ranked <span class="unit">(only runs with the same data, '
+            f"likelihood and binarisation: {_e(why)})</span></th>{''.join(cells)}</tr>"
+        )
     for label, unit, get, better in _summary_rows():
         values = [get(r) for r in runs]
         compare = [nll_value(r) for r in runs] if better == "nll" else values
-        best = None
+        best: dict[int, Any] = {}  # group -> its best value, for groups of two runs or more
         if better and len(runs) > 1:
-            numbers = [v for v in compare if isinstance(v, int | float)]
-            best = min(numbers) if numbers else None
+            for g in set(groups):
+                mine = [c for c, h in zip(compare, groups, strict=True) if h == g]
+                numbers = [c for c in mine if isinstance(c, int | float)]
+                if len(numbers) > 1:
+                    best[g] = min(numbers)
         cells = []
-        for v, c in zip(values, compare, strict=True):
-            cls = "num best" if best is not None and c == best else "num"
+        for v, c, g in zip(values, compare, groups, strict=True):
+            cls = "num best" if g in best and c == best[g] else "num"
             cells.append(f'<td class="{cls}">{_e(_fmt(v))}</td>')
         unit_html = f' <span class="unit">({_e(unit)})</span>' if unit else ""
         indent = "&emsp;" if label.startswith("  ") else ""
@@ -444,6 +564,90 @@ def _fidelity_section(runs: list[RunInfo]) -> str:
     return "".join(parts)
 
 
+def _barcode_lead(runs: list[RunInfo]) -> str:
+    """How to read the barcodes of table and text runs (empty when every run is of images)."""
+    kinds = {r.kind for r in runs}
+    parts = []
+    if "table" in kinds:
+        parts.append(
+            "table runs: one row per example, one cell per dimension of the transformed vector "
+            "(numbers normalised, categories one-hot) on a fixed scale, blue −1, white 0, red +1"
+        )
+    if "text" in kinds:
+        parts.append(
+            "text runs: one row per sentence, one cell per token, the same token the same colour, the "
+            "end marker black, padding white"
+        )
+    return f" Barcodes for {'; '.join(parts)}." if parts else ""
+
+
+def _rows_section(runs: list[RunInfo]) -> str:
+    """Table runs: the first synthetic rows, and every column's histogram against the real rows."""
+    parts = [
+        f'<p class="lead">Rows drawn from the model (z ~ N(0, I), then x ~ p(x | z), decoded to the '
+        f"table's columns: what <code>turbovae sample RUN --out rows.csv</code> writes), the first "
+        f"{SHOWN_ROWS} of {SYNTHETIC_ROWS:,}; below, each column's distribution in those rows against "
+        "all the real rows of the file.</p>"
+    ]
+    for r in runs:
+        if r.rows is None:
+            continue
+        texts = [_format(c) for c in r.rows.columns]
+        head = "".join(f"<th>{_e(name)}</th>" for name in r.rows.names)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in zip(*texts, strict=True)
+        )
+        title = f"<h3>{_e(r.name)}</h3>" if len(runs) > 1 else ""
+        parts.append(f'{title}<div style="overflow-x: auto"><table><thead><tr>{head}</tr></thead>'
+                     f"<tbody>{body}</tbody></table></div>")  # fmt: skip
+        label = "per-column histograms: real rows (blue) against synthetic rows (red)"
+        parts.append(f'<div class="single">{_figure(r.pictures.get("histograms"), label)}</div>')
+    return "".join(parts)
+
+
+def _sentences_section(runs: list[RunInfo]) -> str:
+    """Text runs: sampled sentences, reconstructions and interpolations (as in the run's .txt files)."""
+    parts = ['<p class="lead">What the barcodes below show, as text: sentences decoded from z ~ N(0, I), '
+             "test sentences with their reconstructions, and decodings along straight lines between "
+             "two test sentences' posterior means.</p>"]  # fmt: skip
+    for r in runs:
+        for name in TEXT_OUTPUTS:
+            if name in r.texts:
+                who = f"{r.name}: " if len(runs) > 1 else ""
+                parts.append(f"<h3>{_e(who + name)}</h3><pre>{_e(r.texts[name].strip())}</pre>")
+    return "".join(parts)
+
+
+def _picture_sections(runs: list[RunInfo]) -> dict[str, str]:
+    """The bodies of the samples, reconstructions, interpolations and traversals sections."""
+    body: dict[str, str] = {}
+    barcode_lead = _barcode_lead(runs)
+    body["samples"] = f'<p class="lead">z ~ N(0, I), shown as E[x | z].{barcode_lead}</p>' + _per_run_figures(
+        runs, "samples", "samples from the prior"
+    )
+    binarised = any(r.summary.get("binarize") not in (None, "none") for r in runs)
+    rows_text = (
+        "the input, the binarised draw the model scored, and E[x | z] at the posterior mean"
+        if binarised
+        else "test inputs and E[x | z] at the posterior mean"
+    )
+    body["reconstructions"] = (
+        f'<p class="lead">Rows labelled on the left: {rows_text}.{barcode_lead}</p>'
+        + _per_run_figures(runs, "reconstructions", "inputs and their reconstructions")
+    )
+    body["interpolations"] = (
+        '<p class="lead">Each row: a test input, 8 points on the straight line between its posterior '
+        "mean and another input's, decoded, and the other input.</p>"
+        + _per_run_figures(runs, "interpolations", "linear interpolation between posterior means")
+    )
+    body["traversals"] = (
+        '<p class="lead">The most informative latent dimensions (largest average KL): starting from the '
+        "posterior mean of a test input, one coordinate is set to −3 … +3 (left to right).</p>"
+        + _per_run_figures(runs, "traversals", "latent traversals, rows labelled with dimension and KL")
+    )
+    return body
+
+
 def render_html(runs: list[RunInfo], curves: dict[str, Path], title: str | None = None) -> str:
     """The report page: inline CSS, images as data URIs, no external resources and no scripts."""
     names = ", ".join(r.name for r in runs)
@@ -463,7 +667,8 @@ def render_html(runs: list[RunInfo], curves: dict[str, Path], title: str | None 
     body["summary"] = (
         '<p class="lead">Held-out numbers are in nats per example on the test split; the IWAE '
         f"negative log-likelihood uses k = {_e(k_text)} importance samples, ± one standard error over "
-        "examples. The best value of each compared row is in bold green.</p>" + _summary_table(runs)
+        "examples. The best value of each compared row is in bold green, among runs with the same data, "
+        "likelihood and binarisation only (other nats are not comparable).</p>" + _summary_table(runs)
     )
     kl_caption = "KL per latent dimension and Burda's activity"
     kl_figs = _per_run_figures(runs, "kl_per_dim", kl_caption, pixels=False)
@@ -485,23 +690,7 @@ def render_html(runs: list[RunInfo], curves: dict[str, Path], title: str | None 
         )
     )
     body["curves"] = f'<div class="grid two">{curve_figs}</div>'
-    body["samples"] = '<p class="lead">z ~ N(0, I), shown as E[x | z].</p>' + _per_run_figures(
-        runs, "samples", "64 samples from the prior"
-    )
-    body["reconstructions"] = (
-        '<p class="lead">Test inputs (top row) and E[x | z] at the posterior mean (bottom row).</p>'
-        + _per_run_figures(runs, "reconstructions", "inputs above, reconstructions below")
-    )
-    body["interpolations"] = (
-        '<p class="lead">Each row: a test input, 8 points on the straight line between its posterior '
-        "mean and another input's, decoded, and the other input.</p>"
-        + _per_run_figures(runs, "interpolations", "linear interpolation between posterior means")
-    )
-    body["traversals"] = (
-        '<p class="lead">The most informative latent dimensions (largest average KL): starting from the '
-        "posterior mean of a test input, one coordinate is set to −3 … +3 (left to right).</p>"
-        + _per_run_figures(runs, "traversals", "latent traversals, rows labelled with dimension and KL")
-    )
+    body.update(_picture_sections(runs))
     axes = "; ".join(sorted({str(r.evaluation.get("latent_map_axes", "")) for r in runs} - {""}))
     body["latent-space"] = (
         f'<p class="lead">Posterior means of the test set, plotted on {_e(axes or "two axes")}, '
@@ -513,7 +702,13 @@ def render_html(runs: list[RunInfo], curves: dict[str, Path], title: str | None 
     if any(r.fidelity for r in runs):
         body["fidelity"] = _fidelity_section(runs)
         shown.insert(2, ("fidelity", "Fidelity of synthetic rows"))
-        nav = "".join(f'<a href="#{sid}">{_e(label)}</a>' for sid, label in shown)
+    if any(r.rows is not None for r in runs):
+        body["rows"] = _rows_section(runs)
+        shown.insert(shown.index(("samples", "Samples from the prior")), ("rows", "Synthetic rows"))
+    if any(r.texts for r in runs):
+        body["sentences"] = _sentences_section(runs)
+        shown.insert(shown.index(("samples", "Samples from the prior")), ("sentences", "Sentences"))
+    nav = "".join(f'<a href="#{sid}">{_e(label)}</a>' for sid, label in shown)
     sections = "".join(
         f'<section id="{sid}"><h2>{_e(label)}</h2>{body[sid]}</section>' for sid, label in shown
     )
@@ -564,16 +759,18 @@ def build_report(
     fig_root = Path(figures) if figures is not None else out.parent / "figures"
     runs = []
     names: set[str] = set()
-    for d in dirs:
-        name = d.resolve().name
-        while name in names:
-            name += "'"
-        names.add(name)
-        sub = fig_root if len(dirs) == 1 else fig_root / name
-        info = collect_run(d, sub, device=device)
-        info.name = name
-        runs.append(info)
-    curves = plot_curves([(r.name, r.events) for r in runs], fig_root)
+    with Progress(STAGES * len(dirs) + 1, "report", "stages") as bar:
+        for d in dirs:
+            name = d.resolve().name
+            while name in names:
+                name += "'"
+            names.add(name)
+            sub = fig_root if len(dirs) == 1 else fig_root / name
+            info = collect_run(d, sub, device=device, progress=bar.update)
+            info.name = name
+            runs.append(info)
+        curves = plot_curves([(r.name, r.events) for r in runs], fig_root)
+        bar.update()
     replace_file(out, render_html(runs, curves).encode("utf-8"))  # atomically: never a truncated report
     return out
 

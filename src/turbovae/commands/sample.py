@@ -16,6 +16,7 @@ from ..engine.checkpoint import replace_file
 from ..engine.rundir import load
 from ..errors import ConfigError
 from ..evaluation.fidelity import synthesize
+from ..viz.barcodes import data_kind, sample_barcode
 from ..viz.grids import as_images, save_grid
 from ..viz.text import sample_lines
 
@@ -27,7 +28,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument(
         "--out",
         help="FILE.png (a grid) or FILE.npy (the values); for tables FILE.csv (rows drawn from the model, "
-        "with the training file's columns and types) or FILE.parquet; default RUN_DIR/samples-N.png|.csv",
+        "with the training file's columns and types), FILE.parquet, FILE.npy (the transformed vectors) or "
+        "FILE.png (the vectors as a barcode); for text FILE.txt (default: stdout) or FILE.png (token ids as "
+        "a barcode); default RUN_DIR/samples-N.png|.csv",
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing E[x|z]")
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         print(write_table(rows, out))
         return 0
     if out.suffix not in (".png", ".npy"):
-        raise ConfigError(f"--out must end in .png or .npy (tables: .csv or .parquet), got {out}")
+        what = ".csv, .tsv or .parquet (rows), .png (a barcode) or .npy" if table else ".png or .npy"
+        raise ConfigError(f"--out must end in {what}, got {out}")
     # several classes: --n draws of each, one grid row (of up to 8... --n) per class
     y = None if classes is None else torch.tensor(classes, device=device).repeat_interleave(args.n)
     x = vae.sample(
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         buffer = io.BytesIO()
         np.save(buffer, x.numpy())
         replace_file(out, buffer.getbuffer())
+    elif table:  # one row of coloured cells per sample, not a grid of fake images
+        sample_barcode(x, "table").save(out, format="PNG")
     else:
         nrow = min(8, args.n) if classes is None or len(classes) == 1 else min(args.n, 16)
         save_grid(as_images(x, vae.event_shape), out, nrow=nrow)
@@ -115,11 +121,18 @@ def _classes(args: argparse.Namespace, vae: Any) -> list[int] | None:
 
 def _sample_text(args: argparse.Namespace, vae: Any, device: Any) -> int:
     out = Path(args.out) if args.out else None
-    if out is not None and out.suffix != ".txt":
-        raise ConfigError(f"--out must end in .txt for a text run, got {out}")
-    lines = sample_lines(
-        vae, args.n, runtime.generator(device, args.seed), greedy=not args.draw, temperature=args.temperature
-    )
+    if out is not None and out.suffix not in (".txt", ".png"):
+        raise ConfigError(
+            f"--out must end in .txt (sentences) or .png (token ids as a barcode) for a text run, got {out}"
+        )
+    gen = runtime.generator(device, args.seed)
+    if out is not None and out.suffix == ".png":
+        ids = vae.sample(args.n, generator=gen, mean=not args.draw, temperature=args.temperature)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sample_barcode(ids, data_kind(vae)).save(out, format="PNG")
+        print(out)
+        return 0
+    lines = sample_lines(vae, args.n, gen, greedy=not args.draw, temperature=args.temperature)
     if out is None:
         print("\n".join(lines))
     else:

@@ -11,8 +11,12 @@ types, inferred from its values or declared in the config (``data.columns``):
 - ``categorical``: anything else, kept as strings.
 
 A column can also be declared ``drop`` (not modelled, not written back). Missing values are the
-empty field and pandas' usual markers (``NA``, ``N/A``, ``NaN``, ``null``, ``None``, ...): they stay
-missing (NaN or None) and the transform gives them an explicit indicator; nothing is filled silently.
+empty field, pandas' usual markers (``NA``, ``N/A``, ``NaN``, ``null``, ``None``, ...) and ``?`` (the
+UCI repository's): they stay missing (NaN or None) and the transform gives them an explicit
+indicator; nothing is filled silently.
+
+The delimiter of a CSV file is detected from its first lines (``,``, ``;``, tab or ``|``; ``.tsv``
+and ``.tab`` files are tab-separated).
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ MISSING_TOKENS = frozenset(
     ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>"]
 )
 MISSING_TOKENS |= {"N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+MISSING_TOKENS |= {"?"}  # the UCI machine-learning repository's marker (adult, mushroom, ...)
+DELIMITERS = ",;\t|"  # what a CSV file's delimiter may be
+SNIFF_BYTES = 64 * 1024  # the start of the file the delimiter is detected from
 _INFERRED_BOOLEANS = ({"true", "false"}, {"yes", "no"})
 _DECLARED_BOOLEANS = {"true": 1, "false": 0, "yes": 1, "no": 0, "t": 1, "f": 0, "y": 1, "n": 0}
 _DECLARED_BOOLEANS.update({"1": 1, "0": 0})
@@ -122,9 +129,27 @@ class Table:
 # ---- reading ----------------------------------------------------------------------------------------
 
 
+def sniff_delimiter(path: Path) -> str:
+    """The delimiter of a CSV file, detected from its first complete lines (one of ``DELIMITERS``);
+    a comma when nothing else fits (a file of one column, say). ``.tsv``/``.tab``: a tab."""
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return "\t"
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            sample = f.read(SNIFF_BYTES)
+    except OSError:
+        return ","  # _read_csv says why it cannot be read
+    if len(sample) == SNIFF_BYTES and "\n" in sample:  # whole lines only
+        sample = sample[: sample.rindex("\n")]
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     """(header, rows, line number of each row), every field stripped; blank lines are skipped."""
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    delimiter = sniff_delimiter(path)
     rows: list[list[str]] = []
     lines: list[int] = []
     header: list[str] | None = None
@@ -272,8 +297,8 @@ def _infer(name: str, tokens: list[str], present: np.ndarray, where: _Where) -> 
     if len(values) >= 10 and n_numeric >= 0.9 * len(values):
         i = next(i for i in np.flatnonzero(present).tolist() if tokens[i] not in numeric)
         raise DataError(
-            f"{where(i, name)}: '{tokens[i]}' is not a number, but {n_numeric / len(values):.0%} of the "
-            f"column's values are; fix or blank out the value, or declare the column categorical "
+            f"{where(i, name)}: '{tokens[i]}' is not a number, but {n_numeric:,} of the column's "
+            f"{len(values):,} values are; fix or blank out the value, or declare the column categorical "
             f"(data.columns: {{{name}: categorical}})"
         )
     if len(distinct) > MAX_INFERRED_CATEGORIES and len(distinct) > 0.5 * len(values):

@@ -14,7 +14,16 @@ import torch
 
 from .. import evaluation, runtime
 from ..evaluation.text import text_summary
-from ..viz.grids import as_images, grid_image, reconstruction_grid, sample_grid, save_grid
+from ..progress import Progress, note
+from ..viz.barcodes import data_kind, reconstruction_barcode, sample_barcode
+from ..viz.grids import (
+    as_images,
+    grid_image,
+    reconstruction_grid,
+    reconstruction_picture,
+    sample_grid,
+    save_grid,
+)
 from ..viz.text import write_text_outputs
 from .optim import EMA
 from .rundir import MetricsLog, write_json
@@ -53,35 +62,48 @@ def collapse_check(s: Setup, log: MetricsLog, loop: dict[str, Any]) -> dict[str,
 
 
 def finish(
-    s: Setup, out: Path, loop: dict[str, Any], ema: EMA | None = None, write: bool = True
+    s: Setup,
+    out: Path,
+    loop: dict[str, Any],
+    ema: EMA | None = None,
+    write: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Final evaluation, pictures and summary.json (with the weight average, where there is one).
 
-    Data-parallel runs: every rank evaluates its share; only rank 0 (``write``) writes files."""
+    Data-parallel runs: every rank evaluates its share; only rank 0 (``write``) writes files. With
+    ``progress``, the IWAE pass says what it will cost and shows its progress on stderr."""
     with averaged(ema):
-        return _finish(s, out, loop, write)
+        return _finish(s, out, loop, write, progress)
 
 
-def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> dict[str, Any]:
+def announce_iwae(k: int, n: int) -> str:
+    """What the final IWAE evaluation will cost, and how to skip it."""
+    cheaper = f", eval.iwae_k={k // 10} is about 10x faster" if k >= 20 else ""
+    return (f"final evaluation: IWAE log-likelihood with k={k:,} samples on {n:,} test examples "
+            f"({k * n:,} decoder passes); eval.iwae_k=0 skips it{cheaper}")  # fmt: skip
+
+
+def _iwae(s: Setup, gen: torch.Generator, progress: bool) -> dict[str, Any]:
+    """The final IWAE estimate on the test split (eval.iwae_k; 0: skipped)."""
+    k = s.cfg.eval.iwae_k
+    if not k:
+        return {"nll": None, "stderr": None, "k": 0}
+    if progress:
+        note(announce_iwae(k, len(s.x_test)))
+    with Progress(len(s.x_test), f"IWAE k={k:,}", "examples", enabled=progress) as bar:
+        return evaluation.iwae_nll(s.vae, s.x_test, s.prepare_test, k=k,
+                                   batch_size=max(1, s.cfg.eval.batch_size // 10), generator=gen,
+                                   y=s.y_test, progress=bar.update)  # fmt: skip
+
+
+def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool, progress: bool) -> dict[str, Any]:
     cfg, vae = s.cfg, s.vae
     t0 = time.perf_counter()
     eval_gen = runtime.generator(s.device, 54321)
     ev = evaluation.nelbo(vae, s.x_test, s.prepare_test, batch_size=cfg.eval.batch_size, generator=eval_gen,
                           y=s.y_test)  # fmt: skip
-    no_iwae = {"nll": None, "stderr": None, "k": 0}  # eval.iwae_k = 0: skipped
-    iw = (
-        no_iwae
-        if not cfg.eval.iwae_k
-        else evaluation.iwae_nll(
-            vae,
-            s.x_test,
-            s.prepare_test,
-            k=cfg.eval.iwae_k,
-            batch_size=max(1, cfg.eval.batch_size // 10),
-            generator=eval_gen,
-            y=s.y_test,
-        )
-    )
+    iw = _iwae(s, eval_gen, progress and write)
     # the validation NELBO with the per-epoch evaluation's noise: the last epoch's figure, for the final model
     val = (
         evaluation.nelbo(vae, s.x_val, s.prepare_val, batch_size=cfg.eval.batch_size,
@@ -144,25 +166,34 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool = True) -> di
 
 @torch.no_grad()
 def write_pictures(s: Setup, out: Path, n_samples: int = 64, n_recon: int = 16) -> None:
-    """samples.png (prior samples, E[x|z]) and reconstructions.png (inputs above, outputs below).
+    """samples.png (prior samples, E[x|z]) and reconstructions.png (inputs above, outputs below; for
+    binarised data, the input, its binarised draw and the reconstruction), with labelled rows.
 
-    Text runs write samples.txt, reconstructions.txt and interpolations.txt instead."""
-    if s.data.is_tokens:
-        return write_text_outputs(s, out)
+    Table and text runs draw them as barcodes (one row per example, ``viz/barcodes.py``); text runs
+    also write samples.txt, reconstructions.txt and interpolations.txt."""
     vae = s.vae
     vae.eval()
+    kind = data_kind(vae)
+    samples = vae.sample(n_samples if kind == "image" else 32, generator=runtime.generator(s.device, 7))
+    x = s.prepare_test(s.x_test[: n_recon if kind == "image" else 12])
+    if kind != "image":
+        sample_barcode(samples, kind).save(out / "samples.png", format="PNG")
+        reconstruction_barcode(x, vae.reconstruct(x), kind).save(out / "reconstructions.png", format="PNG")
+        if kind == "text":
+            write_text_outputs(s, out)
+        vae.train()
+        return
     shape = s.data.event_shape
     if vae.n_classes:  # a conditional run: one row of 8 samples per class (up to 16 classes)
         classes = min(vae.n_classes, 16)
         y = torch.arange(classes, device=s.device).repeat_interleave(8)
         samples = vae.sample(len(y), generator=runtime.generator(s.device, 7), condition=y)
-    else:
-        samples = vae.sample(n_samples, generator=runtime.generator(s.device, 7))
     save_grid(as_images(samples, shape), out / "samples.png", nrow=8)
-    x = s.prepare_test(s.x_test[:n_recon])
-    recon = vae.reconstruct(x) if s.y_test is None else vae.reconstruct(x, s.y_test[:n_recon])
-    both = torch.cat([as_images(x, shape), as_images(recon, shape)])
-    save_grid(both, out / "reconstructions.png", nrow=min(n_recon, len(x)))
+    grey = None
+    if s.binarize_mode != "none":  # the user's input beside the binarised draw the model scored
+        grey = s.data.x_test[: len(x)].to(s.device).float() / s.data.max_value
+    recon_y = None if s.y_test is None else s.y_test[: len(x)]
+    reconstruction_picture(vae, x, grey, recon_y).save(out / "reconstructions.png", format="PNG")
     vae.train()
 
 

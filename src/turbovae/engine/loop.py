@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from .. import evaluation, runtime
 from ..config import Config, to_yaml
@@ -25,6 +23,7 @@ from ..data.batches import preparer
 from ..data.text import bucketed, lengths_of
 from ..models import model_spec
 from ..objectives import noise_shape_of
+from ..progress import Progress
 from . import checkpoint, distributed, optim, rundir, tracking
 from .finish import averaged, collapse_check, finish, tracked_pictures
 from .noise import NoiseProbe
@@ -260,7 +259,7 @@ def compiled_step(r: Run) -> runtime.StepCompiler:
 class Meter:
     """The step statistics, summed on the device and read back at the log interval, and the clocks."""
 
-    def __init__(self, r: Run, bar: tqdm) -> None:
+    def __init__(self, r: Run, bar: Progress) -> None:
         self.sums = torch.zeros(len(STATS), device=r.s.device)
         self.since_log, self.t_log, self.examples_at_log = 0, time.perf_counter(), r.loop["examples"]
         self.t_segment = time.perf_counter()  # the start of the training time not yet in train_seconds
@@ -279,8 +278,10 @@ def _fit(
 ) -> dict[str, Any]:
     r = start(cfg, out, ctx, overwrite=overwrite, resume=resume)
     loop, step = r.loop, compiled_step(r)
-    show = (sys.stderr.isatty() if progress is None else progress) and ctx.main
-    bar = tqdm(total=r.total_steps, initial=loop["step"], disable=not show, unit="step", dynamic_ncols=True)
+    # a bar on a terminal (or with progress=True), a line every ~10 s otherwise; rank 0 only
+    show = progress is not False and ctx.main
+    bar = Progress(r.total_steps, "training", "steps", initial=loop["step"], enabled=show,
+                   terminal=True if progress else None)  # fmt: skip
     # a resumed run whose training seconds (the same on every rank: they come from the checkpoint) are
     # already past the time limit takes no step
     over = r.past_limit(loop["train_seconds"])
@@ -294,7 +295,7 @@ def _fit(
                 end_epoch(r, meter, over)
                 meter.t_segment = meter.t_log = time.perf_counter()
     finally:
-        bar.close()
+        bar.close(done=loop["epoch"] >= r.cfg.train.epochs or over)
         r.tracker.close()
     if over and loop["epoch"] < r.cfg.train.epochs:  # train.time_limit stopped the run before its end
         loop["time_limited"] = loop["epoch"] + loop["batch_in_epoch"] / r.steps_per_epoch
@@ -307,7 +308,7 @@ def _fit(
         loop["compile"] = f"{how}, DDP over {ctx.world} ranks"
     if r.cfg.train.checkpoint_every and loop["step"] % r.cfg.train.checkpoint_every:
         r.save_checkpoint()  # the final state, when it did not fall on a checkpoint step
-    summary = finish(r.s, out, loop, r.st.ema, write=ctx.main)
+    summary = finish(r.s, out, loop, r.st.ema, write=ctx.main, progress=show)
     r.log.write("end", **summary)
     r.log.close()
     return summary

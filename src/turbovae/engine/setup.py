@@ -95,6 +95,22 @@ def resolve_binarize(mode: str, likelihood_support: str, binary: bool) -> str:
     return mode
 
 
+def check_binarised_bytes(cfg: Config, data: Dataset, likelihood: Any, mode: str) -> None:
+    """An 8-bit likelihood (a mass over 256 values: categorical-256, discretized-logistic) on binarised
+    data would score two of its 256 values and say nothing: refuse, and say what the data are."""
+    if mode == "none" or not (likelihood.discrete and likelihood.support == "unit"):
+        return
+    levels = data.meta.get("levels")
+    stored = ""
+    if levels and levels != 256:
+        stored = f"; '{data.name}' has {levels} levels (0..{levels - 1}), not 256"
+    raise ConfigError(
+        f"likelihood '{cfg.model.likelihood}' scores 8-bit values, but data.binarize = {cfg.data.binarize} "
+        f"makes the data 0/1{stored}: use --likelihood bernoulli for binarised data, or --binarize none "
+        "with an 8-bit likelihood on 8-bit images"
+    )
+
+
 def build_vae(cfg: Config, event_shape: tuple[int, ...], data_meta: dict[str, Any] | None = None) -> VAE:
     m = cfg.model
     likelihood = build_likelihood(m.likelihood, event_shape, m.likelihood_scale, data_meta, m.mixtures)
@@ -140,9 +156,19 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         raise DataError(
             f"binarisation needs data in [0, 1], but '{data.name}' has values in [{low:g}, {high:g}]"
         )
+    check_binarised_bytes(cfg, data, vae.likelihood, mode)
     if mode != "none":
         binary, low, high = True, 0.0, 1.0
-    vae.likelihood.check_data(low, high, binary, data.name)
+    try:
+        vae.likelihood.check_data(low, high, binary, data.name)
+    except DataError as e:
+        if is_table_meta(data.meta):  # the advice for images (gaussian, uint8) does not fit a table
+            raise DataError(
+                f"likelihood '{cfg.model.likelihood}' does not fit the table '{data.name}': tables are "
+                "scored with --likelihood mixed (a Gaussian for each number, a categorical for each "
+                "category; the tabular preset's)"
+            ) from e
+        raise
     fit_idx, val_idx = validation_split(len(data.x_train), cfg.data.validation)
     if len(fit_idx) < cfg.train.batch_size and is_table_meta(data.meta):  # as TVAE does
         n = len(fit_idx)

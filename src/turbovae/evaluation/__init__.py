@@ -3,7 +3,16 @@ diagnostics (active units, KL per dimension, mutual information), and ``evaluate
 ``turbovae eval`` prints). Table fidelity and text metrics are the modules ``fidelity`` and ``text``."""
 
 from .diagnostics import ACTIVE_THRESHOLD, active_units, encode_all, kl_per_dim, mutual_information
-from .likelihood import EvalMode, Prepare, bits_per_dim, iwae_log_likelihood, iwae_nll, nelbo, plan_chunks
+from .likelihood import (
+    EvalMode,
+    Prepare,
+    bits_per_dim,
+    default_prepare,
+    iwae_log_likelihood,
+    iwae_nll,
+    nelbo,
+    plan_chunks,
+)
 from .summary import evaluate
 
 __all__ = [
@@ -12,6 +21,7 @@ __all__ = [
     "Prepare",
     "active_units",
     "bits_per_dim",
+    "default_prepare",
     "encode_all",
     "evaluate",
     "iwae_log_likelihood",

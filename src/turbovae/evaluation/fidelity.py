@@ -19,6 +19,7 @@ held-out split, or ``--real FILE``), as ``turbovae eval RUN_DIR --fidelity`` rep
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -195,18 +196,32 @@ class _Encoder:
         return np.concatenate(features, axis=1) if features else np.zeros((len(table), 0))
 
 
-def _target(table: Table, target: str | None) -> Column:
+MAX_TARGET_CLASSES = 20  # a categorical column with more classes is not the default ML-efficacy target
+
+
+def choose_target(table: Table, target: str | None = None) -> tuple[Column, str]:
+    """The column ML efficacy predicts, and why: ``target`` if given; else the last categorical or
+    boolean column with 2 to MAX_TARGET_CLASSES classes (a label, usually the last column of a
+    dataset); else the last numeric column (a regression); else the last column."""
     if target is not None:
         try:
-            return table.column(target)
+            return table.column(target), "given by --target"
         except KeyError:
             raise DataError(
                 f"--target: the table has no column '{target}' (columns: {', '.join(table.names)})"
             ) from None
     for c in reversed(table.columns):
         if c.type in ("categorical", "boolean"):
-            return c
-    return table.columns[-1]
+            classes = len({v for v, m in zip(_labels(c), c.missing, strict=True) if not m})
+            if 2 <= classes <= MAX_TARGET_CLASSES:
+                return (
+                    c,
+                    f"the last categorical column with 2-{MAX_TARGET_CLASSES} classes (it has {classes})",
+                )
+    for c in reversed(table.columns):
+        if c.type in NUMERIC:
+            return c, f"the last numeric column (no categorical one has 2-{MAX_TARGET_CLASSES} classes)"
+    return table.columns[-1], "the last column"
 
 
 def _labels_of(c: Column) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +249,9 @@ def ml_efficacy(
 
     if len(real_test.columns) < 2:
         return None
-    column = _target(real_test, target)
+    reference = real_train if real_train is not None else real_test
+    column, why = choose_target(reference, target)
+    column = real_test.column(column.name)
     classification = column.type not in NUMERIC
     encoder = _Encoder(real_train if real_train is not None else real_test, exclude=column.name)
     models: dict[str, Any] = (
@@ -274,6 +291,7 @@ def ml_efficacy(
     real_mean = float(np.mean([m["real"] for m in result["models"].values()])) if real_train else None
     return {
         "target": column.name,
+        "target_rule": why,
         "task": "classification" if classification else "regression",
         "metric": "macro_f1" if classification else "r2",
         "synthetic": synthetic_mean,
@@ -316,8 +334,11 @@ def fidelity_report(
     *,
     target: str | None = None,
     seed: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Every measure of the module in one JSON-serialisable dict (see the module docstring)."""
+    """Every measure of the module in one JSON-serialisable dict (see the module docstring);
+    ``progress`` is called with 1 after each of its ``REPORT_STAGES`` stages."""
+    step = progress or (lambda n: None)
     columns = column_distances(real_test, synthetic)
     ks = [c["ks"] for c in columns.values() if "ks" in c]
     tv = [c["tv"] for c in columns.values() if "tv" in c]
@@ -328,11 +349,17 @@ def fidelity_report(
         "mean_ks": float(np.mean(ks)) if ks else None,
         "mean_tv": float(np.mean(tv)) if tv else None,
         "corr_mae": correlation_mae(real_test, synthetic),
-        "ml_efficacy": ml_efficacy(real_test, synthetic, real_train, target=target, seed=seed),
     }
+    step(1)
+    report["ml_efficacy"] = ml_efficacy(real_test, synthetic, real_train, target=target, seed=seed)
+    step(1)
     if real_train is not None:
         report["dcr"] = distance_to_closest_record(real_train, synthetic, real_test)
     else:
         report["dcr"] = distance_to_closest_record(real_test, synthetic)
+    step(1)
     report["columns"] = columns
     return report
+
+
+REPORT_STAGES = 3  # of fidelity_report: marginals and correlations, ML efficacy, distances

@@ -15,12 +15,15 @@ import torch
 from torch import nn
 
 from .. import runtime
+from ..data.text import trim
+from ..errors import DataError
 from ..likelihoods import Bernoulli, Likelihood
 from ..objectives import hierarchical_terms
 from ..objectives import log_prior_ratio as latent_log_ratio
 from ..vae import VAE
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[int], None]  # called with the number of examples each batch finished
 
 LOG_2PI = math.log(2.0 * math.pi)
 # decoder output values per IWAE chunk: 2^22 floats (16 MiB) keeps the matmuls large (≈5,000 rows of
@@ -32,6 +35,31 @@ L2_VALUES = 1 << 17
 # per-example differences): well inside the 0.05 nats that would matter when comparing models
 BF16_TOLERANCE = 0.02
 BF16_CHECK_EXAMPLES = 32
+
+
+def default_prepare(vae: VAE, x: torch.Tensor) -> Prepare:
+    """What the evaluation functions do to ``x`` without a ``prepare``: token ids (int64, text) are cut
+    to each batch's longest line; other integers are stored values divided by the run's
+    ``vae.max_value`` as in training (bytes / 255), except 0/1 arrays (binarised draws, such as a
+    binarised run's stored test split), which are taken as they are; floats are taken as already
+    prepared. A run whose likelihood needs binary data gets an error for other values (its test set
+    is a fixed Bernoulli draw: pass that, or its ``prepare``)."""
+    if x.dtype == torch.int64:
+        return trim
+    binary_draws = not x.dtype.is_floating_point and (x.numel() == 0 or int(x.max()) <= 1)
+    scale = 1.0 if x.dtype.is_floating_point or binary_draws else vae.max_value
+
+    def prepare(raw: torch.Tensor) -> torch.Tensor:
+        out = raw.float() if scale == 1.0 else raw.float() / scale
+        if vae.likelihood.support == "binary" and bool(((out != 0) & (out != 1)).any()):
+            raise DataError(
+                f"likelihood '{vae.likelihood.name}' scores binary data, but x has values other than 0 "
+                "and 1: binarise it (the run's own binarised test set: x, prepare = setup(vae.config, "
+                "device, vae.data_meta).split('test')), or pass prepare"
+            )
+        return out
+
+    return prepare
 
 
 def batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -72,7 +100,7 @@ class EvalMode:
 def nelbo(
     vae: VAE,
     x: torch.Tensor,
-    prepare: Prepare,
+    prepare: Prepare | None = None,
     *,
     batch_size: int = 1000,
     generator: torch.Generator | None = None,
@@ -84,7 +112,9 @@ def nelbo(
     −log p(x | y).
 
     Under torch.distributed with several ranks, each rank evaluates its share of ``x`` (rows
-    rank::world) and the sums are all-reduced: every rank must call it, and every rank gets the totals."""
+    rank::world) and the sums are all-reduced: every rank must call it, and every rank gets the totals.
+    Without ``prepare``, ``default_prepare``."""
+    prepare = prepare or default_prepare(vae, x)
     totals = torch.zeros(3 + len(getattr(vae.net, "group_sizes", ())), dtype=torch.float64)
     part, world = _rank_share(x)
     labels = _rank_share(y)[0] if y is not None else None
@@ -259,7 +289,7 @@ def _set_generator_state(generator: torch.Generator | None, state: torch.Tensor)
 def iwae_log_likelihood(
     vae: VAE,
     x: torch.Tensor,
-    prepare: Prepare,
+    prepare: Prepare | None = None,
     *,
     k: int,
     batch_size: int | None = None,
@@ -267,6 +297,7 @@ def iwae_log_likelihood(
     generator: torch.Generator | None = None,
     precision: str = "fp32",
     y: torch.Tensor | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Per-example importance-weighted estimates of log p(x) with k samples (Burda et al. 2015).
 
@@ -282,7 +313,10 @@ def iwae_log_likelihood(
     ``bf16_delta_bound`` (its |mean| + 2 s.e., what was compared with the tolerance).
 
     A conditional model takes the class ids ``y`` (N,) of ``x``: estimates of log p(x | y).
+    ``prepare`` maps stored values to the model's input (default: ``default_prepare``); ``progress``,
+    if given, is called with the number of examples of every finished batch (for a progress bar).
     """
+    prepare = prepare or default_prepare(vae, x)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if precision not in ("fp32", "bf16", "auto"):
@@ -312,6 +346,8 @@ def iwae_log_likelihood(
             else:
                 lse, lse2 = _batch_log_px(vae, xb, q, k, chunk, generator, use, yb)
             log_px.append(lse.cpu())
+            if progress is not None:
+                progress(len(raw))
             # ESS = (Σw)² / Σw² = exp(2·log Σw − log Σw²), with log Σw = lse + log k
             ess.append(torch.exp(2.0 * (lse + math.log(k)) - lse2).cpu())
     if use == "auto":  # fewer examples than the check needs: all of them were computed in fp32
@@ -335,7 +371,7 @@ def iwae_log_likelihood(
 def iwae_nll(
     vae: VAE,
     x: torch.Tensor,
-    prepare: Prepare,
+    prepare: Prepare | None = None,
     *,
     k: int,
     batch_size: int | None = None,
@@ -343,6 +379,7 @@ def iwae_nll(
     generator: torch.Generator | None = None,
     precision: str = "fp32",
     y: torch.Tensor | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """−log p(x) estimated with k importance samples per example (Burda et al. 2015), in nats.
 
@@ -353,7 +390,14 @@ def iwae_nll(
     ``ess`` and the ``precision`` used (see ``iwae_log_likelihood``). Under torch.distributed with
     several ranks, split over the ranks like ``nelbo`` (each needs at least one example). A
     conditional model takes the class ids ``y`` (N,): −log p(x | y).
+    several ranks, split over the ranks like ``nelbo`` (each needs at least one example).
+
+    ``prepare`` maps stored values to the model's input; without it, integer data (bytes) are divided
+    by the run's ``vae.max_value`` and floats are taken as prepared (see ``default_prepare``):
+    ``iwae_nll(vae, x_float, k=100)``. ``progress`` is called with the examples each batch finished
+    (over all ranks: this rank's count times the number of ranks).
     """
+    prepare = prepare or default_prepare(vae, x)
     part, world = _rank_share(x)
     labels = _rank_share(y)[0] if y is not None else None
     r = iwae_log_likelihood(
@@ -366,6 +410,7 @@ def iwae_nll(
         generator=generator,
         precision=precision,
         y=labels,
+        progress=None if progress is None else (lambda n: progress(n * world)),
     )
     nll = -r["log_px"]
     stderr = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")

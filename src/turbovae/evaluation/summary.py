@@ -12,14 +12,14 @@ from .. import runtime
 from ..vae import VAE
 from .diagnostics import ACTIVE_THRESHOLD, active_units, encode_all, kl_per_dim, mutual_information
 from .floor import matmul_floor
-from .likelihood import Prepare, bits_per_dim, iwae_log_likelihood, nelbo
+from .likelihood import Prepare, Progress, bits_per_dim, default_prepare, iwae_log_likelihood, nelbo
 
 
 @torch.no_grad()
 def evaluate(
     vae: VAE,
     x: torch.Tensor,
-    prepare: Prepare,
+    prepare: Prepare | None = None,
     *,
     k: int,
     batch_size: int | None = None,
@@ -27,6 +27,7 @@ def evaluate(
     precision: str = "fp32",
     floor: bool = False,
     y: torch.Tensor | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Every held-out number of a model on ``x``: what ``turbovae eval --json`` prints.
 
@@ -46,7 +47,10 @@ def evaluate(
 
     A conditional model takes the class ids ``y`` (N,) of ``x``: every figure is then conditional,
     −log p(x | y) and q(z | x, y), and ``conditional`` is True.
+    floor ``floor_seconds_fp32`` and ``floor_ratio_fp32``. ``prepare`` defaults to ``default_prepare``;
+    ``progress`` is called with the examples of every finished IWAE batch.
     """
+    prepare = prepare or default_prepare(vae, x)
     t0 = time.perf_counter()
     ev = nelbo(vae, x, prepare, batch_size=1000, generator=generator, y=y)
     q = encode_all(vae, x, prepare, y=y)
@@ -56,8 +60,9 @@ def evaluate(
     runtime.synchronize(device)
     t_iwae = time.perf_counter()
     r = iwae_log_likelihood(
-        vae, x, prepare, k=k, batch_size=batch_size, generator=generator, precision=precision, y=y
-    )
+        vae, x, prepare, k=k, batch_size=batch_size, generator=generator, precision=precision, y=y,
+        progress=progress,
+    )  # fmt: skip
     runtime.synchronize(device)
     iwae_seconds = time.perf_counter() - t_iwae
     nll = -r["log_px"]

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from .. import evaluation
+from . import barcodes
 from .grids import (
     as_images,
     class_sample_grid,
     grid_image,
     interpolation_grid,
     label_rows,
-    reconstruction_grid,
+    reconstruction_picture,
     sample_grid,
     save_grid,
     traversal_grid,
@@ -34,15 +35,18 @@ def write_pictures(
     data_name: str = "",
     stats: dict[str, Any] | None = None,
     seed: int = 0,
+    grey: torch.Tensor | None = None,
 ) -> dict[str, Path]:
     """Every picture of a trained model on prepared test inputs ``x`` (N, *event_shape), into ``out_dir``.
 
     ``stats`` are evaluate's posterior statistics (``kl_per_dim``, ``posterior_mean_variance``,
-    ``active_threshold``) and ``means`` (N, L) of q(z | x); they are computed when not given. Returns
+    ``active_threshold``) and ``means`` (N, L) of q(z | x); they are computed when not given. ``grey``:
+    the inputs before binarisation (in [0, 1]), drawn above their binarised draw. Returns
     {name: path} for samples, reconstructions, interpolations, traversals, kl_per_dim, latent_map.
 
-    A conditional VAE (``vae.n_classes``) takes the inputs' class ids from ``labels``: its samples are
-    one row per class, and the other pictures encode and decode with the inputs' classes.
+    Table and text runs get barcodes (``barcodes.py``) instead of image grids. A conditional VAE
+    (``vae.n_classes``) takes the inputs' class ids from ``labels``: its image samples are one row per
+    class, and the other pictures encode and decode with the inputs' classes.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = vae.training
@@ -57,6 +61,84 @@ def write_pictures(
             "active_threshold": evaluation.ACTIVE_THRESHOLD,
             "means": q.mean,
         }
+    kind = barcodes.data_kind(vae)
+    if kind != "image":
+        paths = _barcode_pictures(vae, x, out_dir, kind, stats, seed)
+    else:
+        paths = _image_pictures(vae, x, out_dir, stats, seed, grey, cond)
+    paths["kl_per_dim"] = out_dir / "kl_per_dim.png"
+    plot_kl_per_dim(
+        stats["kl_per_dim"], stats["posterior_mean_variance"], stats["active_threshold"], paths["kl_per_dim"]
+    )
+
+    paths["latent_map"] = out_dir / "latent_map.png"
+    y = labels.cpu().numpy() if labels is not None else None
+    means = torch.as_tensor(stats["means"]).cpu().numpy()
+    names = vae.condition["names"] if vae.condition is not None else CLASS_NAMES.get(data_name)
+    stats["latent_map_axes"] = plot_latent_map(means, y, paths["latent_map"], names)
+    vae.train(was_training)
+    return paths
+
+
+def _top_dims(stats: dict[str, Any], n: int) -> tuple[np.ndarray, list[int]]:
+    kl = np.asarray(stats["kl_per_dim"], dtype=float)
+    return kl, [int(d) for d in np.argsort(-kl, kind="stable")[: min(n, len(kl))]]
+
+
+def _barcode_pictures(
+    vae: Any, x: torch.Tensor, out_dir: Path, kind: str, stats: dict[str, Any], seed: int
+) -> dict[str, Path]:
+    """Samples, reconstructions, interpolations and traversals of a table or text run, as barcodes."""
+    paths = {name: out_dir / f"{name}.png" for name in ("samples", "reconstructions")}
+    device = next(vae.parameters()).device
+    g = torch.Generator(device=device).manual_seed(7 + seed)
+    barcodes.sample_barcode(vae.sample(32, generator=g), kind).save(paths["samples"])
+    xr = x[:12]
+    barcodes.reconstruction_barcode(xr, vae.reconstruct(xr), kind).save(paths["reconstructions"])
+    pairs = min(4, len(x) // 2)
+    steps = 8
+    if pairs >= 1:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: 2 * pairs]
+        order = order.to(x.device)
+        za, zb = vae.encode(x[order[:pairs]]).mean, vae.encode(x[order[pairs:]]).mean
+        t = torch.linspace(0, 1, steps, device=za.device).view(1, steps, 1)
+        decoded = vae.decode((za.unsqueeze(1) * (1 - t) + zb.unsqueeze(1) * t).flatten(0, 1))
+        ends_a, middle, ends_b = barcodes.same_width(x[order[:pairs]], decoded, x[order[pairs:]])
+        rows = torch.cat([ends_a.unsqueeze(1).to(middle.dtype), middle.unflatten(0, (pairs, steps)),
+                          ends_b.unsqueeze(1).to(middle.dtype)], dim=1).flatten(0, 1)  # fmt: skip
+        colours = barcodes.colours_of(rows, kind)
+        if kind == "text":
+            colours = colours[:, : barcodes.used_length(rows.cpu().numpy())]
+        between = [f"{j / (steps - 1):.2f}" for j in range(steps)]
+        labels = [text for i in range(pairs) for text in (f"pair {i + 1}: a", *between, "b")]
+        paths["interpolations"] = out_dir / "interpolations.png"
+        barcodes.barcode(colours, group=steps + 2, labels=labels).save(paths["interpolations"])
+    _, top = _top_dims(stats, 4)
+    values = np.linspace(-3, 3, 9).tolist()
+    base = torch.as_tensor(stats["means"][0], dtype=torch.float32, device=device)
+    v = torch.tensor(values, device=device)
+    z = base.repeat(len(top), len(v), 1)
+    for row, d in enumerate(top):
+        z[row, :, d] = v
+    decoded = vae.decode(z.flatten(0, 1))
+    colours = barcodes.colours_of(decoded, kind)
+    if kind == "text":
+        colours = colours[:, : barcodes.used_length(decoded.cpu().numpy())]
+    labels = [f"z{d} = {value:+.1f}" for d in top for value in values]
+    paths["traversals"] = out_dir / "traversals.png"
+    barcodes.barcode(colours, group=len(values), labels=labels).save(paths["traversals"])
+    return paths
+
+
+def _image_pictures(
+    vae: Any,
+    x: torch.Tensor,
+    out_dir: Path,
+    stats: dict[str, Any],
+    seed: int,
+    grey: torch.Tensor | None,
+    cond: torch.Tensor | None = None,
+) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     shape = vae.event_shape
     vector = len(shape) != 3 and as_images(x[:1], shape).shape[2] == 1  # shown as strips
@@ -69,8 +151,9 @@ def write_pictures(
 
     n_recon = min(16, len(x))
     paths["reconstructions"] = out_dir / "reconstructions.png"
+    grey = grey[:n_recon] if grey is not None else None
     recon_y = None if cond is None else cond[:n_recon]
-    save_grid(reconstruction_grid(vae, x[:n_recon], recon_y), paths["reconstructions"], nrow=n_recon)
+    reconstruction_picture(vae, x[:n_recon], grey, recon_y).save(paths["reconstructions"], format="PNG")
 
     g = torch.Generator().manual_seed(seed)
     pairs = min(8, len(x) // 2)
@@ -83,8 +166,7 @@ def write_pictures(
         paths["interpolations"] = out_dir / "interpolations.png"
         picture.save(paths["interpolations"], format="PNG")
 
-    kl = np.asarray(stats["kl_per_dim"], dtype=float)
-    top = [int(d) for d in np.argsort(-kl, kind="stable")[: min(8, len(kl))]]
+    kl, top = _top_dims(stats, 8)
     values = np.linspace(-3, 3, 9).tolist()
     base = torch.as_tensor(stats["means"][0], dtype=torch.float32, device=x.device)
     images = traversal_grid(vae, base, top, values, None if cond is None else cond[0])
@@ -92,18 +174,6 @@ def write_pictures(
     picture = label_rows(picture, [f"z{d} · KL {kl[d]:.2f}" for d in top], width=130)
     paths["traversals"] = out_dir / "traversals.png"
     picture.save(paths["traversals"], format="PNG")
-
-    paths["kl_per_dim"] = out_dir / "kl_per_dim.png"
-    plot_kl_per_dim(
-        stats["kl_per_dim"], stats["posterior_mean_variance"], stats["active_threshold"], paths["kl_per_dim"]
-    )
-
-    paths["latent_map"] = out_dir / "latent_map.png"
-    y = labels.cpu().numpy() if labels is not None else None
-    means = torch.as_tensor(stats["means"]).cpu().numpy()
-    names = vae.condition["names"] if vae.condition is not None else CLASS_NAMES.get(data_name)
-    stats["latent_map_axes"] = plot_latent_map(means, y, paths["latent_map"], names)
-    vae.train(was_training)
     return paths
 
 

@@ -50,13 +50,18 @@ def grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
     return out[..., 0] if c == 1 else out
 
 
-def grid_image(images: torch.Tensor, nrow: int, min_side: int = 256) -> Image.Image:
-    """A grid as a Pillow image, upscaled with nearest-neighbour so that small images stay readable.
+MIN_CELL = 28  # pixels: the smallest side an image of a grid is scaled up to
+
+
+def grid_image(images: torch.Tensor, nrow: int, min_side: int = 256, min_cell: int = MIN_CELL) -> Image.Image:
+    """A grid as a Pillow image, upscaled with nearest-neighbour so that small images stay readable:
+    the whole grid to at least ``min_side`` pixels, every image to at least ``min_cell``.
 
     Strips (images one pixel high, from vector data) are stretched to at least 8 pixels high."""
     array = grid(images, nrow)
     picture = Image.fromarray(array)
-    scale = max(1, math.ceil(min_side / max(array.shape[0], array.shape[1])))
+    cell = max(images.shape[2], images.shape[3])
+    scale = max(1, math.ceil(min_side / max(array.shape[0], array.shape[1])), math.ceil(min_cell / cell))
     height_scale = max(scale, 8) if images.shape[2] == 1 else scale
     if scale > 1 or height_scale > 1:
         size = (array.shape[1] * scale, array.shape[0] * height_scale)
@@ -121,6 +126,21 @@ def reconstruction_grid(vae: Any, x: torch.Tensor, condition: torch.Tensor | Non
     return torch.cat(
         [as_images(x, vae.event_shape), as_images(vae.reconstruct(x, condition), vae.event_shape)]
     )
+
+
+def reconstruction_picture(
+    vae: Any, x: torch.Tensor, grey: torch.Tensor | None = None, condition: torch.Tensor | None = None
+) -> Image.Image:
+    """Inputs above their reconstructions as one labelled picture; with ``grey`` (the inputs before
+    binarisation, scaled to [0, 1]) three rows: the user's input, the binarised draw the model saw,
+    the reconstruction (a conditional VAE's with the inputs' classes ``condition``)."""
+    rows = [as_images(x, vae.event_shape), as_images(vae.reconstruct(x, condition), vae.event_shape)]
+    labels = ["binarised" if grey is not None else "input", "reconstruction"]
+    if grey is not None:
+        rows.insert(0, as_images(grey, vae.event_shape))
+        labels.insert(0, "input")
+    picture = grid_image(torch.cat(rows), nrow=len(x))
+    return label_rows(picture, labels, width=110)
 
 
 @torch.no_grad()

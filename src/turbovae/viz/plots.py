@@ -194,3 +194,55 @@ CURVES: list[tuple[str, str, str, list[tuple[str, str, str, str]], bool]] = [
         False,
     ),
 ]
+
+
+MAX_HISTOGRAM_COLUMNS = 24  # small multiples in the report's histogram figure
+MAX_BARS = 12  # categories shown per categorical column (the most frequent real ones)
+
+
+def plot_column_histograms(real: Any, synthetic: Any, path: Path) -> Path:
+    """Per-column marginals of real rows against synthetic ones (``data.tables.Table`` both): overlaid
+    histograms on shared bins for numeric columns, side-by-side bars of the category shares
+    (missing counted as a category) for categorical and boolean ones. At most
+    MAX_HISTOGRAM_COLUMNS columns, in the table's order."""
+    plt = _pyplot()
+    columns = real.columns[:MAX_HISTOGRAM_COLUMNS]
+    ncol = min(4, len(columns))
+    nrow = -(-len(columns) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.3 * nrow + 0.5), squeeze=False)
+    for ax in axes.flat[len(columns) :]:
+        ax.set_visible(False)
+    for ax, col in zip(axes.flat, columns, strict=False):
+        fake = synthetic.column(col.name)
+        ax.set_title(col.name if len(col.name) <= 28 else col.name[:27] + "…", fontsize=9)
+        ax.tick_params(labelsize=7)
+        if col.type in ("continuous", "integer"):
+            a, b = col.values[~np.isnan(col.values)], fake.values[~np.isnan(fake.values)]
+            both = np.concatenate([a, b])
+            if len(both) == 0:
+                continue
+            edges = np.histogram_bin_edges(both, bins=min(30, max(5, len(np.unique(both)))))
+            ax.hist(a, bins=edges, density=True, alpha=0.55, color="#2f5fb3", label="real")
+            ax.hist(b, bins=edges, density=True, histtype="step", linewidth=1.4, color="#c0392b",
+                    label="synthetic")  # fmt: skip
+        else:
+
+            def labels(c: Any) -> list[str]:
+                if c.type == "categorical":
+                    return ["(missing)" if v is None else str(v) for v in c.values]
+                false, true = c.tokens
+                return ["(missing)" if np.isnan(v) else (true if v else false) for v in c.values]
+
+            ra, sa = labels(col), labels(fake)
+            names, counts = np.unique(ra, return_counts=True)
+            keep = [str(n) for n in names[np.argsort(-counts, kind="stable")][:MAX_BARS]]
+            pos = np.arange(len(keep))
+            share_r = [ra.count(k) / max(len(ra), 1) for k in keep]
+            share_s = [sa.count(k) / max(len(sa), 1) for k in keep]
+            ax.bar(pos - 0.2, share_r, width=0.4, color="#2f5fb3", alpha=0.7, label="real")
+            ax.bar(pos + 0.2, share_s, width=0.4, color="#c0392b", alpha=0.7, label="synthetic")
+            ax.set_xticks(pos, [k if len(k) <= 10 else k[:9] + "…" for k in keep], rotation=45, ha="right")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return path

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
+from ...progress import Progress
 from ..options import config_from, config_options
-from .recommend import check_out_path, log_to_stderr, tune, write_config
+from .recommend import check_out_path, tune, write_config
 from .search import SEARCH_PARAMS, search
 
 
@@ -87,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
         params = [p.strip() for p in (args.search_params or ",".join(SEARCH_PARAMS)).split(",") if p.strip()]
         storage = Path(args.storage or out.parent / "search.db")
         try:
-            result = search(cfg, args.search, storage=storage, budget=args.budget,
-                            trial_epochs=args.trial_epochs, params=params, log=log_to_stderr)  # fmt: skip
+            with Progress(args.search, "search", "trials") as bar:
+                result = search(cfg, args.search, storage=storage, budget=args.budget,
+                                trial_epochs=args.trial_epochs, params=params,
+                                log=lambda line: bar.write(f"tune: {line}"), progress=bar.update)  # fmt: skip
         except KeyboardInterrupt:
             print(f"turbovae: search interrupted; its finished trials are in {storage}, and the same command "
                   "resumes it", file=sys.stderr)  # fmt: skip
@@ -109,8 +112,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{out}: best validation NELBO {result['best_validation_nelbo']:.2f} nats (trial "
                   f"{result['trial']}; {shown}); train with: turbovae train --config {out}")  # fmt: skip
         return 0
-    rec = tune(cfg, budget=60.0 if args.budget is None else args.budget, train_budget=args.train_budget,
-               log=log_to_stderr)  # fmt: skip
+    budget = 60.0 if args.budget is None else args.budget
+    # measured against the clock: the bar (or a line every ~10 s) counts the budget's seconds
+    with Progress(budget, "tune", "s").follow_clock() as bar:
+        rec = tune(cfg, budget=budget, train_budget=args.train_budget,
+                   log=lambda line: bar.write(f"tune: {line}"))  # fmt: skip
     m = rec.measured
     write_config(
         rec.config, out, rec.header(f"turbovae tune, {m['device']}, {rec.seconds:.0f} s of measurements")

@@ -171,6 +171,7 @@ def search(
     trial_epochs: int | None = None,
     params: Sequence[str] = SEARCH_PARAMS,
     log: Callable[[str], None] = lambda _: None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """An Optuna search (TPE sampler, median pruning on the per-epoch validation NELBO) over ``params``
     around ``cfg``, until the study holds ``n_trials`` finished trials or ``budget`` seconds pass.
@@ -182,7 +183,8 @@ def search(
     interrupted search.
 
     Returns {"config": the best config (with the full epochs), "best_validation_nelbo", "trial" (its
-    number), "params", "trials" (count per state), "trial_epochs", "study", "storage"}."""
+    number), "params", "trials" (count per state), "trial_epochs", "study", "storage"}. ``progress`` is
+    called with the number of trials finished (stored ones first, then 1 after each)."""
     optuna = _import_optuna()
     if n_trials < 1:
         raise ConfigError(f"--search must be >= 1 trials, got {n_trials}")
@@ -212,10 +214,13 @@ def search(
     done = len(study.get_trials(deepcopy=False, states=finished))
     if done:
         log(f"resuming study {name} in {storage}: {done} of {n_trials} trials done")
+    step = progress or (lambda n: None)
+    step(min(done, n_trials))
 
     objective = _objective(optuna, s, cfg, space, x_fit, validate, epochs, log)
     if done < n_trials:
-        study.optimize(objective, n_trials=n_trials - done, timeout=budget, gc_after_trial=False)
+        study.optimize(objective, n_trials=n_trials - done, timeout=budget, gc_after_trial=False,
+                       callbacks=[lambda study, trial: step(1)])  # fmt: skip
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise ConfigError(
