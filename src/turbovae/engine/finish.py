@@ -178,7 +178,8 @@ def write_pictures(s: Setup, out: Path, n_samples: int = 64, n_recon: int = 16) 
     x = s.prepare_test(s.x_test[: n_recon if kind == "image" else 12])
     if kind != "image":
         sample_barcode(samples, kind).save(out / "samples.png", format="PNG")
-        reconstruction_barcode(x, vae.reconstruct(x), kind).save(out / "reconstructions.png", format="PNG")
+        recon = vae.reconstruct(x, None if s.y_test is None else s.y_test[: len(x)])
+        reconstruction_barcode(x, recon, kind).save(out / "reconstructions.png", format="PNG")
         if kind == "text":
             write_text_outputs(s, out)
         vae.train()

@@ -63,7 +63,7 @@ def write_pictures(
         }
     kind = barcodes.data_kind(vae)
     if kind != "image":
-        paths = _barcode_pictures(vae, x, out_dir, kind, stats, seed)
+        paths = _barcode_pictures(vae, x, out_dir, kind, stats, seed, cond)
     else:
         paths = _image_pictures(vae, x, out_dir, stats, seed, grey, cond)
     paths["kl_per_dim"] = out_dir / "kl_per_dim.png"
@@ -86,23 +86,33 @@ def _top_dims(stats: dict[str, Any], n: int) -> tuple[np.ndarray, list[int]]:
 
 
 def _barcode_pictures(
-    vae: Any, x: torch.Tensor, out_dir: Path, kind: str, stats: dict[str, Any], seed: int
+    vae: Any,
+    x: torch.Tensor,
+    out_dir: Path,
+    kind: str,
+    stats: dict[str, Any],
+    seed: int,
+    cond: torch.Tensor | None = None,
 ) -> dict[str, Path]:
-    """Samples, reconstructions, interpolations and traversals of a table or text run, as barcodes."""
+    """Samples, reconstructions, interpolations and traversals of a table or text run, as barcodes (a
+    conditional run's with the inputs' classes ``cond``)."""
     paths = {name: out_dir / f"{name}.png" for name in ("samples", "reconstructions")}
     device = next(vae.parameters()).device
     g = torch.Generator(device=device).manual_seed(7 + seed)
     barcodes.sample_barcode(vae.sample(32, generator=g), kind).save(paths["samples"])
     xr = x[:12]
-    barcodes.reconstruction_barcode(xr, vae.reconstruct(xr), kind).save(paths["reconstructions"])
+    recon = vae.reconstruct(xr, None if cond is None else cond[: len(xr)])
+    barcodes.reconstruction_barcode(xr, recon, kind).save(paths["reconstructions"])
     pairs = min(4, len(x) // 2)
     steps = 8
     if pairs >= 1:
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: 2 * pairs]
         order = order.to(x.device)
-        za, zb = vae.encode(x[order[:pairs]]).mean, vae.encode(x[order[pairs:]]).mean
+        ya, yb = (None, None) if cond is None else (cond[order[:pairs]], cond[order[pairs:]])
+        za, zb = vae.encode(x[order[:pairs]], ya).mean, vae.encode(x[order[pairs:]], yb).mean
         t = torch.linspace(0, 1, steps, device=za.device).view(1, steps, 1)
-        decoded = vae.decode((za.unsqueeze(1) * (1 - t) + zb.unsqueeze(1) * t).flatten(0, 1))
+        y_path = None if ya is None else ya.repeat_interleave(steps)  # each pair at its first's class
+        decoded = vae.decode((za.unsqueeze(1) * (1 - t) + zb.unsqueeze(1) * t).flatten(0, 1), y_path)
         ends_a, middle, ends_b = barcodes.same_width(x[order[:pairs]], decoded, x[order[pairs:]])
         rows = torch.cat([ends_a.unsqueeze(1).to(middle.dtype), middle.unflatten(0, (pairs, steps)),
                           ends_b.unsqueeze(1).to(middle.dtype)], dim=1).flatten(0, 1)  # fmt: skip
@@ -120,7 +130,9 @@ def _barcode_pictures(
     z = base.repeat(len(top), len(v), 1)
     for row, d in enumerate(top):
         z[row, :, d] = v
-    decoded = vae.decode(z.flatten(0, 1))
+    flat = z.flatten(0, 1)
+    first = None if cond is None else cond[:1].expand(len(flat))  # every traversal at the first input's class
+    decoded = vae.decode(flat, first)
     colours = barcodes.colours_of(decoded, kind)
     if kind == "text":
         colours = colours[:, : barcodes.used_length(decoded.cpu().numpy())]
