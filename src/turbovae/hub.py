@@ -79,7 +79,9 @@ def save_pretrained(
     out.mkdir(parents=True, exist_ok=True)
     config = hub_config(vae)
     weights = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
-    (out / WEIGHTS).write_bytes(st_save(weights, metadata={"format": "pt", "turbovae": FORMAT}))
+    # one metadata key: safetensors writes a map of several in no fixed order, and the file should not change
+    # from one export to the next (the format is in config.json)
+    (out / WEIGHTS).write_bytes(st_save(weights, metadata={"format": "pt"}))
     (out / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     (out / CONFIG_YAML).write_text(to_yaml(vae.config))
     (out / CARD).write_text(model_card(vae, Path(run_dir) if run_dir else None, repo_id or str(out)))
