@@ -65,3 +65,15 @@ def test_tracking_without_its_package_is_one_line(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "turbovae[mlflow]" in err[0]
     assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+def test_a_conditional_run_is_tracked_with_its_classes(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir, out = tmp_path / "tb", tmp_path / "run"
+    argv = ["train", *FAST, "--out", str(out), "--condition", "label", f"train.tensorboard={logdir}"]
+    assert main(argv) == 0
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0})
+    acc.Reload()
+    assert len(acc.Images("reconstructions")) == 2  # one picture per evaluation, with the inputs' classes

@@ -208,8 +208,9 @@ def tracked_pictures(s: Setup, n_samples: int = 64, n_recon: int = 16) -> dict[s
     vae.eval()
     try:
         x = s.prepare_val(s.x_val[:n_recon])
+        y = None if s.y_val is None else s.y_val[:n_recon]  # a conditional run reconstructs with the classes
         pictures = {"samples": grid_image(sample_grid(vae, n_samples), nrow=8),
-                    "reconstructions": grid_image(reconstruction_grid(vae, x), nrow=len(x))}  # fmt: skip
+                    "reconstructions": grid_image(reconstruction_grid(vae, x, y), nrow=len(x))}  # fmt: skip
     finally:
         vae.train()
     return {name: np.asarray(picture) for name, picture in pictures.items()}
