@@ -124,6 +124,7 @@ class Run:
     snapshot: Snapshot  # the last good state, for the NaN guard's rollback
     forward: Callable[..., dict[str, torch.Tensor]] | None  # data-parallel: the DDP-wrapped objective
     tracker: Tracker  # live TensorBoard / MLflow logging (train.tensorboard, train.mlflow), rank 0
+    mean_tokens: float = 0.0  # text: tokens per training line (end markers included), for tokens/s
 
     @property
     def loop(self) -> dict[str, Any]:
@@ -151,7 +152,7 @@ class Run:
         if cfg.train.kl_warmup_steps or cfg.train.kl_cycles:
             extra["kl_weight"] = optim.kl_weight_at(cfg, self.loop["step"] - 1, self.total_steps)
         if self.lengths is not None:
-            extra["tokens_per_second"] = speed * self.lengths.double().mean().item()
+            extra["tokens_per_second"] = speed * self.mean_tokens
         return extra
 
 
@@ -227,10 +228,12 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
         compiled = runtime.compile_fn(task, s.device) if _compiled_forward(cfg, s.device) else task
         forward = ctx.wrap(compiled)  # type: ignore[arg-type]
     dynamic = s.binarize_mode == "dynamic"
+    lengths = lengths_of(s.x_train) if tokens else None
+    mean_tokens = lengths.double().mean().item() if lengths is not None else 0.0
     return Run(s, st, ctx, out, cfg, log, preparer(s.train_max, dynamic, st.gens["data"]), global_batch,
-               steps_per_epoch, total_steps, tokens or dynamic, lengths_of(s.x_train) if tokens else None,
-               lr_now, NoiseProbe(cfg, s.vae, s.device, s.precision), Snapshot(st), forward,
-               Tracker(cfg, out, ctx.main))  # fmt: skip
+               steps_per_epoch, total_steps, tokens or dynamic, lengths, lr_now,
+               NoiseProbe(cfg, s.vae, s.device, s.precision), Snapshot(st), forward,
+               Tracker(cfg, out, ctx.main), mean_tokens)  # fmt: skip
 
 
 def _compiled_forward(cfg: Config, device: torch.device) -> bool:
