@@ -107,7 +107,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto: bf16 autocast where the hardware runs bf16 matmuls natively (CUDA, AMX/AVX512-BF16 CPUs),
-    # else fp32; fp16 uses a gradient scaler. Likelihood sums, KL and log-sum-exp always run in fp32.
+    # else fp32; on such a CPU the faster of the two, timed at the start (engine/hardware.py); fp16
+    # uses a gradient scaler. Likelihood sums, KL and log-sum-exp always run in fp32.
     precision: str = "auto"
     # auto: compile the training step when the run is long enough to repay the (measured or cached)
     # compile time; on CUDA compiled steps run as CUDA graphs
@@ -119,7 +120,7 @@ class TrainConfig:
     # auto (x sqrt(N) for adam/adamw/adamax, x N for sgd) | sqrt | linear | none
     lr_scaling: str = "auto"
     dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the job stops
-    threads: int = 0  # CPU threads; 0 = torch's default (the physical cores)
+    threads: int = 0  # CPU threads; 0 = auto: 1 or torch's default, timed, and following the load
     log_every: int = 50  # steps between loss read-backs (the only host syncs of the loop)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
     # seconds of training (train_seconds, evaluation excluded) after which the run stops at the next log

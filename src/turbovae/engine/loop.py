@@ -24,7 +24,7 @@ from ..data.text import bucketed, lengths_of
 from ..models import model_spec
 from ..objectives import noise_shape_of
 from ..progress import Progress
-from . import checkpoint, distributed, optim, rundir, tracking
+from . import checkpoint, distributed, hardware, optim, rundir, tracking
 from .finish import averaged, collapse_check, finish, tracked_pictures
 from .noise import NoiseProbe
 from .optim import EMA, GradGuard, make_optimizer
@@ -125,6 +125,7 @@ class Run:
     forward: Callable[..., dict[str, torch.Tensor]] | None  # data-parallel: the DDP-wrapped objective
     tracker: Tracker  # live TensorBoard / MLflow logging (train.tensorboard, train.mlflow), rank 0
     mean_tokens: float = 0.0  # text: tokens per training line (end markers included), for tokens/s
+    watch: hardware.ThreadWatch | None = None  # train.threads 0 on the CPU: the thread count follows the load
 
     @property
     def loop(self) -> dict[str, Any]:
@@ -198,6 +199,7 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     if state_json is not None:
         st.restore(*checkpoint.load(state_json), source=state_json)
         loop.pop("time_limited", None)  # a resumed run is stopped (or not) by its own train.time_limit
+    threads, choice = settle_hardware(cfg, s, ctx, loop, resumed=state_json is not None)
     # the global batch is the run's (train.batch_size x the ranks it started with; runs from before
     # data-parallel training: train.batch_size): any number of ranks continues it at the same global step
     started_with = ctx.world if state_json is None else 1
@@ -209,7 +211,10 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     cfg = distributed.scaled_lr(cfg, lr_factor)  # the learning rate of the global batch (as saved: unscaled)
     log = MetricsLog(out / "metrics.jsonl" if ctx.main else None)
     ranks = {"ranks": ctx.world, "global_batch": global_batch, "lr_factor": lr_factor}
+    measured = {"probe": choice.speeds} if choice is not None else {}
+    watch = thread_watch(threads, choice, global_batch, log, loop)
     log.write("start", step=loop["step"], resumed=resume, device=runtime.describe(s.device),
+              precision=s.precision, threads=torch.get_num_threads(), **measured,
               params=sum(p.numel() for p in s.vae.parameters()), binarize=s.binarize_mode,
               **(ranks if ctx.world > 1 else {}))  # fmt: skip
     n_train, tokens = len(s.x_train), s.data.is_tokens
@@ -233,7 +238,39 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     return Run(s, st, ctx, out, cfg, log, preparer(s.train_max, dynamic, st.gens["data"]), global_batch,
                steps_per_epoch, total_steps, tokens or dynamic, lengths, lr_now,
                NoiseProbe(cfg, s.vae, s.device, s.precision), Snapshot(st), forward,
-               Tracker(cfg, out, ctx.main), mean_tokens)  # fmt: skip
+               Tracker(cfg, out, ctx.main), mean_tokens, watch)  # fmt: skip
+
+
+def settle_hardware(
+    cfg: Config, s: Setup, ctx: distributed.Context, loop: dict[str, Any], *, resumed: bool
+) -> tuple[list[int], hardware.Choice | None]:
+    """train.threads 0 / train.precision auto on the CPU, decided by measurement (engine/hardware.py):
+    sets the threads and ``s.precision``; returns the thread counts to follow the load with. A resumed
+    run keeps the precision it started with (``loop["precision"]``: it changes the numbers)."""
+    threads, precisions = hardware.options(cfg, s.device, ctx.world)
+    if resumed and precisions:
+        s.precision, precisions = loop.get("precision", s.precision), []
+    choice = hardware.choose(cfg, s, cfg.train.batch_size, threads, precisions)
+    if choice is not None:
+        torch.set_num_threads(choice.threads)
+        s.precision = choice.precision
+    loop["precision"] = s.precision
+    return threads, choice
+
+
+def thread_watch(
+    threads: list[int], choice: hardware.Choice | None, batch: int, log: MetricsLog, loop: dict[str, Any]
+) -> hardware.ThreadWatch | None:
+    """With more than one thread count to choose from, one that follows the load; each change logged."""
+    if len(threads) < 2:
+        return None
+
+    def switched(n: int, speeds: dict[int, float]) -> None:
+        log.write("threads", step=loop["step"], threads=n,
+                  samples_per_second={str(k): round(v) for k, v in speeds.items()})  # fmt: skip
+
+    rates = choice.by_threads if choice is not None else {}
+    return hardware.ThreadWatch(threads, torch.get_num_threads(), rates, batch, switched)
 
 
 def _compiled_forward(cfg: Config, device: torch.device) -> bool:
@@ -297,6 +334,8 @@ def _fit(
                 over = train_epoch(r, step, meter, stop)
                 end_epoch(r, meter, over)
                 meter.t_segment = meter.t_log = time.perf_counter()
+                if r.watch is not None:  # an evaluation is not a fall in the step's speed
+                    r.watch.restart()
     finally:
         bar.close(done=loop["epoch"] >= r.cfg.train.epochs or over)
         r.tracker.close()
@@ -357,6 +396,8 @@ def train_epoch(r: Run, step: Callable[..., torch.Tensor], meter: Meter, stop: _
         loop["step"] += 1
         loop["batch_in_epoch"] = b + 1
         loop["examples"] += len(x) * ctx.world
+        if r.watch is not None:
+            r.watch.tick(len(x))
         if loop["step"] % cfg.train.log_every == 0 or b + 1 == r.steps_per_epoch:
             over = log_interval(r, meter, stop)
         every = cfg.train.checkpoint_every

@@ -1,0 +1,186 @@
+"""CPU threads and precision chosen by measurement: ``train.threads 0`` and ``train.precision auto``.
+
+A CPU is often busy with other work, and then the settings that win on a quiet machine lose: on a
+2-core machine shared with two other processes, two torch threads ran up to 17x slower than one
+(OpenMP barriers wait for a core) and bf16 at 0.58x the fp32 speed. So on the CPU ``auto`` is
+decided by timing the run's own training step:
+
+- ``choose``, once at the start: the step, on a copy of the model (the run itself is not touched),
+  timed for each thread count in {1, torch's default} and each precision in {fp32, bf16 where the
+  CPU multiplies bf16 in hardware}; the fastest wins. A resumed run keeps its precision (it changes
+  the numbers) and measures only the threads.
+- ``ThreadWatch``, during the run: it times windows of steps and, when the speed falls to half of
+  what this thread count did before, or every so often, tries the other thread count for one short
+  window and keeps the faster.
+
+Set the two explicitly (``train.threads=1 train.precision=fp32``) for runs that repeat bit for bit;
+``TURBOVAE_PROBE=0`` makes ``auto`` decide without measuring (torch's threads, bf16 by the CPU flags).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import runtime
+from ..config import Config
+from ..data.batches import preparer
+from ..objectives import noise_shape_of
+from .optim import make_optimizer
+from .setup import Setup
+from .step import make_step
+
+PROBE_ENV = "TURBOVAE_PROBE"
+CHUNK_SECONDS = 0.03  # one timed chunk of steps; a candidate's speed is the median of three
+MAX_STEP_SECONDS = 1.0  # a candidate whose single step takes longer is not timed further
+
+
+def measuring() -> bool:
+    return os.environ.get(PROBE_ENV, "1") != "0"
+
+
+def options(cfg: Config, device: torch.device, world: int) -> tuple[list[int], list[str]]:
+    """The thread counts and precisions ``auto`` chooses among here ([]: nothing to choose)."""
+    if device.type != "cpu" or world > 1 or not measuring():
+        return [], []
+    default = torch.get_num_threads()
+    threads = sorted({1, default}) if cfg.train.threads == 0 and default > 1 else []
+    precisions = ["fp32", "bf16"] if cfg.train.precision == "auto" and runtime.fast_bf16(device) else []
+    return threads, precisions
+
+
+@dataclass
+class Choice:
+    threads: int
+    precision: str
+    speeds: dict[str, float] = field(default_factory=dict)  # "2 thread(s), bf16" -> samples/s
+    by_threads: dict[int, float] = field(default_factory=dict)  # at the chosen precision
+
+    def describe(self) -> str:
+        measured = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(self.speeds.items(), key=lambda kv: -kv[1]))
+        return f"{self.threads} thread(s), {self.precision} (samples/s: {measured})"
+
+
+def _speed(step: Callable[[], object], batch: int, clock: Callable[[], float]) -> float:
+    """Samples/s of ``step``: one warm-up step, then the median of three chunks of ~CHUNK_SECONDS."""
+    t0 = clock()
+    step()
+    first = clock() - t0
+    if first > MAX_STEP_SECONDS:
+        return batch / first
+    n = max(1, int(CHUNK_SECONDS / max(first, 1e-6)))
+    chunks = []
+    for _ in range(3):
+        t0 = clock()
+        for _ in range(n):
+            step()
+        chunks.append(n * batch / max(clock() - t0, 1e-9))
+    return statistics.median(chunks)
+
+
+def choose(
+    cfg: Config, s: Setup, batch: int, threads: list[int], precisions: list[str],
+    clock: Callable[[], float] = time.perf_counter,
+) -> Choice | None:  # fmt: skip
+    """Time the training step for every (threads, precision) pair; None when there is nothing to choose."""
+    threads = threads or [torch.get_num_threads()]
+    precisions = precisions or [s.precision]
+    if len(threads) * len(precisions) == 1:
+        return None
+    device, default_threads = s.device, torch.get_num_threads()
+    g = torch.Generator(device=device).manual_seed(12345)  # the run's own generators are not touched
+    dynamic = s.binarize_mode == "dynamic"
+    x = preparer(s.train_max, dynamic, g)(s.x_train[:batch])
+    eps = torch.randn(noise_shape_of(cfg.train.objective, len(x), s.vae.latent, cfg.train.iwae_k),
+                      generator=g, device=device)  # fmt: skip
+    extra = () if s.y_train is None else (torch.tensor(cfg.train.beta, device=device), s.y_train[:batch])
+    speeds: dict[tuple[int, str], float] = {}
+    try:
+        for precision in precisions:
+            vae = copy.deepcopy(s.vae)
+            step = make_step(vae, make_optimizer(cfg, vae, device), None, cfg, device, precision)
+            for t in threads:
+                torch.set_num_threads(t)
+                speeds[(t, precision)] = _speed(lambda: step(x, eps, *extra), len(x), clock)  # noqa: B023
+    finally:
+        torch.set_num_threads(default_threads)
+    best = max(speeds, key=lambda k: speeds[k])
+    named = {f"{t} thread(s), {p}": v for (t, p), v in speeds.items()}
+    return Choice(best[0], best[1], named, {t: v for (t, p), v in speeds.items() if p == best[1]})
+
+
+class ThreadWatch:
+    """Keeps the faster thread count while the load on the machine changes (see the module's text).
+
+    ``tick(examples)`` after every step; a window ends after ``window`` steps or ``WINDOW_SECONDS``.
+    ``on_switch(threads, speeds)`` is told of every change of thread count that is kept."""
+
+    WINDOW_SECONDS = 0.5
+    # windows (about 30 s) before the other count is tried again; doubled (up to 8x) each time it loses
+    EXPLORE_EVERY = 60
+
+    def __init__(
+        self, options: list[int], current: int, speeds: dict[int, float], batch: int,
+        on_switch: Callable[[int, dict[int, float]], None] | None = None,
+        set_threads: Callable[[int], None] = torch.set_num_threads,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:  # fmt: skip
+        self.options, self.current = options, current
+        self.speed = dict(speeds)  # the last speed measured at each thread count (samples/s)
+        self.peak = speeds.get(current, 0.0)  # what the current count did at its best lately
+        rate = max(speeds.get(current, 1.0), 1.0)
+        self.window = max(3, int(self.WINDOW_SECONDS * rate / batch))
+        self.on_switch, self.set_threads, self.clock = on_switch, set_threads, clock
+        self.trial_from: int | None = None  # the count a trial window left, to go back to if it loses
+        self.explore_every, self.since_trial = self.EXPLORE_EVERY, 0
+        self.n = self.examples = 0
+        self.t0 = clock()
+
+    def restart(self) -> None:
+        """A new window from now (after work that is not a training step: an evaluation, a checkpoint)."""
+        self.n = self.examples = 0
+        self.t0 = self.clock()
+
+    def tick(self, examples: int) -> None:
+        self.n += 1
+        self.examples += examples
+        now = self.clock()
+        if self.n < self.window and now - self.t0 < self.WINDOW_SECONDS * 2:
+            return
+        speed = self.examples / max(now - self.t0, 1e-9)
+        self.n = self.examples = 0
+        self.t0 = now
+        self.speed[self.current] = speed
+        if self.trial_from is not None:
+            self._end_trial(speed)
+            return
+        self.peak = max(self.peak, speed)
+        self.since_trial += 1
+        if speed < 0.5 * self.peak or self.since_trial >= self.explore_every:
+            others = [t for t in self.options if t != self.current]
+            if others:
+                self.trial_from = self.current
+                self._set(max(others, key=lambda t: self.speed.get(t, float("inf"))))
+
+    def _end_trial(self, speed: float) -> None:
+        back, self.trial_from, self.since_trial = self.trial_from, None, 0
+        assert back is not None
+        if self.speed[back] >= speed:  # the trial lost: back, and explore less often
+            self._set(back)
+            self.explore_every = min(2 * self.explore_every, 8 * self.EXPLORE_EVERY)
+            self.peak = self.speed[back]  # the slower present is the new normal at this count
+        else:
+            self.explore_every = self.EXPLORE_EVERY
+            self.peak = speed
+            if self.on_switch is not None:
+                self.on_switch(self.current, dict(self.speed))
+
+    def _set(self, threads: int) -> None:
+        self.current = threads
+        self.set_threads(threads)
