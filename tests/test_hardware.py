@@ -40,10 +40,11 @@ def test_choose_times_every_pair_and_keeps_the_fastest_without_touching_the_run(
     assert choice is not None
     assert set(choice.speeds) == {f"{t} thread(s), {p}" for t in (1, 2) for p in ("fp32", "bf16")}
     assert all(v > 0 for v in choice.speeds.values())
-    best = max(choice.speeds, key=lambda k: choice.speeds[k])
-    assert best == f"{choice.threads} thread(s), {choice.precision}"
-    assert set(choice.by_threads) == {1, 2}
-    assert choice.by_threads[choice.threads] == choice.speeds[best]
+    # the precision whose step costs one thread less CPU time, then the faster thread count at it
+    assert set(choice.cpu_seconds) == {"fp32", "bf16"} and all(v > 0 for v in choice.cpu_seconds.values())
+    assert choice.precision == min(choice.cpu_seconds, key=lambda p: choice.cpu_seconds[p])
+    assert choice.by_threads == {t: choice.speeds[f"{t} thread(s), {choice.precision}"] for t in (1, 2)}
+    assert choice.threads == max(choice.by_threads, key=lambda t: choice.by_threads[t])
     assert torch.get_num_threads() == 2  # the caller sets the chosen count
     for k, v in s.vae.state_dict().items():  # the probe trained a copy
         assert torch.equal(v, before[k]), k
@@ -104,7 +105,7 @@ def test_a_measured_run_logs_its_choice_and_a_resumed_one_keeps_its_precision(
     def choose(cfg, s, batch, threads, precisions, **kw):
         calls.append(list(precisions))
         if precisions:  # the start picks fp32 (the CPU flags alone would say bf16): kept on resume?
-            return hardware.Choice(1, "fp32", {"1 thread(s), fp32": 1.0}, {1: 1.0})
+            return hardware.Choice(1, "fp32", {"1 thread(s), fp32": 1.0}, {1: 1.0}, {"fp32": 1.0})
         return real(cfg, s, batch, threads, precisions, **kw)
 
     monkeypatch.setattr(runtime, "fast_bf16", lambda device: True)

@@ -7,7 +7,8 @@ decided by timing the run's own training step:
 
 - ``choose``, once at the start: the step, on a copy of the model (the run itself is not touched),
   timed for each thread count in {1, torch's default} and each precision in {fp32, bf16 where the
-  CPU multiplies bf16 in hardware}; the fastest wins. A resumed run keeps its precision (it changes
+  CPU multiplies bf16 in hardware}: the precision whose step costs one thread fewer CPU seconds, then
+  the thread count that runs it fastest. A resumed run keeps its precision (it changes
   the numbers) and measures only the threads.
 - ``ThreadWatch``, during the run: it times windows of steps and, when the speed falls to half of
   what this thread count did before, or every so often, tries the other thread count for one short
@@ -37,8 +38,10 @@ from .setup import Setup
 from .step import make_step
 
 PROBE_ENV = "TURBOVAE_PROBE"
-CHUNK_SECONDS = 0.03  # one timed chunk of steps; a candidate's speed is the median of three
+CHUNK_SECONDS = 0.05  # one timed chunk of steps
+ROUNDS = 3  # chunks per (threads, precision) pair, timed in turn
 MAX_STEP_SECONDS = 1.0  # a candidate whose single step takes longer is not timed further
+TRIAL_MARGIN = 1.2  # a short trial window is noisy: the other thread count must be 20% faster to stay
 
 
 def measuring() -> bool:
@@ -61,34 +64,39 @@ class Choice:
     precision: str
     speeds: dict[str, float] = field(default_factory=dict)  # "2 thread(s), bf16" -> samples/s
     by_threads: dict[int, float] = field(default_factory=dict)  # at the chosen precision
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # precision -> one thread's CPU s/step
 
     def describe(self) -> str:
         measured = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(self.speeds.items(), key=lambda kv: -kv[1]))
         return f"{self.threads} thread(s), {self.precision} (samples/s: {measured})"
 
 
-def _speed(step: Callable[[], object], batch: int, clock: Callable[[], float]) -> float:
-    """Samples/s of ``step``: one warm-up step, then the median of three chunks of ~CHUNK_SECONDS."""
+def _timer(step: Callable[[], object], clock: Callable[[], float]) -> Callable[[], tuple[float, float]]:
+    """A timed chunk of ``step``: one warm-up step sizes it to ~CHUNK_SECONDS; each call returns the
+    wall and this thread's CPU seconds per step of one chunk."""
     t0 = clock()
     step()
     first = clock() - t0
-    if first > MAX_STEP_SECONDS:
-        return batch / first
-    n = max(1, int(CHUNK_SECONDS / max(first, 1e-6)))
-    chunks = []
-    for _ in range(3):
-        t0 = clock()
+    n = 0 if first > MAX_STEP_SECONDS else max(1, int(CHUNK_SECONDS / max(first, 1e-6)))
+
+    def chunk() -> tuple[float, float]:
+        if n == 0:  # too slow to time again
+            return first, first
+        t0, c0 = clock(), time.thread_time()
         for _ in range(n):
             step()
-        chunks.append(n * batch / max(clock() - t0, 1e-9))
-    return statistics.median(chunks)
+        return (clock() - t0) / n, (time.thread_time() - c0) / n
+
+    return chunk
 
 
 def choose(
     cfg: Config, s: Setup, batch: int, threads: list[int], precisions: list[str],
     clock: Callable[[], float] = time.perf_counter,
 ) -> Choice | None:  # fmt: skip
-    """Time the training step for every (threads, precision) pair; None when there is nothing to choose."""
+    """Time the training step for every (threads, precision) pair; None when there is nothing to choose.
+    The pairs are timed in turn, ROUNDS times over, and each pair's speed is its median: other work on
+    the machine comes and goes, and in turns it falls on every pair alike."""
     threads = threads or [torch.get_num_threads()]
     precisions = precisions or [s.precision]
     if len(threads) * len(precisions) == 1:
@@ -100,19 +108,33 @@ def choose(
     eps = torch.randn(noise_shape_of(cfg.train.objective, len(x), s.vae.latent, cfg.train.iwae_k),
                       generator=g, device=device)  # fmt: skip
     extra = () if s.y_train is None else (torch.tensor(cfg.train.beta, device=device), s.y_train[:batch])
-    speeds: dict[tuple[int, str], float] = {}
+    chunks: dict[tuple[int, str], Callable[[], tuple[float, float]]] = {}
+    times: dict[tuple[int, str], list[tuple[float, float]]] = {}
     try:
         for precision in precisions:
             vae = copy.deepcopy(s.vae)
             step = make_step(vae, make_optimizer(cfg, vae, device), None, cfg, device, precision)
             for t in threads:
                 torch.set_num_threads(t)
-                speeds[(t, precision)] = _speed(lambda: step(x, eps, *extra), len(x), clock)  # noqa: B023
+                chunks[(t, precision)] = _timer(lambda: step(x, eps, *extra), clock)  # noqa: B023
+        for _ in range(ROUNDS):
+            for (t, precision), chunk in chunks.items():
+                torch.set_num_threads(t)
+                times.setdefault((t, precision), []).append(chunk())
     finally:
         torch.set_num_threads(default_threads)
-    best = max(speeds, key=lambda k: speeds[k])
+    speeds = {k: len(x) / max(statistics.median(w for w, _ in v), 1e-9) for k, v in times.items()}
+    # the precision by the CPU seconds of one thread: what a step costs, whatever share of the core
+    # other work leaves it (on a busy machine the wall time swings with that share)
+    cost = {p: statistics.median(c for _, c in times[(1, p)]) for p in precisions if (1, p) in times}
+    if len(cost) == len(precisions):
+        precision = min(cost, key=lambda p: cost[p])
+    else:
+        precision = max(speeds, key=lambda k: speeds[k])[1]
+    by_threads = {t: v for (t, p), v in speeds.items() if p == precision}
+    best = max(by_threads, key=lambda t: by_threads[t])
     named = {f"{t} thread(s), {p}": v for (t, p), v in speeds.items()}
-    return Choice(best[0], best[1], named, {t: v for (t, p), v in speeds.items() if p == best[1]})
+    return Choice(best, precision, named, by_threads, cost)
 
 
 class ThreadWatch:
@@ -151,7 +173,14 @@ class ThreadWatch:
         self.n += 1
         self.examples += examples
         now = self.clock()
-        if self.n < self.window and now - self.t0 < self.WINDOW_SECONDS * 2:
+        # a trial is a tenth of a window: at the wrong count on a busy machine a step is 17x slower
+        trial = self.trial_from is not None
+        steps, seconds = (
+            (max(2, self.window // 10), self.WINDOW_SECONDS / 5)
+            if trial
+            else (self.window, 2 * self.WINDOW_SECONDS)
+        )
+        if self.n < steps and now - self.t0 < seconds:
             return
         speed = self.examples / max(now - self.t0, 1e-9)
         self.n = self.examples = 0
@@ -171,7 +200,7 @@ class ThreadWatch:
     def _end_trial(self, speed: float) -> None:
         back, self.trial_from, self.since_trial = self.trial_from, None, 0
         assert back is not None
-        if self.speed[back] >= speed:  # the trial lost: back, and explore less often
+        if speed < TRIAL_MARGIN * self.speed[back]:  # the trial lost: back, and explore less often
             self._set(back)
             self.explore_every = min(2 * self.explore_every, 8 * self.EXPLORE_EVERY)
             self.peak = self.speed[back]  # the slower present is the new normal at this count

@@ -211,7 +211,7 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     cfg = distributed.scaled_lr(cfg, lr_factor)  # the learning rate of the global batch (as saved: unscaled)
     log = MetricsLog(out / "metrics.jsonl" if ctx.main else None)
     ranks = {"ranks": ctx.world, "global_batch": global_batch, "lr_factor": lr_factor}
-    measured = {"probe": choice.speeds} if choice is not None else {}
+    measured = {"probe": choice.speeds, "probe_cpu_seconds": choice.cpu_seconds} if choice else {}
     watch = thread_watch(threads, choice, global_batch, log, loop)
     log.write("start", step=loop["step"], resumed=resume, device=runtime.describe(s.device),
               precision=s.precision, threads=torch.get_num_threads(), **measured,
