@@ -7,8 +7,8 @@ decided by timing the run's own training step:
 
 - ``choose``, once at the start: the step, on a copy of the model (the run itself is not touched),
   timed for each thread count in {1, torch's default} and each precision in {fp32, bf16 where the
-  CPU multiplies bf16 in hardware}: the precision whose step costs one thread fewer CPU seconds, then
-  the thread count that runs it fastest. A resumed run keeps its precision (it changes
+  CPU multiplies bf16 in hardware}: the precision the CPU flags say unless the other's step costs one
+  thread clearly fewer CPU seconds, then the thread count that runs it fastest. A resumed run keeps its precision (it changes
   the numbers) and measures only the threads.
 - ``ThreadWatch``, during the run: it times windows of steps and, when the speed falls to half of
   what this thread count did before, or every so often, tries the other thread count for one short
@@ -41,6 +41,7 @@ PROBE_ENV = "TURBOVAE_PROBE"
 CHUNK_SECONDS = 0.05  # one timed chunk of steps
 ROUNDS = 3  # chunks per (threads, precision) pair, timed in turn
 MAX_STEP_SECONDS = 1.0  # a candidate whose single step takes longer is not timed further
+PRECISION_MARGIN = 1.1  # the other precision must cost 10% less CPU time to replace the flags' choice
 TRIAL_MARGIN = 1.2  # a short trial window is noisy: the other thread count must be 20% faster to stay
 
 
@@ -129,6 +130,9 @@ def choose(
     cost = {p: statistics.median(c for _, c in times[(1, p)]) for p in precisions if (1, p) in times}
     if len(cost) == len(precisions):
         precision = min(cost, key=lambda p: cost[p])
+        # the CPU flags' choice stands unless the other is clearly cheaper (a near tie is noise)
+        if s.precision in cost and cost[s.precision] <= PRECISION_MARGIN * cost[precision]:
+            precision = s.precision
     else:
         precision = max(speeds, key=lambda k: speeds[k])[1]
     by_threads = {t: v for (t, p), v in speeds.items() if p == precision}
