@@ -245,10 +245,10 @@ def load_arrays(path: str | Path, *, test_fraction: float = 0.1, split_seed: int
     arrays = _read(path, mmap=path.suffix.lower() == ".npy")
     if "" in arrays and arrays[""].dtype in MAPPED_DTYPES:
         return _mapped(path, arrays[""], test_fraction)
-    names = None
+    class_names = None
     if "" in arrays:  # a .npy to convert (bool, integers, float64): read into memory, as an .npz is
         x = np.array(arrays[""])
-        y, names = _sidecar(path, len(x)) if x.ndim else (None, None)
+        y, class_names = _sidecar(path, len(x)) if x.ndim else (None, None)
         arrays = {"": x} if y is None else {"": x, "y": y}
     keys = set(arrays)
     y_train = y_test = None
@@ -302,8 +302,8 @@ def load_arrays(path: str | Path, *, test_fraction: float = 0.1, split_seed: int
         y_test=_labels(y_test, len(x_test), f"{path}: {names[3]}"),
         max_value=max_train,
     )
-    if names is not None:
-        dataset.meta["class_names"] = names
+    if class_names is not None:
+        dataset.meta["class_names"] = class_names
     return dataset
 
 
