@@ -200,6 +200,8 @@ def _read(path: Path, mmap: bool = False) -> dict[str, np.ndarray]:
             with loaded:
                 arrays = {key: loaded[key] for key in loaded.files}
     except ValueError as e:
+        if mmap and "memory-mapped" in str(e):  # an object array: read, to be refused as such below
+            return _read(path)
         # np.load treats anything that is neither .npy nor zip as a pickle, and refuses it.
         if "Object arrays" in str(e):
             raise DataError(

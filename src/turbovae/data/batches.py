@@ -8,12 +8,13 @@ import torch
 
 from .text import trim
 
-CHUNK_BYTES = 64 * 2**20  # the most of a split the set-up passes convert at once (memory-mapped data)
+CHUNK_BYTES = 8 * 2**20  # the most of a split the set-up passes convert at once (memory-mapped data)
 
 
-def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
-    """``x`` in runs of rows of about CHUNK_BYTES each (one run when it is smaller): views, no copies."""
-    row = max(1, x[0].numel() * x.element_size()) if len(x) else 1
+def _chunks(x: torch.Tensor, element_size: int = 0) -> list[torch.Tensor]:
+    """``x`` in runs of rows of about CHUNK_BYTES each (one run when it is smaller): views, no copies;
+    ``element_size``: the bytes of a value in what a chunk is turned into (the float32 of binarize)."""
+    row = max(1, x[0].numel() * (element_size or x.element_size())) if len(x) else 1
     return list(x.split(max(1, CHUNK_BYTES // row))) if len(x) else [x]
 
 
@@ -48,7 +49,7 @@ def binarize(x: torch.Tensor, max_value: float, seed: int) -> torch.Tensor:
     uint8 result is held whole."""
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(x.shape, dtype=torch.uint8)
-    for part, chunk in zip(_chunks(out), _chunks(x), strict=True):
+    for part, chunk in zip(_chunks(out, 4), _chunks(x, 4), strict=True):
         part.copy_(torch.bernoulli(to_float(chunk.cpu(), max_value), generator=g))
     return out.to(x.device)
 
