@@ -4,6 +4,8 @@ batch (data/batches.py), and trains as the same array held in memory does; ``tur
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -265,3 +267,29 @@ def test_pack_errors_are_one_line_and_leave_files_alone(tmp_path: Path, capsys) 
     (tmp_path / "imgs" / "b" / "zz.png").write_bytes(good[: len(good) // 2 + 10])
     fails(str(tmp_path / "imgs"), "--out", str(out), "--overwrite", match="cannot decode image")
     assert not (tmp_path / "x.labels.npy").exists()
+
+
+@pytest.mark.slow  # torchrun, two processes
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo needed")
+def test_two_ranks_on_a_mapped_file_equal_one_process_with_twice_the_batch(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", grey_images(400))
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    args = ["train", "--data", str(tmp_path / "x.npy"), *FAST, "--epochs", "2", "train.precision=fp32"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "turbovae", *args, "--batch-size", "16", "--out", str(tmp_path / "two")]  # fmt: skip
+    one = [sys.executable, "-m", "turbovae", *args, "--batch-size", "32", "--lr", repr(1e-3 * 2**0.5),
+           "--out", str(tmp_path / "one")]  # fmt: skip
+    for cmd in (two, one):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, _ = checkpoint.load(checkpoint.latest(tmp_path / "two"))
+    b, meta = checkpoint.load(checkpoint.latest(tmp_path / "one"))
+    assert meta["loop"]["step"] == 2 * (324 // 32)
+    for key in (k for k in a if k.startswith(("model.", "loop.perm", "rng.data"))):
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
