@@ -12,8 +12,10 @@ subprocess for a fixed training time on
   is read into memory. Samples/s is per-step work (one batch gathered, one step), so a 1 GB slice
   compares fairly with the 4 GB file and keeps the in-memory run's own RAM at about 1 GB;
 
-polling ``/proc/PID/status`` every 10 ms for the peak ``RssAnon`` (anonymous memory: the file's cached
-pages are left out) and ``VmRSS``, and reading samples/s from each run's summary.json. Both runs: the
+after ``os.sync()`` (a first trial, started while the 5 GB just written were still being written
+back, ran the mapped run at 0.43x), polling ``/proc/PID/status`` every 10 ms for the peak ``RssAnon``
+(anonymous memory: the file's cached pages are left out) and ``VmRSS``, and reading samples/s from
+each run's summary.json. Both runs: the
 same config, ``data.test_fraction=0.01`` (the final evaluation's test split stays small),
 ``eval.iwae_k=0``, one thread. Prints one JSON object; deletes the files it made unless ``--keep``.
 
@@ -125,6 +127,7 @@ def main() -> None:
         big = make_data(folder, args.rows)
         made = time.perf_counter() - t0
         small = make_slice(big, folder, args.rows * SLICE // ROWS)
+        os.sync()  # the 5 GB just written are on disk before any run is timed (writeback slows a run)
         mapped = train(big, folder / "run-mapped", args.seconds)
         memory = train(small, folder / "run-memory", args.seconds)
     finally:
