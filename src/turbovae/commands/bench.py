@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .. import runtime
 from ..config import Config
-from ..data.batches import to_float
+from ..data.batches import gather, to_float
 from ..data.text import bucketed, lengths_of, trim
 from ..engine.optim import make_optimizer
 from ..engine.setup import Setup, setup
@@ -92,7 +92,7 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
         if i + batch > len(perm):
             i = 0
         position["i"] = i + batch
-        raw = s.x_train[perm[i : i + batch]]
+        raw = gather(s.x_train, perm[i : i + batch], device) if s.mapped else s.x_train[perm[i : i + batch]]
         x = trim(raw) if tokens else to_float(raw, s.train_max)
         if dynamic:
             x = (torch.rand(x.shape, generator=g, device=device) < x).float()

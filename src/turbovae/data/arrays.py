@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 import zlib
 from pathlib import Path
@@ -40,11 +41,15 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
     Returns:
         Sorted train indices and sorted test indices, disjoint and covering ``range(n)``.
     """
-    if n < 2:
-        raise DataError(f"cannot split {n} example(s) into train and test, expected at least 2")
-    n_test = min(max(round(n * test_fraction), 1), n - 1)
+    n_test = _test_size(n, test_fraction)
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def _test_size(n: int, test_fraction: float) -> int:
+    if n < 2:
+        raise DataError(f"cannot split {n} example(s) into train and test, expected at least 2")
+    return min(max(round(n * test_fraction), 1), n - 1)
 
 
 def to_channels_first(x: np.ndarray, where: str) -> np.ndarray:
@@ -97,6 +102,85 @@ def to_stored_dtype(x: np.ndarray, where: str) -> tuple[np.ndarray, float]:
     raise DataError(f"{where} has dtype {x.dtype}, expected bool, integer or floating-point values")
 
 
+# A lone .npy is memory-mapped when it holds what a Dataset stores (bytes, or float32) as it is;
+# other dtypes need a converted copy, and are read into memory.
+MAPPED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
+
+
+def labels_path(path: Path) -> Path:
+    """The labels file that goes with the array file ``X.npy``: ``X.labels.npy`` ((N,) integers)."""
+    return path.with_name(f"{path.stem}.labels.npy")
+
+
+def classes_path(path: Path) -> Path:
+    """The class names of ``X.npy``'s labels, a JSON list (label i: the i-th name): ``X.classes.json``."""
+    return path.with_name(f"{path.stem}.classes.json")
+
+
+def _sidecar(path: Path, n: int) -> tuple[np.ndarray | None, list[str] | None]:
+    """The labels (and class names) written next to a ``.npy`` (``turbovae data pack``), if any."""
+    ys, names_file = labels_path(path), classes_path(path)
+    if not ys.is_file():
+        return None, None
+    y = _read(ys)[""]
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{ys}: has shape {y.shape} and dtype {y.dtype}, expected ({n},) integer labels")
+    if not names_file.is_file():
+        return y, None
+    try:
+        names = json.loads(names_file.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{names_file}: not a JSON list of class names ({e})") from e
+    if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+        raise DataError(f"{names_file}: expected a JSON list of class names (strings)")
+    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(names):
+        span = f"{int(y.min())}..{int(y.max())}"
+        raise DataError(f"{ys}: labels span {span}, but {names_file} names {len(names)} classes")
+    return y, names
+
+
+def _check_finite(x: np.ndarray, where: str) -> None:
+    """The NaN/Inf check of ``to_stored_dtype``, a chunk of rows at a time (a memory-mapped file)."""
+    rows = max(1, (64 * 2**20) // max(1, x[0].nbytes))
+    n_bad, first = 0, None
+    for start in range(0, len(x), rows):
+        bad = ~np.isfinite(x[start : start + rows])
+        count = int(bad.sum())
+        if count and first is None:
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            first = (first[0] + start, *first[1:])
+        n_bad += count
+    if n_bad:
+        raise DataError(f"{where} has {n_bad} NaN/Inf value(s), first at index {first}; expected finite")
+
+
+def _mapped(path: Path, x: np.ndarray, test_fraction: float) -> Dataset:
+    """A lone uint8/float32 ``.npy``, memory-mapped: the test split is its last ``test_fraction`` of rows
+    (views of the file, so nothing is read until used; shuffle an ordered file first, as ``turbovae data
+    pack`` does); labels from ``X.labels.npy`` and ``X.classes.json`` when they exist."""
+    _check_not_empty(x, path, "")
+    x = to_channels_first(x, str(path))
+    if x.dtype == np.float32:
+        _check_finite(x, str(path))
+    n = len(x)
+    n_train = n - _test_size(n, test_fraction)
+    y, names = _sidecar(path, n)
+    t = torch.from_numpy(x)  # copy-on-write mapping: writable, so torch does not warn
+    y_t = None if y is None else torch.from_numpy(y.astype(np.int64))
+    dataset = Dataset(
+        name=path.stem,
+        x_train=t[:n_train],
+        x_test=t[n_train:],
+        y_train=None if y_t is None else y_t[:n_train],
+        y_test=None if y_t is None else y_t[n_train:],
+        max_value=255.0 if x.dtype == np.uint8 else 1.0,
+        mapped=True,
+    )
+    if names is not None:
+        dataset.meta["class_names"] = names
+    return dataset
+
+
 def _labels(y: np.ndarray | None, n: int, where: str) -> torch.Tensor | None:
     if y is None:
         return None
@@ -105,16 +189,19 @@ def _labels(y: np.ndarray | None, n: int, where: str) -> torch.Tensor | None:
     return torch.from_numpy(y.astype(np.int64))
 
 
-def _read(path: Path) -> dict[str, np.ndarray]:
-    """All arrays in the file by name; a lone ``.npy`` array is returned under the key ``""``."""
+def _read(path: Path, mmap: bool = False) -> dict[str, np.ndarray]:
+    """All arrays in the file by name; a lone ``.npy`` array is returned under the key ``""``, with
+    ``mmap`` memory-mapped copy-on-write (``np.memmap``: writable, and a write never reaches the file)."""
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             arrays = {"": loaded}
         else:
             with loaded:
                 arrays = {key: loaded[key] for key in loaded.files}
     except ValueError as e:
+        if mmap and "memory-mapped" in str(e):  # an object array: read, to be refused as such below
+            return _read(path)
         # np.load treats anything that is neither .npy nor zip as a pickle, and refuses it.
         if "Object arrays" in str(e):
             raise DataError(
@@ -140,7 +227,10 @@ def load_arrays(path: str | Path, *, test_fraction: float = 0.1, split_seed: int
 
     Accepted ``.npz`` layouts: ``x_train``/``x_test`` with optional ``y_train``/``y_test`` (Keras
     style), ``train``/``test``, ``x`` with optional ``y``, or a single array. The last two are split
-    deterministically with ``test_fraction`` and ``split_seed``. A ``.npy`` file is a single array.
+    deterministically with ``test_fraction`` and ``split_seed``. A ``.npy`` file is a single array:
+    memory-mapped when it is uint8 or float32 (``Dataset.mapped``; its test split is then its last
+    ``test_fraction`` of rows, and ``split_seed`` is unused), read into memory and split like an ``.npz``
+    otherwise; labels come from ``X.labels.npy`` (and ``X.classes.json``) beside it, when they exist.
 
     Args:
         path: The file to read. Pickle is never loaded, so object arrays are refused.
@@ -154,7 +244,14 @@ def load_arrays(path: str | Path, *, test_fraction: float = 0.1, split_seed: int
         DataError: The file is corrupt, has none of the accepted layouts, or holds unusable arrays.
     """
     path = Path(path)
-    arrays = _read(path)
+    arrays = _read(path, mmap=path.suffix.lower() == ".npy")
+    if "" in arrays and arrays[""].dtype in MAPPED_DTYPES:
+        return _mapped(path, arrays[""], test_fraction)
+    class_names = None
+    if "" in arrays:  # a .npy to convert (bool, integers, float64): read into memory, as an .npz is
+        x = np.array(arrays[""])
+        y, class_names = _sidecar(path, len(x)) if x.ndim else (None, None)
+        arrays = {"": x} if y is None else {"": x, "y": y}
     keys = set(arrays)
     y_train = y_test = None
     if {"x_train", "x_test"} <= keys:
@@ -166,10 +263,10 @@ def load_arrays(path: str | Path, *, test_fraction: float = 0.1, split_seed: int
     elif {"train", "test"} <= keys:
         x_train, x_test = arrays["train"], arrays["test"]
         names = ("train", "test", "", "")
-    elif "x" in keys or (len(keys) == 1 and not keys & _LAYOUT_KEYS):
-        key = "x" if "x" in keys else next(iter(keys))
+    elif "x" in keys or "" in keys or (len(keys) == 1 and not keys & _LAYOUT_KEYS):
+        key = "x" if "x" in keys else "" if "" in keys else next(iter(keys))
         x = arrays[key]
-        y = arrays.get("y") if key == "x" else None
+        y = arrays.get("y") if key in ("x", "") else None  # "": a .npy's labels file
         _check_not_empty(x, path, key)
         if y is not None and y.shape != (len(x),):
             raise DataError(f"{path}: y has shape {y.shape}, expected ({len(x)},) labels to match x")
@@ -199,7 +296,7 @@ def load_arrays(path: str | Path, *, test_fraction: float = 0.1, split_seed: int
             f"{path}: {names[0]} ({x_train.dtype}, max {max_train:g}) and {names[1]} "
             f"({x_test.dtype}, max {max_test:g}) have different value types, expected the same"
         )
-    return Dataset(
+    dataset = Dataset(
         name=path.stem,
         x_train=torch.from_numpy(np.ascontiguousarray(x_train)),
         x_test=torch.from_numpy(np.ascontiguousarray(x_test)),
@@ -207,6 +304,9 @@ def load_arrays(path: str | Path, *, test_fraction: float = 0.1, split_seed: int
         y_test=_labels(y_test, len(x_test), f"{path}: {names[3]}"),
         max_value=max_train,
     )
+    if class_names is not None:
+        dataset.meta["class_names"] = class_names
+    return dataset
 
 
 def _check_not_empty(x: np.ndarray, path: Path, name: str) -> None:

@@ -8,12 +8,32 @@ import torch
 
 from .text import trim
 
+CHUNK_BYTES = 8 * 2**20  # the most of a split the set-up passes convert at once (memory-mapped data)
 
-def value_range(x: torch.Tensor, max_value: float) -> tuple[float, float, bool]:
-    """(low, high, binary) of the data after scaling to float, computed once at set-up."""
-    low, high = x.min().item() / max_value, x.max().item() / max_value
-    binary = not bool(((x != 0) & (x != max_value)).any())
-    return low, high, binary
+
+def _chunks(x: torch.Tensor, element_size: int = 0) -> list[torch.Tensor]:
+    """``x`` in runs of rows of about CHUNK_BYTES each (one run when it is smaller): views, no copies;
+    ``element_size``: the bytes of a value in what a chunk is turned into (the float32 of binarize)."""
+    row = max(1, x[0].numel() * (element_size or x.element_size())) if len(x) else 1
+    return list(x.split(max(1, CHUNK_BYTES // row))) if len(x) else [x]
+
+
+def value_range(xs: torch.Tensor | list[torch.Tensor], max_value: float) -> tuple[float, float, bool]:
+    """(low, high, binary) of the data after scaling to float, computed once at set-up; over one tensor
+    or several (the splits), a chunk at a time, so that a memory-mapped file is read, never copied."""
+    low = high = None
+    binary = True
+    for x in xs if isinstance(xs, list) else [xs]:
+        for c in _chunks(x):
+            if not c.numel():
+                continue
+            lo, hi = c.min(), c.max()  # NaN, if any, propagates
+            low = lo if low is None else torch.minimum(low, lo)
+            high = hi if high is None else torch.maximum(high, hi)
+            binary = binary and not bool(((c != 0) & (c != max_value)).any())
+    if low is None or high is None:
+        raise ValueError("value_range of no values")
+    return low.item() / max_value, high.item() / max_value, binary
 
 
 def to_float(x: torch.Tensor, max_value: float) -> torch.Tensor:
@@ -24,9 +44,26 @@ def to_float(x: torch.Tensor, max_value: float) -> torch.Tensor:
 
 def binarize(x: torch.Tensor, max_value: float, seed: int) -> torch.Tensor:
     """One fixed Bernoulli draw of the data as uint8 {0, 1} (static binarisation; also the fixed test
-    set under dynamic binarisation, so that test numbers do not change between evaluations)."""
+    set under dynamic binarisation, so that test numbers do not change between evaluations). Drawn a
+    chunk of rows at a time (the same draw as at once: the generator runs on in order), so that only the
+    uint8 result is held whole."""
     g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(to_float(x.cpu(), max_value), generator=g).to(torch.uint8).to(x.device)
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    for part, chunk in zip(_chunks(out, 4), _chunks(x, 4), strict=True):
+        part.copy_(torch.bernoulli(to_float(chunk.cpu(), max_value), generator=g))
+    return out.to(x.device)
+
+
+def gather(x: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows ``rows`` of a memory-mapped ``x`` (on the host) as a batch on ``device``: read in file order
+    (sorted, then put back in the order asked for: the same batch as ``x[rows]``); on CUDA through pinned
+    memory with a non-blocking copy."""
+    rows = rows.cpu()
+    ordered, where = rows.sort()
+    cuda = device.type == "cuda"
+    raw = torch.empty((len(rows), *x.shape[1:]), dtype=x.dtype, pin_memory=cuda)
+    raw[where] = x[ordered]
+    return raw.to(device, non_blocking=True) if cuda else raw
 
 
 def preparer(

@@ -10,7 +10,7 @@ import torch
 
 @dataclass
 class Dataset:
-    """Train and test splits held in memory.
+    """Train and test splits, in memory or memory-mapped from a ``.npy`` file (``mapped``).
 
     Bytes stay bytes: 8-bit sources keep ``uint8`` tensors and are converted to float per batch
     (``x / max_value`` maps them to [0, 1]). Float sources are ``float32`` with ``max_value = 1``.
@@ -25,6 +25,9 @@ class Dataset:
     # JSON-serialisable facts a source hands to the model and to later commands (a table's schema and
     # fitted transforms, a tokenizer's vocabulary): saved in every checkpoint, given to build_vae.
     meta: dict[str, Any] = field(default_factory=dict)
+    # x_train and x_test are views of a memory-mapped ``.npy`` file (see ``data/arrays.py``): not in
+    # memory, gathered per batch; set-up keeps them on the host and never copies them whole
+    mapped: bool = False
 
     @property
     def event_shape(self) -> tuple[int, ...]:

@@ -51,6 +51,68 @@ def _hxw(size: tuple[int, int]) -> str:
     return f"{height}x{width}"
 
 
+def folder_files(root: Path) -> tuple[list[Path], int]:
+    """(every image under ``root``, sorted; how many of them are training images): the files of
+    ``train/`` then ``test/`` when both exist, else all of them (with 0: the split is to be made)."""
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: not a folder, expected a folder of {', '.join(sorted(IMAGE_SUFFIXES))} images"
+        )
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train_files, test_files = _image_files(root / "train"), _image_files(root / "test")
+        for files, sub in ((train_files, "train"), (test_files, "test")):
+            if not files:
+                raise DataError(
+                    f"{root / sub}: no images found, expected {', '.join(sorted(IMAGE_SUFFIXES))}"
+                )
+        return train_files + test_files, len(train_files)
+    files = _image_files(root)
+    if not files:
+        raise DataError(f"{root}: no images found, expected {', '.join(sorted(IMAGE_SUFFIXES))} files")
+    return files, 0
+
+
+def scan_images(files: list[Path], resize: tuple[int, int] | None) -> tuple[int, int, str]:
+    """(height, width, PIL mode "L" or "RGB") of the array the images make, from their headers only (no
+    pixel is decoded); refuses an unreadable, 16-bit or float image, and mixed sizes without ``resize``."""
+    modes, sizes = [], []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                modes.append(image.mode)
+                sizes.append(image.size)
+        except _OPEN_ERRORS as e:
+            raise DataError(f"{file}: cannot read image ({e})") from e
+        _check_bit_depth(file)
+        if modes[-1] in _UNSUPPORTED_MODES:
+            raise DataError(
+                f"{file}: image mode {modes[-1]} is not supported, expected 8-bit greyscale or colour"
+            )
+    if resize is None:
+        for file, size in zip(files, sizes, strict=True):
+            if size != sizes[0]:
+                raise DataError(
+                    f"images differ in size: {files[0]} is {_hxw(sizes[0])} but {file} is {_hxw(size)} "
+                    "(HxW); pass --resize HxW to resize them all"
+                )
+        height, width = sizes[0][1], sizes[0][0]
+    else:
+        height, width = resize
+    return height, width, "L" if all(m in _GREY_MODES for m in modes) else "RGB"
+
+
+def decode_image(file: Path, mode: str, height: int, width: int) -> np.ndarray:
+    """One image as uint8 (height, width, channels) in ``mode``, resized (Lanczos) when it differs."""
+    try:
+        with Image.open(file) as image:
+            converted = image.convert(mode)
+        if converted.size != (width, height):
+            converted = converted.resize((width, height), Image.Resampling.LANCZOS)
+        return np.asarray(converted).reshape(height, width, -1)
+    except _OPEN_ERRORS as e:
+        raise DataError(f"{file}: cannot decode image ({e})") from e
+
+
 def load_image_folder(
     path: str | Path,
     *,
@@ -80,62 +142,20 @@ def load_image_folder(
         DataError: No images, a corrupt or unsupported image, or mixed sizes without ``resize``.
     """
     root = Path(path)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train_files, test_files = _image_files(root / "train"), _image_files(root / "test")
-        for files, sub in ((train_files, "train"), (test_files, "test")):
-            if not files:
-                raise DataError(
-                    f"{root / sub}: no images found, expected {', '.join(sorted(IMAGE_SUFFIXES))}"
-                )
-        files = train_files + test_files
-        train_idx, test_idx = np.arange(len(train_files)), np.arange(len(train_files), len(files))
+    files, n_train = folder_files(root)
+    if n_train:
+        train_idx, test_idx = np.arange(n_train), np.arange(n_train, len(files))
     else:
-        files = _image_files(root)
-        if not files:
-            raise DataError(f"{root}: no images found, expected {', '.join(sorted(IMAGE_SUFFIXES))} files")
         train_idx, test_idx = split_indices(len(files), test_fraction, split_seed)
 
-    # First pass reads headers only: the mode and size decide the array before any pixel is decoded.
-    modes, sizes = [], []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                modes.append(image.mode)
-                sizes.append(image.size)
-        except _OPEN_ERRORS as e:
-            raise DataError(f"{file}: cannot read image ({e})") from e
-        _check_bit_depth(file)
-        if modes[-1] in _UNSUPPORTED_MODES:
-            raise DataError(
-                f"{file}: image mode {modes[-1]} is not supported, expected 8-bit greyscale or colour"
-            )
-    if resize is None:
-        for file, size in zip(files, sizes, strict=True):
-            if size != sizes[0]:
-                raise DataError(
-                    f"images differ in size: {files[0]} is {_hxw(sizes[0])} but {file} is {_hxw(size)} "
-                    "(HxW); pass --resize HxW to resize them all"
-                )
-        height, width = sizes[0][1], sizes[0][0]
-    else:
-        height, width = resize
-    mode = "L" if all(m in _GREY_MODES for m in modes) else "RGB"
-
+    height, width, mode = scan_images(files, resize)
     pixels = np.empty((len(files), height, width, 1 if mode == "L" else 3), dtype=np.uint8)  # (N, H, W, C)
     for i, file in enumerate(files):
-        try:
-            with Image.open(file) as image:
-                converted = image.convert(mode)
-            if converted.size != (width, height):
-                converted = converted.resize((width, height), Image.Resampling.LANCZOS)
-            pixels[i] = np.asarray(converted).reshape(height, width, -1)
-        except _OPEN_ERRORS as e:
-            raise DataError(f"{file}: cannot decode image ({e})") from e
+        pixels[i] = decode_image(file, mode, height, width)
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))  # (N, C, H, W)
     dataset = Dataset(name=root.resolve().name, x_train=x[train_idx], x_test=x[test_idx], max_value=255.0)
     if labels:
-        split = (root / "train").is_dir() and (root / "test").is_dir()
-        classes = [_class_of(file, root, split) for file in files]
+        classes = [class_of(file, root, n_train > 0) for file in files]
         names = sorted({c for c in classes if c is not None})
         if None in classes or len(names) < 2:
             raise DataError(
@@ -152,7 +172,7 @@ def load_image_folder(
     return dataset
 
 
-def _class_of(file: Path, root: Path, split: bool) -> str | None:
+def class_of(file: Path, root: Path, split: bool) -> str | None:
     """The class sub-folder of an image (below train/ or test/ when the folder is split), or None."""
     parts = file.relative_to(root).parts[1 if split else 0 :]
     return parts[0] if len(parts) > 1 else None

@@ -118,6 +118,7 @@ def _resized(dataset: Dataset, resize: tuple[int, int] | None) -> Dataset:
         )
     dataset.x_train = torch.from_numpy(resize_images(dataset.x_train.numpy(), resize))
     dataset.x_test = torch.from_numpy(resize_images(dataset.x_test.numpy(), resize))
+    dataset.mapped = False  # resized: in memory
     return dataset
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .. import evaluation, runtime
 from ..config import Config, to_yaml
-from ..data.batches import preparer
+from ..data.batches import gather, preparer
 from ..data.text import bucketed, lengths_of
 from ..models import model_spec
 from ..objectives import noise_shape_of
@@ -370,8 +370,11 @@ def train_epoch(r: Run, step: Callable[..., torch.Tensor], meter: Meter, stop: _
     # a conditional run: the class ids of the batch go with it (a fixed β as a tensor: the step's
     # arguments are tensors, for the compiled step and the CUDA graph)
     fixed_beta = torch.tensor(cfg.train.beta, device=device) if s.y_train is not None else None
+    # memory-mapped training rows are gathered on the host: the epoch's order copied there once
+    order = st.perm.cpu() if s.mapped else st.perm
     for b in range(loop["batch_in_epoch"], r.steps_per_epoch):
-        raw = s.x_train[st.perm[b * r.global_batch : (b + 1) * r.global_batch]]
+        rows = order[b * r.global_batch : (b + 1) * r.global_batch]
+        raw = gather(s.x_train, rows, device) if s.mapped else s.x_train[rows]
         # this rank's rows rank::world of the global batch (one rank: all of it)
         x = ctx.shard(r.prepare(raw)) if r.whole else r.prepare(ctx.shard(raw))
         y = None

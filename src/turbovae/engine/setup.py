@@ -32,7 +32,9 @@ class Setup:
     cfg: Config
     device: torch.device
     data: Dataset
-    x_train: torch.Tensor  # on the device, stored dtype (uint8 stays uint8)
+    # on the device, stored dtype (uint8 stays uint8); memory-mapped data (data.mapped): a view of the file
+    # on the host, gathered per batch (data.batches.gather)
+    x_train: torch.Tensor
     x_test: torch.Tensor  # on the device; fixed binarisation under dynamic binarisation
     train_max: float
     test_max: float
@@ -60,6 +62,11 @@ class Setup:
         return preparer(self.val_max, False, None)(raw)
 
     @property
+    def mapped(self) -> bool:
+        """The training rows are a memory-mapped file's, on the host (see ``data/arrays.py``)."""
+        return self.data.mapped
+
+    @property
     def has_validation(self) -> bool:
         return len(self.x_val) > 0
 
@@ -81,12 +88,28 @@ VALIDATION_MAX = 5000  # examples: 10% of 60,000 would be 6,000
 VALIDATION_SEED = 0  # the split is a property of the data, the same for every training seed
 
 
+def validation_size(n: int, share: float) -> int:
+    """How many of ``n`` training examples the validation split holds: ``share``, at most VALIDATION_MAX."""
+    return min(VALIDATION_MAX, round(share * n)) if share > 0 else 0
+
+
 def validation_split(n: int, share: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(training, validation) indices of ``n`` training examples: ``share`` of them, at most
     VALIDATION_MAX, drawn with a fixed seed; both in their original order."""
-    n_val = min(VALIDATION_MAX, round(share * n)) if share > 0 else 0
+    n_val = validation_size(n, share)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
     return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def held_out(data: Dataset, share: float) -> tuple[torch.Tensor | slice, torch.Tensor | slice, int]:
+    """(training rows, validation rows, how many of those) of ``data.x_train``: ``validation_split``'s,
+    or for memory-mapped data the last rows (slices: the training rows stay a view of the file)."""
+    n = len(data.x_train)
+    n_val = validation_size(n, share)
+    if data.mapped:
+        return slice(0, n - n_val), slice(n - n_val, n), n_val
+    fit_idx, val_idx = validation_split(n, share)
+    return fit_idx, val_idx, n_val
 
 
 def resolve_binarize(mode: str, likelihood_support: str, binary: bool) -> str:
@@ -142,9 +165,7 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         condition=cfg.data.condition,
     )
     condition_on(data, cfg.data.condition)
-    low, high, binary = value_range(
-        torch.cat([data.x_train.flatten(), data.x_test.flatten()]), data.max_value
-    )
+    low, high, binary = value_range([data.x_train, data.x_test], data.max_value)  # a chunk at a time
     if not (math.isfinite(low) and math.isfinite(high)):
         raise DataError(f"data '{data.name}' contains NaN or Inf values")
     check_memory(cfg, data.event_shape, data.meta, device)
@@ -169,9 +190,15 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
                 "category; the tabular preset's)"
             ) from e
         raise
-    fit_idx, val_idx = validation_split(len(data.x_train), cfg.data.validation)
-    if len(fit_idx) < cfg.train.batch_size and is_table_meta(data.meta):  # as TVAE does
-        n = len(fit_idx)
+    if mode == "static" and data.mapped:
+        raise ConfigError(
+            f"data.binarize = static would copy the memory-mapped '{data.name}' into memory as one fixed "
+            "draw: use data.binarize=dynamic (a fresh draw per batch) or data.binarize=none"
+        )
+    n_all = len(data.x_train)
+    fit_idx, val_idx, n_val = held_out(data, cfg.data.validation)
+    if n_all - n_val < cfg.train.batch_size and is_table_meta(data.meta):  # as TVAE does
+        n = n_all - n_val
         print(f"turbovae: note: table '{data.name}' has {n} training rows, fewer than train.batch_size = "
               f"{cfg.train.batch_size}: training with one batch of all {n}", file=sys.stderr)  # fmt: skip
         cfg.train.batch_size = n  # config.yaml records the batch the run used
@@ -183,15 +210,17 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
     if len(data.x_test) == 0:
         raise DataError(f"data '{data.name}' has an empty test split")
     x_train, x_val, x_test = data.x_train[fit_idx], data.x_train[val_idx], data.x_test
+    if data.mapped:
+        x_val = x_val.clone()  # at most VALIDATION_MAX rows, evaluated every epoch: in memory
     train_max = val_max = test_max = data.max_value
     if mode == "static":
         x_train, train_max = binarize(x_train, data.max_value, seed=1), 1.0
     if mode in ("static", "dynamic"):
         x_test, test_max = binarize(x_test, data.max_value, seed=2), 1.0
         x_val, val_max = binarize(x_val, data.max_value, seed=4), 1.0
-    if len(val_idx) and len(x_train) < cfg.train.batch_size:
+    if n_val and len(x_train) < cfg.train.batch_size:
         raise DataError(
-            f"data '{data.name}' has {len(x_train)} training examples once {len(val_idx)} are held out for "
+            f"data '{data.name}' has {len(x_train)} training examples once {n_val} are held out for "
             f"validation (data.validation = {cfg.data.validation:g}), fewer than train.batch_size = "
             f"{cfg.train.batch_size}; lower --batch-size or data.validation"
         )
@@ -200,7 +229,9 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
     ys: list[torch.Tensor | None] = [None, None, None]
     if data.y_train is not None and data.y_test is not None and cfg.data.condition:
         ys = [data.y_train[fit_idx].to(device), data.y_test.to(device), data.y_train[val_idx].to(device)]
-    return Setup(cfg, device, data, x_train.to(device), x_test.to(device), train_max, test_max, mode,
+    if not data.mapped:  # (mapped: the training rows stay in the file, gathered per batch)
+        x_train = x_train.to(device)
+    return Setup(cfg, device, data, x_train, x_test.to(device), train_max, test_max, mode,
                  vae, precision, x_val.to(device), val_max, *ys)  # fmt: skip
 
 

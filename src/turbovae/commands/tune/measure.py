@@ -16,7 +16,7 @@ import torch
 
 from ... import runtime
 from ...config import Config
-from ...data.batches import preparer
+from ...data.batches import gather, preparer
 from ...engine.noise import NoiseScale
 from ...engine.optim import make_optimizer
 from ...engine.setup import Setup, build_vae
@@ -155,7 +155,9 @@ class Runner:
         if self.position + size > len(self.perm):
             self.perm = torch.randperm(len(self.x), generator=self.gen_data, device=self.device)
             self.position = 0
-        x = self.prepare(self.x[self.perm[self.position : self.position + size]])
+        rows = self.perm[self.position : self.position + size]
+        on_host = self.x.device != self.device  # memory-mapped training rows: gathered on the host
+        x = self.prepare(gather(self.x, rows, self.device) if on_host else self.x[rows])
         self.position += size
         eps = torch.randn(self.noise_shape(len(x)), generator=self.gen_noise, device=self.device)
         return x, eps
