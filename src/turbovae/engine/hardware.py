@@ -8,8 +8,8 @@ decided by timing the run's own training step:
 - ``choose``, once at the start: the step, on a copy of the model (the run itself is not touched),
   timed for each thread count in {1, torch's default} and each precision in {fp32, bf16 where the
   CPU multiplies bf16 in hardware}: the precision the CPU flags say unless the other's step costs one
-  thread clearly fewer CPU seconds, then the thread count that runs it fastest. A resumed run keeps its precision (it changes
-  the numbers) and measures only the threads.
+  thread clearly fewer CPU seconds, then the thread count that runs it fastest. A resumed run keeps
+  its precision (it changes the numbers) and measures only the threads.
 - ``ThreadWatch``, during the run: it times windows of steps and, when the speed falls to half of
   what this thread count did before, or every so often, tries the other thread count for one short
   window and keeps the faster.
