@@ -67,10 +67,6 @@ class Choice:
     by_threads: dict[int, float] = field(default_factory=dict)  # at the chosen precision
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # precision -> one thread's CPU s/step
 
-    def describe(self) -> str:
-        measured = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(self.speeds.items(), key=lambda kv: -kv[1]))
-        return f"{self.threads} thread(s), {self.precision} (samples/s: {measured})"
-
 
 def _timer(step: Callable[[], object], clock: Callable[[], float]) -> Callable[[], tuple[float, float]]:
     """A timed chunk of ``step``: one warm-up step sizes it to ~CHUNK_SECONDS; each call returns the
