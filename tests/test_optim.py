@@ -13,7 +13,7 @@ from turbovae import load
 from turbovae.config import resolve
 from turbovae.engine.finish import COLLAPSE_EXAMPLES
 from turbovae.engine.loop import fit
-from turbovae.engine.optim import EMA, SGD, Adamax, GradGuard, kl_weight_at, lr_at, make_optimizer
+from turbovae.engine.optim import EMA, SGD, Adamax, GradGuard, kl_weight_at, lr_at, lr_tensor, make_optimizer
 from turbovae.engine.setup import build_vae, setup
 from turbovae.engine.step import STATS, make_step
 from turbovae.errors import ConfigError
@@ -327,3 +327,81 @@ def test_the_step_replayed_as_one_cuda_graph_matches_the_plain_step():
     assert graphed.graph is not None and not graphed.failed
     for p, q in zip([*va.parameters(), *ema_a.params], [*vb.parameters(), *ema_b.params], strict=True):
         torch.testing.assert_close(p, q)
+
+
+# ---- schedule-free AdamW (schedulefree) ---------------------------------------------------------------
+
+SF = ["train.optimizer=schedulefree", "train.lr=5e-3", "train.warmup_steps=10"]
+
+
+def test_schedule_free_reads_the_loops_rate_and_skips_a_flagged_step_entirely():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = make_optimizer(cfg_with(optimizer="schedulefree", lr=0.01), model)
+    lr = lr_tensor(opt)
+    lr.fill_(0.02)  # the loop's schedule fills this tensor in; the optimiser must follow it
+    opt.found_inf = torch.zeros(())
+    model(torch.randn(8, 4)).square().sum().backward()
+    opt.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.02) and opt.param_groups[0]["k"] == 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    z = [opt.state[p]["z"].clone() for p in model.parameters()]
+    opt.found_inf.fill_(1.0)  # a NaN gradient: nothing may move, the step count included
+    for p in model.parameters():
+        p.grad = torch.full_like(p, math.nan)
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(a, opt.state[p]["z"]) for a, p in zip(z, model.parameters(), strict=True))
+    assert opt.param_groups[0]["k"] == 1
+
+
+def test_schedule_free_run_evaluates_and_saves_its_average_and_resumes_exactly(tmp_path):
+    out, summary, _ = run(tmp_path, *SF, "train.epochs=2", name="whole")
+    assert math.isfinite(summary["test_nelbo"]) and summary["compile"] == "eager"
+    from turbovae.engine import checkpoint
+
+    tensors, meta = checkpoint.load(checkpoint.latest(out))
+    vae = load(out)
+    beta1 = meta["optimizer"]["param_groups"][0]["betas"][0]
+    for i, (name, p) in enumerate(vae.named_parameters()):
+        # x = y + (1 - 1/beta1)(z - y): schedulefree's eval() weights, what load() and evaluation use
+        x = torch.lerp(tensors[f"model.{name}"], tensors[f"optim.{i}.z"], 1 - 1 / beta1)
+        assert torch.equal(p.detach(), tensors[f"ema.{name}"]) and torch.allclose(p.detach(), x)
+        assert not torch.equal(p.detach(), tensors[f"model.{name}"])
+    # the summary's test NELBO is the average's: the loaded model, with the final evaluation's noise,
+    # gives it again (the training point y gives another figure)
+    s = setup(resolve("digits-mlp", overrides=[*SMALL, *SF]), torch.device("cpu"))
+    from turbovae import evaluation
+    from turbovae.runtime import generator
+
+    def test_nelbo(model):
+        gen = generator(s.device, 54321)  # engine/finish.py's
+        return evaluation.nelbo(model, s.x_test, s.prepare_test, batch_size=1000, generator=gen)["nelbo"]
+
+    assert test_nelbo(vae) == pytest.approx(summary["test_nelbo"], rel=1e-6)
+    vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    assert test_nelbo(vae) != pytest.approx(summary["test_nelbo"], rel=1e-6)
+    # resumed after its first epoch, the run ends on the same bits as the uninterrupted one
+    cfg = resolve("digits-mlp", overrides=[*SMALL, *SF, "train.epochs=1"])
+    fit(cfg, tmp_path / "part", progress=False)
+    cfg2 = resolve("digits-mlp", overrides=[*SMALL, *SF, "train.epochs=2"])
+    fit(cfg2, tmp_path / "part", resume=True, progress=False)
+    a, b = (
+        checkpoint.load(checkpoint.latest(out))[0],
+        checkpoint.load(checkpoint.latest(tmp_path / "part"))[0],
+    )
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override", ["train.schedule=warmup-cosine", "train.ema=0.99"])
+def test_schedule_free_refuses_a_schedule_or_a_second_average(override):
+    with pytest.raises(ConfigError, match="schedulefree"):
+        resolve("digits-mlp", overrides=["train.optimizer=schedulefree", override])
+
+
+def test_schedule_free_without_its_package_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "schedulefree", None)  # import schedulefree raises ImportError
+    with pytest.raises(ConfigError, match="pip install schedulefree"):
+        make_optimizer(cfg_with(optimizer="schedulefree"), torch.nn.Linear(2, 2))

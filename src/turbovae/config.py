@@ -79,7 +79,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamw | adamax | sgd
+    # adam | adamw | adamax | sgd | schedulefree (AdamW without a schedule, evaluating its own weight
+    # average: Defazio et al. 2024; eager only)
+    optimizer: str = "adam"
     momentum: float = 0.9  # sgd's momentum (Nesterov)
     weight_decay: float = 0.0
     # the learning rate over the run: constant | warmup-cosine (linear warm-up over train.warmup_steps, then
@@ -155,7 +157,7 @@ class Config:
 CHOICES = {
     "data.binarize": ("auto", "none", "static", "dynamic"),
     "data.continuous_transform": ("mode", "quantile"),
-    "train.optimizer": ("adam", "adamw", "adamax", "sgd"),
+    "train.optimizer": ("adam", "adamw", "adamax", "sgd", "schedulefree"),
     "train.schedule": ("constant", "warmup-cosine", "one-cycle"),
     "train.lr_scaling": ("auto", "sqrt", "linear", "none"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -496,6 +498,13 @@ def _check_training(cfg: Config) -> None:
         raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {cfg.train.dist_timeout}")
     if cfg.train.nan_patience < 1:
         raise ConfigError(f"train.nan_patience must be >= 1, got {cfg.train.nan_patience}")
+    if cfg.train.optimizer == "schedulefree" and cfg.train.schedule != "constant":
+        raise ConfigError(
+            "train.optimizer=schedulefree replaces the learning-rate schedule: use train.schedule=constant "
+            "(train.warmup_steps still warms it up)"
+        )
+    if cfg.train.optimizer == "schedulefree" and cfg.train.ema:
+        raise ConfigError("train.optimizer=schedulefree evaluates its own weight average: set train.ema=0")
     if cfg.train.kl_cycles and cfg.train.kl_warmup_steps:
         raise ConfigError("train.kl_cycles and train.kl_warmup_steps are two KL schedules: set one of them")
     if not 0 <= cfg.model.word_dropout <= 1:

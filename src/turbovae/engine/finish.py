@@ -25,12 +25,12 @@ from ..viz.grids import (
     save_grid,
 )
 from ..viz.text import write_text_outputs
-from .optim import EMA
+from .optim import Average
 from .rundir import MetricsLog, write_json
 from .setup import Setup
 
 
-def averaged(ema: EMA | None) -> contextlib.AbstractContextManager[None]:
+def averaged(ema: Average | None) -> contextlib.AbstractContextManager[None]:
     """The weight average in the model while evaluating and drawing pictures (train.ema > 0)."""
     return ema.swapped() if ema is not None else contextlib.nullcontext()
 
@@ -65,7 +65,7 @@ def finish(
     s: Setup,
     out: Path,
     loop: dict[str, Any],
-    ema: EMA | None = None,
+    ema: Average | None = None,
     write: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from ..progress import Progress
 from . import checkpoint, distributed, hardware, optim, rundir, tracking
 from .finish import averaged, collapse_check, finish, tracked_pictures
 from .noise import NoiseProbe
-from .optim import EMA, GradGuard, make_optimizer
+from .optim import GradGuard, make_optimizer, weight_average
 from .rundir import MetricsLog, check_out_dir, prepare_dir, saved_data_meta
 from .setup import Setup, check_shares, setup
 from .state import Snapshot, TrainingDiverged, TrainState, roll_back
@@ -166,15 +166,16 @@ def _new_state(cfg: Config, s: Setup) -> TrainState:
     }
     loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "examples": 0,
             "best_val_nelbo": None, "skipped": 0, "rollbacks": 0, "lr_scale": 1.0}  # fmt: skip
+    opt = make_optimizer(cfg, vae, device)
     return TrainState(
         vae,
-        make_optimizer(cfg, vae, device),
+        opt,
         runtime.grad_scaler(device, s.precision),
         gens,
         torch.empty(0, dtype=torch.long, device=device),
         loop,
         GradGuard(cfg, [p for p in vae.parameters() if p.requires_grad], device),
-        EMA(vae, cfg.train.ema) if cfg.train.ema else None,
+        weight_average(cfg, vae, opt),
     )
 
 
@@ -287,12 +288,16 @@ def compiled_step(r: Run) -> runtime.StepCompiler:
     shape = "|".join(str(getattr(m, f)) for f in spec.fields)
     return runtime.StepCompiler(
         make_step(s.vae, st.opt, st.scaler, cfg, s.device, s.precision, st.guard, st.ema, r.forward),
-        cfg.train.compile if r.forward is None else "off",
+        cfg.train.compile if r.forward is None and cfg.train.optimizer != "schedulefree" else "off",
         s.device,
         key=f"{s.device.type}|{torch.__version__}|{m.name}|{s.data.event_shape}|{shape}|{cfg.train.objective}|"
         f"{s.precision}|{batch}" + (f"|classes {s.vae.n_classes}" if s.vae.n_classes else ""),
         remaining_steps=r.total_steps - r.loop["step"],
-        graphs=cfg.train.cuda_graph and not s.data.is_tokens and st.scaler is None and r.forward is None,
+        graphs=cfg.train.cuda_graph
+        and not s.data.is_tokens
+        and st.scaler is None
+        and r.forward is None
+        and cfg.train.optimizer != "schedulefree",  # its step reads the rate and the skip flag on the host
     )
 
 

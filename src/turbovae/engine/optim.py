@@ -8,9 +8,9 @@ weight average is a ``lerp`` of the parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -100,6 +100,39 @@ class SGD(_Skippable):
                 st["momentum_buffer"].copy_(v)
 
 
+def _schedule_free(
+    params: list[nn.Parameter], lr: torch.Tensor, weight_decay: float
+) -> torch.optim.Optimizer:
+    """schedulefree's AdamWScheduleFree (Defazio et al. 2024; a dependency of turbovae)
+    made to follow the loop's conventions: its rate read from the tensor ``lr_now`` each step (the loop's
+    warm-up and roll-back halving fill it in; the library's own warm-up is not used) and ``found_inf``
+    honoured by skipping the step. Both are host reads, so this optimiser runs eagerly (train.compile and
+    CUDA graphs are not used with it). The weights it evaluates are the average x, not the training
+    point y the parameters hold: ``ScheduleFreeAverage`` swaps them in."""
+    try:
+        import schedulefree
+    except ImportError:
+        raise ConfigError(
+            "train.optimizer=schedulefree needs the schedulefree package: pip install schedulefree"
+        ) from None
+
+    class SkippableAdamWScheduleFree(schedulefree.AdamWScheduleFree):
+        found_inf: torch.Tensor | None = None
+        lr_now = lr
+
+        @torch.no_grad()
+        def step(self, closure: Any = None) -> None:
+            if self.found_inf is not None and bool(self.found_inf.item()):
+                return
+            for group in self.param_groups:
+                group["lr"] = float(self.lr_now)
+            super().step()
+
+    opt = SkippableAdamWScheduleFree(params, lr=float(lr), weight_decay=weight_decay, warmup_steps=0)
+    opt.train()  # the library's mode flag; the parameters always hold y (ScheduleFreeAverage swaps x in)
+    return opt
+
+
 def make_optimizer(
     cfg: Config, model: nn.Module, device: torch.device | None = None
 ) -> torch.optim.Optimizer:
@@ -109,6 +142,8 @@ def make_optimizer(
     device = device or next(model.parameters()).device
     lr = torch.tensor(t.lr, dtype=torch.float32, device=device)
     params = list(model.parameters())
+    if t.optimizer == "schedulefree":
+        return _schedule_free(params, lr, t.weight_decay)
     if t.optimizer in ("adam", "adamw"):
         cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
         fused, capturable = runtime.adam_options(device)
@@ -121,7 +156,9 @@ def make_optimizer(
 
 
 def lr_tensor(opt: torch.optim.Optimizer) -> torch.Tensor:
-    lr = opt.param_groups[0]["lr"]
+    lr = getattr(opt, "lr_now", None)
+    if lr is None:
+        lr = opt.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor)
     return lr
 
@@ -214,6 +251,19 @@ class GradGuard:
 # ---- weight averaging -------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _weights_in(params: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[None]:
+    """``values`` in ``params`` for the duration; the parameters' own bits restored afterwards."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        torch._foreach_copy_(params, values)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+
+
 class EMA:
     """An exponential moving average of a model's parameters, updated on the device after every step:
     ema ← d·ema + (1 − d)·θ, with d = min(decay, (1 + t)/(10 + t)) after t updates. The warm-up of d
@@ -247,14 +297,60 @@ class EMA:
         if "ema_updates" in tensors:
             self.updates.copy_(tensors["ema_updates"])
 
-    @contextmanager
-    def swapped(self) -> Iterator[None]:
+    def held(self) -> list[torch.Tensor]:
+        """The tensors a snapshot of the training state must copy."""
+        return [*self.params, self.updates]
+
+    def swapped(self) -> contextlib.AbstractContextManager[None]:
         """The averaged weights in the model for the duration (evaluation, pictures, the best model)."""
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in self.model_params]
-            torch._foreach_copy_(self.model_params, self.params)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(self.model_params, saved)
+        return _weights_in(self.model_params, self.params)
+
+
+class ScheduleFreeAverage:
+    """The weights a schedule-free run evaluates, with EMA's interface: the parameters hold the training
+    point y, the optimiser's state the base sequence z, and the average x = y + (1 − 1/β₁)(z − y) is
+    what evaluation, pictures and the saved model use (schedulefree's ``eval()``, computed without
+    changing the optimiser's mode, so training resumes from the same bits)."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        self.names = [name for name, _ in model.named_parameters()]
+        self.model_params: list[torch.Tensor] = list(model.parameters())
+        self.opt = opt
+
+    def update(self) -> None:  # the optimiser's step keeps z; nothing to average here
+        pass
+
+    @torch.no_grad()
+    def average(self) -> list[torch.Tensor]:
+        """x for each parameter (y itself before the first step)."""
+        beta1 = self.opt.param_groups[0]["betas"][0]
+        out = []
+        for p in self.model_params:
+            z = self.opt.state[p].get("z")
+            out.append(p.detach().clone() if z is None else torch.lerp(p.detach(), z, 1 - 1 / beta1))
+        return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``{"ema.<parameter name>": x}``: the model a checkpoint's readers (encode, sample, export) load."""
+        return {f"ema.{name}": x for name, x in zip(self.names, self.average(), strict=True)}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:  # x follows from y and z, both restored
+        pass
+
+    def held(self) -> list[torch.Tensor]:
+        return []
+
+    def swapped(self) -> contextlib.AbstractContextManager[None]:
+        """x in the model for the duration; y restored exactly afterwards."""
+        return _weights_in(self.model_params, self.average())
+
+
+Average = EMA | ScheduleFreeAverage  # the weights a run evaluates, when they are not its parameters
+
+
+def weight_average(cfg: Config, model: nn.Module, opt: torch.optim.Optimizer) -> Average | None:
+    """The weights the run evaluates and saves, when they are not the parameters: train.ema's average, or
+    a schedule-free optimiser's x."""
+    if cfg.train.optimizer == "schedulefree":
+        return ScheduleFreeAverage(model, opt)
+    return EMA(model, cfg.train.ema) if cfg.train.ema else None

@@ -306,7 +306,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     shape = tuple(meta["event_shape"])
     vae = build_vae(cfg, shape, meta.get("data_meta"))
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    if cfg.train.ema:  # the weight average is the model the run evaluated and sampled
+    # the weight average (train.ema, or a schedule-free optimiser's x) is the model the run evaluated
+    if cfg.train.ema or cfg.train.optimizer == "schedulefree":
         weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     try:
         vae.load_state_dict(weights)

@@ -269,7 +269,7 @@ def condition_on(data: Dataset, condition: str) -> None:
 # float32 copies of the parameters that training holds at its peak, besides the weights: gradients,
 # the optimiser's state, the NaN guard's snapshot (weights + optimiser state), and a checkpoint's bytes
 # (the same again); the weight average adds one copy to each of the three
-_OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "adamax": 2, "sgd": 1}
+_OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "adamax": 2, "sgd": 1, "schedulefree": 2}
 
 
 def check_memory(

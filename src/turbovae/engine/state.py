@@ -14,7 +14,7 @@ import torch
 from ..errors import CheckpointError, TurboVAEError, clip
 from ..vae import VAE
 from . import checkpoint
-from .optim import EMA, GradGuard
+from .optim import Average, GradGuard
 from .rundir import MetricsLog
 from .setup import Setup
 
@@ -70,7 +70,7 @@ class TrainState:
     perm: torch.Tensor  # this epoch's order of the training examples
     loop: dict[str, Any]  # step, epoch, batch_in_epoch, train_seconds, examples, best_val_nelbo, ...
     guard: GradGuard  # the running gradient-norm statistics of the skip decision
-    ema: EMA | None = None  # the weight average (train.ema > 0)
+    ema: Average | None = None  # the weights evaluated (train.ema, schedule-free)
 
     def tensors_and_meta(self, s: Setup) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         opt_tensors, opt_meta = checkpoint.optimizer_state(self.opt)
@@ -133,7 +133,7 @@ class Snapshot:
             "model": list(st.vae.state_dict().values()),
             "optim": [v for p in st.opt.state.values() for v in p.values() if isinstance(v, torch.Tensor)],
             "guard": list(st.guard.state.values()),
-            "ema": [*st.ema.params, st.ema.updates] if st.ema is not None else [],
+            "ema": st.ema.held() if st.ema is not None else [],
         }
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..objectives import get_objective
 from ..vae import VAE
 from . import optim
-from .optim import EMA, GradGuard
+from .optim import Average, GradGuard
 
 
 def kl_weight(
@@ -68,7 +68,7 @@ def make_step(
     device: torch.device,
     precision: str = "fp32",
     guard: GradGuard | None = None,
-    ema: EMA | None = None,
+    ema: Average | None = None,
     forward: Callable[..., dict[str, torch.Tensor]] | None = None,
 ) -> Callable[..., torch.Tensor]:
     """One optimisation step on a prepared batch ``x`` with reparameterisation noise ``eps``: the loss,

@@ -18,7 +18,7 @@ from ... import runtime
 from ...config import Config
 from ...data.batches import gather, preparer
 from ...engine.noise import NoiseScale
-from ...engine.optim import make_optimizer
+from ...engine.optim import lr_tensor, make_optimizer
 from ...engine.setup import Setup, build_vae
 from ...engine.step import Task
 from ...models import model_spec
@@ -167,11 +167,7 @@ class Runner:
 
     def step(self, size: int, lr: float, beta: float | None = None) -> torch.Tensor:
         """One optimisation step at learning rate ``lr``; the loss, detached, still on the device."""
-        for group in self.opt.param_groups:
-            if isinstance(group["lr"], torch.Tensor):  # optim.make_optimizer's lr is a device tensor
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
+        lr_tensor(self.opt).fill_(lr)  # optim.make_optimizer's lr is a device tensor
         x, eps = self.batch(size)
         loss = self.loss(x, eps, beta)
         self.opt.zero_grad(set_to_none=True)

@@ -128,9 +128,12 @@ def tune(
     reasons = t.reasons
     # 7. schedule and compile
     warmup = warmup_steps_for(total_steps)
+    schedule = "constant" if cfg.train.optimizer == "schedulefree" else "warmup-cosine"
     reasons["train.schedule"] = (
         "linear warm-up, then cosine decay: the large early rate starts gently and the decay ends the run "
         "at a lower loss than a constant rate"
+        if schedule == "warmup-cosine"
+        else "linear warm-up, then constant: schedule-free AdamW evaluates its average instead of decaying"
     )
     reasons["train.warmup_steps"] = f"5% of the run's {total_steps:,} steps"
     compile_mode, compile_why = compile_choice(s.device.type, total_steps, step_s)
@@ -139,7 +142,7 @@ def tune(
     reasons["train.compile"] = compile_why
 
     changes = {"train.batch_size": batch, "train.lr": float(f"{lr:.2g}"), "train.epochs": epochs,
-               "train.schedule": "warmup-cosine", "train.warmup_steps": warmup, "train.precision": precision,
+               "train.schedule": schedule, "train.warmup_steps": warmup, "train.precision": precision,
                "train.compile": compile_mode, "train.threads": threads}  # fmt: skip
     recommended = resolve(base=cfg.to_dict(), flags=changes)
     order = ["train.batch_size", "train.lr", "train.schedule", "train.warmup_steps", "train.epochs",
