@@ -73,9 +73,11 @@ def _classifier(out: Path) -> tuple[np.ndarray, np.ndarray, float, float]:
 
 
 def fmnist(
-    out: Path, epochs: int, per_class: int, seed: int, temperatures: list[float], reuse: bool
-) -> dict[str, Any]:
+    out: Path, epochs: int, per_class: int, seed: int, temperatures: list[float], reuse: bool,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     common = ["--config", "fmnist-mlp", "--epochs", str(epochs), "--seed", str(seed), "--overwrite"]
+    common += overrides or []  # KEY=VALUE config overrides for both runs
     runs = {"cond": out / "fmnist-cond", "plain": out / "fmnist-plain"}
     summaries = {}
     for name, run in runs.items():
@@ -106,6 +108,7 @@ def fmnist(
     return {
         "part": "fmnist",
         "epochs": epochs,
+        "overrides": overrides or [],
         "per_class": per_class,
         "classifier": "LogisticRegression(max_iter=200) on the 60,000 real training images / 255",
         "classifier_fit_seconds": fit_seconds,
@@ -213,6 +216,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=1000, help="table rows sampled per side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperatures", default="1,0.7,0.5", help="sampling temperatures for the classifier")
+    p.add_argument("--train", default="", help="Fashion-MNIST config overrides, e.g. 'train.lr=3e-3'")
     p.add_argument("--reuse", action="store_true", help="keep finished Fashion-MNIST runs in OUT")
     a = p.parse_args()
     out = Path(a.out)
@@ -223,7 +227,7 @@ def main() -> int:
         print(json.dumps(results[-1]), flush=True)
     if a.only in (None, "fmnist"):
         temperatures = [float(t) for t in a.temperatures.split(",")]
-        results.append(fmnist(out, a.epochs, a.per_class, a.seed, temperatures, a.reuse))
+        results.append(fmnist(out, a.epochs, a.per_class, a.seed, temperatures, a.reuse, a.train.split()))
         print(json.dumps(results[-1]), flush=True)
     (out / f"results{'-' + a.only if a.only else ''}.json").write_text(json.dumps(results, indent=1) + "\n")
     return 0
