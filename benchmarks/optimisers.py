@@ -69,6 +69,8 @@ def candidates() -> dict[str, tuple[str, Callable[..., torch.optim.Optimizer], l
         "adam-cosine": ("torch", lambda p, lr, warm: torch.optim.Adam(p, lr=lr), [2e-3, 4e-3, 8e-3], False),
         "sf-adamw": ("schedulefree", lambda p, lr, warm: _lib("schedulefree").AdamWScheduleFree(
             p, lr=lr, warmup_steps=warm), [5e-3, 1e-2, 2e-2], True),
+        "sf-adamw-b99": ("schedulefree", lambda p, lr, warm: _lib("schedulefree").AdamWScheduleFree(
+            p, lr=lr, warmup_steps=warm, betas=(0.9, 0.99)), [1e-2], True),
         "sf-radam": ("schedulefree", lambda p, lr, warm: _lib("schedulefree").RAdamScheduleFree(p, lr=lr),
                      [5e-3, 1e-2], True),
         "hb-soap": ("heavyball", hb("SOAP"), [3e-3], False),
