@@ -31,7 +31,8 @@ from .setup import Setup
 
 
 def averaged(ema: Average | None) -> contextlib.AbstractContextManager[None]:
-    """The weight average in the model while evaluating and drawing pictures (train.ema > 0)."""
+    """The weight average in the model while evaluating and drawing pictures (train.ema > 0, or a
+    schedule-free optimiser's x)."""
     return ema.swapped() if ema is not None else contextlib.nullcontext()
 
 

@@ -118,7 +118,7 @@ def _schedule_free(
 
     class SkippableAdamWScheduleFree(schedulefree.AdamWScheduleFree):
         found_inf: torch.Tensor | None = None
-        lr_now = lr
+        lr_now: torch.Tensor
 
         @torch.no_grad()
         def step(self, closure: Any = None) -> None:
@@ -129,6 +129,7 @@ def _schedule_free(
             super().step()
 
     opt = SkippableAdamWScheduleFree(params, lr=float(lr), weight_decay=weight_decay, warmup_steps=0)
+    opt.lr_now = lr
     opt.train()  # the library's mode flag; the parameters always hold y (ScheduleFreeAverage swaps x in)
     return opt
 

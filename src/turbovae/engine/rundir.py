@@ -306,9 +306,9 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     shape = tuple(meta["event_shape"])
     vae = build_vae(cfg, shape, meta.get("data_meta"))
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    # the weight average (train.ema, or a schedule-free optimiser's x) is the model the run evaluated
-    if cfg.train.ema or cfg.train.optimizer == "schedulefree":
-        weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    # the weight average (train.ema's, or a schedule-free optimiser's x; saved only by runs that have
+    # one) is the model the run evaluated
+    weights.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     try:
         vae.load_state_dict(weights)
     except RuntimeError as e:
