@@ -97,15 +97,22 @@ def rewrite_meta(json_path: Path, edit) -> None:
 SLOW = textwrap.dedent(
     """
     import sys, time
+    from pathlib import Path
     import turbovae.engine.loop as t
 
     original = t.make_step
 
+    hold = Path(sys.argv.pop(1))  # while this file exists, no step after the sixth returns
+
     def make_step(*args, **kwargs):
         step = original(*args, **kwargs)
+        count = [0]
 
         def slow(*a):
+            count[0] += 1
             time.sleep(0.1)
+            while count[0] > 6 and hold.exists():
+                time.sleep(0.1)
             return step(*a)
 
         return slow
@@ -121,8 +128,10 @@ def test_a_second_run_or_resume_of_a_locked_directory_stops_naming_the_holder(tm
     out = tmp_path / "run"
     script = tmp_path / "slow.py"
     script.write_text(SLOW)
+    hold = tmp_path / "hold"  # the first run cannot finish while the test runs its second ones
+    hold.touch()
     argv = [*FAST, "--epochs", "3", "--checkpoint-every", "5"]
-    first = subprocess.Popen([sys.executable, str(script), "train", *argv, "--out", str(out)],
+    first = subprocess.Popen([sys.executable, str(script), str(hold), "train", *argv, "--out", str(out)],
                              stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
     try:
         deadline = time.time() + 120
