@@ -1,6 +1,7 @@
 """Optimisers, schedules, the gradient guard (NaN/Inf and adaptive skipping, roll-back), the weight
 average, and what the training loop logs about them (issue 4)."""
 
+import copy
 import itertools
 import json
 import math
@@ -353,6 +354,58 @@ def test_schedule_free_reads_the_loops_rate_and_skips_a_flagged_step_entirely():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(a, opt.state[p]["z"]) for a, p in zip(z, model.parameters(), strict=True))
     assert opt.param_groups[0]["k"] == 1
+
+
+def test_schedule_free_on_the_fused_kernel_follows_the_library_step_for_step():
+    """The fused update (torch's fused Adam for z, then y) against schedulefree's own step: the same
+    parameters, z, second moments and averaging weights over 40 steps with a changing rate."""
+    import schedulefree
+
+    torch.manual_seed(0)
+    ours_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    ref_model = copy.deepcopy(ours_model)
+    opt = make_optimizer(cfg_with(optimizer="schedulefree", lr=0.01), ours_model)
+    opt.found_inf = torch.zeros(())
+    ref = schedulefree.AdamWScheduleFree(ref_model.parameters(), lr=0.01, warmup_steps=0)
+    ref.train()
+    for i in range(40):
+        x = torch.randn(16, 6)
+        lr_tensor(opt).fill_(0.01 * min(1.0, (i + 1) / 10))
+        for group in ref.param_groups:
+            group["lr"] = 0.01 * min(1.0, (i + 1) / 10)
+        for model, o in ((ours_model, opt), (ref_model, ref)):
+            o.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            o.step()
+    assert opt.param_groups[0]["k"] == ref.param_groups[0]["k"] == 40
+    assert opt.param_groups[0]["weight_sum"] == pytest.approx(ref.param_groups[0]["weight_sum"])
+    for p, q in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
+        assert not torch.equal(p, q.new_zeros(q.shape))
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key in ("z", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-7)
+    # and it is the fused path that ran, not the library's step
+    assert getattr(opt, "_fused_scratch", None)
+
+
+def test_schedule_free_with_weight_decay_takes_the_library_step():
+    """Weight decay is taken at y by the library: the fused kernel does not apply, the library's step
+    runs (the same bits as schedulefree's own)."""
+    import schedulefree
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ref_model = copy.deepcopy(model)
+    opt = make_optimizer(cfg_with(optimizer="schedulefree", lr=0.01, weight_decay=0.1), model)
+    opt.found_inf = torch.zeros(())
+    ref = schedulefree.AdamWScheduleFree(ref_model.parameters(), lr=0.01, warmup_steps=0, weight_decay=0.1)
+    ref.train()
+    x = torch.randn(8, 4)
+    for m, o in ((model, opt), (ref_model, ref)):
+        m(x).square().sum().backward()
+        o.step()
+    assert not getattr(opt, "_fused_scratch", None)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters(), strict=True))
 
 
 def test_schedule_free_run_evaluates_and_saves_its_average_and_resumes_exactly(tmp_path):
