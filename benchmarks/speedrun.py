@@ -29,22 +29,14 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from time_to_quality import timed  # this folder's: one process, timed from start to exit
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE.parent.parent / "shared" / "bench"
 SCRIPTS = {"examples": "peer_examples.py", "pythae": "peer_pythae.py", "jax": "peer_jax_scan.py"}
 MODULES = {"examples": "torch", "pythae": "pythae", "jax": "optax"}
-
-
-def timed(argv: list[str], cwd: Path | None = None) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
-    return seconds, proc.stdout
 
 
 def has_module(python: str, module: str) -> bool:

@@ -126,9 +126,10 @@ def _schedule_free(
                 return
             for group in self.param_groups:
                 group["lr"] = float(self.lr_now)
-            if all(_fusable(group) for group in self.param_groups):
-                for group in self.param_groups:
-                    _schedule_free_fused(self, group)
+            actives = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+            if all(_fusable(g, a) for g, a in zip(self.param_groups, actives, strict=True)):
+                for group, active in zip(self.param_groups, actives, strict=True):
+                    _schedule_free_fused(self, group, active)
             else:
                 super().step()
 
@@ -138,27 +139,28 @@ def _schedule_free(
     return opt
 
 
-def _fusable(group: dict[str, Any]) -> bool:
+def _fusable(group: dict[str, Any], active: list[torch.Tensor]) -> bool:
     """Whether ``_schedule_free_fused`` applies: not with weight decay (the library takes it at y), the
     library's own warm-up, other dtypes or devices than float32 on one CPU or CUDA device, or sparse
-    gradients, a schedulefree version whose groups lack the step's keys; then the library's step runs."""
-    active = [p for p in group["params"] if p.grad is not None]
+    gradients, a schedulefree version whose groups lack the step's keys; then the library's step runs.
+    ``active``: the group's parameters that have a gradient."""
     keys = ("k", "r", "weight_lr_power", "lr_max", "weight_sum", "warmup_steps", "eps", "betas")
     if not all(key in group for key in keys):
         return False
     return not (group["weight_decay"] or group["k"] < group["warmup_steps"] or not active
-                or any(p.dtype != torch.float32 or p.device.type not in ("cpu", "cuda") or p.grad.is_sparse
-                       or p.device != active[0].device for p in active))  # fmt: skip
+                or any(p.dtype != torch.float32 or p.device.type not in ("cpu", "cuda") or p.grad is None
+                       or p.grad.is_sparse or p.device != active[0].device for p in active))  # fmt: skip
 
 
 @torch.no_grad()
-def _schedule_free_fused(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None:
+def _schedule_free_fused(
+    opt: torch.optim.Optimizer, group: dict[str, Any], active: list[torch.Tensor]
+) -> None:
     """schedulefree's AdamWScheduleFree step for one parameter group on torch's fused Adam kernel: the
     same update (its z step is Adam with β₁ = 0), in 4 passes over the parameters instead of the
     library's 9 foreach kernels (1.06 against 1.35 ms on the 653k-parameter MLP). The same state
     (``z``, ``exp_avg_sq``; ``k``, ``weight_sum``, ``lr_max`` in the group), so checkpoints, the average
-    and the library's own step are interchangeable. Only where ``_fusable(group)``."""
-    active = [p for p in group["params"] if p.grad is not None]
+    and the library's own step are interchangeable. Only where ``_fusable(group, active)``."""
     beta1, beta2 = group["betas"]
     k, lr = group["k"], group["lr"]
     group["scheduled_lr"] = lr
@@ -184,7 +186,7 @@ def _schedule_free_fused(opt: torch.optim.Optimizer, group: dict[str, Any]) -> N
     steps.fill_(k + 1)
     torch._fused_adam_(
         zs,
-        [p.grad for p in active],
+        [p.grad for p in active if p.grad is not None],  # all of them
         [scratch.setdefault(id(p), torch.zeros_like(p)) for p in active],  # β₁ = 0: holds the gradient
         [opt.state[p]["exp_avg_sq"] for p in active],
         [],
