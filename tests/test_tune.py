@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from turbovae.cli import main
-from turbovae.commands.tune.measure import lr_range_test
+from turbovae.commands.tune.measure import adam_preconditioner, lr_range_test
 from turbovae.commands.tune.rules import (
     candidate_batches,
     choose_batch,
+    range_test_divisor,
     scale_lr,
     smooth,
     suggest_lr,
@@ -20,6 +21,7 @@ from turbovae.commands.tune.rules import (
 )
 from turbovae.config import resolve
 from turbovae.engine.noise import NoiseScale
+from turbovae.engine.optim import make_optimizer
 
 # one thread: on a busy 2-core machine two torch threads collapse, and tune would measure that
 SMALL = ["--data", "digits", "--hidden", "32", "--latent", "4", "--batch-size", "64", "train.threads=1"]
@@ -80,6 +82,31 @@ def test_noise_scale_floats_tensors_edge_cases_and_state():
         NoiseScale(1.0)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "schedulefree"])
+def test_adam_metric_comes_from_the_second_moments_of_adam_and_schedule_free(optimizer):
+    """The noise scale's Adam metric 1/(√v̂ + ε) for Adam (per-parameter step) and schedule-free AdamW
+    (its step count k lives in the group), from the optimiser's own state; None before the first step."""
+    torch.manual_seed(0)
+    cfg = resolve(flags={"train.optimizer": optimizer, "train.lr": 1e-2})
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    params = list(net.parameters())
+    opt = make_optimizer(cfg, net, torch.device("cpu"))
+    assert adam_preconditioner(opt, params) is None
+    beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+    squares = [torch.zeros_like(p) for p in params]
+    steps = 3
+    for _ in range(steps):
+        net(torch.randn(8, 6)).square().mean().backward()
+        for acc, p in zip(squares, params, strict=True):
+            acc.mul_(beta2).add_((1 - beta2) * p.grad.square())
+        opt.step()
+        opt.zero_grad()
+    weights = adam_preconditioner(opt, params)
+    assert weights is not None and len(weights) == len(params)
+    for w, v in zip(weights, squares, strict=True):
+        torch.testing.assert_close(w, 1 / ((v / (1 - beta2**steps)).sqrt() + eps))
+
+
 # ---- rules ---------------------------------------------------------------------------------------------
 
 
@@ -101,6 +128,9 @@ def test_suggest_lr_is_a_quarter_of_the_minimum():
     assert pick["lr"] == pytest.approx(pick["lr_min"] / 4)
     assert pick["lr_steep"] < pick["lr_min"]
     assert smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])  # bias-corrected from the start
+    # schedule-free AdamW runs at its peak rate throughout: the minimum itself, the others a quarter of it
+    assert range_test_divisor("schedulefree") == 1
+    assert range_test_divisor("adam") == 4 == range_test_divisor("sgd")
 
 
 def test_lr_range_test_stops_at_divergence_and_picks_a_stable_rate():
@@ -175,6 +205,22 @@ def test_tune_writes_a_config_train_accepts(tmp_path, capsys):
     fitted = json.loads(capsys.readouterr().out)
     assert "--train-budget 8" in fitted["reasons"]["train.epochs"] and fitted["choices"]["train.epochs"] >= 1
     assert resolve(str(out)).train.epochs == fitted["choices"]["train.epochs"]
+
+
+@pytest.mark.slow  # tune end to end
+def test_tune_with_schedule_free_keeps_it_constant_at_the_range_tests_minimum(tmp_path, capsys):
+    out = tmp_path / "tuned.yaml"
+    argv = ["tune", *SMALL, "train.optimizer=schedulefree", "--budget", "5", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    measured, choices = result["measured"], result["choices"]
+    assert measured["noise_scale"]["metric"] == "adam"  # schedule-free's second moments, not the plain norm
+    lr_min = measured["lr_range_test"]["lr_min"]
+    assert choices["train.lr"] == pytest.approx(lr_min, rel=0.05)  # the minimum itself, not a quarter
+    assert "schedule-free" in result["reasons"]["train.lr"]
+    cfg = resolve(str(out))
+    assert cfg.train.optimizer == "schedulefree" and cfg.train.schedule == "constant"
+    assert cfg.train.warmup_steps >= 1
 
 
 @pytest.mark.parametrize(

@@ -42,8 +42,9 @@ def squared_norm(
 def adam_preconditioner(
     opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]
 ) -> list[torch.Tensor] | None:
-    """Adam's diagonal preconditioner P = 1/(√v̂ + ε) per parameter (Adamax: 1/(u + ε)) from the optimiser's
-    state, or None before its first step and for optimisers without one (SGD).
+    """Adam's diagonal preconditioner P = 1/(√v̂ + ε) per parameter (Adamax: 1/(u + ε); schedule-free
+    AdamW normalises by the same v̂) from the optimiser's state, or None before its first step and for
+    optimisers without one (SGD).
 
     Measured with ``squared_norm(g, P)``, the noise scale is B_simple of the problem in the coordinates where
     Adam's update is a plain gradient step. B_simple equals the true noise scale when the Hessian is a
@@ -54,11 +55,15 @@ def adam_preconditioner(
     weights = []
     for p in params:
         state, group = opt.state.get(p), group_of.get(id(p))
-        if not state or group is None or "step" not in state:
+        # steps taken: Adam's per-parameter count, or schedule-free AdamW's per-group k
+        if not state or group is None:
+            return None
+        steps = state.get("step", group.get("k"))
+        if steps is None or float(steps) < 1:
             return None
         if "exp_avg_sq" in state:
             beta2 = group["betas"][1]
-            v_hat = state["exp_avg_sq"].float() / (1 - beta2 ** float(state["step"]))
+            v_hat = state["exp_avg_sq"].float() / (1 - beta2 ** float(steps))
             weights.append(1.0 / (v_hat.sqrt() + group["eps"]))
         elif "exp_inf" in state:
             weights.append(1.0 / (state["exp_inf"].float() + group["eps"]))

@@ -19,16 +19,15 @@ from ...engine.checkpoint import atomic_write
 from ...engine.setup import Setup, setup
 from ...errors import ConfigError
 from .measure import measure_noise_scale, run_range_test, throughput_sweep, time_steps
-from .rules import candidate_batches, choose_batch, compile_choice, scale_lr, show, warmup_steps_for
-
-# ---- the gradient-noise scale --------------------------------------------------------------------------
-
-
-# ---- learning-rate rules -------------------------------------------------------------------------------
-
-
-# ---- measurements on the configured model --------------------------------------------------------------
-
+from .rules import (
+    candidate_batches,
+    choose_batch,
+    compile_choice,
+    range_test_divisor,
+    scale_lr,
+    show,
+    warmup_steps_for,
+)
 
 # ---- the recommendation --------------------------------------------------------------------------------
 
@@ -260,10 +259,13 @@ def _choose_lr(t: _Tuning, batch: int, speed: dict[int, float]) -> float:
         log(f"LR range test at batch {batch}: {lr_test['steps']} steps, smoothed loss lowest at lr "
             f"{show(lr_test['lr_min'])}; stopped: {lr_test['stopped']}")  # fmt: skip
     if lr_test is not None and lr_test["lr"] is not None:
-        lr = lr_test["lr"]
+        divisor = range_test_divisor(optimizer)
+        lr = lr_test["lr_min"] / divisor
+        share = "a quarter of " if divisor == 4 else "" if divisor == 1 else f"1/{divisor:g} of "
+        why = "; schedule-free AdamW runs at its peak rate, averaging, not decaying" if divisor == 1 else ""
         reasons["train.lr"] = (
-            f"a quarter of {show(lr_test['lr_min'])}, where the LR range test's smoothed loss bottomed out "
-            f"at batch {batch} ({rule} scaling of {show(base_lr)} at batch {base_batch}: {show(scaled)})"
+            f"{share}{show(lr_test['lr_min'])}, where the LR range test's smoothed loss bottomed out at "
+            f"batch {batch}{why} ({rule} scaling of {show(base_lr)} at batch {base_batch}: {show(scaled)})"
         )
     else:
         lr = scaled
