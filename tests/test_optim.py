@@ -294,10 +294,40 @@ def test_posterior_collapse_is_warned_about(tmp_path, capsys):
     assert "train.free_bits" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override", ["train.skip_grad=0.5", "train.ema=1.5", "train.schedule=linear"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.skip_grad=0.5",
+        "train.ema=1.5",
+        "train.schedule=linear",
+        "train.betas=[0.9]",
+        "train.betas=[0.9,1.0]",
+        "model.init_output_bias=true model.name=conv",
+        "model.init_output_bias=true model.likelihood=gaussian",
+    ],
+)
 def test_impossible_settings_are_refused(override):
     with pytest.raises(ConfigError):
-        resolve("digits-mlp", overrides=[override])
+        resolve("digits-mlp", overrides=override.split())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "adamax", "schedulefree"])
+def test_train_betas_reach_the_optimiser(optimizer):
+    cfg = resolve("digits-mlp", overrides=[f"train.optimizer={optimizer}", "train.betas=[0.95,0.99]"])
+    opt = make_optimizer(cfg, torch.nn.Linear(3, 2), torch.device("cpu"))
+    assert all(tuple(g["betas"]) == (0.95, 0.99) for g in opt.param_groups)
+    default = make_optimizer(resolve("digits-mlp"), torch.nn.Linear(3, 2), torch.device("cpu"))
+    assert tuple(default.param_groups[0]["betas"]) == (0.9, 0.999)
+
+
+def test_the_output_bias_starts_at_the_logit_of_the_mean_training_image():
+    cfg = resolve("digits-mlp", overrides=["model.init_output_bias=true", "data.validation=0"])
+    s = setup(cfg)
+    mean = (s.x_train.double().mean(0) / s.train_max).clamp(1e-3, 1 - 1e-3).flatten()
+    bias = s.vae.net.decoder[-1].bias.detach().double()
+    torch.testing.assert_close(bias, (mean / (1 - mean)).log(), rtol=1e-5, atol=1e-5)
+    # without the option the bias keeps torch's default initialisation
+    assert not torch.allclose(setup(resolve("digits-mlp")).vae.net.decoder[-1].bias.detach().double(), bias)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (benchmarks/gpu.sh runs this)")

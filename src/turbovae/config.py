@@ -72,6 +72,9 @@ class ModelConfig:
     residual_posterior: bool = True  # q's parameters as offsets of the prior's (NVAE)
     kl_balance: bool = True  # NVAE's KL balancing across groups during KL warm-up
     mixtures: int = 10  # discretized-logistic: mixture components per value
+    # mlp with a Bernoulli likelihood: the decoder's output bias starts at the logit of the mean training
+    # value of each pixel (as in Burda et al.'s IWAE code), so the first steps need not learn the mean image
+    init_output_bias: bool = False
 
 
 @dataclass
@@ -83,6 +86,8 @@ class TrainConfig:
     # average: Defazio et al. 2024; eager only)
     optimizer: str = "adam"
     momentum: float = 0.9  # sgd's momentum (Nesterov)
+    # adam, adamw, adamax and schedulefree: (β₁, β₂), the decays of the first and second moments
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     # the learning rate over the run: constant | warmup-cosine (linear warm-up over train.warmup_steps, then
     # cosine decay to train.final_lr of train.lr) | one-cycle (Smith 2018: up from lr/25 over the first
@@ -480,6 +485,16 @@ def validate(cfg: Config) -> None:
     ):
         if not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}")
+    betas = cfg.train.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"train.betas must be two decays in [0, 1), as [0.9, 0.999]; got {betas}")
+    if cfg.model.init_output_bias and (
+        cfg.model.name != "mlp" or cfg.model.likelihood not in ("bernoulli", "bernoulli-grey")
+    ):
+        raise ConfigError(
+            "model.init_output_bias is for model mlp with likelihood bernoulli or bernoulli-grey, got "
+            f"{cfg.model.name} with {cfg.model.likelihood}"
+        )
     _check_training(cfg)
     _check_model_and_data(cfg)
     if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):

@@ -101,7 +101,10 @@ class SGD(_Skippable):
 
 
 def _schedule_free(
-    params: list[nn.Parameter], lr: torch.Tensor, weight_decay: float
+    params: list[nn.Parameter],
+    lr: torch.Tensor,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
     """schedulefree's AdamWScheduleFree (Defazio et al. 2024; a dependency of turbovae)
     made to follow the loop's conventions: its rate read from the tensor ``lr_now`` each step (the loop's
@@ -133,7 +136,9 @@ def _schedule_free(
             else:
                 super().step()
 
-    opt = SkippableAdamWScheduleFree(params, lr=float(lr), weight_decay=weight_decay, warmup_steps=0)
+    opt = SkippableAdamWScheduleFree(
+        params, lr=float(lr), betas=betas, weight_decay=weight_decay, warmup_steps=0
+    )
     opt.lr_now = lr
     opt.train()  # the library's mode flag; the parameters always hold y (ScheduleFreeAverage swaps x in)
     return opt
@@ -206,14 +211,17 @@ def make_optimizer(
     device = device or next(model.parameters()).device
     lr = torch.tensor(t.lr, dtype=torch.float32, device=device)
     params = list(model.parameters())
+    betas = (float(t.betas[0]), float(t.betas[1]))
     if t.optimizer == "schedulefree":
-        return _schedule_free(params, lr, t.weight_decay)
+        return _schedule_free(params, lr, t.weight_decay, betas)
     if t.optimizer in ("adam", "adamw"):
         cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
         fused, capturable = runtime.adam_options(device)
-        return cls(params, lr=lr, weight_decay=t.weight_decay, fused=fused, capturable=capturable)
+        return cls(
+            params, lr=lr, betas=betas, weight_decay=t.weight_decay, fused=fused, capturable=capturable
+        )
     if t.optimizer == "adamax":
-        return Adamax(params, lr=lr, weight_decay=t.weight_decay)
+        return Adamax(params, lr=lr, betas=betas, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":
         return SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
     raise ConfigError(f"unknown optimizer {t.optimizer!r}")
