@@ -314,6 +314,7 @@ def test_hvae_conditional_training(tmp_path):
     assert np.load(tmp_path / "s.npy").shape == (6, *SHAPE)
 
 
+@pytest.mark.slow  # two ranks started by torchrun-style spawning
 def test_two_ranks_shard_the_labels_with_the_batch(tmp_path):
     """Data-parallel (torchrun, 2 CPU ranks, gloo): each rank's class ids are the rows of its share of
     the batch, so 2 ranks of batch B train what 1 process of batch 2B trains."""

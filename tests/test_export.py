@@ -155,7 +155,7 @@ def table_run(run: Path) -> tuple[Path, tuple[int, ...]]:
 
 
 @needs_onnx
-@pytest.mark.parametrize("kind", ["mlp", "conv", "hvae", "table"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", pytest.param("hvae", marks=pytest.mark.slow), "table"])
 def test_onnx_encoder_and_decoder_match_torch_at_other_batch_sizes(tmp_path: Path, kind: str) -> None:
     if kind == "table":
         run, shape = table_run(tmp_path / "run")
@@ -193,7 +193,8 @@ def test_onnx_encoder_and_decoder_match_torch_at_other_batch_sizes(tmp_path: Pat
 
 
 @needs_onnx
-@pytest.mark.parametrize("cell", ["gru", pytest.param("lstm", marks=pytest.mark.slow)])
+@pytest.mark.slow  # an ONNX export of three text graphs per cell (about 18 s)
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_onnx_text_encoder_teacher_forced_decoder_and_step(tmp_path: Path, cell: str) -> None:
     run = text_run(tmp_path / "run", cell)
     out = tmp_path / "onnx"
@@ -265,7 +266,7 @@ def test_onnx_export_without_onnxruntime_skips_the_check(
 
 
 @pytest.mark.filterwarnings("ignore:No complete tensor found")
-@pytest.mark.parametrize("kind", ["mlp", "hvae"])
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("hvae", marks=pytest.mark.slow)])
 def test_torch_export_programs_match_at_another_batch_size(tmp_path: Path, kind: str) -> None:
     cfg, shape = MODELS[kind]
     run = make_run(tmp_path / "run", cfg, shape)

@@ -124,6 +124,7 @@ SLOW = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two training processes, one held until killed
 def test_a_second_run_or_resume_of_a_locked_directory_stops_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "slow.py"

@@ -205,6 +205,7 @@ def test_sample_writes_a_barcode_for_tables_and_text_and_refuses_other_pictures(
         assert err.count("\n") == 1 and "--out must end in" in err and ".png" in err
 
 
+@pytest.mark.slow  # two training runs and their reports
 def test_the_report_of_a_table_run_shows_rows_and_histograms_and_of_a_text_run_sentences(wine_run, text_run):
     assert main(["report", str(wine_run)]) == 0
     page = (wine_run / "report.html").read_text()

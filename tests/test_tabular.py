@@ -327,6 +327,7 @@ def test_parquet_round_trip(tmp_path, mixed_csv):
 # ---- end to end -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # training on three real tables
 def test_train_sample_and_fidelity_on_real_tables(tmp_path, tables, mixed_csv, capsys):
     run, wine = tmp_path / "wine", tmp_path / "wine.csv"
     wine.write_text(tables["wine"].read_text())

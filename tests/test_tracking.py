@@ -39,6 +39,7 @@ def test_tensorboard_events_are_written_while_training(tmp_path):
     assert len(acc.Images("samples")) == 2  # a picture at each evaluation
 
 
+@pytest.mark.slow  # MLflow start-up and a training run
 def test_mlflow_logs_metrics_params_and_pictures(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) goes here
