@@ -87,9 +87,13 @@ def candidates() -> dict[str, tuple[str, Callable[..., torch.optim.Optimizer], l
 
 
 def run(name: str, factory: Callable[..., torch.optim.Optimizer], lr: float, schedule_free: bool,
-        xtr: torch.Tensor, xte: torch.Tensor, epochs: int, batch: int) -> dict[str, Any]:  # fmt: skip
+        xtr: torch.Tensor, xte: torch.Tensor, epochs: int, batch: int,
+        init: Callable[[VAE], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """``init``: changes the freshly built model before its optimiser is made (sf_three_epochs.py's)."""
     torch.manual_seed(1)
     model = VAE()
+    if init is not None:
+        init(model)
     steps_per_epoch = len(xtr) // batch
     total = steps_per_epoch * epochs
     warm = max(1, total // 20)

@@ -485,16 +485,6 @@ def validate(cfg: Config) -> None:
     ):
         if not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}")
-    betas = cfg.train.betas
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ConfigError(f"train.betas must be two decays in [0, 1), as [0.9, 0.999]; got {betas}")
-    if cfg.model.init_output_bias and (
-        cfg.model.name != "mlp" or cfg.model.likelihood not in ("bernoulli", "bernoulli-grey")
-    ):
-        raise ConfigError(
-            "model.init_output_bias is for model mlp with likelihood bernoulli or bernoulli-grey, got "
-            f"{cfg.model.name} with {cfg.model.likelihood}"
-        )
     _check_training(cfg)
     _check_model_and_data(cfg)
     if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
@@ -513,6 +503,9 @@ def _check_training(cfg: Config) -> None:
         raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {cfg.train.dist_timeout}")
     if cfg.train.nan_patience < 1:
         raise ConfigError(f"train.nan_patience must be >= 1, got {cfg.train.nan_patience}")
+    betas = cfg.train.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"train.betas must be two decays in [0, 1), as [0.9, 0.999]; got {betas}")
     if cfg.train.optimizer == "schedulefree" and cfg.train.schedule != "constant":
         raise ConfigError(
             "train.optimizer=schedulefree replaces the learning-rate schedule: use train.schedule=constant "
@@ -541,6 +534,13 @@ def _check_model_and_data(cfg: Config) -> None:
         raise ConfigError(
             f"model '{cfg.model.name}' with likelihood '{cfg.model.likelihood}': text needs --model "
             f"{'|'.join(TEXT_MODELS)} with --likelihood categorical (the categorical likelihood is for text)"
+        )
+    if cfg.model.init_output_bias and (
+        cfg.model.name != "mlp" or cfg.model.likelihood not in ("bernoulli", "bernoulli-grey")
+    ):
+        raise ConfigError(
+            "model.init_output_bias is for model mlp with likelihood bernoulli or bernoulli-grey, got "
+            f"{cfg.model.name} with {cfg.model.likelihood}"
         )
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")

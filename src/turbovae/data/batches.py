@@ -36,6 +36,15 @@ def value_range(xs: torch.Tensor | list[torch.Tensor], max_value: float) -> tupl
     return low.item() / max_value, high.item() / max_value, binary
 
 
+def mean_value(x: torch.Tensor, max_value: float) -> torch.Tensor:
+    """The mean of ``x`` over its rows after scaling to float (event-shaped, float64), a chunk at a time,
+    so that a memory-mapped file is read, never copied."""
+    total = torch.zeros(x.shape[1:], dtype=torch.float64)
+    for c in _chunks(x):
+        total += c.to(torch.float64).sum(0)
+    return total / max(1, len(x)) / max_value
+
+
 def to_float(x: torch.Tensor, max_value: float) -> torch.Tensor:
     """uint8 bytes → float32 in [0, 1]; float data passes through (divided by 1)."""
     x = x.float()

@@ -15,7 +15,7 @@ import torch
 from .. import conditioning, runtime
 from ..config import Config, parse_resize
 from ..data import Dataset, load_dataset
-from ..data.batches import binarize, preparer, value_range
+from ..data.batches import binarize, mean_value, preparer, value_range
 from ..data.table_transform import is_table_meta
 from ..data.text import check_text_setup
 from ..errors import ConfigError, DataError, shown
@@ -227,7 +227,7 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         )
     if cfg.model.init_output_bias:  # before placing: the training rows may be memory-mapped
         assert isinstance(vae.net, MLPNet)  # config.validate allows it for mlp only
-        vae.net.init_output_bias(column_mean(x_train) / train_max)
+        vae.net.init_output_bias(mean_value(x_train, train_max))
     vae = runtime.place(vae, device, model_spec(cfg.model.name).channels_last)
     precision = runtime.resolve_precision(cfg.train.precision, device)
     ys: list[torch.Tensor | None] = [None, None, None]
@@ -237,14 +237,6 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         x_train = x_train.to(device)
     return Setup(cfg, device, data, x_train, x_test.to(device), train_max, test_max, mode,
                  vae, precision, x_val.to(device), val_max, *ys)  # fmt: skip
-
-
-def column_mean(x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """The mean over the first dimension, in float64, a chunk of rows at a time (memory-mapped rows too)."""
-    total = torch.zeros(x.shape[1:], dtype=torch.float64)
-    for i in range(0, len(x), chunk):
-        total += x[i : i + chunk].to(torch.float64).sum(0)
-    return total / max(1, len(x))
 
 
 def condition_on(data: Dataset, condition: str) -> None:

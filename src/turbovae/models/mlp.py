@@ -64,10 +64,9 @@ class MLPNet(nn.Module):
     def init_output_bias(self, mean: torch.Tensor) -> None:
         """Start the decoder's output at the logit of ``mean`` (event-shaped, the mean training value of
         each pixel, in [0, 1]): a Bernoulli likelihood's one parameter per value."""
-        p = mean.double().flatten().clamp(1e-3, 1 - 1e-3)
         last = self.decoder[-1]
         assert isinstance(last, nn.Linear)
-        last.bias.copy_((p.log() - (-p).log1p()).float())
+        last.bias.copy_(torch.logit(mean.double().flatten(), eps=1e-3).float())
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> DiagonalGaussian:
         h = x.flatten(1)  # (B, D)
