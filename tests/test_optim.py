@@ -5,6 +5,8 @@ import copy
 import itertools
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,17 @@ from turbovae import load
 from turbovae.config import resolve
 from turbovae.engine.finish import COLLAPSE_EXAMPLES
 from turbovae.engine.loop import fit
-from turbovae.engine.optim import EMA, SGD, Adamax, GradGuard, kl_weight_at, lr_at, lr_tensor, make_optimizer
+from turbovae.engine.optim import (
+    EMA,
+    SGD,
+    Adamax,
+    GradGuard,
+    kl_weight_at,
+    lr_at,
+    lr_tensor,
+    make_optimizer,
+    total_norm,
+)
 from turbovae.engine.setup import build_vae, setup
 from turbovae.engine.step import STATS, make_step
 from turbovae.errors import ConfigError
@@ -195,6 +207,29 @@ def test_clipping_bounds_the_applied_gradient():
     p.grad = torch.full((4,), 5.0)
     assert guard() and guard.state["last_norm"].item() == pytest.approx(10.0)  # the pre-clip norm is logged
     assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_the_guards_norm_is_the_global_l2_norm_and_inf_or_nan_skip():
+    gen = torch.Generator().manual_seed(0)
+    grads = [
+        torch.randn(400, 784, generator=gen),
+        torch.randn(20, generator=gen),
+        torch.randn(3, 5, generator=gen),
+    ]
+    expected = torch.cat([g.double().reshape(-1) for g in grads]).norm().float()
+    torch.testing.assert_close(total_norm(grads), expected, rtol=1e-5, atol=0)  # float32 sums
+    assert total_norm([torch.tensor([3.0, 4.0])]).item() == 5.0
+    cfg = cfg_with()
+    p = torch.nn.Parameter(torch.zeros(4))
+    guard = GradGuard(cfg, [p], torch.device("cpu"))
+    for bad in (math.nan, math.inf, 1e20):  # 1e20: its square overflows float32, as Adam's moments would
+        p.grad = torch.tensor([1.0, bad, 0.0, 0.0])
+        assert not guard() and guard.state["last_norm"].item() == 0.0
+    p.grad = torch.full((4,), 0.5)
+    assert guard() and guard.state["last_norm"].item() == 1.0
+    assert guard.state["nonfinite"].item() == 3 and guard.state["max_run"].item() == 3
+    assert guard.state["run"].item() == 0 and guard.state["seen"].item() == 1
+    assert guard.state["ema"].item() == pytest.approx(0.01)  # one finite norm of 1.0 heard
 
 
 def test_ema_averages_with_a_warm_up_and_swaps_back():
@@ -416,6 +451,44 @@ def test_schedule_free_on_the_fused_kernel_follows_the_library_step_for_step():
             torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-7)
     # and it is the fused path that ran, not the library's step
     assert getattr(opt, "_fused_scratch", None)
+
+
+def test_schedule_free_steps_allocate_nothing_after_the_first(monkeypatch):
+    """The fused step's scratch buffers are made once: a later step calls no zeros_like (it used to
+    make and drop one buffer per parameter every step, a third of the step's time on a CPU)."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    opt = make_optimizer(cfg_with(optimizer="schedulefree", lr=0.01), model)
+    opt.found_inf = torch.zeros(())
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("zeros_like called in a later step")
+
+    monkeypatch.setattr(torch, "zeros_like", refuse)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert not all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
+
+
+def test_schedule_free_does_not_import_torch_dynamo():
+    """torch.optim's methods are wrapped in torch._disable_dynamo, whose first call imports torch._dynamo
+    (1.6-3 s on a 2-core CPU); the schedule-free optimiser, never traced, uses them unwrapped."""
+    code = (
+        "import sys, torch\n"
+        "from turbovae.config import resolve\n"
+        "from turbovae.engine.optim import make_optimizer\n"
+        "cfg = resolve('digits-mlp', overrides=['train.optimizer=schedulefree'])\n"
+        "m = torch.nn.Linear(3, 2)\n"
+        "opt = make_optimizer(cfg, m)\n"
+        "opt.found_inf = torch.zeros(())\n"
+        "m(torch.randn(4, 3)).sum().backward()\n"
+        "opt.step(); opt.zero_grad(); opt.load_state_dict(opt.state_dict())\n"
+        "opt.zero_grad(set_to_none=False)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_schedule_free_with_weight_decay_takes_the_library_step():

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import runtime
@@ -120,10 +120,10 @@ def choose(
                 times.setdefault((t, precision), []).append(chunk())
     finally:
         torch.set_num_threads(default_threads)
-    speeds = {k: len(x) / max(statistics.median(w for w, _ in v), 1e-9) for k, v in times.items()}
+    speeds = {k: len(x) / max(float(np.median([w for w, _ in v])), 1e-9) for k, v in times.items()}
     # the precision by the CPU seconds of one thread: what a step costs, whatever share of the core
     # other work leaves it (on a busy machine the wall time swings with that share)
-    cost = {p: statistics.median(c for _, c in times[(1, p)]) for p in precisions if (1, p) in times}
+    cost = {p: float(np.median([c for _, c in times[(1, p)]])) for p in precisions if (1, p) in times}
     if len(cost) == len(precisions):
         precision = min(cost, key=lambda p: cost[p])
         # the CPU flags' choice stands unless the other is clearly cheaper (a near tie is noise)
