@@ -100,6 +100,21 @@ def test_thread_watch_leaves_two_threads_when_the_machine_gets_busy_and_comes_ba
     assert switches[-1] == 2 and cpu.threads == 2
 
 
+def test_thread_watch_corrects_a_probe_that_picked_the_slower_count_within_seconds():
+    """The start's probe, disturbed by a moment of other work, put one thread ahead; on the quiet
+    machine two are 1.8x as fast: the first trial (about 5 s in, not 30 s) moves to two threads."""
+    cpu = FakeCPU()
+    cpu.threads = 1
+    switches = []
+    speeds = {1: 100 / 0.0018, 2: 100 / 0.004}  # what the probe measured: two threads looked slow
+    watch = hardware.ThreadWatch(
+        [1, 2], 1, speeds, 100, lambda n, _: switches.append(n), cpu.set_threads, cpu.clock
+    )
+    cpu.run(watch, 5000)  # 9 s at one thread's speed
+    assert switches == [2] and cpu.threads == 2
+    assert cpu.now < 9.0
+
+
 def test_a_measured_run_logs_its_choice_and_a_resumed_one_keeps_its_precision(
     measuring, monkeypatch, tmp_path
 ):

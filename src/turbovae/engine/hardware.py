@@ -146,6 +146,9 @@ class ThreadWatch:
     WINDOW_SECONDS = 0.5
     # windows (about 30 s) before the other count is tried again; doubled (up to 8x) each time it loses
     EXPLORE_EVERY = 60
+    # the first try comes sooner (about 5 s): the start's probe times each count for a fraction of a
+    # second, and a moment of other work during it can pick the slower count for a whole short run
+    FIRST_EXPLORE = 10
 
     def __init__(
         self, options: list[int], current: int, speeds: dict[int, float], batch: int,
@@ -160,7 +163,7 @@ class ThreadWatch:
         self.window = max(3, int(self.WINDOW_SECONDS * rate / batch))
         self.on_switch, self.set_threads, self.clock = on_switch, set_threads, clock
         self.trial_from: int | None = None  # the count a trial window left, to go back to if it loses
-        self.explore_every, self.since_trial = self.EXPLORE_EVERY, 0
+        self.explore_every, self.since_trial = self.FIRST_EXPLORE, 0
         self.n = self.examples = 0
         self.t0 = clock()
 
@@ -202,7 +205,7 @@ class ThreadWatch:
         assert back is not None
         if speed < TRIAL_MARGIN * self.speed[back]:  # the trial lost: back, and explore less often
             self._set(back)
-            self.explore_every = min(2 * self.explore_every, 8 * self.EXPLORE_EVERY)
+            self.explore_every = min(max(2 * self.explore_every, self.EXPLORE_EVERY), 8 * self.EXPLORE_EVERY)
             self.peak = self.speed[back]  # the slower present is the new normal at this count
         else:
             self.explore_every = self.EXPLORE_EVERY
