@@ -312,6 +312,51 @@ def test_repeated_nan_gradients_roll_back_with_a_lower_lr(tmp_path, monkeypatch,
     assert "rolled back to the state of step 10" in capsys.readouterr().err
 
 
+def test_a_schedule_free_roll_back_restores_the_step_count_and_the_base_sequence(tmp_path, monkeypatch):
+    """schedulefree keeps k, weight_sum and lr_max in the parameter group, not in the per-parameter
+    state: the roll-back restores them with y, z and the second moments. It used to keep the later
+    step's k and weight_sum, and a snapshot from before the first step put z at 0 (x pulled to 0)."""
+    import turbovae.engine.loop as t
+    from turbovae.engine import state as state_module
+
+    real_step, real_start, real_restore = t.make_step, t.start, state_module.Snapshot.restore
+    runs, restored = [], []
+
+    def start(*args, **kwargs):
+        runs.append(real_start(*args, **kwargs))
+        return runs[-1]
+
+    def poisoned(*args, **kwargs):
+        step, calls = real_step(*args, **kwargs), {"n": 0}
+
+        def bad_for_a_while(x, eps, *rest):
+            calls["n"] += 1
+            if 3 <= calls["n"] < 10 or 17 <= calls["n"] < 24:  # two runs of 7 NaN batches (patience 5)
+                x = torch.full_like(x, math.nan)
+            return step(x, eps, *rest)
+
+        return bad_for_a_while
+
+    def restore(self):
+        real_restore(self)
+        opt = self.st.opt
+        params = opt.param_groups[0]["params"]
+        fresh = all("z" not in opt.state[p] or torch.equal(opt.state[p]["z"], p) for p in params)
+        restored.append((opt.param_groups[0]["k"], fresh))
+
+    monkeypatch.setattr(t, "make_step", poisoned)
+    monkeypatch.setattr(t, "start", start)
+    monkeypatch.setattr(state_module.Snapshot, "restore", restore)
+    _, summary, _ = run(tmp_path, *SF, "train.nan_patience=5", "train.epochs=2")
+    assert summary["rollbacks"] == 2 and summary["skipped_steps"] == 14 and summary["steps"] > 23
+    # at step 10 back to the start (k = 0, a fresh state: z is y); at the epoch's end (step 22, six bad
+    # steps) back to the snapshot of step 15, five applied steps (11-15) after the first roll-back; then
+    # one more bad step (23) and good ones to the end
+    assert restored == [(0, True), (5, False)]
+    assert runs[0].st.opt.param_groups[0]["k"] == 5 + summary["steps"] - 23
+    assert math.isfinite(summary["test_nelbo"])
+
+
 def test_ema_weights_are_what_the_run_evaluates_and_load_returns(tmp_path):
     out, _, _ = run(tmp_path, "train.ema=0.9")
     vae = load(out)

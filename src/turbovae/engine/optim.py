@@ -127,6 +127,7 @@ def _schedule_free(
     class SkippableAdamWScheduleFree(schedulefree.AdamWScheduleFree):
         found_inf: torch.Tensor | None = None
         lr_now: torch.Tensor
+        lazy_state = True  # a fresh state is no state (z is made from y at the first step), not zeros
 
         # torch.optim.Optimizer wraps these in torch._disable_dynamo, whose first call imports
         # torch._dynamo: 1.6-3 s of a 20-s run on a 2-core CPU, for an optimiser that is never traced
@@ -137,7 +138,8 @@ def _schedule_free(
 
         def zero_grad(self, set_to_none: bool = True) -> None:
             if not set_to_none:
-                return _undecorated(torch.optim.Optimizer.zero_grad)(self, False)  # type: ignore[no-any-return]
+                _undecorated(torch.optim.Optimizer.zero_grad)(self, False)
+                return
             for group in self.param_groups:
                 for p in group["params"]:
                     p.grad = None

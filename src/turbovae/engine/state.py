@@ -3,6 +3,7 @@ position), and the NaN guard's in-memory snapshot with its roll-back."""
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,14 +140,23 @@ class Snapshot:
     @torch.no_grad()
     def take(self) -> None:
         self.saved = {k: [t.detach().clone() for t in ts] for k, ts in self._tensors().items()}
+        # the groups' own numbers (schedule-free's step count k, weight_sum and lr_max live there)
+        self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params" and not torch.is_tensor(v)}
+                       for g in self.st.opt.param_groups]  # fmt: skip
         self.step = self.st.loop["step"]
 
     @torch.no_grad()
     def restore(self) -> None:
+        opt = self.st.opt
+        for group, saved_group in zip(opt.param_groups, self.groups, strict=True):
+            group.update(copy.deepcopy(saved_group))
         for key, tensors in self._tensors().items():
             saved = self.saved[key]
             if key == "optim" and len(saved) != len(tensors):  # taken before the first step: a fresh state
-                saved = [torch.zeros_like(t) for t in tensors]
+                if getattr(opt, "lazy_state", False):  # made at the first step from the parameters (z = y)
+                    opt.state.clear()
+                    continue
+                saved = [torch.zeros_like(t) for t in tensors]  # Adam's and the others' fresh state
             for t, v in zip(tensors, saved, strict=True):
                 t.copy_(v)
 
