@@ -18,6 +18,8 @@ import turbovae
 from turbovae import evaluation as evaluate
 from turbovae import runtime
 from turbovae.cli import main
+from turbovae.config import load_preset, resolve
+from turbovae.engine.optim import lr_at
 from turbovae.engine.setup import setup
 
 FAST = ["--data", "digits", "--hidden", "32", "--latent", "4", "--batch-size", "64", "--progress", "off",
@@ -135,6 +137,36 @@ def test_time_limit_stops_mid_run_then_evaluates_and_writes(tmp_path):
     assert stop["step"] == summary["steps"] and events[-1]["event"] == "end"
     assert turbovae.load(out).sample(2).shape == (2, 1, 8, 8)
     assert train(tmp_path / "bad", "train.time_limit=-1") == 2
+
+
+def test_max_steps_stops_mid_epoch_spans_the_schedule_and_resumes_when_raised(tmp_path):
+    """train.max_steps: the run stops after exactly that many steps (here mid-epoch, between log
+    intervals), the warm-up + cosine schedule ends there, then it evaluates and writes as at a normal
+    end; resumed with a higher limit it goes on from that step."""
+    out = tmp_path / "stepped"
+    common = ["train.schedule=warmup-cosine", "train.warmup_steps=4", "eval.every_epoch=false"]
+    assert train(out, "--epochs", "5", "train.max_steps=32", *common) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    steps_per_epoch = N_TRAIN // 64
+    assert summary["steps"] == 32 and summary["step_limited_epochs"] == pytest.approx(32 / steps_per_epoch)
+    assert summary["epochs"] == 32 // steps_per_epoch and "time_limited_epochs" not in summary
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (stop,) = [e for e in events if e["event"] == "max_steps"]
+    assert stop["step"] == 32 and events[-1]["event"] == "end"
+    train_events = [e for e in events if e["event"] == "train"]
+    assert train_events[-1]["step"] == 32  # a log at the limit, though the log interval is 5 steps
+    cfg = resolve(base=load_preset(str(out / "config.yaml")))
+    assert train_events[-1]["lr"] == pytest.approx(lr_at(cfg, 31, 32))  # the schedule's last step
+    # near the schedule's floor (lr x final_lr), not a third of the way down a 5-epoch schedule
+    assert (
+        lr_at(cfg, 31, 32)
+        < 1.5 * cfg.train.lr * cfg.train.final_lr
+        < 0.1 * lr_at(cfg, 31, 5 * steps_per_epoch)
+    )
+    assert math.isfinite(summary["test_nelbo"])
+    assert main(["train", "--resume", str(out), "--progress", "off", "train.max_steps=40"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 40
+    assert train(tmp_path / "bad", "train.max_steps=-1") == 2
 
 
 def test_a_time_limited_run_stopped_at_an_epoch_end_resumes_once_the_limit_is_raised(tmp_path, capsys):

@@ -210,7 +210,8 @@ def test_tune_writes_a_config_train_accepts(tmp_path, capsys):
 @pytest.mark.slow  # tune end to end
 def test_tune_with_schedule_free_keeps_it_constant_at_the_range_tests_minimum(tmp_path, capsys):
     out = tmp_path / "tuned.yaml"
-    argv = ["tune", *SMALL, "train.optimizer=schedulefree", "--budget", "5", "--out", str(out), "--json"]
+    argv = ["tune", *SMALL, "train.optimizer=schedulefree", "train.max_steps=50", "--budget", "5", "--out",
+            str(out), "--json"]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     measured, choices = result["measured"], result["choices"]
@@ -221,6 +222,8 @@ def test_tune_with_schedule_free_keeps_it_constant_at_the_range_tests_minimum(tm
     cfg = resolve(str(out))
     assert cfg.train.optimizer == "schedulefree" and cfg.train.schedule == "constant"
     assert cfg.train.warmup_steps >= 1
+    # the base's step limit (fmnist-mlp-fast has one) would cut the recipe's epochs: cleared
+    assert cfg.train.max_steps == 0 and "was 50" in result["reasons"]["train.max_steps"]
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,9 @@ class TrainConfig:
     # seconds of training (train_seconds, evaluation excluded) after which the run stops at the next log
     # interval, then evaluates and writes as at the end; 0 = none. The schedules still span train.epochs
     time_limit: float = 0.0
+    # stop after this many steps in all (0: none), mid-epoch if it falls there, then evaluate and write as
+    # at the end; the schedules span min(epochs x steps per epoch, max_steps)
+    max_steps: int = 0
     keep_checkpoints: int = 2  # most recent checkpoints kept
     # live tracking while training (engine/tracking.py): a TensorBoard log directory, an MLflow tracking
     # URI (e.g. sqlite:///mlflow.db) and the MLflow experiment's name
@@ -473,6 +476,7 @@ def validate(cfg: Config) -> None:
         "train.warmup_steps": cfg.train.warmup_steps,
         "train.clip_grad": cfg.train.clip_grad,
         "train.time_limit": cfg.train.time_limit,
+        "train.max_steps": cfg.train.max_steps,
         "train.kl_cycles": cfg.train.kl_cycles,
     }
     for key, value in non_negative.items():

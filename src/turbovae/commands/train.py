@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its newest checkpoint, with its saved config "
-        "(only --epochs and train.time_limit=S may change)",
+        "(only --epochs, train.time_limit=S and train.max_steps=N may change)",
     )
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar")
     p.add_argument(
@@ -48,12 +48,13 @@ def run(args: argparse.Namespace) -> int:
             for n, k in TRAIN_FLAGS.items()
             if flags[k] is not None and n != "epochs"
         ]
-        # a time-limited run is continued by raising (or clearing) its limit
-        limit = [o for o in args.overrides if parse_override(o)[0] == "train.time_limit"]
+        # a time- or step-limited run is continued by raising (or clearing) its limit
+        limit = [o for o in args.overrides if parse_override(o)[0] in ("train.time_limit", "train.max_steps")]
         others = [o for o in args.overrides if o not in limit]
         if changed or args.config or others:
             raise ConfigError(
-                "--resume continues the saved config; only --epochs and train.time_limit may change "
+                "--resume continues the saved config; only --epochs, train.time_limit and train.max_steps "
+                "may change "
                 f"(got {', '.join(changed + (['--config'] if args.config else []) + others)})"
             )
         saved = out / "config.yaml"

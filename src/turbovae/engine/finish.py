@@ -135,6 +135,8 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool, progress: bo
         "epochs": loop["epoch"],
         # train.time_limit stopped the run after this many epochs (a fraction: mid-epoch); absent otherwise
         **({"time_limited_epochs": loop["time_limited"]} if "time_limited" in loop else {}),
+        # train.max_steps stopped it after this many epochs (a fraction: mid-epoch); absent otherwise
+        **({"step_limited_epochs": loop["step_limited"]} if "step_limited" in loop else {}),
         "steps": loop["step"],
         "params": sum(p.numel() for p in vae.parameters()),
         "device": runtime.describe(s.device),

@@ -131,8 +131,11 @@ class Run:
     def loop(self) -> dict[str, Any]:
         return self.st.loop
 
-    def past_limit(self, train_seconds: float) -> bool:  # train.time_limit (0: none)
-        return 0 < self.cfg.train.time_limit <= train_seconds
+    def past_limit(self, train_seconds: float) -> bool:  # train.time_limit or train.max_steps (0: none)
+        return 0 < self.cfg.train.time_limit <= train_seconds or self.step_limited()
+
+    def step_limited(self) -> bool:
+        return 0 < self.cfg.train.max_steps <= self.loop["step"]
 
     def save_checkpoint(self, name: str | None = None) -> None:
         """A step checkpoint (the newest ``keep_checkpoints`` are kept), or one with a fixed name."""
@@ -199,7 +202,8 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     state_json = ctx.broadcast(prepare_dir(out, cfg, overwrite, resume, resume_from) if ctx.main else None)
     if state_json is not None:
         st.restore(*checkpoint.load(state_json), source=state_json)
-        loop.pop("time_limited", None)  # a resumed run is stopped (or not) by its own train.time_limit
+        loop.pop("time_limited", None)  # a resumed run is stopped (or not) by its own limits
+        loop.pop("step_limited", None)
     threads, choice = settle_hardware(cfg, s, ctx, loop, resumed=state_json is not None)
     # the global batch is the run's (train.batch_size x the ranks it started with; runs from before
     # data-parallel training: train.batch_size): any number of ranks continues it at the same global step
@@ -225,6 +229,8 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     if tokens and ctx.world == 1 and global_batch == s.cfg.train.batch_size:
         steps_per_epoch = -(-n_train // global_batch)
     total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
     lr_now = optim.lr_tensor(st.opt)
     if lr_factor != 1.0:  # the scaled rate from the first step on (the loop refills it only under schedules)
         lr_now.fill_(optim.lr_at(cfg, loop["step"], total_steps) * loop["lr_scale"])
@@ -343,10 +349,14 @@ def _fit(
     finally:
         bar.close(done=loop["epoch"] >= r.cfg.train.epochs or over)
         r.tracker.close()
-    if over and loop["epoch"] < r.cfg.train.epochs:  # train.time_limit stopped the run before its end
-        loop["time_limited"] = loop["epoch"] + loop["batch_in_epoch"] / r.steps_per_epoch
-        r.log.write("time_limit", step=loop["step"], train_seconds=loop["train_seconds"],
-                    epoch=loop["time_limited"])  # fmt: skip
+    if over and loop["epoch"] < r.cfg.train.epochs:  # a limit stopped the run before its end
+        at = loop["epoch"] + loop["batch_in_epoch"] / r.steps_per_epoch
+        if r.step_limited():
+            loop["step_limited"] = at
+            r.log.write("max_steps", step=loop["step"], train_seconds=loop["train_seconds"], epoch=at)
+        else:
+            loop["time_limited"] = at
+            r.log.write("time_limit", step=loop["step"], train_seconds=loop["train_seconds"], epoch=at)
     step.record()
     loop["compile"] = step.decision
     if ctx.world > 1:
@@ -405,7 +415,7 @@ def train_epoch(r: Run, step: Callable[..., torch.Tensor], meter: Meter, stop: _
         loop["examples"] += len(x) * ctx.world
         if r.watch is not None:
             r.watch.tick(len(x))
-        if loop["step"] % cfg.train.log_every == 0 or b + 1 == r.steps_per_epoch:
+        if loop["step"] % cfg.train.log_every == 0 or b + 1 == r.steps_per_epoch or r.step_limited():
             over = log_interval(r, meter, stop)
         every = cfg.train.checkpoint_every
         stopping = stop.signal is not None if ctx.world == 1 else meter.halt  # ranks stop together

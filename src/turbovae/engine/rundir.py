@@ -182,7 +182,7 @@ def saved_data_meta(out: Path, state_json: Path | None = None) -> dict[str, Any]
     return meta if isinstance(meta, dict) else None
 
 
-RESUMABLE = ("train.epochs", "train.time_limit")  # what a resumed run may change
+RESUMABLE = ("train.epochs", "train.time_limit", "train.max_steps")  # what a resumed run may change
 
 
 def _flat(nested: dict[str, Any]) -> dict[str, Any]:

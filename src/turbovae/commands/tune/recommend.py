@@ -143,9 +143,12 @@ def tune(
     changes = {"train.batch_size": batch, "train.lr": float(f"{lr:.2g}"), "train.epochs": epochs,
                "train.schedule": schedule, "train.warmup_steps": warmup, "train.precision": precision,
                "train.compile": compile_mode, "train.threads": threads}  # fmt: skip
+    if cfg.train.max_steps:  # the recipe's length is its epochs: a step limit of the base would cut it
+        changes["train.max_steps"] = 0
+        reasons["train.max_steps"] = f"0 (was {cfg.train.max_steps}): the recommended epochs set the length"
     recommended = resolve(base=cfg.to_dict(), flags=changes)
     order = ["train.batch_size", "train.lr", "train.schedule", "train.warmup_steps", "train.epochs",
-             "train.precision", "train.compile", "train.threads"]  # fmt: skip
+             "train.max_steps", "train.precision", "train.compile", "train.threads"]  # fmt: skip
     order = [key for key in order if key in reasons]
     measured["predicted_train_seconds"] = round(total_steps * step_s, 1)
     return Recommendation(
