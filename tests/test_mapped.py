@@ -19,7 +19,7 @@ from PIL import Image
 import turbovae.data.batches as batches
 from turbovae.cli import main
 from turbovae.data import load_dataset
-from turbovae.data.batches import binarize, gather, value_range
+from turbovae.data.batches import binarize, gather, mean_value, value_range
 from turbovae.engine import checkpoint
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -109,6 +109,23 @@ def test_gather_value_range_and_binarize_in_chunks_match_the_whole(monkeypatch) 
     low, high, _ = value_range(f, 1.0)
     assert np.isnan(low) and np.isnan(high)
     assert value_range(torch.tensor([[0, 16], [16, 0]], dtype=torch.uint8), 16.0) == (0.0, 1.0, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.float32])
+def test_value_range_and_mean_value_match_the_plain_float64_computation(monkeypatch, dtype) -> None:
+    """The counting (uint8) and exact-integer (numpy int64) passes against plain float64 arithmetic,
+    chunked and whole, on grey, binary and constant data."""
+    gen = torch.Generator().manual_seed(0)
+    grey = torch.randint(3, 250, (300, 1, 4, 4), generator=gen).to(dtype)
+    binary = (torch.rand(300, 6, generator=gen) > 0.5).to(dtype) * 255
+    zeros = torch.zeros(40, 3, dtype=dtype)
+    for chunk_bytes in (batches.CHUNK_BYTES, 64 * 7):
+        monkeypatch.setattr(batches, "CHUNK_BYTES", chunk_bytes)
+        for x, is_binary in ((grey, False), (binary, True), (zeros, True)):
+            d = x.double() / 255
+            assert value_range(x, 255.0) == (d.min().item(), d.max().item(), is_binary)
+            assert torch.equal(mean_value(x, 255.0), x.double().sum(0) / len(x) / 255)
+        assert value_range([grey, binary], 255.0)[2] is False
 
 
 def test_static_binarisation_of_mapped_data_is_refused(tmp_path: Path, capsys) -> None:
