@@ -115,6 +115,34 @@ def test_thread_watch_corrects_a_probe_that_picked_the_slower_count_within_secon
     assert cpu.now < 9.0
 
 
+class WakingCPU(FakeCPU):
+    """Two threads 1.4x as fast as one, but the first step after a change of thread count pays 20 ms
+    (the pool's threads waking up, cold caches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads, self.woken = 1, True
+
+    def set_threads(self, n: int) -> None:
+        self.woken = n == self.threads
+        self.threads = n
+
+    def step_seconds(self) -> float:
+        wake, self.woken = (0.0 if self.woken else 0.02), True
+        return wake + (0.001 if self.threads == 2 else 0.0014)
+
+
+def test_a_trial_does_not_time_the_first_step_at_the_new_count():
+    cpu = WakingCPU()
+    switches = []
+    speeds = {1: 100 / 0.0014, 2: 100 / 0.004}  # a disturbed probe: two threads looked slow
+    watch = hardware.ThreadWatch(
+        [1, 2], 1, speeds, 100, lambda n, _: switches.append(n), cpu.set_threads, cpu.clock
+    )
+    cpu.run(watch, 6000)
+    assert switches == [2] and cpu.threads == 2
+
+
 def test_a_measured_run_logs_its_choice_and_a_resumed_one_keeps_its_precision(
     measuring, monkeypatch, tmp_path
 ):

@@ -163,6 +163,7 @@ class ThreadWatch:
         self.window = max(3, int(self.WINDOW_SECONDS * rate / batch))
         self.on_switch, self.set_threads, self.clock = on_switch, set_threads, clock
         self.trial_from: int | None = None  # the count a trial window left, to go back to if it loses
+        self.trial_warm = False  # whether the trial's first (untimed) step is done
         self.explore_every, self.since_trial = self.FIRST_EXPLORE, 0
         self.n = self.examples = 0
         self.t0 = clock()
@@ -176,10 +177,16 @@ class ThreadWatch:
         self.n += 1
         self.examples += examples
         now = self.clock()
-        # a trial is a tenth of a window: at the wrong count on a busy machine a step is 17x slower
         trial = self.trial_from is not None
+        if trial and not self.trial_warm:  # the first step at a new count wakes its threads: not timed
+            self.trial_warm = True
+            self.n = self.examples = 0
+            self.t0 = now
+            return
+        # a trial is a quarter of a window, at most 0.2 s: at the wrong count on a busy machine a step is
+        # 17x slower (a tenth, 2 steps at least, was too noisy to tell 1.4x apart on a quiet one)
         steps, seconds = (
-            (max(2, self.window // 10), self.WINDOW_SECONDS / 5)
+            (max(5, self.window // 4), self.WINDOW_SECONDS / 2.5)
             if trial
             else (self.window, 2 * self.WINDOW_SECONDS)
         )
@@ -197,7 +204,7 @@ class ThreadWatch:
         if speed < 0.5 * self.peak or self.since_trial >= self.explore_every:
             others = [t for t in self.options if t != self.current]
             if others:
-                self.trial_from = self.current
+                self.trial_from, self.trial_warm = self.current, False
                 self._set(max(others, key=lambda t: self.speed.get(t, float("inf"))))
 
     def _end_trial(self, speed: float) -> None:
