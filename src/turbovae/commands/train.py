@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import load_preset, parse_override, resolve
 from ..engine.loop import Interrupted, fit
+from ..engine.rundir import RESUMABLE_LIMITS
 from ..errors import ConfigError
 from .options import TRAIN_FLAGS, config_from, config_options
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             if flags[k] is not None and n != "epochs"
         ]
         # a time- or step-limited run is continued by raising (or clearing) its limit
-        limit = [o for o in args.overrides if parse_override(o)[0] in ("train.time_limit", "train.max_steps")]
+        limit = [o for o in args.overrides if parse_override(o)[0] in RESUMABLE_LIMITS]
         others = [o for o in args.overrides if o not in limit]
         if changed or args.config or others:
             raise ConfigError(

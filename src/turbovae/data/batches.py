@@ -24,6 +24,7 @@ def value_range(xs: torch.Tensor | list[torch.Tensor], max_value: float) -> tupl
     or several (the splits), a chunk at a time, so that a memory-mapped file is read, never copied."""
     low = high = None
     binary = True
+    top = int(max_value) if float(max_value).is_integer() and 0 <= max_value < 256 else -1  # its uint8 count
     for x in xs if isinstance(xs, list) else [xs]:
         for c in _chunks(x):
             if not c.numel():
@@ -32,7 +33,6 @@ def value_range(xs: torch.Tensor | list[torch.Tensor], max_value: float) -> tupl
                 counts = torch.bincount(c.reshape(-1), minlength=256)
                 present = counts.nonzero().reshape(-1)
                 lo, hi = present[0], present[-1]
-                top = int(max_value) if float(max_value).is_integer() and 0 <= max_value < 256 else -1
                 other = counts.sum() - counts[0] - (counts[top] if top > 0 else 0)
                 binary = binary and not bool(other)
             else:

@@ -194,12 +194,14 @@ def _schedule_free_fused(
     weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
     weight_sum = group["weight_sum"] = group["weight_sum"] + weight
     ckp1 = weight / weight_sum if weight_sum else 0.0
+    scratch = opt.__dict__.setdefault("_fused_scratch", {})
     for p in active:
         state = opt.state[p]
         if "z" not in state:
             state["z"] = torch.clone(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    scratch = opt.__dict__.setdefault("_fused_scratch", {})
+        if id(p) not in scratch:  # made once (β₁ = 0: it holds the gradient)
+            scratch[id(p)] = torch.zeros_like(p)
     zs = [opt.state[p]["z"] for p in active]
     # y ← (1 − c) y + c z − lr (1 − β₁(1 − c)) ĝ, z ← z − lr ĝ (ĝ: the gradient over Adam's
     # denominator): y moves by the same multiple of z's step, ratio·(z_new − z_old)
@@ -213,8 +215,7 @@ def _schedule_free_fused(
     torch._fused_adam_(
         zs,
         [p.grad for p in active if p.grad is not None],  # all of them
-        [scratch[id(p)] if id(p) in scratch else scratch.setdefault(id(p), torch.zeros_like(p))
-         for p in active],  # β₁ = 0: holds the gradient
+        [scratch[id(p)] for p in active],
         [opt.state[p]["exp_avg_sq"] for p in active],
         [],
         [steps] * len(active),

@@ -182,7 +182,8 @@ def saved_data_meta(out: Path, state_json: Path | None = None) -> dict[str, Any]
     return meta if isinstance(meta, dict) else None
 
 
-RESUMABLE = ("train.epochs", "train.time_limit", "train.max_steps")  # what a resumed run may change
+RESUMABLE_LIMITS = ("train.time_limit", "train.max_steps")  # a limited run continues once one is raised
+RESUMABLE = ("train.epochs", *RESUMABLE_LIMITS)  # what a resumed run may change
 
 
 def _flat(nested: dict[str, Any]) -> dict[str, Any]:
