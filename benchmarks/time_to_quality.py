@@ -10,6 +10,10 @@ hour), and the two runs come one after the other: ``--repeats N`` runs the pair 
 and reports each pair's ratio and their median (the headline ``time_ratio``).
 
     python benchmarks/time_to_quality.py [--peer-epochs 10] [--config fmnist-mlp-fast] [--repeats 3]
+    python benchmarks/time_to_quality.py --device cuda     # both on the GPU (benchmarks/gpu.sh)
+
+On a device other than the CPU the peer is benchmarks/peer_examples_device.py (the same loop with the
+model and each batch on the device, as pytorch/examples' main.py --cuda runs it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PEER = HERE.parent.parent / "shared" / "bench" / "peer_examples.py"
+DEVICE_PEER = HERE / "peer_examples_device.py"
 
 
 def timed(argv: list[str], cwd: Path | None = None) -> tuple[float, str]:
@@ -40,17 +45,23 @@ def main() -> None:
     p.add_argument("--peer-epochs", type=int, default=10)
     p.add_argument("--config", default="fmnist-mlp-fast")
     p.add_argument("--repeats", type=int, default=1, help="peer and turbovae runs, alternating")
+    p.add_argument("--device", default="cpu", help="cpu (the peer of record) or e.g. cuda")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    if not PEER.is_file():
+    epochs = ["--epochs", str(args.peer_epochs)]
+    peer_argv = [sys.executable, str(PEER), *epochs]
+    if args.device != "cpu":
+        peer_argv = [sys.executable, str(DEVICE_PEER), *epochs, "--device", args.device]
+    elif not PEER.is_file():
         sys.exit(f"the peer script {PEER} is not there (it lives in the project's shared/bench)")
     pairs = []
     for _ in range(args.repeats):
-        peer_s, out = timed([sys.executable, str(PEER), "--epochs", str(args.peer_epochs)], cwd=PEER.parent)
+        peer_s, out = timed(peer_argv, cwd=Path(peer_argv[1]).parent)
         peer = json.loads(out.strip().splitlines()[-1])
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"
-            argv = ["turbovae", "train", "--config", args.config, "--out", str(run), "--progress", "off"]
+            argv = [sys.executable, "-m", "turbovae", "train", "--config", args.config, "--out", str(run),
+                    "--progress", "off", "--device", args.device]  # fmt: skip
             ours_s, _ = timed([*argv, *args.overrides])
             summary = json.loads((run / "summary.json").read_text())
         pairs.append((peer_s, ours_s, peer["test_nelbo"], summary))
@@ -58,7 +69,8 @@ def main() -> None:
     peer_s, ours_s, peer_nelbo, summary = by_ratio[len(pairs) // 2]  # the median pair (odd N)
     each = [[round(p, 2), round(o, 2), round(o / p, 3)] for p, o, _, _ in pairs]
     print(json.dumps({
-        "peer": "pytorch/examples", "peer_epochs": args.peer_epochs, "peer_process_seconds": round(peer_s, 2),
+        "peer": "pytorch/examples", "device": summary.get("device", args.device),
+        "peer_epochs": args.peer_epochs, "peer_process_seconds": round(peer_s, 2),
         "peer_test_nelbo": peer_nelbo, "turbovae_config": args.config,
         "turbovae_process_seconds": round(ours_s, 2), "turbovae_test_nelbo": round(summary["test_nelbo"], 2),
         "turbovae_epochs": round(summary.get("step_limited_epochs", summary["epochs"]), 2),
