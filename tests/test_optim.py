@@ -26,6 +26,7 @@ from turbovae.engine.optim import (
     lr_tensor,
     make_optimizer,
     total_norm,
+    weight_average,
 )
 from turbovae.engine.setup import build_vae, setup
 from turbovae.engine.step import STATS, make_step
@@ -256,7 +257,10 @@ def test_ema_averages_with_a_warm_up_and_swaps_back():
 
 # ---- the loop -----------------------------------------------------------------------------------------
 
-SMALL = ["train.epochs=3", "train.log_every=5", "eval.iwae_k=0", "train.threads=1", "train.compile=off"]
+# the runs train where the tests run (TURBOVAE_DEVICE; benchmarks/gpu.sh sets cuda), and the checks
+# that recompute a run's figures use the same device (its generators and kernels)
+SMALL = ["train.epochs=3", "train.log_every=5", "eval.iwae_k=0", "train.threads=1", "train.compile=off",
+         f"train.device={DEVICE}"]  # fmt: skip
 
 
 def run(tmp_path, *overrides, name="run"):
@@ -275,7 +279,7 @@ def test_metrics_carry_noise_scale_active_units_and_skips(tmp_path):
     assert len(evals) == 10 and all(len(e["kl_per_dim"]) == 16 for e in evals)
     # the last epoch's count is the trained model's, recomputed here from its checkpoint on the same
     # validation images; after 10 epochs the model uses its latents again (11 of 16 active; 0: a collapse)
-    s = setup(resolve("digits-mlp", overrides=SMALL), torch.device("cpu"))
+    s = setup(resolve("digits-mlp", overrides=SMALL), torch.device(DEVICE))
     q = encode_all(load(out), s.x_val[:COLLAPSE_EXAMPLES], s.prepare_val)
     assert evals[-1]["active_units"] == active_units(q)[0] >= 4
     # a healthy run: the adaptive skip leaves every step alone, and the counts add up
@@ -286,20 +290,24 @@ def test_metrics_carry_noise_scale_active_units_and_skips(tmp_path):
 def test_repeated_nan_gradients_roll_back_with_a_lower_lr(tmp_path, monkeypatch, capsys):
     import turbovae.engine.loop as t
 
-    real = t.make_step
+    real = t.compiled_step
 
-    def poisoned(*args, **kwargs):
-        step, calls = real(*args, **kwargs), {"n": 0}
+    def poisoned(r):
+        # the batches are poisoned on their way into the step as the loop runs it (on CUDA: into the
+        # captured graph's inputs, so the roll-back is tested against the replayed graph too)
+        compiled = real(r)
+        inner, calls = compiled.fn, {"n": 0}
 
         def bad_for_a_while(x, eps, *rest):
             calls["n"] += 1
             if 12 <= calls["n"] < 20:  # eight NaN batches in a row: more than nan_patience (5)
                 x = torch.full_like(x, math.nan)
-            return step(x, eps, *rest)
+            return inner(x, eps, *rest)
 
-        return bad_for_a_while
+        compiled.fn = bad_for_a_while
+        return compiled
 
-    monkeypatch.setattr(t, "make_step", poisoned)
+    monkeypatch.setattr(t, "compiled_step", poisoned)
     _, summary, events = run(tmp_path, "train.nan_patience=5")
     rollbacks = [e for e in events if e["event"] == "rollback"]
     assert len(rollbacks) == 1 and rollbacks[0]["lr_scale"] == 0.5 and rollbacks[0]["to_step"] == 10
@@ -319,23 +327,25 @@ def test_a_schedule_free_roll_back_restores_the_step_count_and_the_base_sequence
     import turbovae.engine.loop as t
     from turbovae.engine import state as state_module
 
-    real_step, real_start, real_restore = t.make_step, t.start, state_module.Snapshot.restore
+    real_step, real_start, real_restore = t.compiled_step, t.start, state_module.Snapshot.restore
     runs, restored = [], []
 
     def start(*args, **kwargs):
         runs.append(real_start(*args, **kwargs))
         return runs[-1]
 
-    def poisoned(*args, **kwargs):
-        step, calls = real_step(*args, **kwargs), {"n": 0}
+    def poisoned(r):  # the batches poisoned on their way into the step (on CUDA: into its graph)
+        compiled = real_step(r)
+        inner, calls = compiled.fn, {"n": 0}
 
         def bad_for_a_while(x, eps, *rest):
             calls["n"] += 1
             if 3 <= calls["n"] < 10 or 17 <= calls["n"] < 24:  # two runs of 7 NaN batches (patience 5)
                 x = torch.full_like(x, math.nan)
-            return step(x, eps, *rest)
+            return inner(x, eps, *rest)
 
-        return bad_for_a_while
+        compiled.fn = bad_for_a_while
+        return compiled
 
     def restore(self):
         real_restore(self)
@@ -344,7 +354,7 @@ def test_a_schedule_free_roll_back_restores_the_step_count_and_the_base_sequence
         fresh = all("z" not in opt.state[p] or torch.equal(opt.state[p]["z"], p) for p in params)
         restored.append((opt.param_groups[0]["k"], fresh))
 
-    monkeypatch.setattr(t, "make_step", poisoned)
+    monkeypatch.setattr(t, "compiled_step", poisoned)
     monkeypatch.setattr(t, "start", start)
     monkeypatch.setattr(state_module.Snapshot, "restore", restore)
     _, summary, _ = run(tmp_path, *SF, "train.nan_patience=5", "train.epochs=2")
@@ -411,20 +421,23 @@ def test_the_output_bias_starts_at_the_logit_of_the_mean_training_image():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (benchmarks/gpu.sh runs this)")
-def test_the_step_replayed_as_one_cuda_graph_matches_the_plain_step():
+@pytest.mark.parametrize("optimizer", ["adam", "schedulefree"])
+def test_the_step_replayed_as_one_cuda_graph_matches_the_plain_step(optimizer):
     from turbovae.runtime import CudaGraphStep
 
-    cfg = cfg_with(lr=0.01, skip_grad=5, ema=0.9, clip_grad=10)
+    sf = optimizer == "schedulefree"
+    cfg = cfg_with(optimizer=optimizer, lr=0.01, skip_grad=5, clip_grad=10, **({} if sf else {"ema": 0.9}))
     device = torch.device("cuda")
 
     def build():
         torch.manual_seed(0)
         vae = build_vae(cfg, (1, 8, 8)).to(device)
         opt = make_optimizer(cfg, vae, device)
-        ema = EMA(vae, cfg.train.ema)
-        return vae, make_step(vae, opt, None, cfg, device, ema=ema), ema
+        assert getattr(opt, "device_scalars", True)  # schedule-free keeps its scalars on the device
+        ema = weight_average(cfg, vae, opt)
+        return vae, make_step(vae, opt, None, cfg, device, ema=ema), ema, opt
 
-    (va, plain, ema_a), (vb, step, ema_b) = build(), build()
+    (va, plain, ema_a, _), (vb, step, ema_b, opt_b) = build(), build()
     graphed = CudaGraphStep(step)
     gen = torch.Generator(device=device).manual_seed(1)
     for i in range(12):
@@ -436,7 +449,13 @@ def test_the_step_replayed_as_one_cuda_graph_matches_the_plain_step():
         torch.testing.assert_close(a, b)
         assert b[STATS.index("skipped")] == (i == 8)
     assert graphed.graph is not None and not graphed.failed
-    for p, q in zip([*va.parameters(), *ema_a.params], [*vb.parameters(), *ema_b.params], strict=True):
+    if sf:  # the step count went on inside the graph: 11 steps taken, the flagged one not counted
+        assert opt_b.state_dict()["param_groups"][0]["k"] == 11
+
+    def averaged(a):  # EMA's weights, or schedule-free's x
+        return a.average() if sf else a.params
+
+    for p, q in zip([*va.parameters(), *averaged(ema_a)], [*vb.parameters(), *averaged(ema_b)], strict=True):
         torch.testing.assert_close(p, q)
 
 
@@ -498,6 +517,63 @@ def test_schedule_free_on_the_fused_kernel_follows_the_library_step_for_step():
     assert getattr(opt, "_fused_scratch", None)
 
 
+def test_schedule_free_with_its_scalars_on_the_device_follows_the_library_and_skips_exactly():
+    """The CUDA form of the step (k, weight_sum, lr_max, the rate and the skip flag all device tensors,
+    nothing read back, so it can be captured in a CUDA graph), here forced on the CPU: the library's
+    step for step over 40 steps with a changing rate, a flagged step that moves nothing (the scalars
+    included), and the scalars back in the group for a checkpoint and out of it on loading."""
+    import schedulefree
+
+    torch.manual_seed(0)
+    ours_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    ref_model = copy.deepcopy(ours_model)
+    opt = make_optimizer(cfg_with(optimizer="schedulefree", lr=0.01), ours_model)
+    assert not opt.device_scalars  # made on the CPU: the host's form, forced to the device's here
+    opt.device_scalars = True
+    opt.found_inf = torch.zeros(())
+    ref = schedulefree.AdamWScheduleFree(ref_model.parameters(), lr=0.01, warmup_steps=0)
+    ref.train()
+    for i in range(40):
+        x = torch.randn(16, 6)
+        lr_tensor(opt).fill_(0.01 * min(1.0, (i + 1) / 10))
+        for group in ref.param_groups:
+            group["lr"] = 0.01 * min(1.0, (i + 1) / 10)
+        opt.zero_grad(set_to_none=True)
+        ours_model(x).square().mean().backward()
+        if i == 20:  # a flagged step: the reference takes none
+            before = [p.detach().clone() for p in ours_model.parameters()]
+            state = [v.clone() for p in ours_model.parameters() for v in opt.state[p].values()]
+            scalars = {k: v.clone() for k, v in opt._scalars[0].items()}
+            opt.found_inf.fill_(1.0)
+            for p in ours_model.parameters():
+                p.grad.fill_(math.nan)
+            opt.step()
+            opt.found_inf.fill_(0.0)
+            assert all(torch.equal(a, b) for a, b in zip(before, ours_model.parameters(), strict=True))
+            after = [v for p in ours_model.parameters() for v in opt.state[p].values()]
+            assert all(torch.equal(a, b) for a, b in zip(state, after, strict=True))
+            assert all(torch.equal(v, opt._scalars[0][k]) for k, v in scalars.items())
+            continue
+        opt.step()
+        ref.zero_grad(set_to_none=True)
+        ref_model(x).square().mean().backward()
+        ref.step()
+    assert opt.param_groups[0]["k"] == 0  # the group holds the host's copy until it is read back
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["k"] == opt.param_groups[0]["k"] == ref.param_groups[0]["k"] == 39
+    assert opt.param_groups[0]["weight_sum"] == pytest.approx(ref.param_groups[0]["weight_sum"])
+    assert opt.param_groups[0]["lr_max"] == pytest.approx(ref.param_groups[0]["lr_max"])
+    for p, q in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key in ("z", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-7)
+    # loading puts the scalars back on the device, into the same tensors (a captured step holds them)
+    held = opt._scalars[0]["k"]
+    sd["param_groups"][0]["k"] = 7
+    opt.load_state_dict(sd)
+    assert opt._scalars[0]["k"] is held and held.item() == 7
+
+
 def test_schedule_free_steps_allocate_nothing_after_the_first(monkeypatch):
     """The fused step's scratch buffers are made once: a later step calls no zeros_like (it used to
     make and drop one buffer per parameter every step, a third of the step's time on a CPU)."""
@@ -556,8 +632,31 @@ def test_schedule_free_with_weight_decay_takes_the_library_step():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters(), strict=True))
 
 
-def test_schedule_free_run_evaluates_and_saves_its_average_and_resumes_exactly(tmp_path):
+def checkpoint_k(out):
+    """Schedule-free's step count k as the run's latest checkpoint holds it."""
+    from turbovae.engine import checkpoint
+
+    return checkpoint.load(checkpoint.latest(out))[1]["optimizer"]["param_groups"][0]["k"]
+
+
+@pytest.mark.parametrize("device_scalars", [None, True])
+def test_schedule_free_run_evaluates_and_saves_its_average_and_resumes_exactly(
+    tmp_path, monkeypatch, device_scalars
+):
+    """``device_scalars``: True forces the CUDA form of the step (its scalars on the device) on the CPU."""
+    if device_scalars:
+        import turbovae.engine.loop as t
+
+        real = t.make_optimizer
+
+        def on_device(*args, **kwargs):
+            opt = real(*args, **kwargs)
+            opt.device_scalars = True
+            return opt
+
+        monkeypatch.setattr(t, "make_optimizer", on_device)
     out, summary, _ = run(tmp_path, *SF, "train.epochs=2", name="whole")
+    assert summary["steps"] == checkpoint_k(out)
     assert math.isfinite(summary["test_nelbo"]) and summary["compile"] == "eager"
     from turbovae.engine import checkpoint
 
@@ -571,7 +670,7 @@ def test_schedule_free_run_evaluates_and_saves_its_average_and_resumes_exactly(t
         assert not torch.equal(p.detach(), tensors[f"model.{name}"])
     # the summary's test NELBO is the average's: the loaded model, with the final evaluation's noise,
     # gives it again (the training point y gives another figure)
-    s = setup(resolve("digits-mlp", overrides=[*SMALL, *SF]), torch.device("cpu"))
+    s = setup(resolve("digits-mlp", overrides=[*SMALL, *SF]), torch.device(DEVICE))
     from turbovae import evaluation
     from turbovae.runtime import generator
 

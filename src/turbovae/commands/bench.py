@@ -75,9 +75,8 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
     key = f"bench|{cfg.model}|{s.precision}|{batch}"
     tokens = s.data.is_tokens
     graphs = cfg.train.cuda_graph and not tokens and scaler is None
-    step = runtime.StepCompiler(
-        eager, cfg.train.compile, device, key=key, remaining_steps=total, graphs=graphs
-    )
+    mode = "off" if cfg.train.optimizer == "schedulefree" else cfg.train.compile  # as train runs it
+    step = runtime.StepCompiler(eager, mode, device, key=key, remaining_steps=total, graphs=graphs)
     g = runtime.generator(device, cfg.train.seed)
     dynamic = s.binarize_mode == "dynamic"
     noise = noise_shape_of(cfg.train.objective, batch, vae.latent, cfg.train.iwae_k)

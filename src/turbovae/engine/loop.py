@@ -292,12 +292,13 @@ def compiled_step(r: Run) -> runtime.StepCompiler:
     spec, m = model_spec(cfg.model.name), cfg.model
     batch = distributed.local_batch(r.global_batch, r.ctx.world, cfg.train.batch_size)  # this rank's share
     shape = "|".join(str(getattr(m, f)) for f in spec.fields)
-    # data-parallel runs compile the forward only; schedule-free's step reads its rate and skip flag on
-    # the host, so it is neither compiled nor captured
-    whole = r.forward is None and cfg.train.optimizer != "schedulefree"
+    # data-parallel runs compile the forward only; schedule-free's step is not compiled (plain Python
+    # over the library's state), but on CUDA it reads nothing back and is captured with the rest
+    whole = r.forward is None
+    compilable = whole and cfg.train.optimizer != "schedulefree"
     return runtime.StepCompiler(
         make_step(s.vae, st.opt, st.scaler, cfg, s.device, s.precision, st.guard, st.ema, r.forward),
-        cfg.train.compile if whole else "off",
+        cfg.train.compile if compilable else "off",
         s.device,
         key=f"{s.device.type}|{torch.__version__}|{m.name}|{s.data.event_shape}|{shape}|{cfg.train.objective}|"
         f"{s.precision}|{batch}" + (f"|classes {s.vae.n_classes}" if s.vae.n_classes else ""),

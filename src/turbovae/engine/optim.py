@@ -114,9 +114,13 @@ def _schedule_free(
     """schedulefree's AdamWScheduleFree (Defazio et al. 2024; a dependency of turbovae)
     made to follow the loop's conventions: its rate read from the tensor ``lr_now`` each step (the loop's
     warm-up and roll-back halving fill it in; the library's own warm-up is not used) and ``found_inf``
-    honoured by skipping the step. Both are host reads, so this optimiser runs eagerly (train.compile and
-    CUDA graphs are not used with it). The weights it evaluates are the average x, not the training
-    point y the parameters hold: ``ScheduleFreeAverage`` swaps them in."""
+    honoured by skipping the step. On the CPU both are host reads and the group's scalars (``k``,
+    ``weight_sum``, ``lr_max``) host numbers, as in the library. On CUDA (``device_scalars``) the scalars
+    live on the device and the step reads nothing back, so the loop captures it in the step's CUDA graph;
+    ``sync_host`` and ``sync_device`` move them between the group and the device (checkpoints, the
+    roll-back snapshot and the noise probe read the group). train.compile is not used with it. The
+    weights it evaluates are the average x, not the training point y the parameters hold:
+    ``ScheduleFreeAverage`` swaps them in."""
     try:
         import schedulefree
     except ImportError:
@@ -127,14 +131,52 @@ def _schedule_free(
     class SkippableAdamWScheduleFree(schedulefree.AdamWScheduleFree):
         found_inf: torch.Tensor | None = None
         lr_now: torch.Tensor
-        lazy_state = True  # a fresh state is no state (z is made from y at the first step), not zeros
 
         # torch.optim.Optimizer wraps these in torch._disable_dynamo, whose first call imports
         # torch._dynamo: 1.6-3 s of a 20-s run on a 2-core CPU, for an optimiser that is never traced
         # (see the docstring). The methods themselves, unwrapped:
         add_param_group = _undecorated(torch.optim.Optimizer.add_param_group)
-        state_dict = _undecorated(torch.optim.Optimizer.state_dict)
-        load_state_dict = _undecorated(torch.optim.Optimizer.load_state_dict)
+        device_scalars = False  # CUDA: k, weight_sum and lr_max kept on the device (see the docstring)
+        _scalars: list[dict[str, torch.Tensor]] | None = None
+
+        def state_dict(self) -> dict[str, Any]:
+            self.sync_host()
+            return dict(_undecorated(torch.optim.Optimizer.state_dict)(self))
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            _undecorated(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+            self.sync_device()
+
+        @torch.no_grad()
+        def reset_state(self) -> None:
+            """A fresh state, in place: z = y and no second moments, what the first step makes (zeros
+            would pull x towards 0), in the tensors a captured step holds."""
+            for state, p in ((self.state[p], p) for g in self.param_groups for p in g["params"]):
+                if "z" in state:
+                    state["z"].copy_(p)
+                    state["exp_avg_sq"].zero_()
+
+        def sync_host(self) -> None:
+            """The device's k, weight_sum and lr_max into the groups (reads the device: not in a step)."""
+            if self._scalars is None:
+                return
+            for group, dev in zip(self.param_groups, self._scalars, strict=True):
+                group["k"] = round(dev["k"].item())
+                group["weight_sum"], group["lr_max"] = dev["weight_sum"].item(), dev["lr_max"].item()
+                group["lr"] = float(self.lr_now)
+
+        def sync_device(self) -> None:
+            """The groups' scalars onto the device, in place (a captured step holds these tensors)."""
+            if not self.device_scalars:
+                return
+            device = self.lr_now.device
+            if self._scalars is None:
+                self._scalars = [{key: torch.zeros((), dtype=torch.float64, device=device)
+                                  for key in _DEVICE_SCALARS} for _ in self.param_groups]  # fmt: skip
+            with torch.no_grad():
+                for group, dev in zip(self.param_groups, self._scalars, strict=True):
+                    for key in _DEVICE_SCALARS:
+                        dev[key].fill_(float(group[key]))
 
         def zero_grad(self, set_to_none: bool = True) -> None:
             if not set_to_none:
@@ -146,21 +188,32 @@ def _schedule_free(
 
         @torch.no_grad()
         def step(self, closure: Any = None) -> None:
+            actives = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+            fusable = all(_fusable(g, a) for g, a in zip(self.param_groups, actives, strict=True))
+            if self.device_scalars and fusable and self.found_inf is not None:
+                if self._scalars is None:
+                    self.sync_device()
+                assert self._scalars is not None
+                for group, active, dev in zip(self.param_groups, actives, self._scalars, strict=True):
+                    _schedule_free_fused_on_device(self, group, active, dev)
+                return
+            self.sync_host()  # the host's step (CPU, or a case the device step does not cover)
             if self.found_inf is not None and bool(self.found_inf.item()):
                 return
             for group in self.param_groups:
                 group["lr"] = float(self.lr_now)
-            actives = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
-            if all(_fusable(g, a) for g, a in zip(self.param_groups, actives, strict=True)):
+            if fusable:
                 for group, active in zip(self.param_groups, actives, strict=True):
                     _schedule_free_fused(self, group, active)
             else:
                 super().step()
+            self.sync_device()
 
     opt = SkippableAdamWScheduleFree(
         params, lr=float(lr), betas=betas, weight_decay=weight_decay, warmup_steps=0
     )
     opt.lr_now = lr
+    opt.device_scalars = lr.device.type == "cuda"
     opt.train()  # the library's mode flag; the parameters always hold y (ScheduleFreeAverage swaps x in)
     return opt
 
@@ -223,6 +276,58 @@ def _schedule_free_fused(
     )  # fmt: skip
     torch._foreach_add_(active, zs, alpha=ratio)
     group["k"] = k + 1
+
+
+_DEVICE_SCALARS = ("k", "weight_sum", "lr_max")
+
+
+@torch.no_grad()
+def _schedule_free_fused_on_device(
+    opt: Any, group: dict[str, Any], active: list[torch.Tensor], dev: dict[str, torch.Tensor]
+) -> None:
+    """``_schedule_free_fused`` with the group's scalars ``dev`` (float64 device tensors), the rate
+    ``opt.lr_now`` and the skip flag ``opt.found_inf`` all on the device: nothing is read back, so the
+    step can be captured in a CUDA graph. A flagged step leaves y, z, the second moments and the scalars
+    exactly as they were (its mixing weights are 0 and the fused kernel honours found_inf). Rounding
+    differs from the host's step by the order of the products (same update, about 1e-7 relative)."""
+    beta1, beta2 = group["betas"]
+    keep = 1.0 - opt.found_inf.double()
+    lr = opt.lr_now.double()
+    lr_max = torch.where(keep > 0, torch.maximum(dev["lr_max"], lr), dev["lr_max"])
+    weight = (dev["k"] + 1) ** group["r"] * lr_max ** group["weight_lr_power"]
+    weight_sum = dev["weight_sum"] + weight * keep
+    ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight_sum)) * keep
+    ratio = (1.0 - beta1 * (1.0 - ckp1)) * keep  # 0 on a skipped step: y is left alone
+    scratch = opt.__dict__.setdefault("_fused_scratch", {})
+    for p in active:
+        state = opt.state[p]
+        if "z" not in state:
+            state["z"] = torch.clone(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if id(p) not in scratch:
+            scratch[id(p)] = torch.zeros_like(p)
+    zs = [opt.state[p]["z"] for p in active]
+    # y ← (1 − c) y + (c − ratio) z, Adam's step on z, y ← y + ratio z (the host step's update)
+    torch._foreach_mul_(active, (1.0 - ckp1).float())
+    torch._foreach_add_(active, torch._foreach_mul(zs, (ckp1 - ratio).float()))
+    steps = scratch.get(("step", active[0].device))
+    if steps is None:
+        steps = scratch[("step", active[0].device)] = torch.zeros((), device=active[0].device)
+    steps.copy_(dev["k"] + 1)
+    torch._fused_adam_(
+        zs,
+        [p.grad for p in active if p.grad is not None],
+        [scratch[id(p)] for p in active],
+        [opt.state[p]["exp_avg_sq"] for p in active],
+        [],
+        [steps] * len(active),
+        lr=opt.lr_now, beta1=0.0, beta2=beta2, weight_decay=0.0, eps=group["eps"], amsgrad=False,
+        maximize=False, found_inf=opt.found_inf,
+    )  # fmt: skip
+    torch._foreach_add_(active, torch._foreach_mul(zs, ratio.float()))
+    dev["k"].add_(keep)
+    dev["weight_sum"].copy_(weight_sum)
+    dev["lr_max"].copy_(lr_max)
 
 
 def make_optimizer(

@@ -140,7 +140,10 @@ class Snapshot:
     @torch.no_grad()
     def take(self) -> None:
         self.saved = {k: [t.detach().clone() for t in ts] for k, ts in self._tensors().items()}
-        # the groups' own numbers (schedule-free's step count k, weight_sum and lr_max live there)
+        # the groups' own numbers (schedule-free's step count k, weight_sum and lr_max live there; on
+        # CUDA on the device, read back first)
+        if sync := getattr(self.st.opt, "sync_host", None):
+            sync()
         self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params" and not torch.is_tensor(v)}
                        for g in self.st.opt.param_groups]  # fmt: skip
         self.step = self.st.loop["step"]
@@ -150,11 +153,13 @@ class Snapshot:
         opt = self.st.opt
         for group, saved_group in zip(opt.param_groups, self.groups, strict=True):
             group.update(copy.deepcopy(saved_group))
+        if sync := getattr(opt, "sync_device", None):
+            sync()
         for key, tensors in self._tensors().items():
             saved = self.saved[key]
             if key == "optim" and len(saved) != len(tensors):  # taken before the first step: a fresh state
-                if getattr(opt, "lazy_state", False):  # made at the first step from the parameters (z = y)
-                    opt.state.clear()
+                if reset := getattr(opt, "reset_state", None):  # schedule-free: z = y (the model is back)
+                    reset()
                     continue
                 saved = [torch.zeros_like(t) for t in tensors]  # Adam's and the others' fresh state
             for t, v in zip(tensors, saved, strict=True):

@@ -51,6 +51,8 @@ def adam_preconditioner(
     multiple of the identity (McCandlish et al. 2018, section 2.2); the preconditioner brings it closer to
     that, and on Fashion-MNIST the preconditioned value (about 100 after a few epochs) predicted the examples
     larger batches needed better than the plain one (about 35)."""
+    if sync := getattr(opt, "sync_host", None):  # schedule-free's k, kept on the device on CUDA
+        sync()
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     weights = []
     for p in params:
