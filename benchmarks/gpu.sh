@@ -76,8 +76,10 @@ if [ "$DEVICE" = cuda ]; then
   t=$(limit 90)
   echo "== 5. optimiser, step and hvae tests on CUDA (limit ${t} s)"
   HVAE_TESTS=$(ls tests/test_hvae.py 2>/dev/null)
-  TURBOVAE_DEVICE=cuda timeout "$t" $PY -m pytest -q -m "not slow" -p no:cacheprovider -p no:warnings \
-    ${GPU_TESTS:-tests/test_optim.py $HVAE_TESTS} 2>&1 | tail -15
+  # (the project's addopts already say -q: a second one hides pytest's count line)
+  TURBOVAE_DEVICE=cuda timeout "$t" $PY -m pytest -m "not slow" -p no:cacheprovider -p no:warnings -rf \
+    ${GPU_TESTS:-tests/test_optim.py $HVAE_TESTS} > "$OUT/gpu-tests.log" 2>&1; echo "   rc $?"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu-tests.log" | tail -12
 fi
 
 echo "== 6. other variants: compiled MLP at 128, GPU-sized batches, fp32 eager"
