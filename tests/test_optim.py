@@ -592,14 +592,16 @@ def test_schedule_free_steps_allocate_nothing_after_the_first(monkeypatch):
     assert not all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
 
 
-def test_schedule_free_does_not_import_torch_dynamo():
-    """torch.optim's methods are wrapped in torch._disable_dynamo, whose first call imports torch._dynamo
-    (1.6-3 s on a 2-core CPU); the schedule-free optimiser, never traced, uses them unwrapped."""
+@pytest.mark.parametrize("optimizer", ["schedulefree", "adam", "adamw", "adamax", "sgd"])
+def test_no_optimiser_imports_torch_dynamo(optimizer):
+    """torch.optim's methods are wrapped in torch._disable_dynamo (Adam's step in a graph break), whose
+    first call imports torch._dynamo (1-3 s of a run's start on a 2-core CPU); outside torch.compile the
+    optimisers run them unwrapped. Adam and AdamW used to import it in their constructor."""
     code = (
         "import sys, torch\n"
         "from turbovae.config import resolve\n"
         "from turbovae.engine.optim import make_optimizer\n"
-        "cfg = resolve('digits-mlp', overrides=['train.optimizer=schedulefree'])\n"
+        f"cfg = resolve('digits-mlp', overrides=['train.optimizer={optimizer}'])\n"
         "m = torch.nn.Linear(3, 2)\n"
         "opt = make_optimizer(cfg, m)\n"
         "opt.found_inf = torch.zeros(())\n"
