@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import DEVICE
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from turbovae import load
 from turbovae.config import resolve
@@ -612,6 +613,38 @@ def test_no_optimiser_imports_torch_dynamo(optimizer):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_adam_under_torch_compile_runs_step_hooks_once_per_step():
+    """Under torch.compile the optimiser runs torch's own step, without the hook wrapper torch puts on
+    torch.optim.Adam once a plain Adam exists (it used to nest two: a global pre-hook ran twice)."""
+    torch.optim.Adam(torch.nn.Linear(2, 2).parameters())  # torch patches Adam.step with its hooks
+    model = torch.nn.Linear(4, 3)
+    opt = make_optimizer(cfg_with(lr=0.01), model)
+    calls = []
+    handle = register_optimizer_step_pre_hook(lambda *a: calls.append(1))
+    try:
+
+        @torch.compile(backend="eager")
+        def step(x):
+            opt.zero_grad(set_to_none=True)
+            model(x).square().sum().backward()
+            opt.step()
+
+        for _ in range(3):
+            step(torch.randn(8, 4))
+    finally:
+        handle.remove()
+    assert len(calls) == 3 and opt.state[model.weight]["step"].item() == 3
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the device form of schedule-free is CUDA's")
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_schedule_free_keeps_its_scalars_on_cuda_only_where_its_device_step_applies(weight_decay):
+    """With weight decay the library's step runs, which reads the host: that run is not captured."""
+    model = torch.nn.Linear(4, 3).cuda()
+    opt = make_optimizer(cfg_with(optimizer="schedulefree", lr=0.01, weight_decay=weight_decay), model)
+    assert opt.device_scalars == (weight_decay == 0)
 
 
 def test_schedule_free_with_weight_decay_takes_the_library_step():

@@ -74,7 +74,7 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
     total = cfg.train.epochs * (len(s.x_train) // batch)
     key = f"bench|{cfg.model}|{s.precision}|{batch}"
     tokens = s.data.is_tokens
-    graphs = cfg.train.cuda_graph and not tokens and scaler is None
+    graphs = cfg.train.cuda_graph and not tokens and scaler is None and getattr(opt, "device_scalars", True)
     mode = "off" if cfg.train.optimizer == "schedulefree" else cfg.train.compile  # as train runs it
     step = runtime.StepCompiler(eager, mode, device, key=key, remaining_steps=total, graphs=graphs)
     g = runtime.generator(device, cfg.train.seed)

@@ -296,6 +296,8 @@ def compiled_step(r: Run) -> runtime.StepCompiler:
     # over the library's state), but on CUDA it reads nothing back and is captured with the rest
     whole = r.forward is None
     compilable = whole and cfg.train.optimizer != "schedulefree"
+    # schedule-free: only its device step (CUDA, no weight decay) is captured
+    capturable = whole and getattr(st.opt, "device_scalars", True)
     return runtime.StepCompiler(
         make_step(s.vae, st.opt, st.scaler, cfg, s.device, s.precision, st.guard, st.ema, r.forward),
         cfg.train.compile if compilable else "off",
@@ -303,7 +305,7 @@ def compiled_step(r: Run) -> runtime.StepCompiler:
         key=f"{s.device.type}|{torch.__version__}|{m.name}|{s.data.event_shape}|{shape}|{cfg.train.objective}|"
         f"{s.precision}|{batch}" + (f"|classes {s.vae.n_classes}" if s.vae.n_classes else ""),
         remaining_steps=r.total_steps - r.loop["step"],
-        graphs=cfg.train.cuda_graph and not s.data.is_tokens and st.scaler is None and whole,
+        graphs=cfg.train.cuda_graph and not s.data.is_tokens and st.scaler is None and capturable,
     )
 
 

@@ -12,7 +12,7 @@ import contextlib
 import inspect
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -48,12 +48,16 @@ class _Eager(torch.optim.Optimizer):
 
 
 def _eager_step(base: type[torch.optim.Optimizer]) -> Any:
-    """``base.step`` without its graph break (see ``_Eager``), under no_grad as torch runs it."""
-    plain = inspect.unwrap(base.step)
+    """``base.step`` without its graph break (see ``_Eager``), under no_grad as torch runs it. Under
+    torch.compile, torch's own step (graph break included) without the step-hook wrapper torch puts on
+    a class once it is instantiated: this class's step has that wrapper already, so hooks run once."""
+    plain, traced = inspect.unwrap(base.step), cast(Any, base.step)
+    while getattr(traced, "hooked", False):  # Optimizer._patch_step_function's profile_hook_step
+        traced = traced.__wrapped__
 
     def step(self: torch.optim.Optimizer, closure: Any = None) -> Any:
         if torch.compiler.is_compiling():
-            return base.step(self, closure)
+            return traced(self, closure)
         with torch.no_grad():
             return plain(self, closure)
 
@@ -240,7 +244,8 @@ def _schedule_free(
         params, lr=float(lr), betas=betas, weight_decay=weight_decay, warmup_steps=0
     )
     opt.lr_now = lr
-    opt.device_scalars = lr.device.type == "cuda"
+    # on CUDA where the device step applies (not with weight decay: the library's step takes that)
+    opt.device_scalars = lr.device.type == "cuda" and not weight_decay
     opt.train()  # the library's mode flag; the parameters always hold y (ScheduleFreeAverage swaps x in)
     return opt
 
@@ -314,8 +319,9 @@ def _schedule_free_fused_on_device(
 ) -> None:
     """``_schedule_free_fused`` with the group's scalars ``dev`` (float64 device tensors), the rate
     ``opt.lr_now`` and the skip flag ``opt.found_inf`` all on the device: nothing is read back, so the
-    step can be captured in a CUDA graph. A flagged step leaves y, z, the second moments and the scalars
-    exactly as they were (its mixing weights are 0 and the fused kernel honours found_inf). Rounding
+    step can be captured in a CUDA graph. A flagged step leaves z, the second moments and the scalars
+    bit for bit as they were and y at the same values (its mixing weights are 0, so y·1 + z·0: a −0.0
+    in y can come back +0.0; the fused kernel honours found_inf). Rounding
     differs from the host's step by the order of the products (same update, about 1e-7 relative)."""
     beta1, beta2 = group["betas"]
     keep = 1.0 - opt.found_inf.double()
