@@ -98,6 +98,34 @@ def test_own_optimisers_match_torch(ours, theirs):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_adamax_updates_every_tensor_at_once_like_torch_and_a_skipped_first_step_is_no_step():
+    """Adamax's multi-tensor step against torch's Adamax on a model of several tensors with weight
+    decay; a flagged first step (NaN gradients) changes nothing, so the runs stay step for step equal."""
+    torch.manual_seed(0)
+    ours_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    ref_model = copy.deepcopy(ours_model)
+    ours = Adamax(ours_model.parameters(), lr=torch.tensor(0.01), weight_decay=0.01)
+    ref = torch.optim.Adamax(ref_model.parameters(), lr=0.01, weight_decay=0.01)
+    ours.found_inf = torch.ones(())
+    for p in ours_model.parameters():
+        p.grad = torch.full_like(p, math.nan)
+    before = [p.detach().clone() for p in ours_model.parameters()]
+    ours.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ours_model.parameters(), strict=True))
+    assert all(torch.equal(v, torch.zeros_like(v)) for st in ours.state.values() for v in st.values())
+    ours.found_inf = torch.zeros(())
+    for _ in range(20):
+        x = torch.randn(16, 6)
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            opt.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.state[p]["exp_inf"], ref.state[q]["exp_inf"])
+        assert ours.state[p]["step"].item() == ref.state[q]["step"].item() == 20
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw", "adamax", "sgd"])
 def test_a_nan_gradient_is_skipped_and_counted_state_and_all(name):
     cfg = cfg_with(optimizer=name, lr=0.01)

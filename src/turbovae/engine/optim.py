@@ -85,6 +85,13 @@ class _Skippable(_Eager):
         return self.found_inf.to(p.device) == 0
 
 
+def _pick(keep: torch.Tensor, applied: float, skipped: float) -> torch.Tensor:
+    """``applied`` where ``keep`` (a 0-dim bool) else ``skipped``, a 0-dim float32 tensor on its device
+    (made by fill kernels, not copied from the host: a CUDA graph can capture it)."""
+    like = keep.float()
+    return torch.where(keep, torch.full_like(like, applied), torch.full_like(like, skipped))
+
+
 class Adamax(_Skippable):
     """Adamax (Kingma & Ba 2015, section 7.1), Efficient-VDVAE's optimiser: the second moment is an
     infinity norm, u = max(β₂·u, |g| + ε), so one huge gradient cannot inflate the step size."""
@@ -101,28 +108,47 @@ class Adamax(_Skippable):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        """One update of all of a group's tensors in a few multi-tensor (foreach) kernels: the update
+        of one tensor at a time took 66 ops per tensor (20,000 for the 301 tensors of fmnist-hvae-gpu,
+        each a kernel launch on a GPU). A skipped step (found_inf) leaves everything as it was: its
+        gradients are replaced by zeros and its mixing weights are those of no change."""
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                keep = self._keep(p)
-                g = p.grad if not group["weight_decay"] else p.grad + group["weight_decay"] * p
+            for p in params:
                 st = self.state[p]
                 if not st:
                     st["step"] = torch.zeros((), device=p.device)
                     st["exp_avg"] = torch.zeros_like(p)
                     st["exp_inf"] = torch.zeros_like(p)
-                t = st["step"] + keep.float()
-                m = torch.where(keep, st["exp_avg"] * b1 + g * (1 - b1), st["exp_avg"])
-                u = torch.where(
-                    keep, torch.maximum(st["exp_inf"] * b2, g.abs() + group["eps"]), st["exp_inf"]
-                )
-                update = group["lr"] / (1 - b1 ** t.clamp(min=1)) * m / u
-                p.copy_(torch.where(keep, p - update, p))
-                st["step"].copy_(t)
-                st["exp_avg"].copy_(m)
-                st["exp_inf"].copy_(u)
+            keep = self._keep(params[0])
+            k = keep.float()  # 1: apply, 0: skip
+            grads = [p.grad for p in params if p.grad is not None]
+            if group["weight_decay"]:
+                grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+            grads = [torch.where(keep, g, 0.0) for g in grads]  # a skipped step's NaN never enters
+            ms, us = [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_inf"] for p in params]
+            steps = [self.state[p]["step"] for p in params]
+            # m ← β₁ m + (1 − β₁) g; u ← max(β₂ u, |g| + ε); skipped: m ← m, u ← max(u, 0) = u
+            torch._foreach_mul_(ms, _pick(keep, b1, 1.0))
+            torch._foreach_add_(ms, torch._foreach_mul(grads, _pick(keep, 1.0 - b1, 0.0)))
+            torch._foreach_mul_(us, _pick(keep, b2, 1.0))
+            fresh = torch._foreach_abs(grads)
+            torch._foreach_add_(fresh, group["eps"])
+            torch._foreach_mul_(fresh, k)
+            torch._foreach_maximum_(us, fresh)
+            torch._foreach_add_(steps, k)
+            # θ ← θ − lr / (1 − β₁ᵗ) · m / u (t ≥ 1: a skipped first step divides by nothing)
+            sizes = torch._foreach_pow(b1, torch._foreach_clamp_min(steps, 1.0))
+            torch._foreach_neg_(sizes)
+            torch._foreach_add_(sizes, 1.0)
+            torch._foreach_reciprocal_(sizes)
+            torch._foreach_mul_(sizes, group["lr"] * k)
+            updates = torch._foreach_div(ms, torch._foreach_add(us, 1.0 - k))  # u + 1 on a skip: no 0/0
+            torch._foreach_mul_(updates, sizes)
+            torch._foreach_sub_(params, updates)
 
 
 class SGD(_Skippable):
