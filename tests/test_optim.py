@@ -247,8 +247,12 @@ def test_the_guards_norm_is_the_global_l2_norm_and_inf_or_nan_skip():
         torch.randn(3, 5, generator=gen),
     ]
     expected = torch.cat([g.double().reshape(-1) for g in grads]).norm().float()
-    torch.testing.assert_close(total_norm(grads), expected, rtol=1e-5, atol=0)  # float32 sums
-    assert total_norm([torch.tensor([3.0, 4.0])]).item() == 5.0
+    for multi_tensor in (False, True):  # one dot per tensor (CPU), torch's multi-tensor norm (CUDA)
+        torch.testing.assert_close(total_norm(grads, multi_tensor), expected, rtol=1e-5, atol=0)
+        assert total_norm([torch.tensor([3.0, 4.0])], multi_tensor).item() == 5.0
+        for bad, norm in ((math.nan, math.nan), (math.inf, math.inf), (1e20, math.inf)):
+            got = total_norm([torch.tensor([1.0, bad]), torch.ones(3)], multi_tensor).item()
+            assert got == norm or (math.isnan(norm) and math.isnan(got))
     cfg = cfg_with()
     p = torch.nn.Parameter(torch.zeros(4))
     guard = GradGuard(cfg, [p], torch.device("cpu"))
