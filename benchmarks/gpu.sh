@@ -65,6 +65,9 @@ print(f"fmnist-mlp-fast on {s.get('device')}: training {s['train_seconds']:.2f} 
       f"compile: {s.get('compile')}")
 PY
 
+# the fast preset's own step (schedule-free, captured as one CUDA graph on CUDA) against the peer
+bench 45 --config fmnist-mlp-fast --vs examples --compile off
+
 echo "== 4. conv VAE and the hierarchical VAE against the card's bf16 matmul ceiling"
 bench 60 $CONV --compile off --precision bf16
 if [ -f src/turbovae/configs/fmnist-hvae-gpu.yaml ]; then
