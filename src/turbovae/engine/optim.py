@@ -305,35 +305,45 @@ def _schedule_free_fused(
     weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
     weight_sum = group["weight_sum"] = group["weight_sum"] + weight
     ckp1 = weight / weight_sum if weight_sum else 0.0
-    scratch = opt.__dict__.setdefault("_fused_scratch", {})
-    for p in active:
-        state = opt.state[p]
-        if "z" not in state:
-            state["z"] = torch.clone(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if id(p) not in scratch:  # made once (β₁ = 0: it holds the gradient)
-            scratch[id(p)] = torch.zeros_like(p)
-    zs = [opt.state[p]["z"] for p in active]
+    zs, buffers, sqs, steps = _fused_state(opt, active)
     # y ← (1 − c) y + c z − lr (1 − β₁(1 − c)) ĝ, z ← z − lr ĝ (ĝ: the gradient over Adam's
     # denominator): y moves by the same multiple of z's step, ratio·(z_new − z_old)
     ratio = 1.0 - beta1 * (1.0 - ckp1)
     torch._foreach_lerp_(active, zs, ckp1)
     torch._foreach_add_(active, zs, alpha=-ratio)
-    steps = scratch.get(("step", active[0].device))
-    if steps is None:
-        steps = scratch[("step", active[0].device)] = torch.zeros((), device=active[0].device)
     steps.fill_(k + 1)
     torch._fused_adam_(
         zs,
         [p.grad for p in active if p.grad is not None],  # all of them
-        [scratch[id(p)] for p in active],
-        [opt.state[p]["exp_avg_sq"] for p in active],
+        buffers,
+        sqs,
         [],
         [steps] * len(active),
         lr=lr, beta1=0.0, beta2=beta2, weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False,
     )  # fmt: skip
     torch._foreach_add_(active, zs, alpha=ratio)
     group["k"] = k + 1
+
+
+def _fused_state(
+    opt: Any, active: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """The fused schedule-free step's tensors for ``active``: z and the second moments (made at the
+    first step: z = y), the fused kernel's first-moment buffers (made once; β₁ = 0, so each holds the
+    gradient) and its step-count tensor, filled in by the caller."""
+    scratch = opt.__dict__.setdefault("_fused_scratch", {})
+    for p in active:
+        state = opt.state[p]
+        if "z" not in state:
+            state["z"] = torch.clone(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if id(p) not in scratch:
+            scratch[id(p)] = torch.zeros_like(p)
+    steps = scratch.get(("step", active[0].device))
+    if steps is None:
+        steps = scratch[("step", active[0].device)] = torch.zeros((), device=active[0].device)
+    return ([opt.state[p]["z"] for p in active], [scratch[id(p)] for p in active],
+            [opt.state[p]["exp_avg_sq"] for p in active], steps)  # fmt: skip
 
 
 _DEVICE_SCALARS = ("k", "weight_sum", "lr_max")
@@ -357,27 +367,16 @@ def _schedule_free_fused_on_device(
     weight_sum = dev["weight_sum"] + weight * keep
     ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight_sum)) * keep
     ratio = (1.0 - beta1 * (1.0 - ckp1)) * keep  # 0 on a skipped step: y is left alone
-    scratch = opt.__dict__.setdefault("_fused_scratch", {})
-    for p in active:
-        state = opt.state[p]
-        if "z" not in state:
-            state["z"] = torch.clone(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if id(p) not in scratch:
-            scratch[id(p)] = torch.zeros_like(p)
-    zs = [opt.state[p]["z"] for p in active]
+    zs, buffers, sqs, steps = _fused_state(opt, active)
     # y ← (1 − c) y + (c − ratio) z, Adam's step on z, y ← y + ratio z (the host step's update)
     torch._foreach_mul_(active, (1.0 - ckp1).float())
     torch._foreach_add_(active, torch._foreach_mul(zs, (ckp1 - ratio).float()))
-    steps = scratch.get(("step", active[0].device))
-    if steps is None:
-        steps = scratch[("step", active[0].device)] = torch.zeros((), device=active[0].device)
     steps.copy_(dev["k"] + 1)
     torch._fused_adam_(
         zs,
         [p.grad for p in active if p.grad is not None],
-        [scratch[id(p)] for p in active],
-        [opt.state[p]["exp_avg_sq"] for p in active],
+        buffers,
+        sqs,
         [],
         [steps] * len(active),
         lr=opt.lr_now, beta1=0.0, beta2=beta2, weight_decay=0.0, eps=group["eps"], amsgrad=False,
