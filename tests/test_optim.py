@@ -518,9 +518,8 @@ def test_schedule_free_reads_the_loops_rate_and_skips_a_flagged_step_entirely():
     assert opt.param_groups[0]["k"] == 1
 
 
-def test_schedule_free_on_the_fused_kernel_follows_the_library_step_for_step():
-    """The fused update (torch's fused Adam for z, then y) against schedulefree's own step: the same
-    parameters, z, second moments and averaging weights over 40 steps with a changing rate."""
+def _schedule_free_pair():
+    """A small model with turbovae's schedule-free optimiser and its copy with schedulefree's own."""
     import schedulefree
 
     torch.manual_seed(0)
@@ -530,11 +529,24 @@ def test_schedule_free_on_the_fused_kernel_follows_the_library_step_for_step():
     opt.found_inf = torch.zeros(())
     ref = schedulefree.AdamWScheduleFree(ref_model.parameters(), lr=0.01, warmup_steps=0)
     ref.train()
+    return ours_model, opt, ref_model, ref
+
+
+def _next_batch_at_rate(opt, ref, i):
+    """Step i's batch, with both optimisers' rate set to a warm-up over the first 10 steps."""
+    rate = 0.01 * min(1.0, (i + 1) / 10)
+    lr_tensor(opt).fill_(rate)
+    for group in ref.param_groups:
+        group["lr"] = rate
+    return torch.randn(16, 6)
+
+
+def test_schedule_free_on_the_fused_kernel_follows_the_library_step_for_step():
+    """The fused update (torch's fused Adam for z, then y) against schedulefree's own step: the same
+    parameters, z, second moments and averaging weights over 40 steps with a changing rate."""
+    ours_model, opt, ref_model, ref = _schedule_free_pair()
     for i in range(40):
-        x = torch.randn(16, 6)
-        lr_tensor(opt).fill_(0.01 * min(1.0, (i + 1) / 10))
-        for group in ref.param_groups:
-            group["lr"] = 0.01 * min(1.0, (i + 1) / 10)
+        x = _next_batch_at_rate(opt, ref, i)
         for model, o in ((ours_model, opt), (ref_model, ref)):
             o.zero_grad(set_to_none=True)
             model(x).square().mean().backward()
@@ -555,22 +567,11 @@ def test_schedule_free_with_its_scalars_on_the_device_follows_the_library_and_sk
     nothing read back, so it can be captured in a CUDA graph), here forced on the CPU: the library's
     step for step over 40 steps with a changing rate, a flagged step that moves nothing (the scalars
     included), and the scalars back in the group for a checkpoint and out of it on loading."""
-    import schedulefree
-
-    torch.manual_seed(0)
-    ours_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    ref_model = copy.deepcopy(ours_model)
-    opt = make_optimizer(cfg_with(optimizer="schedulefree", lr=0.01), ours_model)
+    ours_model, opt, ref_model, ref = _schedule_free_pair()
     assert not opt.device_scalars  # made on the CPU: the host's form, forced to the device's here
     opt.device_scalars = True
-    opt.found_inf = torch.zeros(())
-    ref = schedulefree.AdamWScheduleFree(ref_model.parameters(), lr=0.01, warmup_steps=0)
-    ref.train()
     for i in range(40):
-        x = torch.randn(16, 6)
-        lr_tensor(opt).fill_(0.01 * min(1.0, (i + 1) / 10))
-        for group in ref.param_groups:
-            group["lr"] = 0.01 * min(1.0, (i + 1) / 10)
+        x = _next_batch_at_rate(opt, ref, i)
         opt.zero_grad(set_to_none=True)
         ours_model(x).square().mean().backward()
         if i == 20:  # a flagged step: the reference takes none
