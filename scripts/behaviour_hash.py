@@ -84,8 +84,9 @@ def main() -> int:
                "train.threads=1", "--precision", "fp32", "--compile", "off",
                *(a.format(table=table) for a in extra)]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True)
-        ev = subprocess.run([sys.executable, "-m", "turbovae.cli", "eval", str(run), "--iwae-k", "20", "--json",
-                             "--seed", "0", "--threads", "1"], check=True, capture_output=True, text=True)  # fmt: skip
+        ev_cmd = [sys.executable, "-m", "turbovae.cli", "eval", str(run), "--iwae-k", "20", "--json",
+                  "--seed", "0", "--threads", "1"]  # fmt: skip
+        ev = subprocess.run(ev_cmd, check=True, capture_output=True, text=True)
         summary = json.loads((run / "summary.json").read_text())
         hashes[name] = {
             "tensors": _tensors(run),
