@@ -24,12 +24,14 @@ from safetensors.numpy import load_file
 TIMINGS = ("seconds", "per_second", "device", "threads", "floor", "eta")
 
 
-def _clean(obj: object) -> object:
+def _clean(obj: object, out: str) -> object:
+    """``obj`` without timings, host descriptions and the output folder's path (runs in two folders
+    compare equal)."""
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in sorted(obj.items()) if not any(t in k for t in TIMINGS)}
+        return {k: _clean(v, out) for k, v in sorted(obj.items()) if not any(t in k for t in TIMINGS)}
     if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
+        return [_clean(v, out) for v in obj]
+    return obj.replace(out, "OUT") if isinstance(obj, str) else obj
 
 
 def _digest(obj: object) -> str:
@@ -90,8 +92,8 @@ def main() -> int:
         summary = json.loads((run / "summary.json").read_text())
         hashes[name] = {
             "tensors": _tensors(run),
-            "summary": _digest(_clean(summary)),
-            "eval": _digest(_clean(json.loads(ev.stdout))),
+            "summary": _digest(_clean(summary, str(args.out))),
+            "eval": _digest(_clean(json.loads(ev.stdout), str(args.out))),
         }
         print(name, " ".join(f"{k}={v}" for k, v in hashes[name].items()), flush=True)
     if args.json:

@@ -339,7 +339,7 @@ def test_a_colour_vae_with_the_coupled_likelihood_trains(model):
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (4, 3, 8, 8), generator=gen).float() / 255.0
     q = vae.encode(x)
-    z = q.mean if not vae.hierarchical else torch.zeros(4, vae.latent)
+    z = q.mean if not vae.structure.groups(vae) else torch.zeros(4, vae.latent)
     assert vae.decode_params(z).shape == (4, 8, 3, 8, 8)
     terms = elbo(vae, x, generator=gen)
     assert all(torch.isfinite(v).all() for v in terms.values())

@@ -158,13 +158,11 @@ def test_the_fast_bernoulli_likelihood_is_exact(shape):
     params = torch.randn(6, 4, 1, *shape, generator=g) * 8
     eta = params.double().select(-len(shape) - 1, 0)
     reference = (x.double() * eta - torch.nn.functional.softplus(eta)).flatten(-len(shape)).sum(-1)
-    fast = likelihood._log_likelihood(lik, x, params)
+    fast = lik.log_prob_eval(x, params)
     assert fast.dtype == torch.float32 and fast.shape == (6, 4)
     torch.testing.assert_close(fast.double(), reference, rtol=1e-6, atol=2e-3)
     low = params.bfloat16()  # bf16 logits (the autocast path): same values, scored in float32
-    torch.testing.assert_close(
-        likelihood._log_likelihood(lik, x, low), lik.log_prob(x, low), rtol=1e-6, atol=2e-3
-    )
+    torch.testing.assert_close(lik.log_prob_eval(x, low), lik.log_prob(x, low), rtol=1e-6, atol=2e-3)
 
 
 def test_bf16_is_used_only_where_it_moves_the_estimate_little():

@@ -181,7 +181,7 @@ def test_onnx_encoder_and_decoder_match_torch_at_other_batch_sizes(tmp_path: Pat
         with torch.no_grad():
             q = vae.encode(x)
             want_params = vae.decode_params(z)
-            if vae.hierarchical:  # every group, top-down, at the upper groups' posterior means
+            if vae.structure.groups(vae):  # every group, top-down, at the upper groups' posterior means
                 top = q.mean.shape[-1]
                 diffs = [diff(mean[:, :top], q.mean), diff(log_var[:, :top], 2 * q.log_scale)]
                 recon = run_onnx(out / "decoder.onnx", z=mean)[0]

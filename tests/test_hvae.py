@@ -14,7 +14,8 @@ from turbovae.config import ModelConfig
 from turbovae.errors import ConfigError, DataError
 from turbovae.likelihoods import build_likelihood
 from turbovae.models import build_network
-from turbovae.objectives import elbo, hierarchical_terms, iwae, kl_balance_weights, log_weights
+from turbovae.objectives import elbo, iwae, log_weights
+from turbovae.structures import kl_balance_weights, posterior_pass
 from turbovae.vae import VAE
 
 SHAPE = (1, 8, 8)  # levels at 8×8, 4×4, 2×2
@@ -53,7 +54,7 @@ def test_layout_shapes_and_gradients_through_every_level(device):
     # top-down: 1 group at 2×2 (4 channels, N(0, I) prior), 2 at 4×4, 1 at 8×8
     assert net.group_level == [2, 1, 1, 0]
     assert net.group_sizes == [4 * 2 * 2, 2 * 4 * 4, 2 * 4 * 4, 2 * 8 * 8]
-    assert vae.latent == net.latent_size == sum(net.group_sizes) and vae.hierarchical
+    assert vae.latent == net.latent_size == sum(net.group_sizes) and vae.structure.name == "hierarchical"
     x = binary(device=device)
     assert vae.encode(x).mean.shape == (6, net.top_size)  # the top group's posterior
     z = torch.randn(3, 6, vae.latent, device=device)
@@ -106,7 +107,7 @@ def test_kl_of_every_group_is_reported_and_sums_to_the_total():
     # E_q[Σ_l KL_l(z_<l)] = E_q[log q(z|x) − log p(z)]
     with torch.no_grad():
         g = torch.Generator().manual_seed(2)
-        _, kl_groups, log_ratio = hierarchical_terms(vae, x[:1], generator=g, k=4000)
+        _, kl_groups, log_ratio = posterior_pass(vae, x[:1], None, g, 4000, None)
     analytic, monte_carlo = kl_groups.sum(-1).mean(), -log_ratio.mean()
     spread = log_ratio.std() / math.sqrt(4000)
     assert abs(analytic - monte_carlo) < 4 * spread + 1e-3

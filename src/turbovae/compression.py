@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, ConfigError, DataError, TurboVAEError
-from .likelihoods import Bernoulli, Categorical256, DiscretizedLogistic, Likelihood, _logistic_log_mass
+from .likelihoods import LIKELIHOODS, Likelihood, _logistic_log_mass
 from .vae import VAE
 
 MAGIC = b"\x89TVZ"
@@ -214,8 +214,7 @@ class _LogisticCoder(_SymbolCoder):
         return params[0].numel() * 255
 
     def table(self, params: torch.Tensor, x: torch.Tensor, stage: int) -> torch.Tensor:
-        like = self.likelihood
-        assert isinstance(like, DiscretizedLogistic)
+        like: Any = self.likelihood  # discretized-logistic
         logits, loc, log_scale = (t.double().flatten(2) for t in like._split(params))  # (n, K, S)
         return _mixture_table(torch.log_softmax(logits, 1), loc, log_scale)
 
@@ -238,8 +237,7 @@ class _CoupledLogisticCoder(_SymbolCoder):
         x[:, stage] = symbols.view(x[:, stage].shape)
 
     def table(self, params: torch.Tensor, x: torch.Tensor, stage: int) -> torch.Tensor:
-        like = self.likelihood
-        assert isinstance(like, DiscretizedLogistic)
+        like: Any = self.likelihood  # discretized-logistic on RGB images
         logits, loc, log_scale, coeff = (t.double() for t in like._split_coupled(params))
         # logits (n, K, H, W); loc, log_scale, coeff (n, K, 3, H, W)
         y = (2.0 * x.double() / 255.0 - 1.0).unsqueeze(1)  # (n, 1, 3, H, W), valid for the earlier stages
@@ -255,24 +253,39 @@ class _CoupledLogisticCoder(_SymbolCoder):
         return _mixture_table(log_w.flatten(2), mu[stage].flatten(2), log_scale[:, :, stage].flatten(2))
 
 
+def _logistic_coder(likelihood: Likelihood) -> _SymbolCoder:
+    coupled = bool(getattr(likelihood, "coupled", False))
+    return _CoupledLogisticCoder(likelihood) if coupled else _LogisticCoder(likelihood)
+
+
+# how data are coded under each likelihood that names a codec (``Likelihood.codec``)
+CODERS: dict[str, Any] = {
+    "bernoulli": _BernoulliCoder,
+    "categorical-256": _Categorical256Coder,
+    "logistic": _logistic_coder,
+}
+
+
 def check_model(vae: VAE) -> None:
-    """Raise ConfigError when this model cannot be used as a codec (its likelihood or its kind)."""
+    """Raise ConfigError when this model cannot be used as a codec (its likelihood or its structure)."""
     _symbol_coder(vae.likelihood)
-    if vae.autoregressive:
-        raise ConfigError("compression is for image and vector runs; this run is a text model")
+    refusal = vae.structure.codec_refusal(vae)
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def _symbol_coder(likelihood: Likelihood) -> _SymbolCoder:
-    if type(likelihood) is Bernoulli:
-        return _BernoulliCoder(likelihood)
-    if isinstance(likelihood, Categorical256):
-        return _Categorical256Coder(likelihood)
-    if isinstance(likelihood, DiscretizedLogistic):
-        return _CoupledLogisticCoder(likelihood) if likelihood.coupled else _LogisticCoder(likelihood)
-    raise ConfigError(
-        f"compression needs a likelihood with a probability mass on the stored values: bernoulli, "
-        f"discretized-logistic or categorical-256; this run's is '{likelihood.name}'"
-    )
+    if likelihood.codec not in CODERS:
+        names = ", ".join(sorted(getattr(like, "name", "") for like in _codable_likelihoods()))
+        raise ConfigError(
+            f"compression needs a likelihood with a probability mass on the stored values: {names}; "
+            f"this run's is '{likelihood.name}'"
+        )
+    return CODERS[likelihood.codec](likelihood)
+
+
+def _codable_likelihoods() -> list[Any]:
+    return [like for like in LIKELIHOODS.values() if like.codec in CODERS]
 
 
 # ---- the chains ------------------------------------------------------------------------------------
@@ -296,9 +309,8 @@ class _Codec:
         c = _constriction()
         self.categorical = c.stream.model.Categorical(perfect=False)
         self.uniform = c.stream.model.Uniform(self.buckets.size)
-        self.hierarchical = vae.hierarchical
-        if vae.autoregressive:
-            raise ConfigError("compression is for image and vector runs; this run is a text model")
+        check_model(vae)
+        self.structure = vae.structure
         self.latent = int(vae.latent)
         # a pop of one symbol takes at most PRECISION_BITS bits: seed words enough for any first image
         self.seed_words = -(-self.latent * PRECISION_BITS // 32) + 2
@@ -308,19 +320,16 @@ class _Codec:
         x = x.to(self.device, torch.float32)
         return x if self.binary else x / 255.0
 
-    # latents: flat models pop/push every dim with one table; hvae walks its groups top-down
+    def _centres(self, idx: np.ndarray) -> torch.Tensor:
+        return self.buckets.centres[torch.from_numpy(idx).long().to(self.device)]
 
-    def pop_posterior(self, coders: list[Any], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Encoder side: pop z ~ q(z | x) on every lane: (z indices (n, L), the likelihood params
-        (n, P, *event), what ``push_prior`` needs)."""
+    # latents: the structure walks its groups top-down (a flat model: one group whose prior is N(0, I));
+    # every group on the same grid of buckets, a group's prior discretised on it too
+
+    def pop_posterior(self, coders: list[Any], x: torch.Tensor) -> tuple[list[np.ndarray], torch.Tensor, Any]:
+        """Encoder side: pop z ~ q(z | x) on every lane: (z indices per group, the likelihood params
+        (n, P, *event), what ``push_prior`` needs: each group's prior masses, None for N(0, I))."""
         xf = self.model_input(x)
-        if not self.hierarchical:
-            q = self.vae.encode(xf)
-            masses = self.buckets.masses(q.loc, q.log_scale)  # (n, L, B)
-            idx = np.stack([c.decode(self.categorical, masses[j]) for j, c in enumerate(coders)])
-            z = self.buckets.centres[torch.from_numpy(idx).long().to(self.device)]
-            return torch.from_numpy(idx), self.vae.decode_params(z), None
-        net: Any = self.vae.net
         chosen: list[np.ndarray] = []
         priors: list[np.ndarray | None] = []
 
@@ -328,18 +337,13 @@ class _Codec:
             masses = self.buckets.masses(q.loc, q.log_scale)
             idx = np.stack([c.decode(self.categorical, masses[j]) for j, c in enumerate(coders)])
             chosen.append(idx)
-            priors.append(None if i == 0 else self.buckets.masses(p.loc, p.log_scale))
-            return self.buckets.centres[torch.from_numpy(idx).long().to(self.device)]
+            priors.append(None if p is None else self.buckets.masses(p.loc, p.log_scale))
+            return self._centres(idx)
 
-        params, _ = net.top_down(len(xf), net.features(xf), pick)
-        return torch.from_numpy(np.concatenate(chosen, 1)), params, (chosen, priors)
+        params = self.structure.walk(self.vae, xf, len(xf), pick)
+        return chosen, params, priors
 
-    def push_prior(self, coders: list[Any], idx: torch.Tensor, state: Any) -> None:
-        if not self.hierarchical:
-            for j, c in enumerate(coders):
-                c.encode_reverse(idx[j].numpy().astype(np.int32), self.uniform)
-            return
-        chosen, priors = state
+    def push_prior(self, coders: list[Any], chosen: list[np.ndarray], priors: Any) -> None:
         for g in reversed(range(len(chosen))):  # bottom group first, so the top group pops first
             for j, c in enumerate(coders):
                 sym = chosen[g][j].astype(np.int32)
@@ -350,41 +354,30 @@ class _Codec:
 
     def pop_prior(self, coders: list[Any]) -> tuple[list[np.ndarray], torch.Tensor]:
         """Decoder side: pop z under p(z) on every lane; (z indices per group, params (n, P, *event))."""
-        n = len(coders)
-        if not self.hierarchical:
-            idx = np.stack([c.decode(self.uniform, self.latent) for c in coders])
-            z = self.buckets.centres[torch.from_numpy(idx).long().to(self.device)]
-            return [idx], self.vae.decode_params(z)
-        net: Any = self.vae.net
         chosen: list[np.ndarray] = []
 
         def pick(i: int, p: Any, q: Any) -> torch.Tensor:
-            if i == 0:
-                idx = np.stack([c.decode(self.uniform, net.group_sizes[0]) for c in coders])
+            if p is None:
+                idx = np.stack([c.decode(self.uniform, self.structure.prior_size(self.vae)) for c in coders])
             else:
                 masses = self.buckets.masses(p.loc, p.log_scale)
                 idx = np.stack([c.decode(self.categorical, masses[j]) for j, c in enumerate(coders)])
             chosen.append(idx)
-            return self.buckets.centres[torch.from_numpy(idx).long().to(self.device)]
+            return self._centres(idx)
 
-        params, _ = net.top_down(n, None, pick)
+        params = self.structure.walk(self.vae, None, len(coders), pick)
         return chosen, params
 
     def push_posterior(self, coders: list[Any], chosen: list[np.ndarray], x: torch.Tensor) -> None:
         """Decoder side: push z back under q(z | x) (undoing the encoder's pop), bottom group first."""
         xf = self.model_input(x)
-        if not self.hierarchical:
-            q = self.vae.encode(xf)
-            tables = [self.buckets.masses(q.loc, q.log_scale)]
-        else:
-            net: Any = self.vae.net
-            tables = []
+        tables: list[np.ndarray] = []
 
-            def pick(i: int, p: Any, q: Any) -> torch.Tensor:
-                tables.append(self.buckets.masses(q.loc, q.log_scale))
-                return self.buckets.centres[torch.from_numpy(chosen[i]).long().to(self.device)]
+        def pick(i: int, p: Any, q: Any) -> torch.Tensor:
+            tables.append(self.buckets.masses(q.loc, q.log_scale))
+            return self._centres(chosen[i])
 
-            net.top_down(len(xf), net.features(xf), pick)
+        self.structure.walk(self.vae, xf, len(xf), pick, decode=False)
         for g in reversed(range(len(chosen))):
             for j, c in enumerate(coders):
                 c.encode_reverse(chosen[g][j].astype(np.int32), self.categorical, tables[g][j])
@@ -479,9 +472,9 @@ def compress(
     for t, count in enumerate(counts):
         xb = sym[t * lanes : t * lanes + count]
         active = coders[:count]
-        idx, params, state = codec.pop_posterior(active, xb)
+        chosen, params, priors = codec.pop_posterior(active, xb)
         codec.push_data(active, params, xb)
-        codec.push_prior(active, idx, state)
+        codec.push_prior(active, chosen, priors)
     lane_words, stripped = [], []
     for coder, seed in zip(coders, seeds, strict=True):
         words = coder.get_compressed()

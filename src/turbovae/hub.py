@@ -225,7 +225,8 @@ def _card_usage(vae: VAE, repo_id: str) -> list[str]:
         ]
     else:
         shape = ", ".join(str(d) for d in vae.event_shape)
-        top = " (the top group)" if vae.hierarchical else ""
+        group = vae.structure.posterior_group
+        top = f" ({group})" if group else ""
         lines += [
             "import torch",
             "import turbovae",

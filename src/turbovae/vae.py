@@ -12,6 +12,7 @@ from . import conditioning
 from .distributions import DiagonalGaussian
 from .errors import ConfigError
 from .likelihoods import Likelihood
+from .structures import LatentStructure, structure_of
 
 
 class VAE(nn.Module):
@@ -22,6 +23,8 @@ class VAE(nn.Module):
         super().__init__()
         self.net = net
         self.likelihood = likelihood
+        # what the latents are (flat Gaussian, hierarchical, autoregressive ...): structures/
+        self.structure: LatentStructure = structure_of(net)
         self.latent = latent
         self.config: Any = None  # the run's Config, set by turbovae.load
         self.max_value = 1.0  # inputs are stored values / max_value (e.g. bytes / 255)
@@ -36,14 +39,7 @@ class VAE(nn.Module):
     def prior(self, device: torch.device | str | None = None) -> DiagonalGaussian:
         """p(z) = N(0, I); for a hierarchical network, the top group's prior (the lower groups' priors are
         conditional: ``sample`` draws from them)."""
-        size = self.net.top_size if self.hierarchical else self.latent
-        return DiagonalGaussian.standard((size,), device=device)  # type: ignore[arg-type]
-
-    @property
-    def hierarchical(self) -> bool:
-        """Whether the network is a top-down hierarchy of latent groups (``models/hvae.py``): its latent
-        vector is all groups' values, its prior is conditional, not N(0, I) over the flat vector."""
-        return bool(getattr(self.net, "hierarchical", False))
+        return DiagonalGaussian.standard((self.structure.prior_size(self),), device=device)
 
     @property
     def n_classes(self) -> int:
@@ -95,11 +91,6 @@ class VAE(nn.Module):
             return self.net.encode(x)  # type: ignore[operator]
         return self.net.encode(x, self._y(condition, len(x), x.device))  # type: ignore[operator]
 
-    @property
-    def autoregressive(self) -> bool:
-        """Whether the decoder reads the data it scores (text: teacher forcing), see ``decode_params``."""
-        return bool(getattr(self.net, "autoregressive", False))
-
     def decode_params(
         self, z: torch.Tensor, x: torch.Tensor | None = None, condition: Any = None
     ) -> torch.Tensor:
@@ -109,36 +100,21 @@ class VAE(nn.Module):
         parameters are for (each position is predicted from the ones before it); z may carry sample
         dims in front of B. Other networks ignore ``x``. A conditional VAE needs ``condition``: the
         class of each of the B rows (ids (B,) or one class), shared by z's sample dims."""
-        if condition is not None:
-            n = z.shape[-2] if z.dim() > 1 else 1
-            return self.net.decode(z, self._y(condition, n, z.device))  # type: ignore[operator]
-        if self.autoregressive:
-            if x is None:
-                raise ValueError("an autoregressive decoder needs x in decode_params; decode/sample generate")
-            return self.net.decode(z, x)  # type: ignore[operator]
-        return self.net.decode(z)  # type: ignore[operator]
+        y = None if condition is None else self._y(condition, z.shape[-2] if z.dim() > 1 else 1, z.device)
+        return self.structure.decode_params(self, z, x, y)
 
     def decode(self, z: torch.Tensor, condition: Any = None) -> torch.Tensor:
         """E[x | z], the picture a latent stands for: ``(..., *event_shape)``. For text, the greedy
         decoding of z: token ids (..., T). A conditional VAE: E[x | z, y] for ``condition`` y."""
-        if condition is not None:
-            return self.likelihood.mean(self.decode_params(z, condition=condition))
-        if self.autoregressive:
-            ids = self.net.generate(z.reshape(-1, self.latent), self.event_shape[0])  # type: ignore[operator]
-            return ids.view(*z.shape[:-1], -1)
-        return self.likelihood.mean(self.decode_params(z))
+        y = None if condition is None else self._y(condition, z.shape[-2] if z.dim() > 1 else 1, z.device)
+        return self.structure.decode(self, z, y)
 
     def reconstruct(self, x: torch.Tensor, condition: Any = None) -> torch.Tensor:
         """E[x | z = mean of q(z | x)]; hierarchical: every group at its posterior mean, top-down.
         A conditional VAE: with ``condition`` y in both the encoder and the decoder."""
-        if condition is not None:
-            y = self._y(condition, len(x), x.device)
-            if self.hierarchical:
-                return self.likelihood.mean(self.net.reconstruct_params(x, y))  # type: ignore[operator]
-            return self.decode(self.encode(x, y).mean, y)
-        if self.hierarchical:
-            return self.likelihood.mean(self.net.reconstruct_params(x))  # type: ignore[operator]
-        return self.decode(self.encode(x).mean)
+        return self.structure.reconstruct(
+            self, x, None if condition is None else self._y(condition, len(x), x.device)
+        )
 
     @torch.no_grad()
     def sample(
@@ -161,39 +137,19 @@ class VAE(nn.Module):
         draws, or n class ids; without it, y is drawn from the training frequencies, then z."""
         if not (temperature >= 0.0 and math.isfinite(temperature)):
             raise ConfigError(f"the sampling temperature must be finite and >= 0, got {temperature}")
-        device = next(self.parameters()).device
+        y = None
         if condition is not None or self.n_classes:
-            return self._sample_conditional(n, generator, mean, temperature, condition, device)
-        if self.hierarchical:
-            params = self.net.sample_params(n, generator, temperature)  # type: ignore[operator]
-            return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
-        z = temperature * self.prior(device).rsample((n,), generator=generator)
-        if self.autoregressive:
-            return self.net.generate(z, self.event_shape[0], generator, greedy=mean)  # type: ignore[operator]
-        params = self.decode_params(z)
-        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
+            y = self._sample_classes(n, generator, condition, next(self.parameters()).device)
+        return self.structure.sample(self, n, generator, mean, temperature, y)
 
-    def _sample_conditional(
-        self,
-        n: int,
-        generator: torch.Generator | None,
-        mean: bool,
-        temperature: float,
-        condition: Any,
-        device: torch.device,
+    def _sample_classes(
+        self, n: int, generator: torch.Generator | None, condition: Any, device: torch.device
     ) -> torch.Tensor:
-        """n draws from p(x | y): y from ``condition``, else from the training frequencies."""
+        """The classes of n conditional draws: from ``condition``, else from the training frequencies."""
         if condition is None:
             if self.condition is None:
                 raise ConfigError("this VAE is conditional: pass condition= (class ids or a class)")
-            y = conditioning.draw_classes(self.condition, n, generator, device)
-        else:
-            given = self._y(condition, n, device)  # an unconditional VAE: the error that says so
-            assert given is not None
-            y = given
-        if self.hierarchical:
-            params = self.net.sample_params(n, generator, temperature, y)  # type: ignore[operator]
-        else:
-            z = temperature * self.prior(device).rsample((n,), generator=generator)
-            params = self.net.decode(z, y)  # type: ignore[operator]
-        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
+            return conditioning.draw_classes(self.condition, n, generator, device)
+        given = self._y(condition, n, device)  # an unconditional VAE: the error that says so
+        assert given is not None
+        return given

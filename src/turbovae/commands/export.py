@@ -33,18 +33,16 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..data.text import BOS, EOS, PAD
 from ..engine.rundir import load
 from ..errors import ConfigError, unknown_name
 from ..hub import save_pretrained
+from ..structures import Graph
 from ..vae import VAE
 
 FORMATS = ("onnx", "torch", "hub")
@@ -147,180 +145,9 @@ def staged_dir(out: Path) -> Iterator[Path]:
 # ---- the graphs -----------------------------------------------------------------------------------
 
 
-class Encoder(nn.Module):
-    """x (B, *event) → the posterior's mean and log-variance (B, latent)."""
-
-    def __init__(self, vae: VAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.vae.encode(x)
-        return q.mean, 2.0 * q.log_scale
-
-
-class Decoder(nn.Module):
-    """z (B, latent) → the likelihood's parameters (B, P, *event) and E[x | z] (B, *event)."""
-
-    def __init__(self, vae: VAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.vae.decode_params(z)
-        return params, self.vae.likelihood.mean(params)
-
-
-class HierarchicalEncoder(Encoder):
-    """x → every group's posterior mean and log-variance, top-down, flat (B, latent_size): group l's
-    q(z_l | x, z_<l) with the upper groups at their posterior means, as ``vae.reconstruct`` runs."""
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        net: Any = self.vae.net
-        # x.shape[0], not len(x): len() would fix the batch size in the exported graph
-        _, records = net.top_down(x.shape[0], net.features(x), lambda i, p, q: q.loc)
-        return torch.cat([q.loc for q, _, _ in records], -1), 2.0 * torch.cat(
-            [q.log_scale for q, _, _ in records], -1
-        )
-
-
-class HierarchicalDecoder(Decoder):
-    """z (B, latent_size), all groups' latents flat in top-down order → parameters and E[x | z]: what
-    ``vae.decode_params`` computes for a full latent vector."""
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        net: Any = self.vae.net
-        values = z.float().split(net.group_sizes, dim=-1)
-        params, _ = net.top_down(z.shape[0], None, lambda i, p, q: values[i])
-        return params, self.vae.likelihood.mean(params)
-
-
-def _initial_state(net: Any, z: torch.Tensor) -> torch.Tensor:
-    """The text decoder's initial RNN state from z (B, L) as one tensor (S, B, H), S = layers (GRU) or
-    2·layers (LSTM: h then c); SentenceNet._state without its len(z), which would fix the batch size."""
-    return torch.tanh(net.initial(z)).unflatten(-1, (-1, net.hidden)).transpose(0, 1).contiguous()
-
-
-def _rnn_state(net: Any, state: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    if net.lstm:
-        h, c = state.chunk(2, dim=0)
-        return h.contiguous(), c.contiguous()
-    return state.contiguous()
-
-
-class TextDecoder(nn.Module):
-    """(z (B, L), tokens (B, T)) → logits (B, V, T): position t's distribution given z and the tokens
-    before t (teacher forcing), what ``vae.decode_params(z, tokens)`` computes."""
-
-    def __init__(self, vae: VAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        net: Any = self.vae.net
-        emb = net.embedding(net.decoder_inputs(tokens))  # (B, T, E)
-        inputs = torch.cat([emb, z.unsqueeze(1).expand(-1, tokens.shape[1], -1).to(emb.dtype)], dim=-1)
-        out, _ = net.decoder(inputs, _rnn_state(net, _initial_state(net, z)))  # (B, T, H)
-        return net.output(out).transpose(-1, -2)
-
-
-class TextDecoderStep(nn.Module):
-    """One step of generation: (z (B, L), token (B,), state (S, B, H)) → the next token's logits (B, V)
-    and the new state. Where ``token`` is BOS (the first step) the state is computed from z and the
-    given one is ignored (pass zeros)."""
-
-    def __init__(self, vae: VAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(
-        self, z: torch.Tensor, token: torch.Tensor, state: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        net: Any = self.vae.net
-        state = torch.where((token == BOS).view(1, -1, 1), _initial_state(net, z), state)
-        emb = net.embedding(token).unsqueeze(1)  # (B, 1, E)
-        out, new = net.decoder(torch.cat([emb, z.unsqueeze(1).to(emb.dtype)], dim=-1), _rnn_state(net, state))
-        new_state = torch.cat(new, dim=0) if net.lstm else new
-        return net.output(out[:, 0]), new_state
-
-
-@dataclass
-class Graph:
-    """One exported file: the module, how to make its inputs, their names and which axis is the batch."""
-
-    name: str
-    module: nn.Module
-    inputs: Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]  # (batch, generator) -> inputs
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    batch_axes: tuple[int, ...]  # of every input; outputs' batch axes are found by the export's shapes
-
-
-def _tokens(vae: VAE, batch: int, gen: torch.Generator) -> torch.Tensor:
-    """Token ids (B, T) as the data hold them: words of random length, the end marker, then padding."""
-    length = vae.event_shape[0]
-    vocab = int(vae.likelihood.params_per_dim)
-    ids = torch.randint(4, max(vocab, 5), (batch, length), generator=gen).clamp(max=vocab - 1)
-    ends = torch.randint(0, length, (batch,), generator=gen)
-    position = torch.arange(length).expand(batch, -1)
-    ids = torch.where(position == ends[:, None], torch.tensor(EOS), ids)
-    return torch.where(position > ends[:, None], torch.tensor(PAD), ids)
-
-
 def graphs(vae: VAE) -> list[Graph]:
-    """The graphs an export writes for this model (see the module docstring)."""
-    latent = vae.latent
-    event = vae.event_shape
-
-    def x_in(b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return (torch.rand(b, *event, generator=g),)
-
-    def z_in(b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return (torch.randn(b, latent, generator=g),)
-
-    if vae.autoregressive:
-        net: Any = vae.net
-        rows = net.layers * (2 if net.lstm else 1)
-
-        def step_in(b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-            token = torch.randint(2, 6, (b,), generator=g)  # BOS (2) or a few other ids
-            return torch.randn(b, latent, generator=g), token, torch.randn(rows, b, net.hidden, generator=g)
-
-        return [
-            Graph(
-                "encoder",
-                Encoder(vae),
-                lambda b, g: (_tokens(vae, b, g),),
-                ("tokens",),
-                ("mean", "log_var"),
-                (0,),
-            ),
-            Graph(
-                "decoder",
-                TextDecoder(vae),
-                lambda b, g: (*z_in(b, g), _tokens(vae, b, g)),
-                ("z", "tokens"),
-                ("logits",),
-                (0, 0),
-            ),
-            Graph(
-                "decoder_step",
-                TextDecoderStep(vae),
-                step_in,
-                ("z", "token", "state"),
-                ("logits", "state_out"),
-                (0, 0, 1),
-            ),
-        ]
-    if vae.hierarchical:
-        return [
-            Graph("encoder", HierarchicalEncoder(vae), x_in, ("x",), ("mean", "log_var"), (0,)),
-            Graph("decoder", HierarchicalDecoder(vae), z_in, ("z",), ("params", "mean"), (0,)),
-        ]
-    return [
-        Graph("encoder", Encoder(vae), x_in, ("x",), ("mean", "log_var"), (0,)),
-        Graph("decoder", Decoder(vae), z_in, ("z",), ("params", "mean"), (0,)),
-    ]
+    """The graphs an export writes for this model: its latent structure says (see the module docstring)."""
+    return vae.structure.export_graphs(vae)
 
 
 @contextlib.contextmanager
@@ -471,16 +298,12 @@ def write_manifest(vae: VAE, out: Path, fmt: str, files: dict[str, Any]) -> None
         "likelihood_state": state,  # the likelihood's own learned values (e.g. gaussian-learned's scale)
         "event_shape": list(vae.event_shape),
         "latent": vae.latent,
-        "hierarchical": vae.hierarchical,
+        "structure": vae.structure.name,
         "max_value": vae.max_value,
-        "inputs": "token ids, 0-padded"
-        if vae.autoregressive
-        else "stored values / max_value (as in training)",
+        **vae.structure.manifest(vae),  # "inputs" (what the graphs take), text's "special_tokens"
         "graphs": files,
         "data_meta": vae.data_meta,
     }
-    if vae.autoregressive:
-        manifest["special_tokens"] = {"pad": PAD, "bos": BOS, "eos": EOS}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 

@@ -52,7 +52,8 @@ def collapse_check(s: Setup, log: MetricsLog, loop: dict[str, Any]) -> dict[str,
     late = loop["epoch"] >= max(1, s.cfg.train.epochs // 4)
     if active < len(kl) / 2 and late and not loop.get("collapse_warned"):
         loop["collapse_warned"] = True
-        which = " of the top group" if getattr(s.vae.net, "hierarchical", False) else ""
+        group = s.vae.structure.posterior_group
+        which = f" of {group}" if group else ""
         msg = (f"posterior collapse: {active} of {len(kl)} latent units{which} are active after epoch "
                f"{loop['epoch']}; "
                "remedies: train.kl_warmup_steps or train.kl_cycles (anneal β), train.free_bits, a lower "

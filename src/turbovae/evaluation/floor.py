@@ -26,13 +26,13 @@ def decoder_linears(vae: VAE, rows: int) -> list[tuple[int, int, int]] | None:
         elif isinstance(module, nn.modules.conv._ConvNd):
             heavy = True
 
-    if vae.autoregressive:  # a recurrent decoder (text): not linear layers alone
+    probe = vae.structure.decoder_probe(vae)
+    if probe is None:  # a decoder that needs more than latents (text's recurrent one): not only linears
         return None
     handles = [m.register_forward_hook(hook) for m in vae.modules()]
     try:
         with torch.no_grad(), EvalMode(vae):
-            device = next(vae.parameters()).device
-            vae.decode_params(torch.zeros(rows, vae.latent, device=device))
+            probe(rows)
     finally:
         for h in handles:
             h.remove()

@@ -17,9 +17,6 @@ from torch import nn
 from .. import runtime
 from ..data.text import trim
 from ..errors import DataError
-from ..likelihoods import Bernoulli, Likelihood
-from ..objectives import hierarchical_terms
-from ..objectives import log_prior_ratio as latent_log_ratio
 from ..vae import VAE
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
@@ -29,7 +26,6 @@ LOG_2PI = math.log(2.0 * math.pi)
 # decoder output values per IWAE chunk: 2^22 floats (16 MiB) keeps the matmuls large (≈5,000 rows of
 # a 784-pixel decoder) while a chunk's intermediates stay well under 100 MiB at any k
 CHUNK_VALUES = 1 << 22
-L2_VALUES = 1 << 17
 # `precision="auto"` evaluates the first BF16_CHECK_EXAMPLES examples both ways with the same samples and
 # keeps bf16 only if the mean estimate moves by less than BF16_TOLERANCE nats (|mean| + 2 s.e. of the
 # per-example differences): well inside the 0.05 nats that would matter when comparing models
@@ -115,30 +111,24 @@ def nelbo(
     rank::world) and the sums are all-reduced: every rank must call it, and every rank gets the totals.
     Without ``prepare``, ``default_prepare``."""
     prepare = prepare or default_prepare(vae, x)
-    totals = torch.zeros(3 + len(getattr(vae.net, "group_sizes", ())), dtype=torch.float64)
+    groups_of = vae.structure.groups(vae)  # latent groups whose KLs are reported one by one
+    totals = torch.zeros(3 + len(groups_of), dtype=torch.float64)
     part, world = _rank_share(x)
     labels = _rank_share(y)[0] if y is not None else None
     with EvalMode(vae):
         for start, raw in enumerate(batches(part, batch_size)):
             xb = prepare(raw)
             yb = None if labels is None else labels[start * batch_size : start * batch_size + len(xb)]
-            if vae.hierarchical:  # also the KL of every group, top group first
-                log_px_z, kl_groups, _ = hierarchical_terms(vae, xb, generator=generator, y=yb)
-                rec, kl = -log_px_z, kl_groups.sum(-1)
-                groups = kl_groups.sum(0)
-            else:
-                q = vae.encode(xb, yb)
-                z = q.rsample(generator=generator)
-                rec = -vae.likelihood.log_prob(xb, vae.decode_params(z, xb, yb))
-                kl = q.kl()
-                groups = kl.new_zeros(0)
+            t = vae.structure.terms(vae, xb, generator=generator, y=yb)  # the training terms, once
+            rec, kl = t.rec, t.kl
+            groups = t.kl_groups.sum(0) if t.kl_groups is not None else kl.new_zeros(0)  # top group first
             totals += torch.cat([torch.stack([(rec + kl).sum(), rec.sum(), kl.sum()]), groups]).double().cpu()
     if world > 1:
         totals = _sum_over_ranks(totals, x.device)
     n = len(x)
     means = (totals / n).tolist()
     out: dict[str, Any] = {"nelbo": means[0], "rec": means[1], "kl": means[2]}
-    if vae.hierarchical:
+    if groups_of:
         out["kl_groups"] = means[3:]
     return out
 
@@ -173,78 +163,6 @@ def plan_chunks(
     return max(1, min(batch_size, max(n, 1))), max(1, min(sample_chunk, k))
 
 
-def _group_size(dims: int, largest: int = 120) -> int:
-    """The largest divisor of ``dims`` that is at most ``largest``."""
-    return max(g for g in range(1, min(dims, largest) + 1) if dims % g == 0)
-
-
-def _log_likelihood(likelihood: Likelihood, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """``likelihood.log_prob(x, params)``, with a faster exact form for the Bernoulli on binary data.
-
-    IWAE evaluation spends most of its time here, not in the decoder's matmuls: the binary
-    cross-entropy costs several passes over the (samples, batch, dims) logits, each with a log1p. For
-    x ∈ {0, 1} and s = 2x − 1, log p(x | η) = Σ log σ(sη) = Σ min(sη, 0) + Σ log σ(|sη|), and since
-    σ(|t|) ∈ [½, 1), the last sum is the log of products of up to 120 factors, which cannot underflow
-    in float32: one sigmoid per value and one log per group. Sums and products run in float32.
-    """
-    if type(likelihood) is not Bernoulli:  # exact class: bernoulli-grey scores grey values
-        return likelihood.log_prob(x, params)
-    event = len(likelihood.event_shape)
-    logits = params.select(-event - 1, 0).flatten(-event)  # (..., B, D), maybe bf16
-    signs = (2.0 * x.float() - 1.0).flatten(-event)  # (B, D)
-    if logits.dim() < 3:
-        return _bernoulli_block(logits, signs)
-    # blocks of leading (sample) rows small enough to stay in the L2 cache across the passes
-    lead = logits.flatten(0, -3)  # (S, B, D)
-    step = max(1, L2_VALUES // max(1, lead.shape[1] * lead.shape[2]))
-    parts = [_bernoulli_block(lead[i : i + step], signs) for i in range(0, len(lead), step)]
-    return torch.cat(parts).reshape(logits.shape[:-1])
-
-
-def _bernoulli_block(logits: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    # float32, in a fresh buffer that the passes below may overwrite
-    t = logits * signs if logits.dtype == torch.float32 else logits.float().mul_(signs)
-    total = t.sum(-1)
-    t.abs_()
-    total.sub_(t.sum(-1)).mul_(0.5)  # Σ min(t, 0) = ½ (Σt − Σ|t|)
-    dims = t.shape[-1]
-    group = _group_size(dims)
-    t.sigmoid_()
-    if group < 8:  # no useful divisor: one log per value
-        return total + t.log_().sum(-1)
-    return total + t.unflatten(-1, (dims // group, group)).prod(-1).log_().sum(-1)
-
-
-def _encoded(vae: VAE, xb: torch.Tensor, yb: torch.Tensor | None = None) -> Any:
-    """What the IWAE estimate computes once per example: q(z | x), or a hierarchical model's
-    bottom-up activations (its posteriors depend on the sampled z_<l, so they are computed per sample
-    in the top-down pass)."""
-    return vae.net.features(xb) if vae.hierarchical else vae.encode(xb, yb)  # type: ignore[operator]
-
-
-def _chunk_log_weights(
-    vae: VAE, xb: torch.Tensor, q: Any, eps: torch.Tensor, precision: str, yb: torch.Tensor | None = None
-) -> torch.Tensor:
-    """log p(x, z) − log q(z | x) for z = loc + σ·eps, eps (c, B, L): shape (c, B), float32.
-
-    Only the decoder runs per sample (under ``precision``); log q uses eps directly, which is exact.
-    Hierarchical: ``q`` is the bottom-up activations and the top-down pass (posteriors, priors and
-    decoder) runs per sample: log w = log p(x|z) + Σ_l log p(z_l | z_<l) − log q(z_l | x, z_<l).
-    """
-    if vae.hierarchical:
-        with runtime.autocast(xb.device, precision):
-            params = vae.net.posterior(q, eps) if yb is None else vae.net.posterior(q, eps, yb)  # type: ignore[operator]
-        log_px_z = _log_likelihood(vae.likelihood, xb, params[0])
-        return log_px_z + latent_log_ratio(params[1])
-    z = q.loc + eps * q.stddev  # (c, B, L)
-    with runtime.autocast(xb.device, precision):
-        params = vae.decode_params(z, xb, yb)  # (c, B, P, *event); xb: autoregressive (text) decoders read it
-    log_px_z = _log_likelihood(vae.likelihood, xb, params)  # (c, B), float32 sums
-    # log p(z) − log q(z|x) = −½|z|² + ½|eps|² + Σ log σ   (the 2π terms cancel)
-    log_prior_ratio = 0.5 * (eps.pow(2) - z.pow(2)).sum(-1) + q.log_scale.sum(-1)
-    return log_px_z + log_prior_ratio
-
-
 def _batch_log_px(
     vae: VAE,
     xb: torch.Tensor,
@@ -258,11 +176,13 @@ def _batch_log_px(
     """(log-mean-exp of the k log-weights, log of Σw²) per example, float64, streamed over chunks."""
     lse = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=xb.device)
     lse2 = lse.clone()
-    shape = (len(xb), vae.latent)
     for start in range(0, k, chunk):
         c = min(chunk, k - start)
-        eps = torch.randn((c, *shape), generator=generator, device=xb.device)
-        lw = _chunk_log_weights(vae, xb, q, eps, precision, yb).double()  # (c, B)
+        eps = torch.randn(vae.structure.noise_shape(vae, len(xb), c), generator=generator, device=xb.device)
+        log_px_z, log_ratio, _ = vae.structure.log_weights(
+            vae, xb, q, eps, yb, precision=precision, grad=False
+        )
+        lw = (log_px_z + log_ratio).double()  # (c, B)
         lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
         lse2 = torch.logaddexp(lse2, torch.logsumexp(2.0 * lw, 0))
     return lse - math.log(k), lse2
@@ -332,7 +252,7 @@ def iwae_log_likelihood(
         for start, raw in enumerate(batches(x, batch)):
             xb = prepare(raw)
             yb = None if y is None else y[start * batch : start * batch + len(xb)]
-            q = _encoded(vae, xb, yb)
+            q = vae.structure.encoded(vae, xb, yb)  # once per example: only the decoder runs k times
             if use == "auto":
                 # the same samples both ways: the difference is the rounding alone
                 state = _generator_state(generator)

@@ -94,13 +94,7 @@ def evaluate(
     for key in ("bf16_delta", "bf16_delta_bound"):
         if key in r:
             result[key] = r[key]
-    if vae.hierarchical:
-        # the KL of every group; active units, KL per dim and I(x; z) are the top group's (the latents
-        # whose prior is N(0, I)), over its top_latent dims
-        result["kl_groups"] = ev["kl_groups"]
-        result["latent_groups"] = list(vae.net.group_sizes)  # type: ignore[arg-type]
-        result["posterior_stats"] = "top group"
-        result["top_latent"] = int(vae.net.top_size)  # type: ignore[arg-type]
+    result.update(vae.structure.eval_extras(vae, ev))  # hierarchical: the KL of every group ...
     result["iwae_seconds"] = iwae_seconds
     if floor:
         rows = r["batch_size"] * r["sample_chunk"]

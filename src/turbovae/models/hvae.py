@@ -181,10 +181,10 @@ def _level_sizes(event_shape: tuple[int, ...], channels: list[int], groups: list
 
 
 class HVAENet(nn.Module):
-    """The network of the top-down hierarchical VAE (see the module docstring); ``hierarchical = True``
-    tells the objectives, the VAE and the evaluation to go top-down."""
+    """The network of the top-down hierarchical VAE (see the module docstring); its ``structure`` tells
+    the VAE, the objectives and the evaluation to go top-down."""
 
-    hierarchical = True
+    structure = "hierarchical"  # structures/hierarchical.py: its latents are groups, top-down
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ that the decoder cannot lean on the previous tokens alone and z has to carry the
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ class SentenceNet(nn.Module):
     front (IWAE) share the same x. ``generate(z, ...)`` decodes from z alone, token by token.
     """
 
-    autoregressive = True  # decode needs the tokens (teacher forcing); see VAE.decode_params
+    structure = "autoregressive"  # structures/autoregressive.py: decode reads the tokens (teacher forcing)
+    special_tokens: ClassVar[dict[str, int]] = {"pad": PAD, "bos": BOS, "eos": EOS}  # ids an export names
 
     def __init__(
         self,
