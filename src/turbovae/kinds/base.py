@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .. import runtime
 from ..data.arrays import _read, to_channels_first
 from ..data.batches import preparer
 from ..errors import ConfigError, DataError
@@ -138,11 +139,10 @@ class DataKind:
     def write_pictures(self, s: Setup, out: Path) -> None:
         """samples.png and reconstructions.png of a trained run, with whatever else its data show
         (the model is in eval mode). Barcodes: 32 samples and 12 reconstructions, one row each."""
-        from ..runtime import generator
         from ..viz.barcodes import reconstruction_barcode, sample_barcode
 
         vae, palette = s.vae, self.barcode or "values"
-        samples = vae.sample(32, generator=generator(s.device, 7))
+        samples = vae.sample(32, generator=runtime.generator(s.device, 7))
         x = s.prepare_test(s.x_test[:12])
         sample_barcode(samples, palette).save(out / "samples.png", format="PNG")
         recon = vae.reconstruct(x, None if s.y_test is None else s.y_test[: len(x)])

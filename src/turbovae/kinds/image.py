@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .. import conditioning
+from .. import conditioning, runtime
 from ..config import parse_resize
 from ..data.arrays import split_indices
 from ..data.images import _image_files, load_image_folder
@@ -55,15 +55,14 @@ class ImageKind(DataKind):
     def write_pictures(self, s: Setup, out: Path) -> None:
         """64 prior samples (a conditional run: 8 per class, up to 16 classes) and 16 test inputs above
         their reconstructions (binarised data: the input, its binarised draw and the reconstruction)."""
-        from ..runtime import generator
         from ..viz.grids import as_images, reconstruction_picture, save_grid
 
         vae = s.vae
         if vae.n_classes:  # one row of 8 samples per class
             y = torch.arange(min(vae.n_classes, 16), device=s.device).repeat_interleave(8)
-            samples = vae.sample(len(y), generator=generator(s.device, 7), condition=y)
+            samples = vae.sample(len(y), generator=runtime.generator(s.device, 7), condition=y)
         else:
-            samples = vae.sample(64, generator=generator(s.device, 7))
+            samples = vae.sample(64, generator=runtime.generator(s.device, 7))
         save_grid(as_images(samples, s.data.event_shape), out / "samples.png", nrow=8)
         x = s.prepare_test(s.x_test[:16])
         grey = None
