@@ -29,6 +29,7 @@ from turbovae.data.text import (
 )
 from turbovae.engine.step import kl_weight
 from turbovae.errors import ConfigError, DataError
+from turbovae.kinds import KINDS, kind_of
 from turbovae.likelihoods import build_likelihood
 from turbovae.models import build_network
 from turbovae.objectives import elbo, iwae
@@ -102,7 +103,8 @@ def test_text_file_split_vocabulary_counts_and_warnings(tmp_path: Path, capsys: 
     assert "skipped 3 empty line(s)" in err and "were cut to 10" in err and err.count("\n") == 2
     meta = ds.meta["text"]
     assert meta["empty_lines"] == 3 and sum(meta["truncated"].values()) == 4
-    assert meta["lines"] == {"train": 158, "test": 40} and ds.is_tokens
+    assert meta["lines"] == {"train": 158, "test": 40} and ds.meta["kind"] == "text"
+    assert kind_of(ds) is KINDS["text"]
     assert ds.x_train.dtype == torch.int64 and ds.event_shape == (10,) and ds.x_test.shape[1] == 10
     assert meta["tokenizer"] == "word" and meta["vocab"][:4] == ["<pad>", "<unk>", "<s>", "</s>"]
     again = turbovae.load_dataset(f"text:{tmp_path / 'c.txt'}", max_length=10, test_fraction=0.2)

@@ -30,6 +30,7 @@ from .config import from_dict, to_yaml
 from .engine.rundir import load
 from .engine.setup import build_vae
 from .errors import CheckpointError, ConfigError
+from .kinds import kind_of
 from .models import model_spec
 from .vae import VAE
 
@@ -105,14 +106,6 @@ def _data_line(name: str) -> str:
     return f"a local {kind or 'file or folder'} `{Path(path).name or name}`"
 
 
-def _kind(vae: VAE) -> str:
-    if vae.data_meta.get("text"):
-        return "text"
-    if vae.data_meta.get("table"):
-        return "tabular"
-    return "image" if len(vae.event_shape) == 3 else "vector"
-
-
 # the numbers of summary.json and eval.json the card shows: the held-out metrics, not how the run was
 # timed, chunked or counted
 _SUMMARY_METRICS = re.compile(r"^(test|val)_|^iwae_k$")
@@ -136,7 +129,7 @@ def _front_matter(vae: VAE, data: str) -> str:
     cfg = vae.config
     meta: dict[str, Any] = {
         "library_name": "turbovae",
-        "tags": ["turbovae", "vae", "variational-autoencoder", cfg.model.name, _kind(vae)],
+        "tags": ["turbovae", "vae", "variational-autoencoder", cfg.model.name, kind_of(vae).card_tag(vae)],
     }
     if data in HUB_DATASETS:
         meta["datasets"] = [HUB_DATASETS[data]]
@@ -179,14 +172,11 @@ def _card_data(vae: VAE, data: str, summary: dict[str, Any]) -> list[str]:
         "",
         "## Data",
         "",
-        f"- {_data_line(data)}: {_kind(vae)} examples of shape {tuple(vae.event_shape)}",
+        f"- {_data_line(data)}: {kind_of(vae).card_tag(vae)} examples of shape {tuple(vae.event_shape)}",
     ]
     if "n_train" in summary:
         lines.append(f"- {summary['n_train']:,} training and {summary.get('n_test', 0):,} test examples")
-    if not vae.data_meta.get("text"):
-        binarize = summary.get("binarize", vae.config.data.binarize)
-        lines.append(f"- inputs: the stored values divided by {vae.max_value:g}; binarisation: {binarize}")
-    return lines
+    return lines + kind_of(vae).card_data(vae, summary)  # how inputs are given (not for text)
 
 
 def _card_metrics(summary: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
@@ -207,36 +197,10 @@ def _card_metrics(summary: dict[str, Any], evaluation: dict[str, Any]) -> list[s
 
 
 def _card_usage(vae: VAE, repo_id: str) -> list[str]:
-    lines = ["", "## Usage", "", "```python"]
     load_line = f'vae = turbovae.from_pretrained("{repo_id}")'
-    if vae.data_meta.get("text"):
-        lines += [
-            "import turbovae",
-            "",
-            load_line,
-            "ids = vae.sample(8)  # token ids (8, T), greedy decoding",
-        ]
-    elif vae.data_meta.get("table"):
-        lines += [
-            "import turbovae",
-            "",
-            load_line,
-            "rows = vae.sample(16)  # in the transformed space: docs/tables.md",
-        ]
-    else:
-        shape = ", ".join(str(d) for d in vae.event_shape)
-        group = vae.structure.posterior_group
-        top = f" ({group})" if group else ""
-        lines += [
-            "import torch",
-            "import turbovae",
-            "",
-            load_line,
-            f"x = torch.rand(4, {shape})  # inputs: the stored values / {vae.max_value:g}",
-            f"z = vae.encode(x).mean  # posterior means{top}",
-            "x_hat = vae.reconstruct(x)  # E[x | z]",
-            "samples = vae.sample(16)",
-        ]
+    group = vae.structure.posterior_group
+    top = f" ({group})" if group else ""
+    lines = ["", "## Usage", "", "```python", *kind_of(vae).card_usage(vae, load_line, top)]
     return [*lines, "```", "", f"`pip install turbovae`; loading from the Hub needs `{INSTALL}`.", ""]
 
 

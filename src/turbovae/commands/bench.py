@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .. import runtime
 from ..config import Config
 from ..data.batches import gather, to_float
-from ..data.text import bucketed, lengths_of, trim
+from ..data.text import bucketed
 from ..engine.optim import make_optimizer
 from ..engine.setup import Setup, setup
 from ..engine.step import STATS, make_step
@@ -73,17 +73,20 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
     batch = cfg.train.batch_size
     total = cfg.train.epochs * (len(s.x_train) // batch)
     key = f"bench|{cfg.model}|{s.precision}|{batch}"
-    tokens = s.data.is_tokens
-    graphs = cfg.train.cuda_graph and not tokens and scaler is None and getattr(opt, "device_scalars", True)
+    kind = s.kind
+    capturable = scaler is None and getattr(opt, "device_scalars", True)
+    graphs = cfg.train.cuda_graph and kind.fixed_shapes and capturable
     mode = "off" if cfg.train.optimizer == "schedulefree" else cfg.train.compile  # as train runs it
     step = runtime.StepCompiler(eager, mode, device, key=key, remaining_steps=total, graphs=graphs)
     g = runtime.generator(device, cfg.train.seed)
     dynamic = s.binarize_mode == "dynamic"
     noise = noise_shape_of(cfg.train.objective, batch, vae.latent, cfg.train.iwae_k)
     perm = torch.randperm(len(s.x_train), generator=g, device=device)
-    if tokens:  # text: length-bucketed batches cut to their longest line, as `turbovae train` runs them
-        perm = bucketed(perm, lengths_of(s.x_train), batch, g)
-        mean_tokens = lengths_of(s.x_train[perm[: len(perm) // batch * batch]]).double().mean().item()
+    lengths = kind.lengths(s.x_train)
+    if lengths is not None:  # text: length-bucketed batches cut to their longest line, as train runs them
+        perm = bucketed(perm, lengths, batch, g)
+        mean_tokens = lengths[perm[: len(perm) // batch * batch]].double().mean().item()
+    prepare = kind.preparer(s.train_max, dynamic, g)
     position = {"i": 0}
 
     def batch_pair() -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +95,7 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
             i = 0
         position["i"] = i + batch
         raw = gather(s.x_train, perm[i : i + batch], device) if s.mapped else s.x_train[perm[i : i + batch]]
-        x = trim(raw) if tokens else to_float(raw, s.train_max)
-        if dynamic:
-            x = (torch.rand(x.shape, generator=g, device=device) < x).float()
-        return x, torch.randn(noise, generator=g, device=device)
+        return prepare(raw), torch.randn(noise, generator=g, device=device)
 
     sums = torch.zeros(len(STATS), device=device)
 
@@ -118,7 +118,7 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
     return {
         "samples_per_second": batch * steps / median,
         # text: tokens (end markers included, padding not) = samples/s × mean tokens of the full batches
-        **({"tokens_per_second": batch * steps / median * mean_tokens} if tokens else {}),
+        **({"tokens_per_second": batch * steps / median * mean_tokens} if lengths is not None else {}),
         "step_ms": 1e3 * median / steps,
         "window_seconds": seconds,
         "flops_per_step": flops,

@@ -6,6 +6,7 @@ run's columns, encoded with the run's fitted transforms. Image and vector runs r
 (one array), a ``.npz`` file (its ``x`` array, or its only array) or a folder of PNG/JPEG images
 (rows in the order of the sorted file paths). Integer arrays are divided by the run's ``max_value``
 (as in training), float arrays are taken as already in [0, 1], image files are bytes divided by 255.
+Each kind of data reads its inputs itself (``DataKind.read_input``, ``kinds/``).
 
 Every row has a name, written beside the codes by a ``.npz`` out (``names``) or a ``.csv`` out (the
 first column): the image's path in the folder, the text line, a table's first column that the run
@@ -27,129 +28,11 @@ import numpy as np
 import torch
 
 from .. import conditioning, evaluation, runtime
-from ..config import parse_resize
-from ..data.arrays import _read, split_indices, to_channels_first
-from ..data.images import _image_files, load_image_folder
-from ..data.table_transform import encode as encode_table
-from ..data.table_transform import is_table_meta
-from ..data.tables import TABLE_SUFFIXES, Table, read_table, sniff_delimiter
-from ..data.text import Tokenizer, read_lines, trim, warn
+from ..data.arrays import _read
 from ..engine.rundir import load
 from ..errors import ConfigError, DataError
+from ..kinds import kind_of
 from ..vae import VAE
-
-
-def _text_input(vae: VAE, path: Path) -> torch.Tensor:
-    tok = Tokenizer.from_meta(vae.data_meta)
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; this run is a text model, expected a UTF-8 text file")
-    lines = read_lines(path)
-    if not lines:
-        raise DataError(f"{path}: no lines to encode (the file is empty)")
-    ids, cut = tok.encode_lines(lines)
-    if cut:
-        warn(f"{path}: {cut} line(s) longer than the run's max_length = {tok.max_length} tokens were cut")
-    return torch.from_numpy(ids)
-
-
-def _array_input(vae: VAE, path: Path) -> torch.Tensor:
-    arrays = _read(path)
-    if len(arrays) == 1:
-        (x,) = arrays.values()
-    elif "x" in arrays:
-        x = arrays["x"]
-    else:
-        raise DataError(
-            f"{path}: holds arrays {', '.join(sorted(arrays))}; expected one array, or one named x"
-        )
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or x.ndim < 2:
-        raise DataError(f"{path}: has shape {x.shape} and dtype {x.dtype}, expected numeric (N, ...) data")
-    if x.ndim > 2:
-        x = to_channels_first(x, str(path))
-    if np.issubdtype(x.dtype, np.floating):
-        if not np.isfinite(x).all():
-            raise DataError(f"{path}: contains NaN or Inf values")
-        return torch.from_numpy(x.astype(np.float32))
-    return torch.from_numpy(x.astype(np.float32) / vae.max_value)
-
-
-def _folder_input(vae: VAE, path: Path) -> torch.Tensor:
-    resize = parse_resize(vae.config.data.resize) if vae.config is not None else None
-    ds = load_image_folder(path, resize=resize, test_fraction=0.5, split_seed=0)
-    x = torch.cat([ds.x_train, ds.x_test])
-    if not ((path / "train").is_dir() and (path / "test").is_dir()):  # undo the split: sorted file order
-        train_idx, test_idx = split_indices(len(x), 0.5, 0)
-        x = torch.empty_like(x)
-        x[torch.from_numpy(train_idx)], x[torch.from_numpy(test_idx)] = ds.x_train, ds.x_test
-    return x.float() / 255.0
-
-
-def _table_input(vae: VAE, path: Path) -> tuple[torch.Tensor, list[str]]:
-    """A table file's rows, read with the run's column types and encoded with its fitted transforms."""
-    if path.is_dir() or path.suffix.lower() not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: this run is a table model; expected a {'/'.join(TABLE_SUFFIXES)} file")
-    transform = vae.data_meta["table"]
-    table = read_table(path, schema=transform["columns"])
-    return torch.from_numpy(encode_table(table, transform)), _row_names(path, transform, table)
-
-
-def _row_names(path: Path, transform: dict[str, Any], table: Table) -> list[str]:
-    """The values of the file's first column the run does not model (an identifier), else the rows'
-    lines in the file (CSV) or their numbers (Parquet)."""
-    if path.suffix.lower() == ".parquet":
-        return [str(i + 1) for i in range(len(table))]
-    modelled = {c["name"] for c in transform["columns"]}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f, delimiter=sniff_delimiter(path)) if any(v.strip() for v in r)]
-    extra = [j for j, name in enumerate(rows[0]) if name.strip() not in modelled]
-    if extra:
-        return [row[extra[0]].strip() for row in rows[1:]]
-    return [f"line {n}" for n in table.lines]
-
-
-def _folder_names(path: Path) -> list[str]:
-    """The image files of a folder in the order ``_folder_input`` reads them, relative to it."""
-    if (path / "train").is_dir() and (path / "test").is_dir():
-        files = _image_files(path / "train") + _image_files(path / "test")
-    else:
-        files = _image_files(path)
-    return [str(f.relative_to(path)) for f in files]
-
-
-def read_named_input(vae: VAE, path: str | Path) -> tuple[torch.Tensor, list[str]]:
-    """``read_input``'s rows and a name for each (see the module docstring)."""
-    path = Path(path)
-    if is_table_meta(vae.data_meta):
-        return _table_input(vae, path)
-    x = read_input(vae, path)
-    if vae.data_meta.get("text"):
-        return x, read_lines(path)
-    return x, _folder_names(path) if path.is_dir() else [str(i) for i in range(len(x))]
-
-
-def read_input(vae: VAE, path: str | Path) -> torch.Tensor:
-    """The inputs in ``path`` as the run's model takes them: token ids (N, T) or floats (N, *event)."""
-    path = Path(path)
-    if vae.data_meta.get("text"):
-        return _text_input(vae, path)
-    if is_table_meta(vae.data_meta):
-        return _table_input(vae, path)[0]
-    if path.is_dir():
-        x = _folder_input(vae, path)
-    elif path.suffix.lower() in (".npy", ".npz"):
-        if not path.is_file():
-            raise DataError(f"{path}: no such file")
-        x = _array_input(vae, path)
-    else:
-        raise DataError(f"{path}: expected a .npy or .npz file or a folder of PNG/JPEG images")
-    if tuple(x.shape[1:]) != tuple(vae.event_shape):
-        if x[0].numel() == int(np.prod(vae.event_shape)):
-            return x.reshape(len(x), *vae.event_shape)
-        raise DataError(
-            f"{path}: inputs of shape {tuple(x.shape[1:])}, "
-            f"but the run's model takes {tuple(vae.event_shape)}"
-        )
-    return x
 
 
 def input_labels(vae: VAE, args: argparse.Namespace, n: int) -> torch.Tensor | None:
@@ -183,7 +66,7 @@ def encode(
     """(posterior means, posterior standard deviations), each (N, latent) float32, for inputs ``x``
     (with the class ids ``y`` (N,) of a conditional run)."""
     device = next(vae.parameters()).device
-    prepare = trim if x.dtype == torch.int64 else (lambda raw: raw)
+    prepare = kind_of(vae).preparer(1.0, False, None)  # already scaled (text: cut to the longest line)
     labels = None if y is None else y.to(device)
     q = evaluation.encode_all(vae, x.to(device), prepare, batch_size=batch_size, y=labels)
     return q.mean.cpu().numpy(), q.stddev.cpu().numpy()
@@ -226,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out must end in .npy, .npz or .csv, got {out}")
     device = runtime.select_device(args.device)
     vae = load(args.run_dir, device)
-    x, names = read_named_input(vae, args.input)
+    x, names = kind_of(vae).read_input(vae, Path(args.input))  # the rows, named (the module docstring)
     mean, stddev = encode(vae, x, args.batch_size, input_labels(vae, args, len(x)))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":

@@ -8,13 +8,11 @@ import json
 from typing import Any
 
 from .. import evaluation, runtime
-from ..data.table_transform import is_table_meta, source_splits
-from ..data.tables import read_table
 from ..engine.rundir import load, write_json
 from ..engine.setup import setup
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..evaluation.fidelity import REPORT_STAGES, fidelity_report, synthesize
-from ..evaluation.text import text_metrics
+from ..kinds import kind_of
 from ..progress import Progress, note
 from .options import json_out
 
@@ -92,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
                 progress=bar.update,
             )
         )  # fmt: skip
-    if s.data.is_tokens:  # text: nats per token and perplexity
-        result.update(text_metrics(result["nelbo"], result["nll_iwae"], x))
+    result.update(s.kind.eval_metrics(result, x))  # text: nats per token and perplexity
     if out is not None:
         write_json(out, result)
     if args.json:
@@ -148,22 +145,14 @@ def run_fidelity(args: argparse.Namespace) -> int:
     device = runtime.select_device(args.device)
     runtime.configure(device, args.threads)
     vae = load(args.run_dir, device)
-    if not is_table_meta(vae.data_meta):
-        raise DataError(f"{args.run_dir}: --fidelity is for runs trained on a table (csv:PATH)")
-    transform = vae.data_meta["table"]
-    try:
-        real_train, real_test = source_splits(transform)
-    except DataError:
-        if not args.real:
-            raise
-        real_train = None  # the training file is gone or changed: compare with --real only
-    if args.real:
-        real_test = read_table(args.real, schema=transform["columns"])
+    # the real rows (data with columns only): the run's splits, read again (the training file gone or
+    # changed: --real only), or --real
+    real_train, real_test, real = kind_of(vae).real_rows(vae, args.real, str(args.run_dir))
     n = args.n or (len(real_train) if real_train is not None else len(real_test))
     with Progress(1 + REPORT_STAGES, "fidelity", "stages") as bar:
         synthetic = synthesize(vae, n, generator=runtime.generator(device, args.seed))
         bar.update()
-        result = {"run": str(args.run_dir), "real": args.real or f"{transform['source']} (held-out split)"}
+        result = {"run": str(args.run_dir), "real": real}
         result.update(fidelity_report(real_test, synthetic, real_train, target=args.target, seed=args.seed,
                                       progress=bar.update))  # fmt: skip
     if out is not None:

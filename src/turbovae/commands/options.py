@@ -6,9 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..config import Config, resolve
-from ..data.tables import table_path
-from ..data.text import is_text_spec
 from ..errors import ConfigError
+from ..kinds import kind_for_source
 
 # flag name -> config key; the flags are shortcuts for `section.key=value` overrides
 TRAIN_FLAGS: dict[str, str] = {
@@ -80,10 +79,9 @@ def config_options(p: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace) -> Config:
     """The config the options describe: a preset (default: by the kind of --data), flags, overrides."""
     flags = {key: getattr(args, name) for name, key in TRAIN_FLAGS.items()}
-    # with neither --config nor --data, the built-in demo preset; a table without --config: tabular
-    default = ("tabular" if table_path(args.data) else None) if args.data else "digits-mlp"
-    if args.data and is_text_spec(args.data):  # text without --config: the text presets
-        default = "words-char" if args.data == "words" else "text"
+    # with neither --config nor --data, the built-in demo preset; else the preset of the data's kind
+    # (a table: tabular, text: text or words-char; none for images)
+    default = kind_for_source(args.data).preset(args.data) if args.data else "digits-mlp"
     return resolve(args.config or default, flags, args.overrides)
 
 

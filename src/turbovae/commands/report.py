@@ -27,19 +27,16 @@ from PIL import Image
 
 from .. import __version__, evaluation, runtime
 from ..config import load_yaml
-from ..data.table_transform import decode
 from ..data.tables import Table, _format
 from ..engine.checkpoint import replace_file
 from ..engine.rundir import load
-from ..engine.setup import Setup, setup
+from ..engine.setup import setup
 from ..errors import CheckpointError, ConfigError, TurboVAEError
-from ..evaluation.fidelity import synthesize
+from ..kinds.table import SHOWN_ROWS, SYNTHETIC_ROWS
 from ..models import MODELS
 from ..progress import Progress
-from ..viz.barcodes import data_kind
 from ..viz.figures import write_pictures
-from ..viz.plots import plot_column_histograms, plot_curves
-from ..viz.text import write_text_outputs
+from ..viz.plots import plot_curves
 
 # ---- image grids (Pillow) --------------------------------------------------------------------------
 
@@ -83,7 +80,7 @@ class RunInfo:
     events: list[dict[str, Any]] = field(default_factory=list)
     pictures: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    kind: str = "image"  # what the data are: image, table or text (viz.barcodes.data_kind)
+    legend: str = ""  # how to read the run's barcodes (its data kind's; empty: image grids)
     rows: Table | None = None  # table runs: synthetic rows drawn from the model, shown as a table
     texts: dict[str, str] = field(default_factory=dict)  # text runs: samples, reconstructions, interpolations
 
@@ -188,35 +185,18 @@ def _collect_run(
     grey = None  # binarised runs: the inputs before binarisation, drawn above their binarised draw
     if s.binarize_mode != "none":
         grey = s.data.x_test[:16].to(device).float() / s.data.max_value
-    info.pictures = write_pictures(
-        vae, xp, figures, labels=labels, data_name=s.data.name, stats=stats, grey=grey
-    )
-    info.kind = data_kind(vae)
-    if info.kind == "table":
-        _table_outputs(info, s, figures)
-    elif info.kind == "text":
-        write_text_outputs(s, figures)
-        info.texts = {name: (figures / f"{name}.txt").read_text() for name in TEXT_OUTPUTS}
+    kind = s.kind  # image grids or barcodes; a table's synthetic rows, a text run's sentences
+    info.pictures = write_pictures(vae, xp, figures, labels=labels, data_name=s.data.name, stats=stats,
+                                   grey=grey, barcode=kind.barcode)  # fmt: skip
+    info.legend = kind.legend
+    more = kind.report_outputs(s, figures)
+    info.pictures.update(more.pictures)
+    info.rows, info.texts = more.rows, more.texts
     computed = {k: v for k, v in stats.items() if k != "means"}
     # eval.json wins for what it has; the posterior statistics fill in what it lacks
     info.evaluation = {**computed, "split": "test", **info.evaluation}
     info.evaluation["latent_map_axes"] = stats.get("latent_map_axes", "")
     return info
-
-
-SYNTHETIC_ROWS = 2000  # drawn for the histograms; the first SHOWN_ROWS are shown as a table
-SHOWN_ROWS = 10
-TEXT_OUTPUTS = ("samples", "reconstructions", "interpolations")
-
-
-def _table_outputs(info: RunInfo, s: Setup, figures: Path) -> None:
-    """Synthetic rows of a table run, and their per-column histograms against all the real rows."""
-    synthetic = synthesize(s.vae, SYNTHETIC_ROWS, generator=torch.Generator(s.device).manual_seed(0))
-    transform = s.vae.data_meta["table"]
-    vectors = torch.cat([s.x_train, s.x_val, s.x_test]).float().cpu().numpy()
-    real = decode(vectors, transform, source="real")
-    info.pictures["histograms"] = plot_column_histograms(real, synthetic, figures / "histograms.png")
-    info.rows = synthetic.take(np.arange(min(SHOWN_ROWS, len(synthetic))))
 
 
 # ---- HTML --------------------------------------------------------------------------------------------
@@ -566,18 +546,7 @@ def _fidelity_section(runs: list[RunInfo]) -> str:
 
 def _barcode_lead(runs: list[RunInfo]) -> str:
     """How to read the barcodes of table and text runs (empty when every run is of images)."""
-    kinds = {r.kind for r in runs}
-    parts = []
-    if "table" in kinds:
-        parts.append(
-            "table runs: one row per example, one cell per dimension of the transformed vector "
-            "(numbers normalised, categories one-hot) on a fixed scale, blue −1, white 0, red +1"
-        )
-    if "text" in kinds:
-        parts.append(
-            "text runs: one row per sentence, one cell per token, the same token the same colour, the "
-            "end marker black, padding white"
-        )
+    parts = list(dict.fromkeys(r.legend for r in runs if r.legend))
     return f" Barcodes for {'; '.join(parts)}." if parts else ""
 
 
@@ -611,10 +580,9 @@ def _sentences_section(runs: list[RunInfo]) -> str:
              "test sentences with their reconstructions, and decodings along straight lines between "
              "two test sentences' posterior means.</p>"]  # fmt: skip
     for r in runs:
-        for name in TEXT_OUTPUTS:
-            if name in r.texts:
-                who = f"{r.name}: " if len(runs) > 1 else ""
-                parts.append(f"<h3>{_e(who + name)}</h3><pre>{_e(r.texts[name].strip())}</pre>")
+        for name, text in r.texts.items():
+            who = f"{r.name}: " if len(runs) > 1 else ""
+            parts.append(f"<h3>{_e(who + name)}</h3><pre>{_e(text.strip())}</pre>")
     return "".join(parts)
 
 

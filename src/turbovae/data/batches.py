@@ -7,8 +7,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .text import trim
-
 CHUNK_BYTES = 8 * 2**20  # the most of a split the set-up passes convert at once (memory-mapped data)
 
 
@@ -91,11 +89,10 @@ def gather(x: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.T
 def preparer(
     max_value: float, dynamic: bool, generator: torch.Generator | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The per-batch transform: scale to float and, for dynamic binarisation, draw x ~ Bernoulli(x)."""
+    """The per-batch transform of numbers: scale to float and, for dynamic binarisation, draw
+    x ~ Bernoulli(x). (A data kind may prepare its batches otherwise: ``DataKind.preparer``.)"""
 
     def prepare(raw: torch.Tensor) -> torch.Tensor:
-        if raw.dtype == torch.int64:  # text: token ids stay ids, cut to the batch's longest line
-            return trim(raw)
         x = to_float(raw, max_value)
         if not dynamic:
             return x

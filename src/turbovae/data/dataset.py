@@ -22,8 +22,9 @@ class Dataset:
     y_train: torch.Tensor | None = None  # (N,) int64 labels, when the source has them
     y_test: torch.Tensor | None = None
     max_value: float = 1.0
-    # JSON-serialisable facts a source hands to the model and to later commands (a table's schema and
-    # fitted transforms, a tokenizer's vocabulary): saved in every checkpoint, given to build_vae.
+    # JSON-serialisable facts a source hands to the model and to later commands (the kind of data, in
+    # "kind", see kinds/; a table's schema and fitted transforms, a tokenizer's vocabulary): saved in every
+    # checkpoint, given to build_vae.
     meta: dict[str, Any] = field(default_factory=dict)
     # x_train and x_test are views of a memory-mapped ``.npy`` file (see ``data/arrays.py``): not in
     # memory, gathered per batch; set-up keeps them on the host and never copies them whole
@@ -41,8 +42,3 @@ class Dataset:
     @property
     def is_bytes(self) -> bool:
         return self.x_train.dtype == torch.uint8
-
-    @property
-    def is_tokens(self) -> bool:
-        """Text: int64 token ids (N, T) padded with 0, see ``data/text.py``."""
-        return self.x_train.dtype == torch.int64

@@ -89,9 +89,11 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 
-def _with_levels(dataset: Dataset) -> Dataset:
-    """Byte data record how many values they can take (``meta["levels"]``: 256 for 8-bit images, 17 for
-    digits' 0..16, 2 for booleans), which the 8-bit likelihoods check; float data record nothing."""
+def _image_meta(dataset: Dataset) -> Dataset:
+    """Images and vectors record their kind (``meta["kind"]``, see kinds/), and byte data how many values
+    they can take (``meta["levels"]``: 256 for 8-bit images, 17 for digits' 0..16, 2 for booleans), which
+    the 8-bit likelihoods check."""
+    dataset.meta["kind"] = "image"
     if dataset.is_bytes:
         dataset.meta["levels"] = round(dataset.max_value) + 1
     return dataset
@@ -188,10 +190,10 @@ def load_dataset(
         )
     if spec in DATASETS:
         dataset = DATASETS[spec](test_fraction=test_fraction, split_seed=split_seed, data_dir=data_dir)
-        return _with_levels(_resized(dataset, resize))
+        return _image_meta(_resized(dataset, resize))
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _with_levels(
+        return _image_meta(
             load_image_folder(
                 path,
                 resize=resize,
@@ -203,7 +205,7 @@ def load_dataset(
     if path.is_file():
         if path.suffix.lower() in (".npz", ".npy"):
             arrays = load_arrays(path, test_fraction=test_fraction, split_seed=split_seed)
-            return _with_levels(_resized(arrays, resize))
+            return _image_meta(_resized(arrays, resize))
         raise DataError(
             f"{path}: unsupported file type '{path.suffix}', expected .npz, .npy or an image folder"
         )

@@ -270,7 +270,7 @@ def load_table(
         )
         if given is not None:
             transform["condition"] = given
-    meta: dict[str, Any] = {"table": transform}
+    meta: dict[str, Any] = {"kind": "table", "table": transform}
     y_train = y_test = None
     if given is not None:
         codes = torch.from_numpy(condition_codes(table, given))
@@ -367,17 +367,11 @@ def source_splits(transform: dict[str, Any]) -> tuple[Table, Table]:
     return table.take(train), table.take(test)
 
 
-def is_table_meta(meta: dict[str, Any] | None) -> bool:
-    table = (meta or {}).get("table")
-    return isinstance(table, dict) and "layout" in table
-
-
 __all__ = [
     "METHODS",
     "decode",
     "encode",
     "fit_transform",
-    "is_table_meta",
     "load_table",
     "source_splits",
 ]

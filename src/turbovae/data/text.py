@@ -71,11 +71,14 @@ class Tokenizer:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Tokenizer:
-        """The tokeniser saved in ``Dataset.meta`` (or a checkpoint's ``data_meta``)."""
-        text = meta.get("text") if isinstance(meta, dict) else None
-        if not isinstance(text, dict) or "vocab" not in text:
-            raise DataError("this run was not trained on text (its data description has no tokeniser)")
-        return cls(text["tokenizer"], list(text["vocab"]), int(text["max_length"]), int(text["min_freq"]))
+        """The tokeniser a text data set saved in ``Dataset.meta["text"]`` (a checkpoint's ``data_meta``)."""
+        try:
+            text = meta["text"]
+            return cls(text["tokenizer"], list(text["vocab"]), int(text["max_length"]), int(text["min_freq"]))
+        except (KeyError, TypeError):
+            raise DataError(
+                "this run was not trained on text (its data description has no tokeniser)"
+            ) from None
 
     def to_meta(self) -> dict[str, Any]:
         return {
@@ -281,28 +284,8 @@ def load_text(
         name=name,
         x_train=torch.from_numpy(train_ids),
         x_test=torch.from_numpy(test_ids),
-        meta={"text": meta},
+        meta={"kind": "text", "text": meta},
     )
-
-
-def check_text_setup(
-    data: Dataset, model: str, likelihood: str, binarize: str, text_models: Iterable[str]
-) -> None:
-    """One clear error when text data meet an image model or option (or the other way round)."""
-    if not data.is_tokens:
-        raise ConfigError(
-            f"likelihood '{likelihood}' is for text, but '{data.name}' is not text: "
-            "use --data text:PATH or --data words, or another --likelihood"
-        )
-    if model not in text_models:
-        raise ConfigError(
-            f"'{data.name}' is text: use --model {' or '.join(sorted(text_models))} with --likelihood "
-            f"categorical (or --config text), not --model {model}"
-        )
-    if likelihood != "categorical":
-        raise ConfigError(f"'{data.name}' is text: use --likelihood categorical, not {likelihood}")
-    if binarize not in ("auto", "none"):
-        raise ConfigError(f"data.binarize={binarize} applies to images; '{data.name}' is text")
 
 
 # ---- batches -------------------------------------------------------------------------------------------

@@ -13,18 +13,7 @@ import numpy as np
 import torch
 
 from .. import evaluation, runtime
-from ..evaluation.text import text_summary
 from ..progress import Progress, note
-from ..viz.barcodes import data_kind, reconstruction_barcode, sample_barcode
-from ..viz.grids import (
-    as_images,
-    grid_image,
-    reconstruction_grid,
-    reconstruction_picture,
-    sample_grid,
-    save_grid,
-)
-from ..viz.text import write_text_outputs
 from .optim import Average
 from .rundir import MetricsLog, write_json
 from .setup import Setup
@@ -162,59 +151,23 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool, progress: bo
         summary["global_batch"] = loop["global_batch"]
     if not write:
         return summary
-    if s.data.is_tokens:  # text: nats per token, perplexity, active units, reconstruction accuracy
-        summary.update(text_summary(s, ev, iw, loop))
+    summary.update(s.kind.final_metrics(s, ev, iw, loop))  # text: nats per token, perplexity, ...
     write_json(out / "summary.json", summary)  # atomically; NaN as null
     return summary
 
 
 @torch.no_grad()
-def write_pictures(s: Setup, out: Path, n_samples: int = 64, n_recon: int = 16) -> None:
-    """samples.png (prior samples, E[x|z]) and reconstructions.png (inputs above, outputs below; for
-    binarised data, the input, its binarised draw and the reconstruction), with labelled rows.
-
-    Table and text runs draw them as barcodes (one row per example, ``viz/barcodes.py``); text runs
-    also write samples.txt, reconstructions.txt and interpolations.txt."""
-    vae = s.vae
-    vae.eval()
-    kind = data_kind(vae)
-    samples = vae.sample(n_samples if kind == "image" else 32, generator=runtime.generator(s.device, 7))
-    x = s.prepare_test(s.x_test[: n_recon if kind == "image" else 12])
-    if kind != "image":
-        sample_barcode(samples, kind).save(out / "samples.png", format="PNG")
-        recon = vae.reconstruct(x, None if s.y_test is None else s.y_test[: len(x)])
-        reconstruction_barcode(x, recon, kind).save(out / "reconstructions.png", format="PNG")
-        if kind == "text":
-            write_text_outputs(s, out)
-        vae.train()
-        return
-    shape = s.data.event_shape
-    if vae.n_classes:  # a conditional run: one row of 8 samples per class (up to 16 classes)
-        classes = min(vae.n_classes, 16)
-        y = torch.arange(classes, device=s.device).repeat_interleave(8)
-        samples = vae.sample(len(y), generator=runtime.generator(s.device, 7), condition=y)
-    save_grid(as_images(samples, shape), out / "samples.png", nrow=8)
-    grey = None
-    if s.binarize_mode != "none":  # the user's input beside the binarised draw the model scored
-        grey = s.data.x_test[: len(x)].to(s.device).float() / s.data.max_value
-    recon_y = None if s.y_test is None else s.y_test[: len(x)]
-    reconstruction_picture(vae, x, grey, recon_y).save(out / "reconstructions.png", format="PNG")
-    vae.train()
+def write_pictures(s: Setup, out: Path) -> None:
+    """samples.png and reconstructions.png, in the form of the run's data (``DataKind.write_pictures``:
+    image grids with labelled rows; barcodes, one row per example, for tables and text; text runs
+    also write samples.txt, reconstructions.txt and interpolations.txt)."""
+    s.vae.eval()
+    s.kind.write_pictures(s, out)
+    s.vae.train()
 
 
 @torch.no_grad()
-def tracked_pictures(s: Setup, n_samples: int = 64, n_recon: int = 16) -> dict[str, np.ndarray]:
-    """The pictures live tracking shows at each evaluation (image data only): prior samples and
-    validation reconstructions, as uint8 arrays."""
-    if s.data.is_tokens or len(s.data.event_shape) != 3 or not s.has_validation:
-        return {}
-    vae = s.vae
-    vae.eval()
-    try:
-        x = s.prepare_val(s.x_val[:n_recon])
-        y = None if s.y_val is None else s.y_val[:n_recon]  # a conditional run reconstructs with the classes
-        pictures = {"samples": grid_image(sample_grid(vae, n_samples), nrow=8),
-                    "reconstructions": grid_image(reconstruction_grid(vae, x, y), nrow=len(x))}  # fmt: skip
-    finally:
-        vae.train()
-    return {name: np.asarray(picture) for name, picture in pictures.items()}
+def tracked_pictures(s: Setup) -> dict[str, np.ndarray]:
+    """The pictures live tracking shows at each evaluation (image data only: prior samples and
+    validation reconstructions), as uint8 arrays."""
+    return s.kind.tracked_pictures(s)

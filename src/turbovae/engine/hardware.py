@@ -31,7 +31,6 @@ import torch
 
 from .. import runtime
 from ..config import Config
-from ..data.batches import preparer
 from ..objectives import noise_shape_of
 from .optim import make_optimizer
 from .setup import Setup
@@ -101,7 +100,7 @@ def choose(
     device, default_threads = s.device, torch.get_num_threads()
     g = torch.Generator(device=device).manual_seed(12345)  # the run's own generators are not touched
     dynamic = s.binarize_mode == "dynamic"
-    x = preparer(s.train_max, dynamic, g)(s.x_train[:batch])
+    x = s.kind.preparer(s.train_max, dynamic, g)(s.x_train[:batch])
     eps = torch.randn(noise_shape_of(cfg.train.objective, len(x), s.vae.latent, cfg.train.iwae_k),
                       generator=g, device=device)  # fmt: skip
     extra = () if s.y_train is None else (torch.tensor(cfg.train.beta, device=device), s.y_train[:batch])

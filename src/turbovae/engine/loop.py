@@ -19,8 +19,8 @@ import torch
 
 from .. import evaluation, runtime
 from ..config import Config, to_yaml
-from ..data.batches import gather, preparer
-from ..data.text import bucketed, lengths_of
+from ..data.batches import gather
+from ..data.text import bucketed
 from ..models import model_spec
 from ..objectives import noise_shape_of
 from ..progress import Progress
@@ -117,7 +117,9 @@ class Run:
     global_batch: int
     steps_per_epoch: int
     total_steps: int
-    whole: bool  # prepare the global batch, then shard (dynamic binarisation, text); else shard first
+    # prepare the global batch, then shard (dynamic binarisation, batches cut to their longest line: every
+    # rank's share the same shape); else shard first
+    whole: bool
     lengths: torch.Tensor | None  # text: tokens per line, for length-bucketed batches
     lr_now: torch.Tensor  # the optimiser's learning rate (a device tensor the loop refills)
     probe: NoiseProbe
@@ -222,11 +224,11 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
               precision=s.precision, threads=torch.get_num_threads(), **measured,
               params=sum(p.numel() for p in s.vae.parameters()), binarize=s.binarize_mode,
               **(ranks if ctx.world > 1 else {}))  # fmt: skip
-    n_train, tokens = len(s.x_train), s.data.is_tokens
+    n_train, kind = len(s.x_train), s.kind
     steps_per_epoch = n_train // global_batch  # equal-sized batches: fixed shapes, no tiny last batch
-    # text: every line once per epoch, a smaller last batch (data-parallel runs, now or at their start,
-    # drop it: the ranks' shares stay equal)
-    if tokens and ctx.world == 1 and global_batch == s.cfg.train.batch_size:
+    # batches whose shapes change anyway (text): every example once per epoch, a smaller last batch
+    # (data-parallel runs, now or at their start, drop it: the ranks' shares stay equal)
+    if not kind.fixed_shapes and ctx.world == 1 and global_batch == s.cfg.train.batch_size:
         steps_per_epoch = -(-n_train // global_batch)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -240,10 +242,10 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
         compiled = runtime.compile_fn(task, s.device) if _compiled_forward(cfg, s.device) else task
         forward = ctx.wrap(compiled)  # type: ignore[arg-type]
     dynamic = s.binarize_mode == "dynamic"
-    lengths = lengths_of(s.x_train) if tokens else None
+    lengths = kind.lengths(s.x_train)  # text: tokens per line, for length-bucketed batches
     mean_tokens = lengths.double().mean().item() if lengths is not None else 0.0
-    return Run(s, st, ctx, out, cfg, log, preparer(s.train_max, dynamic, st.gens["data"]), global_batch,
-               steps_per_epoch, total_steps, tokens or dynamic, lengths, lr_now,
+    return Run(s, st, ctx, out, cfg, log, kind.preparer(s.train_max, dynamic, st.gens["data"]), global_batch,
+               steps_per_epoch, total_steps, not kind.fixed_shapes or dynamic, lengths, lr_now,
                NoiseProbe(cfg, s.vae, s.device, s.precision), Snapshot(st), forward,
                Tracker(cfg, out, ctx.main), mean_tokens, watch)  # fmt: skip
 
@@ -305,7 +307,7 @@ def compiled_step(r: Run) -> runtime.StepCompiler:
         key=f"{s.device.type}|{torch.__version__}|{m.name}|{s.data.event_shape}|{shape}|{cfg.train.objective}|"
         f"{s.precision}|{batch}" + (f"|classes {s.vae.n_classes}" if s.vae.n_classes else ""),
         remaining_steps=r.total_steps - r.loop["step"],
-        graphs=cfg.train.cuda_graph and not s.data.is_tokens and st.scaler is None and capturable,
+        graphs=cfg.train.cuda_graph and s.kind.fixed_shapes and st.scaler is None and capturable,
     )
 
 

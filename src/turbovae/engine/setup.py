@@ -4,7 +4,6 @@ user errors in config or data surface here, before any file is written."""
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,9 @@ import torch
 from .. import conditioning, runtime
 from ..config import Config, parse_resize
 from ..data import Dataset, load_dataset
-from ..data.batches import binarize, mean_value, preparer, value_range
-from ..data.table_transform import is_table_meta
-from ..data.text import check_text_setup
+from ..data.batches import binarize, mean_value, value_range
 from ..errors import ConfigError, DataError, shown
+from ..kinds import DataKind, kind_of
 from ..likelihoods import build_likelihood
 from ..models import TEXT_MODELS, build_network, model_spec
 from ..models.mlp import MLPNet
@@ -56,11 +54,16 @@ class Setup:
         """The class ids of split ``name`` (test, val or train) of a conditional run, else None."""
         return {"test": self.y_test, "val": self.y_val, "train": self.y_train}[name]
 
+    @property
+    def kind(self) -> DataKind:
+        """What kind of data these are (image, table, text): what the run does differently for them."""
+        return kind_of(self.data)
+
     def prepare_test(self, raw: torch.Tensor) -> torch.Tensor:
-        return preparer(self.test_max, False, None)(raw)
+        return self.kind.preparer(self.test_max, False, None)(raw)
 
     def prepare_val(self, raw: torch.Tensor) -> torch.Tensor:
-        return preparer(self.val_max, False, None)(raw)
+        return self.kind.preparer(self.val_max, False, None)(raw)
 
     @property
     def mapped(self) -> bool:
@@ -81,8 +84,8 @@ class Setup:
                 raise ConfigError("this run has no validation split (data.validation = 0)")
             return self.x_val, self.prepare_val
         if self.binarize_mode == "dynamic":
-            return binarize(self.x_train, self.train_max, seed=3), preparer(1.0, False, None)
-        return self.x_train, preparer(self.train_max, False, None)
+            return binarize(self.x_train, self.train_max, seed=3), self.kind.preparer(1.0, False, None)
+        return self.x_train, self.kind.preparer(self.train_max, False, None)
 
 
 VALIDATION_MAX = 5000  # examples: 10% of 60,000 would be 6,000
@@ -165,15 +168,15 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         min_freq=cfg.data.min_freq,
         condition=cfg.data.condition,
     )
-    condition_on(data, cfg.data.condition)
+    kind = kind_of(data)
+    condition_on(data, cfg.data.condition, kind)
     low, high, binary = value_range([data.x_train, data.x_test], data.max_value)  # a chunk at a time
     if not (math.isfinite(low) and math.isfinite(high)):
         raise DataError(f"data '{data.name}' contains NaN or Inf values")
     check_memory(cfg, data.event_shape, data.meta, device)
     vae = build_vae(cfg, data.event_shape, data.meta)
     mode = resolve_binarize(cfg.data.binarize, vae.likelihood.support, binary)
-    if data.is_tokens or vae.likelihood.support == "tokens":  # text: no scaling and no binarisation
-        check_text_setup(data, cfg.model.name, cfg.model.likelihood, cfg.data.binarize, TEXT_MODELS)
+    kind.check(data, cfg)  # text: a model of token sequences, no binarisation
     if mode != "none" and (low < 0 or high > 1):
         raise DataError(
             f"binarisation needs data in [0, 1], but '{data.name}' has values in [{low:g}, {high:g}]"
@@ -184,12 +187,9 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
     try:
         vae.likelihood.check_data(low, high, binary, data.name)
     except DataError as e:
-        if is_table_meta(data.meta):  # the advice for images (gaussian, uint8) does not fit a table
-            raise DataError(
-                f"likelihood '{cfg.model.likelihood}' does not fit the table '{data.name}': tables are "
-                "scored with --likelihood mixed (a Gaussian for each number, a categorical for each "
-                "category; the tabular preset's)"
-            ) from e
+        advice = kind.misfit(data, cfg)  # a table: not the advice for images (gaussian, uint8)
+        if advice:
+            raise DataError(advice) from e
         raise
     if mode == "static" and data.mapped:
         raise ConfigError(
@@ -198,11 +198,7 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         )
     n_all = len(data.x_train)
     fit_idx, val_idx, n_val = held_out(data, cfg.data.validation)
-    if n_all - n_val < cfg.train.batch_size and is_table_meta(data.meta):  # as TVAE does
-        n = n_all - n_val
-        print(f"turbovae: note: table '{data.name}' has {n} training rows, fewer than train.batch_size = "
-              f"{cfg.train.batch_size}: training with one batch of all {n}", file=sys.stderr)  # fmt: skip
-        cfg.train.batch_size = n  # config.yaml records the batch the run used
+    cfg.train.batch_size = kind.batch_size(data, cfg, n_all - n_val)  # config.yaml records the batch used
     if len(data.x_train) < cfg.train.batch_size:
         raise DataError(
             f"data '{data.name}' has {len(data.x_train)} training examples, fewer than train.batch_size "
@@ -239,33 +235,13 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
                  vae, precision, x_val.to(device), val_max, *ys)  # fmt: skip
 
 
-def condition_on(data: Dataset, condition: str) -> None:
+def condition_on(data: Dataset, condition: str, kind: DataKind) -> None:
     """A conditional run (``data.condition``): the data's class ids 0..K-1 in ``y_train``/``y_test`` and
-    ``meta["condition"]`` (what they mean); a table's condition column was taken out by its loader."""
+    ``meta["condition"]`` (what they mean), as the data's kind takes them (``DataKind.take_condition``:
+    an image's labels, a table's categorical column)."""
     if not condition:
         return
-    if data.is_tokens:
-        raise ConfigError("data.condition is for images, vectors and tables, not text")
-    table = "table" in data.meta
-    if condition != "label" and not table:
-        raise ConfigError(
-            f"data.condition '{condition}': use 'label' (the labels of '{data.name}') or, for a table "
-            "(csv:PATH), the name of a categorical column"
-        )
-    if condition == "label" and table:
-        raise ConfigError("data.condition for a table names its categorical column: --condition COLUMN")
-    if data.y_train is None or data.y_test is None:
-        raise DataError(
-            f"data '{data.name}' has no labels for --condition label (labels come from an npz's y_train/"
-            "y_test or y, IDX label files, digits, or an image folder's class sub-folders)"
-        )
-    if not table:
-        values, names = conditioning.label_ids(torch.cat([data.y_train, data.y_test]), data.name,
-                                               data.meta.get("class_names"))  # fmt: skip
-        data.y_train = conditioning.remap(data.y_train, values)
-        data.y_test = conditioning.remap(data.y_test, values)
-        counts = torch.bincount(data.y_train, minlength=len(names)).tolist()
-        data.meta["condition"] = {"kind": "label", "names": names, "counts": counts}
+    kind.take_condition(data, condition)
     if len(data.meta["condition"]["names"]) < 2:
         raise DataError(f"data '{data.name}': --condition {condition} needs at least 2 classes, found 1")
 

@@ -1,4 +1,5 @@
-"""Synthetic tables: draw rows from a trained tabular run, and measure how faithful they are.
+"""Synthetic tables: how faithful the rows drawn from a trained tabular run (``synthesize``, which the
+table kind owns: ``kinds/table.py``) are.
 
 The measures compare synthetic rows with real ones that the model did not train on (the run's
 held-out split, or ``--real FILE``), as ``turbovae eval RUN_DIR --fidelity`` reports them:
@@ -23,65 +24,15 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
-from .. import conditioning
-from ..data.table_transform import decode, is_table_meta, with_condition
 from ..data.tables import Column, Table
 from ..errors import DataError
-from ..vae import VAE
+from ..kinds.table import synthesize as synthesize  # the rows these measures judge (re-exported)
 
 NUMERIC = ("continuous", "integer")
 # below this distance (in standard deviations) a row counts as a copy: the nearest-neighbour search
 # computes |a − b| as sqrt(|a|² + |b|² − 2a·b), which leaves ~1e-7 where a = b
 COPY_DISTANCE = 1e-6
-
-
-@torch.no_grad()
-def synthesize(
-    vae: VAE,
-    n: int,
-    *,
-    generator: torch.Generator | None = None,
-    draw: bool = True,
-    temperature: float = 1.0,
-    condition: int | str | None = None,
-) -> Table:
-    """``n`` synthetic rows from a tabular run: z ~ N(0, T²I) (``temperature`` T, 1 by default), then
-    x ~ p(x | z) (``draw=True``: the model's distribution, categories drawn from their softmax) or
-    x = E[x | z] (``draw=False``: the most likely category, the mean value), decoded back to the
-    table's columns and types.
-
-    A run conditioned on a column (``--condition COLUMN``) draws the rows of the class ``condition``
-    (an id or a value of that column; None: classes drawn from the training frequencies) and writes
-    the column back in its place."""
-    if not is_table_meta(vae.data_meta):
-        raise DataError("this run was not trained on a table (csv:PATH); it has no columns to write")
-    given = vae.data_meta["table"].get("condition")
-    if given is None:
-        if condition is not None:
-            raise DataError(
-                "this table run is not conditioned on a column (train it with --condition COLUMN)"
-            )
-        chunks = []
-        for start in range(0, n, 10_000):
-            x = vae.sample(
-                min(10_000, n - start), generator=generator, mean=not draw, temperature=temperature
-            )
-            chunks.append(x.float().cpu().numpy())
-        return decode(np.concatenate(chunks), vae.data_meta["table"])
-    device = next(vae.parameters()).device
-    if condition is None:
-        y = conditioning.draw_classes(vae.data_meta["condition"], n, generator, device)
-    else:
-        y = vae.condition_ids(condition, n, device)
-    chunks = []
-    for start in range(0, n, 10_000):
-        part = y[start : start + 10_000]
-        x = vae.sample(len(part), generator=generator, mean=not draw, temperature=temperature, condition=part)
-        chunks.append(x.float().cpu().numpy())
-    rows = decode(np.concatenate(chunks), vae.data_meta["table"])
-    return with_condition(rows, given, y.cpu().numpy())
 
 
 # ---- marginals ---------------------------------------------------------------------------------------

@@ -13,28 +13,19 @@ Rows come in groups (an input and its reconstruction) separated by a wider gap, 
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data.table_transform import is_table_meta
 from .grids import _font
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3  # as in data/text.py
 CELL_HEIGHT = 14  # pixels per row
 MAX_WIDTH = 960  # pixels of cells (a row of many dimensions gets narrow cells)
-
-
-def data_kind(vae: Any) -> str:
-    """``text``, ``table`` or ``image`` (everything else): what the run's pictures should look like."""
-    meta = getattr(vae, "data_meta", None) or {}
-    if meta.get("text") or getattr(vae.likelihood, "support", "") == "tokens":
-        return "text"
-    return "table" if is_table_meta(meta) else "image"
 
 
 def value_colours(x: np.ndarray) -> np.ndarray:
@@ -65,11 +56,28 @@ def used_length(ids: np.ndarray) -> int:
     return int(nonpad[-1]) + 1 if len(nonpad) else 1
 
 
-def colours_of(x: torch.Tensor | np.ndarray, kind: str) -> np.ndarray:
-    """The colours of rows ``x`` (N, D) of a ``table`` or ``text`` run."""
+@dataclass(frozen=True)
+class Palette:
+    """How a barcode colours its rows: ``colours`` (N, D) → (N, D, 3) uint8; ``cut``: the rows are token
+    ids padded with PAD on the right, and the picture ends after the last position any row uses."""
+
+    colours: Callable[[np.ndarray], np.ndarray]
+    cut: bool = False
+
+
+# the palettes a data kind draws its barcodes with (``DataKind.barcode``)
+PALETTES: dict[str, Palette] = {
+    "values": Palette(value_colours),
+    "tokens": Palette(lambda a: token_colours(a.astype(np.int64)), cut=True),
+}
+
+
+def colours_of(x: torch.Tensor | np.ndarray, palette: str) -> np.ndarray:
+    """The colours of rows ``x`` (N, D) in the palette ``palette`` (cut after the last position used)."""
     array = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     array = array.reshape(len(array), -1)
-    return token_colours(array.astype(np.int64)) if kind == "text" else value_colours(array)
+    colours = PALETTES[palette].colours(array)
+    return colours[:, : used_length(array)] if PALETTES[palette].cut else colours
 
 
 def barcode(
@@ -115,26 +123,20 @@ def same_width(*rows: torch.Tensor) -> list[torch.Tensor]:
     return [torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in flat]
 
 
-def sample_barcode(samples: torch.Tensor | np.ndarray, kind: str) -> Image.Image:
-    """Prior samples, one row each (text: cut after the longest line)."""
-    colours = colours_of(samples, kind)
-    if kind == "text":
-        ids = samples.cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
-        colours = colours[:, : used_length(ids)]
-    return barcode(colours)
+def sample_barcode(samples: torch.Tensor | np.ndarray, palette: str) -> Image.Image:
+    """Prior samples, one row each (token ids: cut after the longest line)."""
+    return barcode(colours_of(samples, palette))
 
 
 def reconstruction_barcode(
-    x: torch.Tensor, recon: torch.Tensor, kind: str, grey: torch.Tensor | None = None
+    x: torch.Tensor, recon: torch.Tensor, palette: str, grey: torch.Tensor | None = None
 ) -> Image.Image:
     """Every input above its reconstruction (with ``grey``, the values before binarisation first)."""
     parts = same_width(*([grey] if grey is not None else []), x, recon)
     names = ["input", "binarised"] if grey is not None else ["input"]
     names.append("reconstruction")
-    colours = np.stack([colours_of(p, kind) for p in parts], axis=1)  # (N, parts, D, 3)
-    if kind == "text":
-        ids = np.concatenate([p.cpu().numpy() for p in parts])
-        colours = colours[:, :, : used_length(ids)]
+    # (N, parts, D, 3): the parts coloured together, so that they are cut at the same position
+    colours = colours_of(torch.cat(parts), palette).reshape(len(parts), len(x), -1, 3).transpose(1, 0, 2, 3)
     n, k = colours.shape[:2]
     labels = [f"{name} {i + 1}" if j == 0 else name for i in range(n) for j, name in enumerate(names)]
     return barcode(colours.reshape(n * k, *colours.shape[2:]), group=k, labels=labels)

@@ -36,6 +36,7 @@ def write_pictures(
     stats: dict[str, Any] | None = None,
     seed: int = 0,
     grey: torch.Tensor | None = None,
+    barcode: str | None = None,
 ) -> dict[str, Path]:
     """Every picture of a trained model on prepared test inputs ``x`` (N, *event_shape), into ``out_dir``.
 
@@ -44,7 +45,8 @@ def write_pictures(
     the inputs before binarisation (in [0, 1]), drawn above their binarised draw. Returns
     {name: path} for samples, reconstructions, interpolations, traversals, kl_per_dim, latent_map.
 
-    Table and text runs get barcodes (``barcodes.py``) instead of image grids. A conditional VAE
+    ``barcode``: the palette (``barcodes.PALETTES``) of data drawn as barcodes, one row per example (a
+    data kind's ``barcode``: tables, text), instead of image grids (None). A conditional VAE
     (``vae.n_classes``) takes the inputs' class ids from ``labels``: its image samples are one row per
     class, and the other pictures encode and decode with the inputs' classes.
     """
@@ -61,9 +63,8 @@ def write_pictures(
             "active_threshold": evaluation.ACTIVE_THRESHOLD,
             "means": q.mean,
         }
-    kind = barcodes.data_kind(vae)
-    if kind != "image":
-        paths = _barcode_pictures(vae, x, out_dir, kind, stats, seed, cond)
+    if barcode is not None:
+        paths = _barcode_pictures(vae, x, out_dir, barcode, stats, seed, cond)
     else:
         paths = _image_pictures(vae, x, out_dir, stats, seed, grey, cond)
     paths["kl_per_dim"] = out_dir / "kl_per_dim.png"
@@ -89,20 +90,20 @@ def _barcode_pictures(
     vae: Any,
     x: torch.Tensor,
     out_dir: Path,
-    kind: str,
+    palette: str,
     stats: dict[str, Any],
     seed: int,
     cond: torch.Tensor | None = None,
 ) -> dict[str, Path]:
-    """Samples, reconstructions, interpolations and traversals of a table or text run, as barcodes (a
-    conditional run's with the inputs' classes ``cond``)."""
+    """Samples, reconstructions, interpolations and traversals as barcodes in ``palette`` (a conditional
+    run's with the inputs' classes ``cond``)."""
     paths = {name: out_dir / f"{name}.png" for name in ("samples", "reconstructions")}
     device = next(vae.parameters()).device
     g = torch.Generator(device=device).manual_seed(7 + seed)
-    barcodes.sample_barcode(vae.sample(32, generator=g), kind).save(paths["samples"])
+    barcodes.sample_barcode(vae.sample(32, generator=g), palette).save(paths["samples"])
     xr = x[:12]
     recon = vae.reconstruct(xr, None if cond is None else cond[: len(xr)])
-    barcodes.reconstruction_barcode(xr, recon, kind).save(paths["reconstructions"])
+    barcodes.reconstruction_barcode(xr, recon, palette).save(paths["reconstructions"])
     pairs = min(4, len(x) // 2)
     steps = 8
     if pairs >= 1:
@@ -116,9 +117,7 @@ def _barcode_pictures(
         ends_a, middle, ends_b = barcodes.same_width(x[order[:pairs]], decoded, x[order[pairs:]])
         rows = torch.cat([ends_a.unsqueeze(1).to(middle.dtype), middle.unflatten(0, (pairs, steps)),
                           ends_b.unsqueeze(1).to(middle.dtype)], dim=1).flatten(0, 1)  # fmt: skip
-        colours = barcodes.colours_of(rows, kind)
-        if kind == "text":
-            colours = colours[:, : barcodes.used_length(rows.cpu().numpy())]
+        colours = barcodes.colours_of(rows, palette)
         between = [f"{j / (steps - 1):.2f}" for j in range(steps)]
         labels = [text for i in range(pairs) for text in (f"pair {i + 1}: a", *between, "b")]
         paths["interpolations"] = out_dir / "interpolations.png"
@@ -133,9 +132,7 @@ def _barcode_pictures(
     flat = z.flatten(0, 1)
     first = None if cond is None else cond[:1].expand(len(flat))  # every traversal at the first input's class
     decoded = vae.decode(flat, first)
-    colours = barcodes.colours_of(decoded, kind)
-    if kind == "text":
-        colours = colours[:, : barcodes.used_length(decoded.cpu().numpy())]
+    colours = barcodes.colours_of(decoded, palette)
     labels = [f"z{d} = {value:+.1f}" for d in top for value in values]
     paths["traversals"] = out_dir / "traversals.png"
     barcodes.barcode(colours, group=len(values), labels=labels).save(paths["traversals"])

@@ -16,7 +16,7 @@ import torch
 
 from ... import runtime
 from ...config import Config
-from ...data.batches import gather, preparer
+from ...data.batches import gather
 from ...engine.noise import NoiseScale
 from ...engine.optim import lr_tensor, make_optimizer
 from ...engine.setup import Setup, build_vae
@@ -150,7 +150,7 @@ class Runner:
                                              k=cfg.train.iwae_k)  # fmt: skip
         self.gen_data = runtime.generator(s.device, seed)
         self.gen_noise = runtime.generator(s.device, seed + 1)
-        self.prepare = preparer(s.train_max, s.binarize_mode == "dynamic", self.gen_data)
+        self.prepare = s.kind.preparer(s.train_max, s.binarize_mode == "dynamic", self.gen_data)
         self.x = s.x_train if x_train is None else x_train
         self.perm = torch.randperm(len(self.x), generator=self.gen_data, device=s.device)
         self.position = 0

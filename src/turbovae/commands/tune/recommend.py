@@ -136,8 +136,9 @@ def tune(
     )
     reasons["train.warmup_steps"] = f"5% of the run's {total_steps:,} steps"
     compile_mode, compile_why = compile_choice(s.device.type, total_steps, step_s)
-    if s.data.is_tokens:  # text batches are cut to their longest line: every new length would recompile
-        compile_mode, compile_why = "off", "text batches change length from batch to batch (a recompile each)"
+    if not s.kind.fixed_shapes:  # text batches are cut to their longest line: a recompile per new length
+        compile_mode = "off"
+        compile_why = f"{s.kind.name} batches change length from batch to batch (a recompile each)"
     reasons["train.compile"] = compile_why
 
     changes = {"train.batch_size": batch, "train.lr": float(f"{lr:.2g}"), "train.epochs": epochs,
