@@ -9,10 +9,11 @@ import math
 import os
 import shutil
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import yaml
@@ -74,7 +75,7 @@ def lock_run(out: Path, resume: bool) -> None:
     made = _make_dirs(out)
     path = out / LOCK_NAME
     for _ in range(100):  # the file may go between open and flock (its holder removes it on release)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = _open_inside(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -90,7 +91,7 @@ def lock_run(out: Path, resume: bool) -> None:
                   file=sys.stderr)  # fmt: skip
             return
         with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
+            if os.path.samestat(os.fstat(fd), os.lstat(path)):
                 break
         os.close(fd)
     else:
@@ -98,6 +99,54 @@ def lock_run(out: Path, resume: bool) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     _held[key] = _Lock(fd, made)
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_inside(path: Path, flags: int) -> int:
+    """``os.open(path, flags)`` of a run's own file, never through a symbolic link (``O_NOFOLLOW``: a
+    link would let the write land outside the run directory) and only a regular file (a FIFO or device
+    would block or take the bytes): a CheckpointError naming it otherwise. Non-blocking at open only."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW, 0o666)
+    except OSError as e:
+        if path.is_symlink():  # ELOOP (Linux), EMLINK (FreeBSD) or EFTYPE (macOS): refuse, naming the link
+            raise _link_error(path) from None
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(
+            f"{path} is not a regular file (a FIFO, device or folder); turbovae writes its own files in a "
+            "run directory: remove it, or use another --out"
+        )
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _link_error(path: Path) -> CheckpointError:
+    try:
+        target = f" (to {shown(os.readlink(path), 120)})"
+    except OSError:
+        target = ""
+    return CheckpointError(
+        f"{path} is a symbolic link{target}; turbovae writes only inside the run directory, never through "
+        "a link: remove the link (or replace it by the file itself), or use another --out"
+    )
+
+
+# the run's files and folders that are written into, appended to or pruned in place (not replaced by a
+# rename, which replaces a link rather than following it): none may be a symbolic link
+IN_PLACE = (LOCK_NAME, "metrics.jsonl", "checkpoints", "checkpoints/refused")
+
+
+def check_links(out: Path) -> None:
+    """A CheckpointError naming the first of the run's files or folders written in place (IN_PLACE) that
+    is a symbolic link: appending through it, or writing and pruning checkpoints in it, would change
+    files outside the run directory ``out``."""
+    for name in IN_PLACE:
+        if (out / name).is_symlink():
+            raise _link_error(out / name)
 
 
 def _holder(fields: list[str]) -> str:
@@ -130,6 +179,7 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
             raise CheckpointError(
                 f"cannot resume {out}: no config.yaml there (is it a turbovae run directory?)"
             )
+        check_links(out)
         return
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory")
@@ -144,9 +194,9 @@ def _clear_run(out: Path) -> None:
     """Remove a previous run's files (only those turbovae writes) before an --overwrite run starts."""
     for name in RUN_FILES:
         path = out / name
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():  # a link is removed, never what it points to
             shutil.rmtree(path)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             path.unlink()
 
 
@@ -155,7 +205,10 @@ class MetricsLog:
     nothing (the ranks other than 0 of a data-parallel run)."""
 
     def __init__(self, path: Path | None) -> None:
-        self.file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115 - close()
+        self.file: TextIO | None = None
+        if path is not None:  # appended to in place: never through a link (_open_inside)
+            fd = _open_inside(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            self.file = open(fd, "a", buffering=1)  # noqa: SIM115 - close()
 
     def echo(self, message: str) -> None:
         """A warning on stderr, once per job (from the rank that writes the log)."""
