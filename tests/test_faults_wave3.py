@@ -6,14 +6,22 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from turbovae.cli import main
+from turbovae.engine import checkpoint
 
 FAST = ["--data", "digits", "--hidden", "16", "--latent", "2", "--batch-size", "64", "--epochs", "1",
         "--progress", "off", "eval.iwae_k=2", "train.log_every=5"]  # fmt: skip
+SRC = Path(__file__).resolve().parent.parent / "src"
+ENV = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+       "PYTHONWARNINGS": "ignore"}  # fmt: skip
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -107,3 +115,88 @@ def test_overwrite_removes_a_linked_checkpoints_folder_not_what_it_points_to(fin
     assert snapshot(outside) == before
     assert not (run / "checkpoints").is_symlink() and list((run / "checkpoints").glob("step-*.json"))
     assert json.loads((run / "summary.json").read_text())["steps"] > 0
+
+
+# ---- 2. --resume continues a run killed at any moment ----------------------------------------------------
+
+
+def final_tensors(run: Path) -> dict[str, torch.Tensor]:
+    path = checkpoint.latest(run)
+    assert path is not None
+    return checkpoint.load(path)[0]
+
+
+def test_resume_of_a_run_killed_after_best_before_its_first_step_checkpoint_starts_over_exactly(
+    tmp_path, capsys
+):
+    """Issue 33, high 5: a run killed after an epoch wrote best.* but before its first step checkpoint
+    (train.checkpoint_every longer than an epoch) could not be resumed: "start over with --overwrite".
+    The directory such a kill leaves is made here from a finished run (its step checkpoints and
+    summary.json removed); resume starts it again with its seed and ends where the run ended."""
+    run = tmp_path / "run"
+    argv = [*FAST, "--epochs", "2", "--checkpoint-every", "100"]  # 2 x 22 steps: one step checkpoint, at the end
+    assert main(["train", *argv, "--out", str(run)]) == 0
+    reference = final_tensors(run)
+    best = (run / "checkpoints" / "best.safetensors").read_bytes()  # (its JSON holds timings)
+    for path in (run / "checkpoints").glob("step-*"):
+        path.unlink()
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "from the start" in capsys.readouterr().err
+    resumed = final_tensors(run)
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert (run / "checkpoints" / "best.safetensors").read_bytes() == best
+    assert json.loads((run / "summary.json").read_text())["steps"] == 44
+
+
+def test_resume_still_refuses_a_finished_run_without_step_checkpoints(finished, tmp_path, capsys):
+    """A finished run (summary.json) whose step checkpoints were deleted is not a killed run: starting
+    it over would replace its results."""
+    run = copy_run(finished, tmp_path)
+    for path in (run / "checkpoints").glob("step-*"):
+        path.unlink()
+    before = snapshot(run)
+    one_error_line(capsys, ["train", "--resume", str(run)], "summary.json but no step checkpoint")
+    assert snapshot(run) == before
+
+
+KILL_IN_SETUP = """
+import os, signal, sys
+import turbovae.engine.loop as t
+
+def setup(*args, **kwargs):  # SIGKILL while the data are being loaded, as a preemption would
+    os.kill(os.getpid(), signal.SIGKILL)
+
+t.setup = setup
+from turbovae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_of_a_run_killed_while_loading_its_data_starts_it_over_exactly(tmp_path):
+    """Issue 33, high 5, the earliest moment: a run killed before it wrote anything but its lock left
+    nothing --resume could continue ("no config.yaml there")."""
+    argv = [*FAST, "--seed", "3"]
+    assert main(["train", *argv, "--out", str(tmp_path / "reference")]) == 0
+    run = tmp_path / "run"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_IN_SETUP)
+    killed = subprocess.run([sys.executable, str(script), "train", *argv, "--out", str(run)], env=ENV,
+                            capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (run / "config.yaml").is_file() and not (run / "checkpoints").exists()
+    assert main(["train", "--resume", str(run)]) == 0
+    reference, resumed = final_tensors(tmp_path / "reference"), final_tensors(run)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_a_run_that_fails_while_loading_its_data_leaves_no_config_behind(tmp_path, capsys):
+    """The config.yaml written before the data are loaded goes again when the run fails there (a typo
+    leaves no run directory, as before)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new" / "run", empty):
+        one_error_line(capsys, ["train", *FAST, "--data", str(tmp_path / "missing.npz"), "--out", str(out)])
+    assert not (tmp_path / "new").exists() and list(empty.iterdir()) == []

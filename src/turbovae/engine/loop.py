@@ -188,7 +188,7 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     resume_from = None
     if ctx.main:  # rank 0 alone decides about (and locks, for the whole run) the directory it alone writes
         rundir.lock_run(out, resume)
-        check_out_dir(out, overwrite, resume)
+        check_out_dir(out, overwrite, resume, cfg)  # a new run's config.yaml: resumable from here
         resume_from = rundir.resume_point(out, cfg) if resume else None  # refused: nothing is touched
     tracking.check_available(cfg)
     runtime.seed_everything(cfg.train.seed)

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import torch
 import yaml
 
-from ..config import Config, from_dict, load_yaml
+from ..config import Config, from_dict, load_yaml, to_yaml
 from ..errors import CheckpointError, ConfigError, clip, shown
 from ..vae import VAE
 from . import checkpoint
@@ -44,6 +44,7 @@ LOCK_NAME = ".lock"
 class _Lock:
     fd: int
     created: list[Path] = field(default_factory=list)  # the folders taking the lock made, deepest first
+    provisional: bool = False  # config.yaml written before set-up (check_out_dir): removed if the run fails
 
 
 _held: dict[Path, _Lock] = {}  # the run directories this process has locked
@@ -166,16 +167,27 @@ def unlock_run(out: Path) -> None:
     if lock is None:
         return
     with contextlib.suppress(OSError):
+        if lock.provisional and not (out / "metrics.jsonl").exists():  # failed before its start
+            (out / "config.yaml").unlink()
         (out / LOCK_NAME).unlink()
         for folder in lock.created:
             folder.rmdir()  # stops (OSError) at the first folder that is not empty
     os.close(lock.fd)
 
 
-def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """An existing run is never replaced without --overwrite, nor continued without --resume."""
+def check_out_dir(out: Path, overwrite: bool, resume: bool, cfg: Config | None = None) -> None:
+    """An existing run is never replaced without --overwrite, nor continued without --resume.
+
+    A new run in an empty (or new) directory writes ``cfg`` to config.yaml at once, before its data are
+    loaded: a run killed at any moment after this can be continued with --resume (from the start, with
+    the same seed). A run that fails before its start removes it again (``unlock_run``)."""
     if resume:
         if not (out / "config.yaml").is_file():
+            if out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+                raise CheckpointError(
+                    f"cannot resume {out}: it holds no run yet (the run that made it stopped while loading "
+                    f"its data, before it wrote config.yaml); start it again with train --out {out}"
+                )
             raise CheckpointError(
                 f"cannot resume {out}: no config.yaml there (is it a turbovae run directory?)"
             )
@@ -188,6 +200,10 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
             f"output directory {out} already exists and is not empty; pass --overwrite to replace it, "
             f"--resume {out} to continue it, or --out for a new directory"
         )
+    lock = _held.get(out.resolve())
+    if cfg is not None and lock is not None and not any(p.name != LOCK_NAME for p in out.iterdir()):
+        checkpoint.replace_file(out / "config.yaml", to_yaml(cfg).encode())
+        lock.provisional = True
 
 
 def _clear_run(out: Path) -> None:
@@ -255,11 +271,15 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
             f"changed: {checkpoint.refusals(refused)}"
         )
     if chosen is None:
-        done = [n for n in ("best.json", "../summary.json") if (folder / n).is_file()]
-        if done:  # a run that got past its first checkpoint: starting over would replace its results
+        if (out / "summary.json").is_file():  # a finished run without its checkpoints: not a killed one
             raise CheckpointError(
-                f"cannot resume {out}: it has {Path(done[0]).name} but no step checkpoint to continue from; "
+                f"cannot resume {out}: it has summary.json but no step checkpoint to continue from; "
                 "nothing was changed (start over with --overwrite)"
+            )
+        if (folder / "best.json").is_file():  # killed after an epoch's best.*, before a step checkpoint
+            checkpoint.note(
+                f"resuming {out} from the start: it was stopped before its first step checkpoint (its "
+                "best.* are kept until the run, with the same seed, writes them again)"
             )
         return None
     if refused:
@@ -306,6 +326,8 @@ def prepare_dir(
     if overwrite:
         _clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
+    # at once (the loop writes it again later): a run killed from here on can be continued with --resume
+    checkpoint.replace_file(out / "config.yaml", to_yaml(cfg).encode())
     return None
 
 
