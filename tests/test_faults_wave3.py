@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,7 +135,8 @@ def test_resume_of_a_run_killed_after_best_before_its_first_step_checkpoint_star
     The directory such a kill leaves is made here from a finished run (its step checkpoints and
     summary.json removed); resume starts it again with its seed and ends where the run ended."""
     run = tmp_path / "run"
-    argv = [*FAST, "--epochs", "2", "--checkpoint-every", "100"]  # 2 x 22 steps: one step checkpoint, at the end
+    # 2 epochs of 22 steps: one step checkpoint, at the end
+    argv = [*FAST, "--epochs", "2", "--checkpoint-every", "100"]
     assert main(["train", *argv, "--out", str(run)]) == 0
     reference = final_tensors(run)
     best = (run / "checkpoints" / "best.safetensors").read_bytes()  # (its JSON holds timings)
@@ -200,3 +202,103 @@ def test_a_run_that_fails_while_loading_its_data_leaves_no_config_behind(tmp_pat
     for out in (tmp_path / "new" / "run", empty):
         one_error_line(capsys, ["train", *FAST, "--data", str(tmp_path / "missing.npz"), "--out", str(out)])
     assert not (tmp_path / "new").exists() and list(empty.iterdir()) == []
+
+
+# ---- 3. a memory-mapped training file changed under the run ----------------------------------------------
+
+MAPPED = ["--hidden", "16", "--latent", "2", "--batch-size", "32", "--epochs", "3", "--progress", "off",
+          "eval.iwae_k=2", "train.compile=off", "train.log_every=5"]  # fmt: skip
+
+
+def grey_images(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, 1, 8, 8)) * 255).astype(np.uint8)
+
+
+def rewrite_in_place(path: Path, keep_mtime: bool = False) -> None:
+    """Every data byte replaced through the same inode (the mapping sees it), as ``r+b`` would."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(128)  # the .npy header of a small array is 128 bytes
+        data = f.read()
+        f.seek(128)
+        f.write(bytes(255 - b for b in data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+CHANGES = {
+    "in-place": rewrite_in_place,
+    "np-save-over": lambda p: np.save(p, 255 - np.load(p)),
+    "in-place-same-mtime": lambda p: rewrite_in_place(p, keep_mtime=True),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_mapped_file_rewritten_during_training_stops_the_run_keeping_its_checkpoints(
+    tmp_path, capsys, monkeypatch, change
+):
+    """H-mm-rewrite_inplace, H-mm-np_save_over (high): the run went on with the new bytes (test NELBO
+    0.0001 against 356). It stops with one line at the next batch (size or modification time) or at the
+    epoch's end (a checksum of sampled pages: the rewrite that kept the modification time); the
+    checkpoints of the epochs before are kept, and the run resumes once the file is restored, ending as
+    an uninterrupted run does."""
+    import turbovae.engine.loop as loop
+
+    path = tmp_path / "x.npy"
+    np.save(path, grey_images(600))
+    original = path.read_bytes()
+    assert main(["train", "--data", str(path), *MAPPED, "--out", str(tmp_path / "reference")]) == 0
+    steps_per_epoch = json.loads((tmp_path / "reference" / "summary.json").read_text())["steps"] // 3
+    gather, calls = loop.gather, [0]
+
+    def changing(x, rows, device):
+        calls[0] += 1
+        if calls[0] == steps_per_epoch + 3:  # in the second epoch
+            CHANGES[change](path)
+        return gather(x, rows, device)
+
+    monkeypatch.setattr(loop, "gather", changing)
+    run = tmp_path / "run"
+    one_error_line(capsys, ["train", "--data", str(path), *MAPPED, "--out", str(run)],
+                   f"{path} changed on disk during training", "checkpoints are kept")  # fmt: skip
+    assert [p.name for p in (run / "checkpoints").glob("step-*.json")] == [f"step-{steps_per_epoch:09d}.json"]
+    assert not (run / "summary.json").exists()
+    monkeypatch.setattr(loop, "gather", gather)
+    path.write_bytes(original)
+    assert main(["train", "--resume", str(run)]) == 0
+    reference, resumed = final_tensors(tmp_path / "reference"), final_tensors(run)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+TRUNCATE = """
+import os, sys
+import turbovae.engine.loop as t
+
+gather, calls = t.gather, [0]
+
+def truncating(x, rows, device):
+    calls[0] += 1
+    if calls[0] == 20:
+        os.truncate(sys.argv[1], 1000)
+    return gather(x, rows, device)
+
+t.gather = truncating
+from turbovae.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_mapped_file_truncated_during_training_is_one_line_not_sigbus(tmp_path):
+    """H-mm-truncate: the next read of a page past the new end killed the run with SIGBUS, no message."""
+    path = tmp_path / "x.npy"
+    np.save(path, grey_images(600))
+    script = tmp_path / "truncate.py"
+    script.write_text(TRUNCATE)
+    argv = [sys.executable, str(script), str(path), "train", "--data", str(path), *MAPPED, "--out",
+            str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"turbovae: error: {path} changed on disk") and "to 1,000 bytes" in lines[-1]
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*.json"))

@@ -19,6 +19,7 @@ import torch
 
 from .. import evaluation, runtime
 from ..config import Config, to_yaml
+from ..data import mapwatch
 from ..data.batches import gather, preparer
 from ..data.text import bucketed, lengths_of
 from ..models import model_spec
@@ -476,6 +477,7 @@ def end_epoch(r: Run, meter: Meter, over: bool) -> None:
     none without one); ``best`` is the model with the lowest validation NELBO so far. The test split is
     touched only by the final evaluation."""
     loop, cfg, s = r.loop, r.cfg, r.s
+    mapwatch.check(s.x_train, full=True)  # a mapped file rewritten under the run: stop, keep checkpoints
     # the epoch is complete unless the time limit broke it off (>=: a text run resumed on more ranks has
     # fewer batches per epoch than the one that saved it)
     completed = not over or loop["batch_in_epoch"] >= r.steps_per_epoch
