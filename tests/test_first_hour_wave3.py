@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import turbovae
 from turbovae.cli import main
+from turbovae.config import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +49,73 @@ def test_the_hub_export_keeps_no_local_path_of_the_training_machine(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["name"] == "faces.npy"
     vae = turbovae.from_pretrained(out)
     assert vae.config.data.name == "faces.npy"
+
+
+TINY = ["--data", "digits", "--hidden", "16", "--latent", "2", "--batch-size", "64", "--epochs", "1",
+        "--progress", "off", "train.log_every=5", "train.compile=off"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def k3_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("first-hour-3") / "k3"
+    assert main(["train", *TINY, "eval.iwae_k=3", "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_uses_the_runs_iwae_k_and_says_what_the_pass_costs(k3_run, capsys):
+    """First hour 1: `turbovae eval RUN` used k = 1000 whatever the run's eval.iwae_k, and said nothing
+    of the cost (a text run's ETA: 4 h 48 min)."""
+    capsys.readouterr()
+    assert main(["eval", str(k3_run), "--json", "--out", "-"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["k"] == 3
+    n = result["n"]
+    assert f"IWAE log-likelihood with k=3 samples on {n:,} test examples ({3 * n:,} decoder passes)" in err
+    assert main(["eval", str(k3_run), "--iwae-k", "40", "--json", "--out", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["k"] == 40 and "--iwae-k 4 is about 10x faster" in err
+
+
+@pytest.fixture
+def busy_machine(monkeypatch):
+    """torch's default of 2 threads, and a measurement that finds one thread faster (as on a busy
+    2-core machine); the thread counts the measurement was offered are recorded."""
+    from turbovae.engine import hardware
+
+    offered: list[list[int]] = []
+
+    def choose(cfg, s, batch, threads, precisions, clock=None):
+        offered.append(list(threads))
+        return hardware.Choice(1, s.precision) if threads else None
+
+    monkeypatch.setenv("TURBOVAE_PROBE", "1")
+    monkeypatch.setattr(hardware, "choose", choose)
+    monkeypatch.setattr(hardware.runtime, "fast_bf16", lambda device: False)
+    torch.set_num_threads(2)
+    return offered
+
+
+def test_eval_and_bench_run_the_thread_count_train_would_choose(k3_run, busy_machine, monkeypatch, capsys):
+    """First hour 2: eval and bench ran torch's 2 threads on a busy machine where train measured and
+    chose 1 (eval 2-2.5x slower; bench reported 264 samples/s and 0.91x, against 3,484 and 1.49x)."""
+    from turbovae import evaluation
+    from turbovae.commands import bench
+
+    seen: list[int] = []
+    evaluate = evaluation.evaluate
+
+    def counting(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", counting)
+    assert main(["eval", str(k3_run), "--json", "--out", "-"]) == 0
+    assert seen == [1] and busy_machine == [[1, 2]]
+    torch.set_num_threads(2)
+    cfg = resolve(flags={"data.name": "digits", "model.hidden": [16], "model.latent": 2})
+    result = bench.bench(cfg, windows=1, steps=2)
+    assert result["threads"] == 1 and "(1 threads" in result["device"]
+    torch.set_num_threads(2)  # an explicit count is used as it is, not measured
+    assert main(["eval", str(k3_run), "--threads", "2", "--json", "--out", "-"]) == 0
+    assert seen[-1] == 2 and busy_machine == [[1, 2], [1, 2], []]
