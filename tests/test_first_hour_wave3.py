@@ -119,3 +119,18 @@ def test_eval_and_bench_run_the_thread_count_train_would_choose(k3_run, busy_mac
     torch.set_num_threads(2)  # an explicit count is used as it is, not measured
     assert main(["eval", str(k3_run), "--threads", "2", "--json", "--out", "-"]) == 0
     assert seen[-1] == 2 and busy_machine == [[1, 2], [1, 2], []]
+
+
+def test_a_csv_prefix_reads_a_txt_file_as_a_table(tmp_path, capsys):
+    """First hour 3: `--data csv:FILE.txt` was read as a text file, and the error said the file did not
+    exist."""
+    rng = np.random.default_rng(0)
+    table = tmp_path / "rows.txt"
+    table.write_text("a,b,c\n" + "".join(f"{x:.3f},{y:.3f},{'xy'[i % 2]}\n" for i, (x, y) in
+                                         enumerate(rng.normal(size=(60, 2)))))  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["train", "--data", f"csv:{table}", "--epochs", "1", "--progress", "off", "eval.iwae_k=2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"]["likelihood"] == "mixed"  # the tabular preset, not the text one
+    assert json.loads((out / "summary.json").read_text())["steps"] >= 1
