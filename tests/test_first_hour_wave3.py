@@ -134,3 +134,41 @@ def test_a_csv_prefix_reads_a_txt_file_as_a_table(tmp_path, capsys):
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["model"]["likelihood"] == "mixed"  # the tabular preset, not the text one
     assert json.loads((out / "summary.json").read_text())["steps"] >= 1
+
+
+def _collapse_warnings(tmp_path, monkeypatch, capsys, counts: list[int], name: str) -> list[dict]:
+    """Train len(counts) epochs, the active-unit count of epoch i being counts[i] (of 16); the warning
+    events of metrics.jsonl (each also one line on stderr)."""
+    from turbovae import evaluation
+
+    script = iter(counts)
+    real = evaluation.active_units
+
+    def scripted(q, *args, **kwargs):  # the per-epoch checks; then (the final evaluation) the real count
+        active, variance = real(q, *args, **kwargs)
+        return next(script, active), variance
+
+    monkeypatch.setattr(evaluation, "active_units", scripted)
+    out = tmp_path / name
+    argv = ["--data", "digits", "--hidden", "16", "--latent", "16", "--batch-size", "512", "--progress",
+            "off", "eval.iwae_k=0", "train.compile=off", "--epochs", str(len(counts))]  # fmt: skip
+    capsys.readouterr()
+    assert main(["train", *argv, "--out", str(out)]) == 0
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warned = [e for e in events if e["event"] == "warning" and "posterior collapse" in e["message"]]
+    assert capsys.readouterr().err.count("posterior collapse") == len(warned)
+    return warned
+
+
+def test_the_collapse_warning_waits_for_a_collapse_that_persists(tmp_path, monkeypatch, capsys):
+    """First hour 8: the warning fired on the built-in demo at epoch 7 (0 of 16 units active), though
+    12-16 units were active from epoch 12. A collapse that recovers is not warned of; one that lasts to
+    the end is, at the end; one that lasts 10 epochs and a quarter of a long run, then."""
+    recovers = [16] * 4 + [0] * 5 + [14] * 3  # the demo's shape: collapsed at epochs 5-9 of 12, then not
+    assert _collapse_warnings(tmp_path, monkeypatch, capsys, recovers, "recovers") == []
+    ends = [16] * 4 + [0] * 4
+    [warning] = _collapse_warnings(tmp_path, monkeypatch, capsys, ends, "ends")
+    assert "0 of 16 latent units are active after epoch 8" in warning["message"]
+    lasting = [16] * 2 + [0] * 30  # 32 epochs: warned after 10 collapsed in a row (epoch 12), once
+    [warning] = _collapse_warnings(tmp_path, monkeypatch, capsys, lasting, "lasting")
+    assert "after epoch 12;" in warning["message"]
