@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +176,19 @@ def test_the_collapse_warning_waits_for_a_collapse_that_persists(tmp_path, monke
     lasting = [16] * 2 + [0] * 30  # 32 epochs: warned after 10 collapsed in a row (epoch 12), once
     [warning] = _collapse_warnings(tmp_path, monkeypatch, capsys, lasting, "lasting")
     assert "after epoch 12;" in warning["message"]
+
+
+@pytest.mark.skipif(not Path("/bin/sh").exists(), reason="needs a POSIX shell")
+def test_total_seconds_counts_the_process_own_time_not_the_shell_that_exec_ed_it(tmp_path):
+    """First hour 9: `total_seconds` counted the parent shell's time when a shell exec-ed turbovae (22.6 s
+    for a 3.2 s run): the kernel's start time of a process is its fork's, which exec keeps."""
+    out = tmp_path / "run"
+    argv = " ".join([*TINY, "eval.iwae_k=0", "--out", str(out)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/bin/sh", "-c", f"sleep 3; exec {sys.executable} -m turbovae train {argv}"],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    total = json.loads((out / "summary.json").read_text())["total_seconds"]
+    assert 0 < total <= wall - 3 + 0.2, (total, wall)
