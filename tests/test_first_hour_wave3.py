@@ -192,3 +192,29 @@ def test_total_seconds_counts_the_process_own_time_not_the_shell_that_exec_ed_it
     assert proc.returncode == 0, proc.stderr[-2000:]
     total = json.loads((out / "summary.json").read_text())["total_seconds"]
     assert 0 < total <= wall - 3 + 0.2, (total, wall)
+
+
+def test_tune_takes_the_median_of_repeated_measurements_not_one_outlier(monkeypatch):
+    """First hour 10: tune chose batch 256 "with 27,003 samples/s" from one measurement whose windows
+    all fell in a quiet moment, though its next line measured 6,977 there. The fastest batches are
+    measured three times, in turns, and keep their median."""
+    from turbovae.commands.tune import measure
+    from turbovae.commands.tune.rules import choose_batch
+    from turbovae.engine.setup import setup
+
+    script = {32: [5000.0, 5100.0, 4900.0], 64: [27003.0, 6977.0, 7010.0], 128: [8000.0, 8100.0, 7900.0]}
+    calls: list[int] = []
+
+    def bench(s, windows, steps):
+        batch = s.cfg.train.batch_size
+        calls.append(batch)
+        sps = script[batch][calls.count(batch) - 1]
+        return {"samples_per_second": sps, "step_ms": 1e3 * batch / sps, "peak_memory_bytes": 0}
+
+    monkeypatch.setattr(measure, "bench_turbovae", bench)
+    s = setup(resolve(flags={"data.name": "digits", "model.hidden": [16], "model.latent": 2}))
+    sweep = measure.throughput_sweep(s, [32, 64, 128])
+    speed = {p["batch_size"]: p["samples_per_second"] for p in sweep["points"]}
+    assert speed == {32: 5000.0, 64: 7010.0, 128: 8000.0}
+    assert calls == [32, 64, 128, 64, 128, 32, 64, 128, 32]  # the sweep, then two rounds in turns
+    assert choose_batch(speed, None)[0] == 128
