@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from turbovae.cli import main
+from turbovae.config import resolve
 from turbovae.engine import checkpoint
 
 FAST = ["--data", "digits", "--hidden", "16", "--latent", "2", "--batch-size", "64", "--epochs", "1",
@@ -302,3 +303,80 @@ def test_a_mapped_file_truncated_during_training_is_one_line_not_sigbus(tmp_path
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith(f"turbovae: error: {path} changed on disk") and "to 1,000 bytes" in lines[-1]
     assert list((tmp_path / "run" / "checkpoints").glob("step-*.json"))
+
+
+# ---- 4. tracking never kills or corrupts a run -------------------------------------------------------------
+
+TRACKED = [*FAST, "eval.iwae_k=0"]
+
+
+def tracked_run(tmp_path, capsys, *overrides: str) -> tuple[Path, list[str]]:
+    """A run with tracking ``overrides`` that must end as any run does; its warning lines."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", *TRACKED, "--out", str(out), *overrides]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert json.loads((out / "summary.json").read_text())["steps"] == 22
+    return out, [line for line in err.splitlines() if line.startswith("turbovae: warning: train.")]
+
+
+@pytest.mark.parametrize("uri", ["folder", "::::", "ftp://127.0.0.1:9/x", "file-under"])
+def test_an_mlflow_store_that_fails_is_one_warning_and_the_run_goes_on(tmp_path, capsys, monkeypatch, uri):
+    """J-mlflow-ok, J-mlflow-small_fs, J-mlflow-garbage, J-mlflow-ftp, J-mlflow-under_file: every MLflow
+    failure was a traceback and killed the run (a plain folder, which MLflow 3 refuses as a store;
+    garbage URIs; a path under a file); a failed start left config.yaml and metrics.jsonl behind."""
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    paths = {"folder": tmp_path / "mlruns", "file-under": tmp_path / "a-file" / "mlruns"}
+    target = str(paths.get(uri, uri))
+    _, warnings = tracked_run(tmp_path, capsys, f"train.mlflow={target}")
+    if warnings:  # (an MLflow that still takes a plain folder tracks into it: that is fine too)
+        assert len(warnings) == 1 and "train.mlflow failed, and the run goes on without it" in warnings[0]
+    else:
+        assert uri == "folder"
+
+
+def test_a_tensorboard_folder_that_is_a_file_is_one_warning(tmp_path, capsys):
+    """J-tb-file, J-tb-devnull: FileExistsError traceback."""
+    pytest.importorskip("tensorboard")
+    (tmp_path / "tb").write_text("x")
+    _, warnings = tracked_run(tmp_path, capsys, f"train.tensorboard={tmp_path / 'tb'}")
+    assert len(warnings) == 1 and "train.tensorboard failed" in warnings[0]
+
+
+def test_a_tracker_that_fails_mid_run_is_one_warning_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    """J-tb-fills, J-mlflow-fills, J-mlflow-sqlite-fills: a full disk under TensorBoard's or MLflow's
+    store killed training."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    calls = [0]
+    add_scalar = SummaryWriter.add_scalar
+
+    def filling(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 20:
+            raise OSError(28, "No space left on device")
+        return add_scalar(self, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", filling)
+    out, warnings = tracked_run(tmp_path, capsys, f"train.tensorboard={tmp_path / 'tb'}")
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "end"
+
+
+def test_mlflow_http_retries_are_bounded(tmp_path, monkeypatch):
+    """J-mlflow-closed_port, J-mlflow-server500: MLflow retried for 255 s before the traceback. Its
+    retries and timeout are lowered unless the user set them."""
+    from turbovae.engine import tracking
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    cfg = resolve(overrides=["train.mlflow=http://127.0.0.1:9"])
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # no network: stop at the import
+    tracking.Tracker(cfg, tmp_path / "run")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"  # the user's own setting stays
