@@ -119,6 +119,17 @@ def test_overwrite_removes_a_linked_checkpoints_folder_not_what_it_points_to(fin
     assert json.loads((run / "summary.json").read_text())["steps"] > 0
 
 
+
+def test_report_refuses_a_figures_folder_that_links_outside(finished, tmp_path, capsys):
+    """S-figures_symlink (low): the report's pictures were written into the linked folder."""
+    run = copy_run(finished, tmp_path, "run")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("x")
+    (run / "figures").symlink_to(outside)
+    one_error_line(capsys, ["report", str(run)], f"{run / 'figures'} is a symbolic link")
+    assert [p.name for p in outside.iterdir()] == ["precious.txt"]
+
 # ---- 2. --resume continues a run killed at any moment ----------------------------------------------------
 
 

@@ -113,7 +113,7 @@ def _open_inside(path: Path, flags: int) -> int:
         fd = os.open(path, flags | _NOFOLLOW, 0o666)
     except OSError as e:
         if path.is_symlink():  # ELOOP (Linux), EMLINK (FreeBSD) or EFTYPE (macOS): refuse, naming the link
-            raise _link_error(path) from None
+            raise link_error(path) from None
         raise OSError(e.errno, e.strerror, str(path)) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -125,7 +125,8 @@ def _open_inside(path: Path, flags: int) -> int:
     return fd
 
 
-def _link_error(path: Path) -> CheckpointError:
+def link_error(path: Path) -> CheckpointError:
+    """The error for a run's own file or folder, written in place, that is a symbolic link."""
     try:
         target = f" (to {shown(os.readlink(path), 120)})"
     except OSError:
@@ -147,7 +148,7 @@ def check_links(out: Path) -> None:
     files outside the run directory ``out``."""
     for name in IN_PLACE:
         if (out / name).is_symlink():
-            raise _link_error(out / name)
+            raise link_error(out / name)
 
 
 def _holder(fields: list[str]) -> str:
