@@ -130,6 +130,28 @@ def test_report_refuses_a_figures_folder_that_links_outside(finished, tmp_path, 
     one_error_line(capsys, ["report", str(run)], f"{run / 'figures'} is a symbolic link")
     assert [p.name for p in outside.iterdir()] == ["precious.txt"]
 
+
+def test_a_fifo_in_a_checkpoints_place_is_skipped_not_waited_on(finished, tmp_path):
+    """S-json_fifo_eval: a FIFO as checkpoints/step-000000099.json made `eval` hang (killed at 60 s)."""
+    run = copy_run(finished, tmp_path)
+    os.mkfifo(run / "checkpoints" / "step-000000099.json")
+    argv = [sys.executable, "-m", "turbovae", "eval", str(run), "--iwae-k", "2", "--out", "-"]
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipped newer step-000000099.json" in proc.stderr and "not a regular file" in proc.stderr
+
+
+def test_eval_refuses_a_config_yaml_whose_data_or_model_was_edited(finished, tmp_path, capsys):
+    """O18-edited-dataname-eval: `eval` on a run whose config.yaml names other data evaluated those and
+    wrote the run's eval.json (resume refuses the same edit)."""
+    run = copy_run(finished, tmp_path)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("name: digits", "name: words", 1))
+    before = snapshot(run)
+    one_error_line(capsys, ["eval", str(run), "--iwae-k", "2"], "data.name is 'digits' in the checkpoint",
+                   "'words' in config.yaml")  # fmt: skip
+    assert snapshot(run) == before
+
 # ---- 2. --resume continues a run killed at any moment ----------------------------------------------------
 
 

@@ -307,6 +307,28 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
     return chosen
 
 
+def _check_model_and_data(cfg_path: Path, state_json: Path, saved: Any, cfg: Config) -> None:
+    """A CheckpointError when config.yaml's model or data sections differ from the checkpoint's config:
+    an edited ``data.name`` would evaluate (``eval``), encode or sample with other data or another
+    model under the run's name, as an edited config is refused by --resume."""
+    if not isinstance(saved, dict):  # (checked by the checkpoint's schema where present)
+        return
+    try:
+        before = _flat(from_dict(saved).to_dict())
+    except ConfigError:
+        return  # a config from another version: nothing to compare it with
+    now = _flat(cfg.to_dict())
+    compared = [k for k in now if k.startswith(("data.", "model.")) and k != "data.dir"]  # (dir: a cache)
+    changed = [k for k in compared if now[k] != before.get(k)]
+    if changed:
+        key = changed[0]
+        raise CheckpointError(
+            f"{cfg_path} does not fit the run's checkpoint {state_json.name}: {key} is "
+            f"{shown(before.get(key))} in the checkpoint, {shown(now[key])} in config.yaml; undo the edit "
+            "of config.yaml (the model and its data are the checkpoint's)"
+        )
+
+
 def prepare_dir(
     out: Path, cfg: Config, overwrite: bool, resume: bool, start: Path | None = None
 ) -> Path | None:
@@ -378,6 +400,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     if refused:
         checkpoint.note(f"using {state_json.name} of {run_dir}: skipped newer {checkpoint.refusals(refused)}")
     tensors, meta = checkpoint.load(state_json)
+    _check_model_and_data(cfg_path, state_json, meta.get("config"), cfg)
     if "event_shape" not in meta:
         raise CheckpointError(f"checkpoint {state_json} does not record the data shape (event_shape)")
     shape = tuple(meta["event_shape"])
