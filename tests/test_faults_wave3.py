@@ -119,7 +119,6 @@ def test_overwrite_removes_a_linked_checkpoints_folder_not_what_it_points_to(fin
     assert json.loads((run / "summary.json").read_text())["steps"] > 0
 
 
-
 def test_report_refuses_a_figures_folder_that_links_outside(finished, tmp_path, capsys):
     """S-figures_symlink (low): the report's pictures were written into the linked folder."""
     run = copy_run(finished, tmp_path, "run")
@@ -151,6 +150,7 @@ def test_eval_refuses_a_config_yaml_whose_data_or_model_was_edited(finished, tmp
     one_error_line(capsys, ["eval", str(run), "--iwae-k", "2"], "data.name is 'digits' in the checkpoint",
                    "'words' in config.yaml")  # fmt: skip
     assert snapshot(run) == before
+
 
 # ---- 2. --resume continues a run killed at any moment ----------------------------------------------------
 
@@ -413,3 +413,59 @@ def test_mlflow_http_retries_are_bounded(tmp_path, monkeypatch):
     tracking.Tracker(cfg, tmp_path / "run")
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"  # the user's own setting stays
+
+
+# ---- 5. data pack: a killed pack, a disk that fills ------------------------------------------------------
+
+
+def png_folder(root: Path, n: int = 12) -> Path:
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray((rng.random((6, 5)) * 255).astype(np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_a_killed_packs_temporary_file_is_removed_by_the_next_pack(tmp_path):
+    """H-pack-kill: SIGKILL mid-pack left a full-size .X.npy.PID.tmp that no later pack removed."""
+    folder, out = png_folder(tmp_path / "imgs"), tmp_path / "x.npy"
+    ended = [sys.executable, "-c", "import os; print(os.getpid())"]  # a process id that has ended
+    gone = subprocess.run(ended, capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".x.npy.{gone}.tmp"
+    stale.write_bytes(b"\0" * 10_000)
+    alive = tmp_path / ".x.npy.1.tmp"  # process 1 lives: another pack at work
+    alive.write_bytes(b"x")
+    assert main(["data", "pack", str(folder), "--out", str(out)]) == 0
+    assert not stale.exists() and alive.exists()
+    assert np.load(out).shape == (12, 1, 6, 5)
+
+
+def test_a_disk_that_fills_during_a_pack_is_one_line_not_sigbus(tmp_path, capsys, monkeypatch):
+    """H-pack-fills: a disk filled by another process while the images were decoded into the mapped
+    file killed the pack with SIGBUS. Its blocks are now allocated before the first write, where a full
+    disk is ENOSPC: one line, no temporary file left."""
+    folder, out = png_folder(tmp_path / "imgs"), tmp_path / "x.npy"
+    reserved: list[int] = []
+
+    def full(fd, offset, length):
+        reserved.append(length)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    one_error_line(
+        capsys, ["data", "pack", str(folder), "--out", str(out)], "No space left on device", str(out)
+    )
+    assert reserved and reserved[0] >= 12 * 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+
+
+def test_pack_over_a_folder_named_like_its_out_is_one_line_naming_it(tmp_path, capsys):
+    """H-pack-out-is-dir: `--out X.npy --overwrite` where X.npy is a folder named the temporary file."""
+    folder, out = png_folder(tmp_path / "imgs"), tmp_path / "x.npy"
+    out.mkdir()
+    one_error_line(
+        capsys, ["data", "pack", str(folder), "--out", str(out), "--overwrite"], f"--out {out} is a folder"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "x.npy"] and not list(out.iterdir())
