@@ -137,3 +137,23 @@ def test_sigterm_checkpoints_prints_the_resume_command_and_resumes_exactly(tmp_p
     assert done.returncode == 0, done.stderr
     b = final_state(out)
     assert all(torch.equal(reference[k], b[k]) for k in reference)
+
+
+def test_sigkill_after_best_before_the_first_step_checkpoint_then_resume_is_bitwise_identical(tmp_path):
+    """Issue 33, high 5: with checkpoints every 30 steps and 22 steps an epoch, the first epoch writes
+    best.* (files 1 and 2) before the first step checkpoint (file 3). Killed between the two, the run
+    could not be resumed ("start over with --overwrite"); it now starts over with its seed."""
+    args = [a if a != "7" else "30" for a in ARGS]  # --checkpoint-every 30
+    ref = run(tmp_path, ["train", *args, "--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    first = run(tmp_path, ["train", *args, "--out", str(out)], plan="between:3")
+    assert first.returncode == -signal.SIGKILL
+    assert (out / "checkpoints" / "best.json").is_file() and not checkpoint.step_files(out / "checkpoints")
+    done = run(tmp_path, ["train", "--resume", str(out)])
+    assert done.returncode == 0, done.stderr
+    assert "from the start" in done.stderr and "Traceback" not in done.stderr
+    a, b = final_state(tmp_path / "ref"), final_state(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    best = [(p / "checkpoints" / "best.safetensors").read_bytes() for p in (tmp_path / "ref", out)]
+    assert best[0] == best[1]

@@ -1,5 +1,6 @@
 """turbovae: train variational autoencoders fast and correctly."""
 
+from . import _clock  # noqa: F401 - first: when this process began running turbovae (total_seconds)
 from .compression import compress, decompress
 from .config import Config, resolve
 from .data import DATASETS, Dataset, load_dataset

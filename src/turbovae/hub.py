@@ -14,6 +14,7 @@ The layout (``FORMAT``):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -26,7 +27,7 @@ import yaml
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import from_dict, to_yaml
+from .config import Config, from_dict, to_yaml
 from .engine.rundir import load
 from .engine.setup import build_vae
 from .errors import CheckpointError, ConfigError
@@ -62,12 +63,26 @@ def hub_config(vae: VAE) -> dict[str, Any]:
         "format": FORMAT,
         "turbovae_version": _version(),
         "model_type": vae.config.model.name,
-        "config": vae.config.to_dict(),
+        "config": shared_config(vae.config).to_dict(),
         "event_shape": list(vae.event_shape),
         "max_value": vae.max_value,
         "latent": vae.latent,
         "data_meta": vae.data_meta,
     }
+
+
+def shared_config(cfg: Config) -> Config:
+    """The config as an exported model shares it: no local path of the machine it was trained on. A data
+    file or folder keeps its name only (``csv:/home/me/x.csv`` -> ``csv:x.csv``: the card says to point it
+    at your copy); ``data.dir``, ``train.tensorboard`` and ``train.mlflow`` (local folders, or a URI that
+    may hold a password) are cleared."""
+    shared = copy.deepcopy(cfg)
+    name = shared.data.name
+    if name not in BUILTIN_DATA:
+        kind, sep, path = name.rpartition(":") if re.match(r"^[a-z]+:", name) else ("", "", name)
+        shared.data.name = f"{kind}{sep}{Path(path).name or path}"
+    shared.data.dir = shared.train.tensorboard = shared.train.mlflow = None
+    return shared
 
 
 def save_pretrained(
@@ -84,7 +99,7 @@ def save_pretrained(
     # from one export to the next (the format is in config.json)
     (out / WEIGHTS).write_bytes(st_save(weights, metadata={"format": "pt"}))
     (out / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
-    (out / CONFIG_YAML).write_text(to_yaml(vae.config))
+    (out / CONFIG_YAML).write_text(to_yaml(shared_config(vae.config)))
     (out / CARD).write_text(model_card(vae, Path(run_dir) if run_dir else None, repo_id or str(out)))
     return out
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from . import _clock
 from .errors import ConfigError
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -148,19 +149,11 @@ def describe(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} logical cores)"
 
 
-_IMPORT_TIME = time.time()
-
-
 def process_seconds() -> float:
-    """Wall seconds since this process started (read from /proc on Linux; since import elsewhere)."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.time() - _IMPORT_TIME
+    """Wall seconds since this process began running turbovae (the package's import, ``_clock``): its own
+    time, imports included (the interpreter's own start, some 20 ms, is not counted), and not that of a
+    shell that ran before and ``exec``-ed it, which the kernel's start time of the process counts."""
+    return time.perf_counter() - _clock.STARTED
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

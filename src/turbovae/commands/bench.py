@@ -23,6 +23,7 @@ from .. import runtime
 from ..config import Config
 from ..data.batches import gather, to_float
 from ..data.text import bucketed
+from ..engine import hardware
 from ..engine.optim import make_optimizer
 from ..engine.setup import Setup, setup
 from ..engine.step import STATS, make_step
@@ -253,8 +254,10 @@ def bench(cfg: Config, *, vs: str | None = None, windows: int = 5, steps: int = 
     runtime.seed_everything(cfg.train.seed)
     s = setup(cfg)
     runtime.configure(s.device, cfg.train.threads)
+    hardware.settle(cfg, s)  # the threads and precision train would choose here now (train.threads 0, auto)
     result: dict[str, Any] = {
         "device": runtime.describe(s.device),
+        "threads": torch.get_num_threads(),
         "model": cfg.model.name,
         "batch_size": cfg.train.batch_size,
         "precision": s.precision,

@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 from .. import evaluation, runtime
+from ..config import EvalConfig
+from ..engine import hardware
 from ..engine.rundir import load, write_json
 from ..engine.setup import setup
 from ..errors import ConfigError
@@ -16,13 +18,25 @@ from ..kinds import kind_of
 from ..progress import Progress, note
 from .options import json_out
 
-LONG_IWAE = 1_000_000  # decoder passes (k x examples) from which eval says what the IWAE pass costs
+DEFAULT_K = EvalConfig().iwae_k  # --iwae-k for a run trained with eval.iwae_k=0
+
+
+def iwae_cost(k: int, n: int, split: str) -> str:
+    """The line ``eval`` prints before its IWAE pass: train's (``announce_iwae``) with eval's flag."""
+    cheaper = f", --iwae-k {k // 10} is about 10x faster" if k >= 20 else ""
+    return (f"IWAE log-likelihood with k={k:,} samples on {n:,} {split} examples ({k * n:,} decoder "
+            f"passes){cheaper}")  # fmt: skip
 
 
 def add_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="evaluate a trained run on held-out data")
     e.add_argument("run_dir")
-    e.add_argument("--iwae-k", type=int, default=1000, help="importance samples per example (default 1000)")
+    e.add_argument(
+        "--iwae-k",
+        type=int,
+        help=f"importance samples per example (default: the run's eval.iwae_k; {DEFAULT_K} for a run "
+        "that skipped it)",
+    )
     e.add_argument(
         "--split",
         choices=("test", "val", "train"),
@@ -41,7 +55,13 @@ def add_parser(sub: Any) -> None:
         "examples, moves the estimate by < 0.02 nats (default auto)",
     )
     e.add_argument("--floor", action="store_true", help="also time the matmul-bound floor of the IWAE pass")
-    e.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    e.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (default: the run's train.threads; for 0, the count train would choose here now, "
+        "measured on the run's step: on a busy machine one)",
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--out", help="write the JSON here (default RUN_DIR/eval.json; '-' writes no file)")
     e.add_argument(
@@ -65,7 +85,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.fidelity or args.real or args.target or args.n:
         return run_fidelity(args)
-    if args.iwae_k < 1:
+    if args.iwae_k is not None and args.iwae_k < 1:
         raise ConfigError(f"--iwae-k must be >= 1, got {args.iwae_k}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -75,17 +95,17 @@ def run(args: argparse.Namespace) -> int:
     vae = load(args.run_dir, device)
     s = setup(vae.config, device, vae.data_meta)
     s.vae = vae
+    hardware.settle(vae.config, s, args.threads, precision=False)  # train's thread choice, shared
+    k = args.iwae_k or vae.config.eval.iwae_k or DEFAULT_K  # the run's k (0: the run skipped IWAE)
     x, prepare = s.split(args.split)
     gen = runtime.generator(device, args.seed)
     result = {"split": args.split, "data": s.data.name, "run": str(args.run_dir)}
     result["device"] = runtime.describe(device)
-    if args.iwae_k * len(x) >= LONG_IWAE:  # say up front what a long pass costs
-        note(f"IWAE with k={args.iwae_k:,} samples on {len(x):,} {args.split} examples "
-             f"({args.iwae_k * len(x):,} decoder passes); a smaller --iwae-k is faster")  # fmt: skip
-    with Progress(len(x), f"IWAE k={args.iwae_k:,}", "examples") as bar:
+    note(iwae_cost(k, len(x), args.split))  # what the pass costs, as train says before its own
+    with Progress(len(x), f"IWAE k={k:,}", "examples") as bar:
         result.update(
             evaluation.evaluate(
-                vae, x, prepare, k=args.iwae_k, batch_size=args.batch_size, generator=gen,
+                vae, x, prepare, k=k, batch_size=args.batch_size, generator=gen,
                 precision=args.precision, floor=args.floor, y=s.labels(args.split),
                 progress=bar.update,
             )

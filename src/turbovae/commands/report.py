@@ -29,7 +29,7 @@ from .. import __version__, evaluation, runtime
 from ..config import load_yaml
 from ..data.tables import Table, _format
 from ..engine.checkpoint import replace_file
-from ..engine.rundir import load
+from ..engine.rundir import link_error, load
 from ..engine.setup import setup
 from ..errors import CheckpointError, ConfigError, TurboVAEError
 from ..kinds.table import SHOWN_ROWS, SYNTHETIC_ROWS
@@ -725,6 +725,8 @@ def build_report(
     if out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"--out must end in .html, got {out}")
     fig_root = Path(figures) if figures is not None else out.parent / "figures"
+    if figures is None and fig_root.is_symlink():  # a run's own folder: written into, never through a link
+        raise link_error(fig_root)
     runs = []
     names: set[str] = set()
     with Progress(STAGES * len(dirs) + 1, "report", "stages") as bar:

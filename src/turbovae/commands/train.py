@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import load_preset, parse_override, resolve
 from ..engine.loop import Interrupted, fit
-from ..engine.rundir import RESUMABLE_LIMITS
+from ..engine.rundir import RESUMABLE_LIMITS, check_out_dir
 from ..errors import ConfigError
 from .options import TRAIN_FLAGS, config_from, config_options
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             )
         saved = out / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"cannot resume {out}: no config.yaml there (is it a turbovae run directory?)")
+            check_out_dir(out, overwrite=False, resume=True)  # raises, saying why
         cfg = resolve(base=load_preset(str(saved)), flags={"train.epochs": args.epochs}, overrides=limit)
     else:
         cfg = config_from(args)

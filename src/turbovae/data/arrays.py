@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from . import mapwatch
 from .dataset import Dataset
 
 _CHANNELS = (1, 3, 4)
@@ -166,6 +167,7 @@ def _mapped(path: Path, x: np.ndarray, test_fraction: float) -> Dataset:
     n_train = n - _test_size(n, test_fraction)
     y, names = _sidecar(path, n)
     t = torch.from_numpy(x)  # copy-on-write mapping: writable, so torch does not warn
+    mapwatch.watch(path, x, t)  # rewritten or truncated while mapped: a DataError, not other data or SIGBUS
     y_t = None if y is None else torch.from_numpy(y.astype(np.int64))
     dataset = Dataset(
         name=path.stem,

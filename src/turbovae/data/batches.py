@@ -7,6 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from . import mapwatch
+
 CHUNK_BYTES = 8 * 2**20  # the most of a split the set-up passes convert at once (memory-mapped data)
 
 
@@ -78,6 +80,7 @@ def gather(x: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.T
     """Rows ``rows`` of a memory-mapped ``x`` (on the host) as a batch on ``device``: read in file order
     (sorted, then put back in the order asked for: the same batch as ``x[rows]``); on CUDA through pinned
     memory with a non-blocking copy."""
+    mapwatch.check(x)  # the file changed under the mapping (a truncated one would end in SIGBUS)
     rows = rows.cpu()
     ordered, where = rows.sort()
     cuda = device.type == "cuda"

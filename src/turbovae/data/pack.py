@@ -16,6 +16,8 @@ failure leaves no partial file under the final name and the previous files, if a
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
@@ -44,6 +46,37 @@ class Packed:
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete the temporary files of a pack into ``out`` (or its labels) whose process is gone: a pack
+    killed mid-write leaves a full-size ``.X.npy.PID.tmp`` that nothing else would remove."""
+    for final in (out, labels_path(out), classes_path(out)):
+        for tmp in out.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+            pid = tmp.name[len(final.name) + 2 : -len(".tmp")]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:  # gone: its file is ours to remove
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            except OSError:  # alive (another user's): a pack at work
+                pass
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of the memory-mapped ``path`` now: a disk that fills while the images are
+    decoded into the mapping would otherwise kill the process with SIGBUS; here it is ENOSPC, one line."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # a file system without it
+                return
+            raise
 
 
 def _labels(files: list[Path], root: Path, split: bool) -> tuple[np.ndarray, list[str]] | None:
@@ -76,6 +109,8 @@ def pack_images(
     root, out = Path(folder), Path(out)
     if out.suffix.lower() != ".npy":
         raise ConfigError(f"--out {out}: expected a .npy file (the array is memory-mapped when trained on)")
+    if out.is_dir():  # (--overwrite replaces a file, never a folder)
+        raise ConfigError(f"--out {out} is a folder; expected a .npy file to write")
     if out.exists() and not overwrite:
         raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
     files, n_train = folder_files(root)
@@ -88,6 +123,7 @@ def pack_images(
     if nbytes > free:
         raise DataError(f"--out {out}: the array needs {nbytes / 2**30:.2f} GiB, but {out.parent} has "
                         f"{free / 2**30:.2f} GiB free")  # fmt: skip
+    _remove_stale(out)
     order = np.random.default_rng(PACK_SEED).permutation(len(files))
     labelled = _labels([files[i] for i in order], root, n_train > 0)
     written: list[tuple[Path, Path]] = []
@@ -95,6 +131,7 @@ def pack_images(
         tmp = _tmp(out)
         written.append((tmp, out))
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _reserve(tmp)
         for row, i in enumerate(order):
             array[row] = decode_image(files[i], mode, height, width).transpose(2, 0, 1)
             if progress is not None:

@@ -203,7 +203,9 @@ def _sources(spec: str, data_dir: str | None) -> tuple[list[Path], list[Path] | 
 
 
 def is_text_spec(spec: str) -> bool:
-    """``text:PATH``, a ``.txt`` file, or a built-in text corpus."""
+    """``text:PATH``, a ``.txt`` file (not ``csv:X.txt``: a table, as it says), or a built-in text corpus."""
+    if spec.startswith(("csv:", "parquet:")):
+        return False
     return spec.startswith("text:") or spec in TEXT_DATASETS or spec.lower().endswith(".txt")
 
 

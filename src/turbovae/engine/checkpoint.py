@@ -13,15 +13,17 @@ tensors are verified, their JSON is only type-checked, and a one-line note says 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -320,10 +322,21 @@ _SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
 _REQUIRED = ("format", "tensors", "tensors_sha256")
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """``open(path, "rb")`` of a regular file only: a FIFO in a checkpoint's place would block the read
+    forever (opened non-blocking, then refused), a device would feed it without end."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or folder)", str(path))
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def _read_meta(json_path: Path) -> dict[str, Any]:
     """The checkpoint JSON, parsed and type-checked (not yet checksummed)."""
     try:
-        with open(json_path, "rb") as f:
+        with _open_regular(json_path) as f:
             raw = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"checkpoint {json_path} is unreadable: {e.strerror or e}") from None
@@ -376,7 +389,7 @@ def verify(json_path: Path) -> dict[str, Any]:
     meta = _read_meta(json_path)
     tensors_path = json_path.parent / meta["tensors"]
     try:
-        with open(tensors_path, "rb") as f:
+        with _open_regular(tensors_path) as f:
             head = f.read(16)
             if not _looks_like_safetensors(head, os.fstat(f.fileno()).st_size):
                 raise _pickle_error(tensors_path, head[:4]) or CheckpointError(

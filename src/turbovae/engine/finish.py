@@ -26,6 +26,7 @@ def averaged(ema: Average | None) -> contextlib.AbstractContextManager[None]:
 
 
 COLLAPSE_EXAMPLES = 2000  # validation examples the per-epoch active-unit count looks at
+COLLAPSE_EPOCHS = 10  # collapsed epochs in a row (and a quarter of the run) before the end that are warned of
 
 
 def collapse_check(s: Setup, log: MetricsLog, loop: dict[str, Any]) -> dict[str, Any]:
@@ -37,9 +38,17 @@ def collapse_check(s: Setup, log: MetricsLog, loop: dict[str, Any]) -> dict[str,
     )
     active, _ = evaluation.active_units(q)
     kl = evaluation.kl_per_dim(q)
-    # early epochs often look collapsed and recover (the decoder learns first): warn from a quarter on
-    late = loop["epoch"] >= max(1, s.cfg.train.epochs // 4)
-    if active < len(kl) / 2 and late and not loop.get("collapse_warned"):
+    # early epochs often look collapsed and recover (the decoder learns first: the demo has 0 of 16
+    # units active at epoch 7 and 12-16 from epoch 12): warn only when the collapse persists, i.e. in
+    # the run's last evaluation, or after COLLAPSE_EPOCHS collapsed epochs in a row that are also a
+    # quarter of the run (a long run is told before its end)
+    collapsed = active < len(kl) / 2
+    loop["collapsed_epochs"] = loop.get("collapsed_epochs", 0) + 1 if collapsed else 0
+    cfg = s.cfg.train
+    last = (loop["epoch"] >= cfg.epochs or 0 < cfg.max_steps <= loop["step"]
+            or 0 < cfg.time_limit <= loop["train_seconds"])  # fmt: skip
+    lasting = loop["collapsed_epochs"] >= max(COLLAPSE_EPOCHS, cfg.epochs // 4)
+    if collapsed and (last or lasting) and not loop.get("collapse_warned"):
         loop["collapse_warned"] = True
         group = s.vae.structure.posterior_group
         which = f" of {group}" if group else ""

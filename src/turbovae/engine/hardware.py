@@ -136,6 +136,24 @@ def choose(
     return Choice(best, precision, named, by_threads, cost)
 
 
+def settle(cfg: Config, s: Setup, threads: int = 0, precision: bool = True) -> Choice | None:
+    """What ``train`` decides at its start, for the commands that run its model without training it
+    (``eval``, ``bench``): CPU threads (``threads`` if given, else train.threads, else, for 0, the count
+    that runs the run's training step fastest now, measured as ``choose`` does: on a busy machine one
+    thread, not torch's default) and, with ``precision``, train.precision auto (``s.precision``).
+    Returns the measurement (None: nothing was measured)."""
+    counts, precisions = options(cfg, s.device, 1)
+    threads = threads or cfg.train.threads
+    if threads > 0:
+        torch.set_num_threads(threads)
+        counts = []
+    choice = choose(cfg, s, cfg.train.batch_size, counts, precisions if precision else [])
+    if choice is not None:
+        torch.set_num_threads(choice.threads)
+        s.precision = choice.precision
+    return choice
+
+
 class ThreadWatch:
     """Keeps the faster thread count while the load on the machine changes (see the module's text).
 

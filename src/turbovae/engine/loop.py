@@ -19,6 +19,7 @@ import torch
 
 from .. import evaluation, runtime
 from ..config import Config, to_yaml
+from ..data import mapwatch
 from ..data.batches import gather
 from ..data.text import bucketed
 from ..models import model_spec
@@ -190,7 +191,7 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     resume_from = None
     if ctx.main:  # rank 0 alone decides about (and locks, for the whole run) the directory it alone writes
         rundir.lock_run(out, resume)
-        check_out_dir(out, overwrite, resume)
+        check_out_dir(out, overwrite, resume, cfg)  # a new run's config.yaml: resumable from here
         resume_from = rundir.resume_point(out, cfg) if resume else None  # refused: nothing is touched
     tracking.check_available(cfg)
     runtime.seed_everything(cfg.train.seed)
@@ -478,6 +479,7 @@ def end_epoch(r: Run, meter: Meter, over: bool) -> None:
     none without one); ``best`` is the model with the lowest validation NELBO so far. The test split is
     touched only by the final evaluation."""
     loop, cfg, s = r.loop, r.cfg, r.s
+    mapwatch.check(s.x_train, full=True)  # a mapped file rewritten under the run: stop, keep checkpoints
     # the epoch is complete unless the time limit broke it off (>=: a text run resumed on more ranks has
     # fewer batches per epoch than the one that saved it)
     completed = not over or loop["batch_in_epoch"] >= r.steps_per_epoch

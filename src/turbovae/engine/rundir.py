@@ -9,15 +9,16 @@ import math
 import os
 import shutil
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import yaml
 
-from ..config import Config, from_dict, load_yaml
+from ..config import Config, from_dict, load_yaml, to_yaml
 from ..errors import CheckpointError, ConfigError, clip, shown
 from ..vae import VAE
 from . import checkpoint
@@ -43,6 +44,7 @@ LOCK_NAME = ".lock"
 class _Lock:
     fd: int
     created: list[Path] = field(default_factory=list)  # the folders taking the lock made, deepest first
+    provisional: bool = False  # config.yaml written before set-up (check_out_dir): removed if the run fails
 
 
 _held: dict[Path, _Lock] = {}  # the run directories this process has locked
@@ -74,7 +76,7 @@ def lock_run(out: Path, resume: bool) -> None:
     made = _make_dirs(out)
     path = out / LOCK_NAME
     for _ in range(100):  # the file may go between open and flock (its holder removes it on release)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = _open_inside(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -90,7 +92,7 @@ def lock_run(out: Path, resume: bool) -> None:
                   file=sys.stderr)  # fmt: skip
             return
         with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
+            if os.path.samestat(os.fstat(fd), os.lstat(path)):
                 break
         os.close(fd)
     else:
@@ -98,6 +100,55 @@ def lock_run(out: Path, resume: bool) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     _held[key] = _Lock(fd, made)
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_inside(path: Path, flags: int) -> int:
+    """``os.open(path, flags)`` of a run's own file, never through a symbolic link (``O_NOFOLLOW``: a
+    link would let the write land outside the run directory) and only a regular file (a FIFO or device
+    would block or take the bytes): a CheckpointError naming it otherwise. Non-blocking at open only."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW, 0o666)
+    except OSError as e:
+        if path.is_symlink():  # ELOOP (Linux), EMLINK (FreeBSD) or EFTYPE (macOS): refuse, naming the link
+            raise link_error(path) from None
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(
+            f"{path} is not a regular file (a FIFO, device or folder); turbovae writes its own files in a "
+            "run directory: remove it, or use another --out"
+        )
+    os.set_blocking(fd, True)
+    return fd
+
+
+def link_error(path: Path) -> CheckpointError:
+    """The error for a run's own file or folder, written in place, that is a symbolic link."""
+    try:
+        target = f" (to {shown(os.readlink(path), 120)})"
+    except OSError:
+        target = ""
+    return CheckpointError(
+        f"{path} is a symbolic link{target}; turbovae writes only inside the run directory, never through "
+        "a link: remove the link (or replace it by the file itself), or use another --out"
+    )
+
+
+# the run's files and folders that are written into, appended to or pruned in place (not replaced by a
+# rename, which replaces a link rather than following it): none may be a symbolic link
+IN_PLACE = (LOCK_NAME, "metrics.jsonl", "checkpoints", "checkpoints/refused")
+
+
+def check_links(out: Path) -> None:
+    """A CheckpointError naming the first of the run's files or folders written in place (IN_PLACE) that
+    is a symbolic link: appending through it, or writing and pruning checkpoints in it, would change
+    files outside the run directory ``out``."""
+    for name in IN_PLACE:
+        if (out / name).is_symlink():
+            raise link_error(out / name)
 
 
 def _holder(fields: list[str]) -> str:
@@ -117,19 +168,31 @@ def unlock_run(out: Path) -> None:
     if lock is None:
         return
     with contextlib.suppress(OSError):
+        if lock.provisional and not (out / "metrics.jsonl").exists():  # failed before its start
+            (out / "config.yaml").unlink()
         (out / LOCK_NAME).unlink()
         for folder in lock.created:
             folder.rmdir()  # stops (OSError) at the first folder that is not empty
     os.close(lock.fd)
 
 
-def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """An existing run is never replaced without --overwrite, nor continued without --resume."""
+def check_out_dir(out: Path, overwrite: bool, resume: bool, cfg: Config | None = None) -> None:
+    """An existing run is never replaced without --overwrite, nor continued without --resume.
+
+    A new run in an empty (or new) directory writes ``cfg`` to config.yaml at once, before its data are
+    loaded: a run killed at any moment after this can be continued with --resume (from the start, with
+    the same seed). A run that fails before its start removes it again (``unlock_run``)."""
     if resume:
         if not (out / "config.yaml").is_file():
+            if out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+                raise CheckpointError(
+                    f"cannot resume {out}: it holds no run yet (the run that made it stopped while loading "
+                    f"its data, before it wrote config.yaml); start it again with train --out {out}"
+                )
             raise CheckpointError(
                 f"cannot resume {out}: no config.yaml there (is it a turbovae run directory?)"
             )
+        check_links(out)
         return
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory")
@@ -138,15 +201,19 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
             f"output directory {out} already exists and is not empty; pass --overwrite to replace it, "
             f"--resume {out} to continue it, or --out for a new directory"
         )
+    lock = _held.get(out.resolve())
+    if cfg is not None and lock is not None and not any(p.name != LOCK_NAME for p in out.iterdir()):
+        checkpoint.replace_file(out / "config.yaml", to_yaml(cfg).encode())
+        lock.provisional = True
 
 
 def _clear_run(out: Path) -> None:
     """Remove a previous run's files (only those turbovae writes) before an --overwrite run starts."""
     for name in RUN_FILES:
         path = out / name
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():  # a link is removed, never what it points to
             shutil.rmtree(path)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             path.unlink()
 
 
@@ -155,7 +222,10 @@ class MetricsLog:
     nothing (the ranks other than 0 of a data-parallel run)."""
 
     def __init__(self, path: Path | None) -> None:
-        self.file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115 - close()
+        self.file: TextIO | None = None
+        if path is not None:  # appended to in place: never through a link (_open_inside)
+            fd = _open_inside(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            self.file = open(fd, "a", buffering=1)  # noqa: SIM115 - close()
 
     def echo(self, message: str) -> None:
         """A warning on stderr, once per job (from the rank that writes the log)."""
@@ -202,11 +272,15 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
             f"changed: {checkpoint.refusals(refused)}"
         )
     if chosen is None:
-        done = [n for n in ("best.json", "../summary.json") if (folder / n).is_file()]
-        if done:  # a run that got past its first checkpoint: starting over would replace its results
+        if (out / "summary.json").is_file():  # a finished run without its checkpoints: not a killed one
             raise CheckpointError(
-                f"cannot resume {out}: it has {Path(done[0]).name} but no step checkpoint to continue from; "
+                f"cannot resume {out}: it has summary.json but no step checkpoint to continue from; "
                 "nothing was changed (start over with --overwrite)"
+            )
+        if (folder / "best.json").is_file():  # killed after an epoch's best.*, before a step checkpoint
+            checkpoint.note(
+                f"resuming {out} from the start: it was stopped before its first step checkpoint (its "
+                "best.* are kept until the run, with the same seed, writes them again)"
             )
         return None
     if refused:
@@ -233,6 +307,28 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
     return chosen
 
 
+def _check_model_and_data(cfg_path: Path, state_json: Path, saved: Any, cfg: Config) -> None:
+    """A CheckpointError when config.yaml's model or data sections differ from the checkpoint's config:
+    an edited ``data.name`` would evaluate (``eval``), encode or sample with other data or another
+    model under the run's name, as an edited config is refused by --resume."""
+    if not isinstance(saved, dict):  # (checked by the checkpoint's schema where present)
+        return
+    try:
+        before = _flat(from_dict(saved).to_dict())
+    except ConfigError:
+        return  # a config from another version: nothing to compare it with
+    now = _flat(cfg.to_dict())
+    compared = [k for k in now if k.startswith(("data.", "model.")) and k != "data.dir"]  # (dir: a cache)
+    changed = [k for k in compared if now[k] != before.get(k)]
+    if changed:
+        key = changed[0]
+        raise CheckpointError(
+            f"{cfg_path} does not fit the run's checkpoint {state_json.name}: {key} is "
+            f"{shown(before.get(key))} in the checkpoint, {shown(now[key])} in config.yaml; undo the edit "
+            "of config.yaml (the model and its data are the checkpoint's)"
+        )
+
+
 def prepare_dir(
     out: Path, cfg: Config, overwrite: bool, resume: bool, start: Path | None = None
 ) -> Path | None:
@@ -253,6 +349,8 @@ def prepare_dir(
     if overwrite:
         _clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
+    # at once (the loop writes it again later): a run killed from here on can be continued with --resume
+    checkpoint.replace_file(out / "config.yaml", to_yaml(cfg).encode())
     return None
 
 
@@ -302,6 +400,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     if refused:
         checkpoint.note(f"using {state_json.name} of {run_dir}: skipped newer {checkpoint.refusals(refused)}")
     tensors, meta = checkpoint.load(state_json)
+    _check_model_and_data(cfg_path, state_json, meta.get("config"), cfg)
     if "event_shape" not in meta:
         raise CheckpointError(f"checkpoint {state_json} does not record the data shape (event_shape)")
     shape = tuple(meta["event_shape"])

@@ -5,15 +5,23 @@ neither. Only the process that writes the run directory (rank 0) tracks."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, clip
+
+# MLflow retries a failed HTTP request 7 times with a backoff factor of 2 (255 s in all) and waits 120 s
+# for an answer: a run would stall minutes on a closed port. Fewer and shorter, unless the user set them.
+MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 def check_available(cfg: Config) -> None:
@@ -30,8 +38,17 @@ def check_available(cfg: Config) -> None:
                 ) from None
 
 
+# MLflow retries a failed HTTP request 7 times with a backoff factor of 2 (255 s) and waits 120 s for an
+# answer: a training run would stall minutes on a closed port. Fewer and shorter, unless the user set them.
+MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
 class Tracker:
-    """Sends a run's scalars and pictures to TensorBoard and/or MLflow as they are logged."""
+    """Sends a run's scalars and pictures to TensorBoard and/or MLflow as they are logged.
+
+    Tracking never kills or stalls a run: a backend that fails, at its start or later (a store MLflow
+    refuses or cannot reach, a TensorBoard folder that is a file, a full disk), is one warning line on
+    stderr, and the run goes on without that backend; the run directory's own files are unaffected."""
 
     def __init__(self, cfg: Config, out: Path, main: bool = True) -> None:
         self.writer: Any = None
@@ -39,18 +56,48 @@ class Tracker:
         if not main:
             return
         if cfg.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # an optional extra (check_available)
-
-            self.writer = SummaryWriter(log_dir=str(cfg.train.tensorboard))
+            self._guarded("tensorboard", self._start_tensorboard, cfg)
         if cfg.train.mlflow:
-            import mlflow  # an optional extra (check_available)
+            self._guarded("mlflow", self._start_mlflow, cfg, out)
 
-            mlflow.set_tracking_uri(cfg.train.mlflow)
-            mlflow.set_experiment(cfg.train.mlflow_experiment)
-            self.mlflow = mlflow
-            self.run = mlflow.start_run(run_name=out.name)
-            flat = _flatten(cfg.to_dict())
-            mlflow.log_params({k: str(v)[:250] for k, v in flat.items()})
+    def _start_tensorboard(self, cfg: Config) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # an optional extra (check_available)
+
+        self.writer = SummaryWriter(log_dir=str(cfg.train.tensorboard))
+
+    def _start_mlflow(self, cfg: Config, out: Path) -> None:
+        for key, value in MLFLOW_HTTP.items():
+            os.environ.setdefault(key, value)
+        import mlflow  # an optional extra (check_available)
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(str(cfg.train.mlflow))
+        mlflow.set_experiment(cfg.train.mlflow_experiment)
+        self.run = mlflow.start_run(run_name=out.name)
+        flat = _flatten(cfg.to_dict())
+        mlflow.log_params({k: str(v)[:250] for k, v in flat.items()})
+
+    def _guarded(self, backend: str, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """``action(*args, **kwargs)`` for ``backend``; any failure is one warning, and the backend is off."""
+        try:
+            action(*args, **kwargs)
+        except Exception as e:  # MLflow, its HTTP and SQL layers, TensorBoard and the OS raise their own
+            lines = str(e).strip().splitlines()
+            print(f"turbovae: warning: train.{backend} failed, and the run goes on without it: "
+                  f"{type(e).__name__}: {clip(lines[0] if lines else '', 200)}", file=sys.stderr)  # fmt: skip
+            self._drop(backend)
+
+    def _drop(self, backend: str) -> None:
+        if backend == "tensorboard":
+            writer, self.writer = self.writer, None
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.close()
+        else:
+            client, self.mlflow = self.mlflow, None
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.end_run(status="FAILED")
 
     @property
     def active(self) -> bool:
@@ -60,25 +107,30 @@ class Tracker:
         """``values``: tag -> number (``train/loss``, ``val/nelbo``, ...); non-numbers are skipped."""
         numbers = {k: float(v) for k, v in values.items() if _finite_number(v)}
         if self.writer is not None:
-            for tag, value in numbers.items():
-                self.writer.add_scalar(tag, value, step)
+            self._guarded("tensorboard", _add_scalars, self.writer, numbers, step)
         if self.mlflow is not None and numbers:
             # MLflow keys allow letters, digits, _ - . / and spaces
-            self.mlflow.log_metrics(numbers, step=step)
+            self._guarded("mlflow", self.mlflow.log_metrics, numbers, step=step)
 
     def images(self, step: int, pictures: dict[str, np.ndarray]) -> None:
         """``pictures``: tag -> an (H, W) or (H, W, 3) uint8 array."""
         for tag, picture in pictures.items():
             if self.writer is not None:
-                self.writer.add_image(tag, picture, step, dataformats="HW" if picture.ndim == 2 else "HWC")
+                form = "HW" if picture.ndim == 2 else "HWC"
+                self._guarded("tensorboard", self.writer.add_image, tag, picture, step, dataformats=form)
             if self.mlflow is not None:
-                self.mlflow.log_image(picture, key=tag.replace("/", "_"), step=step)
+                self._guarded("mlflow", self.mlflow.log_image, picture, key=tag.replace("/", "_"), step=step)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self._guarded("tensorboard", self.writer.close)
         if self.mlflow is not None:
-            self.mlflow.end_run()
+            self._guarded("mlflow", self.mlflow.end_run)
+
+
+def _add_scalars(writer: Any, numbers: dict[str, float], step: int) -> None:
+    for tag, value in numbers.items():
+        writer.add_scalar(tag, value, step)
 
 
 def _finite_number(v: Any) -> bool:
