@@ -29,11 +29,11 @@ from .. import __version__, evaluation, runtime
 from ..config import load_yaml
 from ..data.table_transform import decode
 from ..data.tables import Table, _format
-from ..engine.checkpoint import replace_file
 from ..engine.rundir import load
 from ..engine.setup import Setup, setup
 from ..errors import CheckpointError, ConfigError, TurboVAEError
 from ..evaluation.fidelity import synthesize
+from ..files import replace_file
 from ..models import MODELS
 from ..progress import Progress
 from ..viz.barcodes import data_kind
