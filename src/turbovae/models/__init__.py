@@ -22,7 +22,7 @@ def _mlp(
     event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg, n_classes: int = 0
 ) -> nn.Module:
     return MLPNet(event_shape, latent, params_per_dim, list(cfg.hidden), cfg.activation, cfg.dropout,
-                  n_classes=n_classes)  # fmt: skip
+                  n_classes=n_classes, output_bias_from_data=cfg.init_output_bias)  # fmt: skip
 
 
 def _conv(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,7 +39,8 @@ class MLPNet(nn.Module):
 
     With ``n_classes`` K > 0 the network is conditional (a CVAE): the one-hot class y (K) is
     concatenated to the encoder's input and to the decoder's z. K = 0 builds exactly the
-    unconditional network."""
+    unconditional network. With ``output_bias_from_data`` (``model.init_output_bias``), ``init_from_data``
+    starts the decoder's output bias at the logit of the mean training image."""
 
     def __init__(
         self,
@@ -49,16 +51,24 @@ class MLPNet(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         n_classes: int = 0,
+        output_bias_from_data: bool = False,
     ) -> None:
         super().__init__()
         self.event_shape = tuple(event_shape)
         self.params_per_dim = params_per_dim
         self.n_classes = n_classes
+        self.output_bias_from_data = output_bias_from_data
         dims = math.prod(self.event_shape)
         self.encoder = mlp([dims + n_classes, *hidden, 2 * latent], activation, dropout)
         self.decoder = mlp(
             [latent + n_classes, *reversed(hidden), params_per_dim * dims], activation, dropout
         )
+
+    def init_from_data(self, mean: Callable[[], torch.Tensor]) -> None:
+        """The hook ``engine/setup.py`` calls on any network that has it, once, before training:
+        ``mean()`` is the mean training value of each pixel (a function: computed only where used)."""
+        if self.output_bias_from_data:
+            self.init_output_bias(mean())
 
     @torch.no_grad()
     def init_output_bias(self, mean: torch.Tensor) -> None:
