@@ -5,12 +5,15 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..conditioning import one_hot
 from ..distributions import DiagonalGaussian
+from ..errors import ConfigError
+from .base import NOT_SHAPING, ModelConfig, check_widths
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -20,6 +23,25 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "leaky_relu": nn.LeakyReLU,
 }
+
+
+@dataclass(slots=True)
+class MLPConfig(ModelConfig):
+    """``model.*`` of the MLP."""
+
+    name: str = field(default="mlp", metadata=NOT_SHAPING)
+    hidden: list[int] = field(default_factory=lambda: [400])  # the encoder's widths; the decoder mirrors them
+    # with a Bernoulli likelihood: the decoder's output bias starts at the logit of the mean training
+    # value of each pixel (as in Burda et al.'s IWAE code), so the first steps need not learn the mean image
+    init_output_bias: bool = field(default=False, metadata=NOT_SHAPING)
+
+    def check(self) -> None:
+        check_widths("hidden", self.hidden)
+        if self.init_output_bias and self.likelihood not in ("bernoulli", "bernoulli-grey"):
+            raise ConfigError(
+                "model.init_output_bias is for model mlp with likelihood bernoulli or bernoulli-grey, got "
+                f"{self.name} with {self.likelihood}"
+            )
 
 
 def mlp(sizes: list[int], activation: str, dropout: float = 0.0) -> nn.Sequential:
@@ -91,3 +113,10 @@ class MLPNet(nn.Module):
             z = torch.cat([z, code.expand(*z.shape[:-1], self.n_classes)], -1)
         out = self.decoder(z)  # (..., P·D); leading dims pass through
         return out.unflatten(-1, (self.params_per_dim, *self.event_shape))
+
+
+def build(
+    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg: MLPConfig, n_classes: int = 0
+) -> nn.Module:
+    return MLPNet(event_shape, latent, params_per_dim, list(cfg.hidden), cfg.activation, cfg.dropout,
+                  n_classes=n_classes, output_bias_from_data=cfg.init_output_bias)  # fmt: skip
