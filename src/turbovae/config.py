@@ -74,7 +74,7 @@ class TrainConfig:
     # good state with half the learning rate (reported in metrics.jsonl)
     nan_patience: int = 5
     noise_scale_every: int = 0  # steps between gradient-noise-scale probes (0: train.log_every; <0: off)
-    objective: str = "elbo"  # elbo | iwae
+    objective: str = "elbo"  # a key of objectives.OBJECTIVES
     beta: float = 1.0  # KL weight of the β-ELBO
     kl_warmup_steps: int = 0  # β rises linearly from 0 to train.beta over these steps (0: no warm-up)
     # cyclical annealing (Fu et al. 2019): β rises from 0 over the first half of each of these cycles

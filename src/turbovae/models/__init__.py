@@ -59,7 +59,7 @@ MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(
         mlp.build,
         MLPConfig,
-        "fully connected: encoder D → hidden… → 2·latent and its mirror",
+        "fully connected, encoder D → hidden… → 2·latent and its mirror",
         width="hidden",
         depth=True,
         conditional=True,
@@ -68,7 +68,7 @@ MODELS: dict[str, ModelSpec] = {
     "conv": ModelSpec(
         conv.build,
         ConvConfig,
-        "ResNet-style convolutional: per level a residual block and a stride-2 conv, for images",
+        "ResNet-style convolutional net for images, a residual block and a stride-2 conv per level",
         width="channels",
         channels_last=True,
         conditional=True,
@@ -77,7 +77,7 @@ MODELS: dict[str, ModelSpec] = {
     "sentence": ModelSpec(
         text.build,
         SentenceConfig,
-        "the sentence VAE for text: a GRU or LSTM encoder and language-model decoder",
+        "the sentence VAE for text, a GRU or LSTM encoder and language-model decoder",
         width="hidden",
         depth=True,
         text=True,
@@ -85,7 +85,7 @@ MODELS: dict[str, ModelSpec] = {
     "hvae": ModelSpec(
         hvae.build,
         HVAEConfig,
-        "a top-down hierarchical VAE (VDVAE / NVAE family): groups of latents per resolution level",
+        "a top-down hierarchical VAE (VDVAE / NVAE family), groups of latents per resolution level",
         width="channels",
         conditional=True,
     ),
