@@ -353,19 +353,17 @@ class _ModelDraft:
 
     values: dict[str, Any] = field(default_factory=dict)
     explicit: set[str] = field(default_factory=set)
+    hints: dict[str, Any] = field(default_factory=_model_hints)  # every family's options
 
     def set(self, key: str, value: Any, explicit: bool) -> None:
-        hints = _model_hints()
-        if key not in hints:
-            raise unknown_name("config key in 'model'", key, list(hints), KEY_ALIASES)
+        if key not in self.hints:
+            raise unknown_name("config key in 'model'", key, list(self.hints), KEY_ALIASES)
         self.values[key] = value
-        if explicit:
+        if explicit:  # flags and overrides come after the preset and the file
             self.explicit.add(key)
-        else:
-            self.explicit.discard(key)
 
     def build(self) -> ModelConfig:
-        name = _coerce("model.name", self.values.get("name", "mlp"), str)
+        name = _coerce("model.name", self.values.get("name", Config().model.name), str)
         if name not in MODELS:
             raise unknown_name("model", name, MODELS)
         family = MODELS[name].config
