@@ -33,7 +33,8 @@ import torch
 import turbovae
 from turbovae.data.arrays import split_indices
 from turbovae.data.tables import Column, Table, export_tables, read_table
-from turbovae.evaluation.fidelity import fidelity_report, synthesize
+from turbovae.evaluation.fidelity import fidelity_report
+from turbovae.kinds.table import synthesize
 
 MEASURES = ("mean_ks", "mean_tv", "corr_mae", "ml_efficacy", "dcr_median")
 

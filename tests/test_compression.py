@@ -20,6 +20,7 @@ from turbovae.cli import main
 from turbovae.config import Config
 from turbovae.engine.setup import build_vae
 from turbovae.errors import CheckpointError, ConfigError, DataError
+from turbovae.models import MODELS
 
 # (model, likelihood, event shape): every model and likelihood the codec supports, the RGB coupling too
 CASES = [
@@ -39,12 +40,17 @@ CASES = [
 
 def random_vae(model: str, likelihood: str, shape: tuple[int, ...], seed: int = 0) -> turbovae.VAE:
     torch.manual_seed(seed)
-    cfg = Config()
-    cfg.model.name, cfg.model.likelihood = model, likelihood
-    cfg.model.latent, cfg.model.hidden, cfg.model.mixtures = 4, [32], 3
-    cfg.model.channels = [8, 16] if model != "hvae" else [8, 16, 16]
-    if model == "hvae":
-        cfg.model.groups, cfg.model.enc_blocks, cfg.model.latent_channels = [1, 1, 1], [1, 1, 1], [1, 2, 2]
+    options = {
+        "mlp": {"hidden": [32]},
+        "conv": {"channels": [8, 16]},
+        "hvae": {
+            "channels": [8, 16, 16],
+            "groups": [1, 1, 1],
+            "enc_blocks": [1, 1, 1],
+            "latent_channels": [1, 2, 2],
+        },
+    }[model]
+    cfg = Config(model=MODELS[model].config(likelihood=likelihood, mixtures=3, latent=4, **options))
     vae = build_vae(cfg, shape, {"levels": 256})
     vae.config = cfg
     return vae.eval()

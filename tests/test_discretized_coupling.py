@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from turbovae.config import Config
 from turbovae.engine.setup import build_vae
 from turbovae.likelihoods import DiscretizedLogistic, build_likelihood
+from turbovae.models import MODELS
 from turbovae.objectives import elbo
 
 K = 3
@@ -325,15 +326,19 @@ def test_other_events_keep_the_uncoupled_per_value_mixture_exactly(shape):
 
 @pytest.mark.parametrize("model", ["mlp", "conv", "hvae"])
 def test_a_colour_vae_with_the_coupled_likelihood_trains(model):
-    cfg = Config()
-    cfg.model.name = model
-    cfg.model.likelihood = "discretized-logistic"
-    cfg.model.mixtures = 2
-    cfg.model.latent = 4
-    cfg.model.hidden = [32]
-    cfg.model.channels = [8, 16] if model == "conv" else [8, 16, 16]
-    if model == "hvae":
-        cfg.model.groups, cfg.model.enc_blocks, cfg.model.latent_channels = [1, 1, 1], [1, 1, 1], [2, 2, 2]
+    options = {
+        "mlp": {"hidden": [32]},
+        "conv": {"channels": [8, 16]},
+        "hvae": {
+            "channels": [8, 16, 16],
+            "groups": [1, 1, 1],
+            "enc_blocks": [1, 1, 1],
+            "latent_channels": [2, 2, 2],
+        },
+    }[model]
+    cfg = Config(
+        model=MODELS[model].config(likelihood="discretized-logistic", mixtures=2, latent=4, **options)
+    )
     vae = build_vae(cfg, (3, 8, 8), {"levels": 256})
     assert vae.likelihood.coupled and vae.likelihood.params_per_dim == 8  # 4K per channel
     gen = torch.Generator().manual_seed(0)

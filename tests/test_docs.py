@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -70,6 +71,44 @@ def test_cli_md_holds_every_commands_help(monkeypatch: pytest.MonkeyPatch) -> No
     cli_md = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     stale = [prog for prog, text in texts.items() if f"```text\n{text.rstrip()}\n```" not in cli_md]
     assert not stale, f"docs/cli.md is out of date for {stale}: run python scripts/cli_doc.py"
+
+
+def _cli_doc():
+    """scripts/cli_doc.py, the generator of docs/cli.md's help and docs/training.md's registry tables."""
+    spec = importlib.util.spec_from_file_location("cli_doc", ROOT / "scripts" / "cli_doc.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_md_tables_come_from_the_registries() -> None:
+    training_md = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    assert _cli_doc().render_tables(training_md) == training_md, (
+        "docs/training.md's tables of models, likelihoods or objectives are out of date: run python "
+        "scripts/cli_doc.py"
+    )
+
+
+def _unwrapped(text: str) -> str:
+    """Help text as one line: argparse's line breaks undone, words it broke at a hyphen joined again."""
+    return " ".join(re.sub(r"-\n\s+", "-", text).split())
+
+
+def test_every_registry_name_is_in_the_help_and_the_docs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from turbovae.likelihoods import LIKELIHOODS
+    from turbovae.models import MODELS
+    from turbovae.objectives import OBJECTIVES
+
+    train_help = _unwrapped(_help_texts(monkeypatch)["turbovae train"])
+    cli_md = _unwrapped((ROOT / "docs" / "cli.md").read_text(encoding="utf-8"))
+    training_md = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    for registry in (MODELS, LIKELIHOODS, OBJECTIVES):
+        for name in registry:
+            entry = re.compile(rf"(?<![\w-]){re.escape(name)}( \(default\))?: ")  # "name: summary"
+            assert entry.search(train_help), f"turbovae train --help does not describe {name}"
+            assert entry.search(cli_md), f"docs/cli.md does not describe {name}"
+            assert f"| `{name}`" in training_md, f"docs/training.md's tables do not list {name}"
 
 
 def test_cli_md_names_every_preset() -> None:

@@ -10,10 +10,9 @@ import torch
 
 from turbovae import evaluation as evaluate
 from turbovae.cli import main
-from turbovae.config import ModelConfig
 from turbovae.errors import ConfigError, DataError
 from turbovae.likelihoods import build_likelihood
-from turbovae.models import build_network
+from turbovae.models import HVAEConfig, build_network
 from turbovae.objectives import elbo, iwae, log_weights
 from turbovae.structures import kl_balance_weights, posterior_pass
 from turbovae.vae import VAE
@@ -22,10 +21,8 @@ SHAPE = (1, 8, 8)  # levels at 8×8, 4×4, 2×2
 
 
 def small(shape=SHAPE, likelihood="bernoulli", device="cpu", **options) -> VAE:
-    cfg = ModelConfig(name="hvae", channels=[8, 16, 16], latent=2, activation="silu")
     structure = {"groups": [1, 2, 1], "enc_blocks": [1, 1, 1], "latent_channels": [2, 2, 4]}
-    for key, value in {**structure, **options}.items():
-        setattr(cfg, key, value)  # the hvae's options (ModelConfig fields, read with defaults)
+    cfg = HVAEConfig(channels=[8, 16, 16], latent=2, activation="silu", **{**structure, **options})
     lik = build_likelihood(likelihood, shape, components=3)
     net = build_network("hvae", shape, cfg.latent, lik.params_per_dim, cfg)
     return VAE(net, lik, net.latent_size).to(device)

@@ -1,5 +1,6 @@
-"""The layout rules of the package: no import cycles (function-local imports included), no function of
-100 lines or more, and the training loop's function at most 80 lines."""
+"""The layout rules of the package: imports point down the layers (LAYERS) and form no cycle
+(function-local imports included), no function of 100 lines or more, and the training loop's function
+at most 80 lines."""
 
 from __future__ import annotations
 
@@ -7,6 +8,22 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "src" / "turbovae"
+
+# The layers of the package, low to high (docs/architecture.md says why each module sits where it does): a
+# module may import from its own layer and the layers below it, never from one above. Each entry is a
+# module or a package prefix under turbovae ("" is the package itself: the public API). A data kind owns
+# its pictures, figures and metrics, so kinds/ sits above viz/ and evaluation/ and below the engine.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("core", ("_clock", "errors", "files", "progress", "runtime", "distributions", "conditioning",
+              "likelihoods", "structures", "vae", "objectives")),
+    ("parts", ("models", "data", "config")),
+    ("measures", ("evaluation", "viz")),
+    ("kinds", ("kinds",)),
+    ("engine", ("engine",)),
+    ("features", ("compression", "hub")),
+    ("commands", ("commands",)),
+    ("entry", ("cli", "__main__", "")),
+)  # fmt: skip
 
 
 def _modules(root: Path) -> dict[str, Path]:
@@ -92,6 +109,54 @@ def test_the_checker_sees_lazy_imports_and_skips_type_checking(tmp_path: Path) -
     assert edges["pkg.a"] == {"pkg.sub.b"} and edges["pkg.sub.b"] == {"pkg.a"} and edges["pkg.c"] == set()
     assert _cycle_from("pkg.a", edges) == ["pkg.a", "pkg.sub.b", "pkg.a"]
     assert _cycle_from("pkg.c", edges) is None
+
+
+def layer_of(module: str, layers=LAYERS) -> int | None:
+    """The index in ``layers`` of ``module`` (a dotted name under the package), or None if unplaced."""
+    rel = module.partition(".")[2]
+    best: tuple[int, int] | None = None  # (length of the prefix, layer): the longest prefix decides
+    for i, (_, prefixes) in enumerate(layers):
+        for p in prefixes:
+            if (rel == p or (p and rel.startswith(p + "."))) and (best is None or len(p) > best[0]):
+                best = (len(p), i)
+    return None if best is None else best[1]
+
+
+def upward_imports(edges: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    """Every import from a module into a higher layer, as "module (layer) -> target (layer)"."""
+    names = [name for name, _ in layers]
+    up = []
+    for m in sorted(edges):
+        low = layer_of(m, layers)
+        for t in sorted(edges[m]):
+            high = layer_of(t, layers)
+            if low is not None and high is not None and high > low:
+                up.append(f"{m} ({names[low]}) -> {t} ({names[high]})")
+    return up
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = [m for m in sorted(import_graph()) if layer_of(m) is None]
+    assert not unplaced, f"modules in no layer of LAYERS (tests/test_layout.py): {unplaced}"
+
+
+def test_imports_point_down() -> None:
+    up = upward_imports(import_graph())
+    assert not up, "imports into a higher layer: " + "; ".join(up)
+
+
+def test_the_layer_check_sees_upward_imports(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    (pkg / "engine").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .engine import loop\n")  # the top may import anything
+    (pkg / "errors.py").write_text("def f():\n    from .engine.loop import g\n")  # lazy, and upward
+    (pkg / "engine" / "__init__.py").write_text("")
+    (pkg / "engine" / "loop.py").write_text("from .. import errors\ndef g(): pass\n")  # down: fine
+    layers = (("core", ("errors",)), ("engine", ("engine",)), ("entry", ("",)))
+    edges = import_graph(pkg)
+    assert layer_of("pkg.engine.loop", layers) == 1 and layer_of("pkg", layers) == 2
+    assert layer_of("pkg.other", layers) is None  # "" is the package itself, not the rest: place new modules
+    assert upward_imports(edges, layers) == ["pkg.errors (core) -> pkg.engine.loop (engine)"]
 
 
 def _functions() -> list[tuple[str, str, int]]:

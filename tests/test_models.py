@@ -3,22 +3,22 @@
 import pytest
 import torch
 
-from turbovae.config import ModelConfig
 from turbovae.errors import ConfigError
 from turbovae.likelihoods import build_likelihood
-from turbovae.models import MODELS, TEXT_MODELS, build_network
+from turbovae.models import MODELS, TEXT_MODELS, ConvConfig, MLPConfig, build_network
 from turbovae.objectives import elbo
 from turbovae.vae import VAE
 
 # image and vector models; the text models (token ids, categorical likelihood) are tested in test_text.py
 SHAPES = {"mlp": [(12,), (1, 8, 8)], "conv": [(1, 8, 8), (3, 32, 32), (1, 28, 28)]}
-SMALL = ModelConfig(hidden=[32], channels=[8, 16], latent=4)
+LATENT = 4
+SMALL = {"mlp": MLPConfig(hidden=[32], latent=LATENT), "conv": ConvConfig(channels=[8, 16], latent=LATENT)}
 
 
 def make(name, shape, likelihood="bernoulli", device="cpu"):
     lik = build_likelihood(likelihood, shape)
-    net = build_network(name, shape, SMALL.latent, lik.params_per_dim, SMALL)
-    return VAE(net, lik, SMALL.latent).to(device)
+    net = build_network(name, shape, LATENT, lik.params_per_dim, SMALL[name])
+    return VAE(net, lik, LATENT).to(device)
 
 
 def batch(shape, n=6, device="cpu"):
@@ -28,6 +28,17 @@ def batch(shape, n=6, device="cpu"):
 def test_every_model_has_test_shapes():
     # hvae's latents are groups with conditional priors, not one N(0, I) vector: tests/test_hvae.py
     assert set(SHAPES) | set(TEXT_MODELS) | {"hvae"} == set(MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_carries_its_own_options(name):
+    spec = MODELS[name]
+    cfg = spec.config()
+    assert cfg.name == name  # the family's dataclass defaults to its own name
+    assert set(spec.fields) <= set(type(cfg).__dataclass_fields__) and "name" not in spec.fields
+    assert spec.width is None or spec.width in spec.config.options()
+    with pytest.raises(AttributeError):  # an option the family does not have cannot be set by mistake
+        cfg.no_such_option = 1
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -62,7 +73,7 @@ def test_compiled_bf16_gradients_match_eager(name):
     eager = make(name, shape)
     compiled = copy.deepcopy(eager)
     x = batch(shape, n=16)
-    eps = torch.randn(16, SMALL.latent, generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(16, LATENT, generator=torch.Generator().manual_seed(1))
 
     def backward(vae):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -115,11 +126,11 @@ def test_a_tiny_batch_can_be_overfitted(name, device):
 
 def test_conv_rejects_vectors_and_odd_sizes():
     with pytest.raises(ConfigError, match="needs images"):
-        build_network("conv", (12,), 4, 1, SMALL)
+        build_network("conv", (12,), 4, 1, SMALL["conv"])
     with pytest.raises(ConfigError, match="divisible by 4"):
-        build_network("conv", (1, 30, 30), 4, 1, SMALL)
+        build_network("conv", (1, 30, 30), 4, 1, SMALL["conv"])
 
 
 def test_unknown_model_suggests_the_closest():
     with pytest.raises(ConfigError, match="did you mean 'conv'"):
-        build_network("cnv", (1, 8, 8), 4, 1, SMALL)
+        build_network("cnv", (1, 8, 8), 4, 1, SMALL["conv"])

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from turbovae.cli import main
-from turbovae.config import load_preset, preset_names
+from turbovae.config import from_dict, load_preset, preset_names, resolve, to_yaml
+from turbovae.models import MODELS
 
 # a few steps, one epoch, a cheap test log-likelihood, one thread
 QUICK = ["train.epochs=1", "train.batch_size=16", "eval.iwae_k=2", "train.threads=1", "train.compile=off",
@@ -80,6 +81,17 @@ def stand_in(preset: dict, tmp_path: Path) -> list[str]:
 # on a CPU: narrower channels, the same levels, groups, patch and likelihood)
 SHRINK = {"hvae": {"fmnist-hvae-gpu": ["model.channels=[16,16,16,16,16]"],
                    "hvae-32-colour": ["model.channels=[16,16,16,16,16]"]}}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_resolves_to_its_model_familys_options(name):
+    preset = load_preset(name)
+    cfg = resolve(name)  # validated
+    family = MODELS[preset["model"]["name"]].config
+    assert type(cfg.model) is family
+    assert set(preset["model"]) <= set(yaml.safe_load(to_yaml(cfg))["model"]), "options of another family"
+    assert all(getattr(cfg.model, key) == value for key, value in preset["model"].items())
+    assert from_dict(cfg.to_dict()) == cfg  # config.yaml reads back as the same config
 
 
 @pytest.mark.parametrize("name", preset_names())

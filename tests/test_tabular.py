@@ -30,9 +30,9 @@ from turbovae.evaluation.fidelity import (
     correlation_mae,
     fidelity_report,
     ks_statistic,
-    synthesize,
     total_variation,
 )
+from turbovae.kinds.table import synthesize
 from turbovae.likelihoods import LIKELIHOODS, build_likelihood
 
 

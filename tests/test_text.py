@@ -13,7 +13,6 @@ import torch
 
 import turbovae
 from turbovae.cli import main
-from turbovae.config import ModelConfig
 from turbovae.data.text import (
     BOS,
     EOS,
@@ -31,7 +30,7 @@ from turbovae.engine.step import kl_weight
 from turbovae.errors import ConfigError, DataError
 from turbovae.kinds import KINDS, kind_of
 from turbovae.likelihoods import build_likelihood
-from turbovae.models import build_network
+from turbovae.models import SentenceConfig, build_network
 from turbovae.objectives import elbo, iwae
 from turbovae.vae import VAE
 
@@ -221,8 +220,8 @@ def test_categorical_scores_non_padding_tokens_and_broadcasts():
 
 
 def _vae(word_dropout: float = 0.0, cell: str = "gru") -> VAE:
-    cfg = ModelConfig(name="sentence", likelihood="categorical", hidden=[16, 16], embedding=8, latent=4,
-                      word_dropout=word_dropout, cell=cell)  # fmt: skip
+    cfg = SentenceConfig(likelihood="categorical", hidden=[16, 16], embedding=8, latent=4,
+                         word_dropout=word_dropout, cell=cell)  # fmt: skip
     lik = build_likelihood("categorical", (6,), data_meta=META)
     net = build_network("sentence", (6,), 4, lik.params_per_dim, cfg)
     vae = VAE(net, lik, 4)

@@ -17,7 +17,7 @@ import yaml
 
 from .errors import ConfigError, clip, shown, unknown_name
 from .likelihoods import LIKELIHOODS
-from .models import ACTIVATIONS, MODELS, TEXT_MODELS
+from .models import ACTIVATIONS, MODELS, TEXT_MODELS, MLPConfig, ModelConfig
 from .objectives import OBJECTIVES
 
 
@@ -48,36 +48,6 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    name: str = "mlp"  # mlp | conv
-    latent: int = 20
-    hidden: list[int] = field(default_factory=lambda: [400])  # mlp widths
-    channels: list[int] = field(default_factory=lambda: [32, 64])  # conv widths per resolution level
-    activation: str = "relu"
-    dropout: float = 0.0
-    likelihood: str = "bernoulli"
-    likelihood_scale: float = 0.1  # σ of the Gaussian likelihoods (initial σ where learned)
-    # sentence (text): model.hidden is the RNN's width, one entry per layer
-    embedding: int = 64  # token embedding size
-    cell: str = "gru"  # gru | lstm
-    word_dropout: float = 0.0  # share of decoder input tokens replaced by <unk> while training
-    # hvae (top-down hierarchical VAE, models/hvae.py): per resolution level, from the finest; empty = the
-    # default (1 group, model.latent channels, 1 encoder block per level)
-    groups: list[int] = field(default_factory=list)  # stochastic groups per level
-    latent_channels: list[int] = field(default_factory=list)  # latent channels of each level's groups
-    enc_blocks: list[int] = field(default_factory=list)  # bottom-up residual blocks per level
-    patch: int = 1  # the stem's patch size (2: level 0 at half the image's resolution)
-    bottleneck: float = 0.25  # residual blocks' inner width, a fraction of the level's width
-    softplus_scales: bool = True  # σ = softplus(·) ("gradient smoothing", Efficient-VDVAE) rather than exp(·)
-    residual_posterior: bool = True  # q's parameters as offsets of the prior's (NVAE)
-    kl_balance: bool = True  # NVAE's KL balancing across groups during KL warm-up
-    mixtures: int = 10  # discretized-logistic: mixture components per value
-    # mlp with a Bernoulli likelihood: the decoder's output bias starts at the logit of the mean training
-    # value of each pixel (as in Burda et al.'s IWAE code), so the first steps need not learn the mean image
-    init_output_bias: bool = False
-
-
-@dataclass
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
@@ -104,7 +74,7 @@ class TrainConfig:
     # good state with half the learning rate (reported in metrics.jsonl)
     nan_patience: int = 5
     noise_scale_every: int = 0  # steps between gradient-noise-scale probes (0: train.log_every; <0: off)
-    objective: str = "elbo"  # elbo | iwae
+    objective: str = "elbo"  # a key of objectives.OBJECTIVES
     beta: float = 1.0  # KL weight of the β-ELBO
     kl_warmup_steps: int = 0  # β rises linearly from 0 to train.beta over these steps (0: no warm-up)
     # cyclical annealing (Fu et al. 2019): β rises from 0 over the first half of each of these cycles
@@ -154,7 +124,8 @@ class EvalConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # the family's own dataclass (models/<family>.py: MLPConfig, ConvConfig ...), chosen by model.name
+    model: ModelConfig = field(default_factory=MLPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -171,7 +142,6 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile": ("auto", "on", "off"),
     "data.tokenizer": ("auto", "char", "word"),
-    "model.cell": ("gru", "lstm"),
 }
 
 
@@ -356,29 +326,80 @@ KEY_ALIASES = {
 }  # fmt: skip
 
 
-def _set(cfg: Config, dotted: str, value: Any) -> None:
+def _model_hints() -> dict[str, Any]:
+    """model.* key -> its type, over the options of every model family (a key has one type in all)."""
+    hints: dict[str, Any] = {}
+    for spec in MODELS.values():
+        hints.update(typing.get_type_hints(spec.config))
+    return hints
+
+
+def _hints(section: str) -> dict[str, Any]:
+    """key -> type of a config section ({} for no section)."""
+    if section == "model":
+        return _model_hints()
+    cls = typing.get_type_hints(Config).get(section)
+    return typing.get_type_hints(cls) if cls is not None else {}
+
+
+@dataclass
+class _ModelDraft:
+    """The ``model`` section while a config is resolved: each model.* value as last set, and which keys a
+    flag or a key=value named (``explicit``) rather than a preset or a file. ``build`` makes the dataclass
+    of the family the last ``model.name`` names, so that a key's last value wins whatever the order of
+    the name and the key, as when every family's options were one dataclass. Keys of another family are
+    dropped where a preset or a file carried them (the config.yaml of a run written before the families
+    had dataclasses of their own holds all of them) and refused where they were named explicitly."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    explicit: set[str] = field(default_factory=set)
+    hints: dict[str, Any] = field(default_factory=_model_hints)  # every family's options
+
+    def set(self, key: str, value: Any, explicit: bool) -> None:
+        if key not in self.hints:
+            raise unknown_name("config key in 'model'", key, list(self.hints), KEY_ALIASES)
+        self.values[key] = value
+        if explicit:  # flags and overrides come after the preset and the file
+            self.explicit.add(key)
+
+    def build(self) -> ModelConfig:
+        name = _coerce("model.name", self.values.get("name", Config().model.name), str)
+        if name not in MODELS:
+            raise unknown_name("model", name, MODELS)
+        family = MODELS[name].config
+        hints = typing.get_type_hints(family)
+        stray = [k for k in self.values if k not in hints and k in self.explicit]
+        if stray:
+            raise ConfigError(
+                f"model.{stray[0]} is not an option of model '{name}', whose options are: {', '.join(hints)}"
+            )
+        return family(**{k: _coerce(f"model.{k}", v, hints[k]) for k, v in self.values.items() if k in hints})
+
+
+def _set(cfg: Config, dotted: str, value: Any, model: _ModelDraft, explicit: bool) -> None:
     section_name, _, key = dotted.partition(".")
     sections = {f.name for f in fields(Config)}
     if section_name not in sections or not key:
         raise unknown_name("config section", section_name if key else dotted, sections)
-    section = getattr(cfg, section_name)
-    hints = typing.get_type_hints(type(section))
+    if section_name == "model":
+        model.set(key, value, explicit)
+        return
+    hints = _hints(section_name)
     if key not in hints:
         raise unknown_name(f"config key in '{section_name}'", key, [f"{k}" for k in hints], KEY_ALIASES)
-    setattr(section, key, _coerce(dotted, value, hints[key]))
+    setattr(getattr(cfg, section_name), key, _coerce(dotted, value, hints[key]))
 
 
-def apply(cfg: Config, nested: dict[str, Any]) -> Config:
-    """Apply a nested mapping {section: {key: value}} onto ``cfg``."""
+def _apply(cfg: Config, nested: dict[str, Any], model: _ModelDraft) -> None:
+    """Apply a nested mapping {section: {key: value}} (a preset or a saved config) onto ``cfg``."""
     for section_name, values in nested.items():
         if not isinstance(values, dict):
             if section_name in {f.name for f in fields(Config)}:
                 raise ConfigError(f"config section '{section_name}' must be a mapping, got {shown(values)}")
-            _set(cfg, str(section_name), values)  # raises the unknown-name error
+            _set(cfg, str(section_name), values, model, False)  # raises the unknown-name error
             continue
         for key, value in values.items():
-            _set(cfg, f"{section_name}.{key}", value)
-    return cfg
+            _set(cfg, f"{section_name}.{key}", value, model, False)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -389,7 +410,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.lr=3e-4")
     key = key.strip()
     section, _, name = key.partition(".")
-    if typing.get_type_hints(type(getattr(Config(), section, None))).get(name) in (str, str | None) and raw:
+    if _hints(section).get(name) in (str, str | None) and raw:
         return key, raw.strip()
     try:
         value = load_yaml(raw) if raw.strip() else raw
@@ -404,17 +425,19 @@ def resolve(
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults (or ``base``, a saved config) → preset → flags → overrides, then validated."""
-    cfg = Config()
+    """Defaults (or ``base``, a saved config) → preset → flags → overrides, then validated. The model
+    section becomes the dataclass of the family that ``model.name`` names (see ``_ModelDraft``)."""
+    cfg, model = Config(), _ModelDraft()
     if base is not None:
-        apply(cfg, base)
+        _apply(cfg, base, model)
     if preset:
-        apply(cfg, load_preset(preset))
+        _apply(cfg, load_preset(preset), model)
     for key, value in (flags or {}).items():
         if value is not None:
-            _set(cfg, key, value)
+            _set(cfg, key, value, model, True)
     for text in overrides or []:
-        _set(cfg, *parse_override(text))
+        _set(cfg, *parse_override(text), model, True)
+    cfg.model = model.build()
     validate(cfg)
     return cfg
 
@@ -448,6 +471,12 @@ def validate(cfg: Config) -> None:
     ):
         if value not in registry:
             raise unknown_name(key, value, registry)
+    family = MODELS[cfg.model.name].config
+    if not isinstance(cfg.model, family):  # model.name set by hand on another family's dataclass
+        raise ConfigError(
+            f"model.name is '{cfg.model.name}' but the model section is a {type(cfg.model).__name__}, not a "
+            f"{family.__name__}: resolve the config with the new name (resolve(overrides=['model.name=...']))"
+        )
     positive = {
         "model.latent": cfg.model.latent,
         "train.epochs": cfg.train.epochs,
@@ -460,7 +489,7 @@ def validate(cfg: Config) -> None:
         "model.likelihood_scale": cfg.model.likelihood_scale,
         "data.max_length": cfg.data.max_length,
         "data.min_freq": cfg.data.min_freq,
-        "model.embedding": cfg.model.embedding,
+        "model.mixtures": cfg.model.mixtures,
     }
     for key, value in positive.items():
         if not value > 0:  # also catches NaN
@@ -519,8 +548,6 @@ def _check_training(cfg: Config) -> None:
         raise ConfigError("train.optimizer=schedulefree evaluates its own weight average: set train.ema=0")
     if cfg.train.kl_cycles and cfg.train.kl_warmup_steps:
         raise ConfigError("train.kl_cycles and train.kl_warmup_steps are two KL schedules: set one of them")
-    if not 0 <= cfg.model.word_dropout <= 1:
-        raise ConfigError(f"model.word_dropout must be in [0, 1], got {cfg.model.word_dropout}")
     if cfg.train.objective != "elbo" and (
         cfg.train.kl_warmup_steps or cfg.train.free_bits or cfg.train.kl_cycles
     ):
@@ -532,19 +559,12 @@ def _check_training(cfg: Config) -> None:
 
 
 def _check_model_and_data(cfg: Config) -> None:
-    """Model widths and per-level lists, the text model/likelihood pairing, the data split."""
+    """The text model/likelihood pairing, the data split, and the model family's own options."""
     text_model, text_likelihood = cfg.model.name in TEXT_MODELS, cfg.model.likelihood == "categorical"
     if text_model != text_likelihood:
         raise ConfigError(
             f"model '{cfg.model.name}' with likelihood '{cfg.model.likelihood}': text needs --model "
             f"{'|'.join(TEXT_MODELS)} with --likelihood categorical (the categorical likelihood is for text)"
-        )
-    if cfg.model.init_output_bias and (
-        cfg.model.name != "mlp" or cfg.model.likelihood not in ("bernoulli", "bernoulli-grey")
-    ):
-        raise ConfigError(
-            "model.init_output_bias is for model mlp with likelihood bernoulli or bernoulli-grey, got "
-            f"{cfg.model.name} with {cfg.model.likelihood}"
         )
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
@@ -552,18 +572,7 @@ def _check_model_and_data(cfg: Config) -> None:
         raise ConfigError(f"data.validation must be in [0, 1), got {cfg.data.validation}")
     if not 0 < cfg.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
-    for key, widths in (("model.hidden", cfg.model.hidden), ("model.channels", cfg.model.channels)):
-        if not widths or any(w < 1 for w in widths):
-            raise ConfigError(f"{key} must be a non-empty list of positive widths, got {widths}")
-    for key, least in (("groups", 0), ("latent_channels", 1), ("enc_blocks", 0)):
-        values = getattr(cfg.model, key)
-        if values and (len(values) != len(cfg.model.channels) or any(v < least for v in values)):
-            raise ConfigError(
-                f"model.{key} needs one entry >= {least} per level of model.channels "
-                f"({len(cfg.model.channels)}), got {values}"
-            )
-    if cfg.model.patch < 1 or cfg.model.mixtures < 1 or not 0 < cfg.model.bottleneck <= 1:
-        raise ConfigError("model.patch and model.mixtures must be >= 1 and model.bottleneck in (0, 1]")
+    cfg.model.check()  # the family's own options (models/<family>.py)
 
 
 def to_yaml(cfg: Config) -> str:

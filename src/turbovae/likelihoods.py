@@ -24,6 +24,7 @@ class Likelihood(nn.Module):
     """Base class. Subclasses set ``params_per_dim``, ``support`` and ``discrete``."""
 
     name = "base"
+    summary = ""  # one line for --likelihood's help and docs/training.md
     params_per_dim = 1
     support = "real"  # "binary": {0, 1}; "unit": [0, 1]; "real": any finite value
     discrete = False  # a probability mass on the data, so bits/dim are defined
@@ -96,6 +97,7 @@ class Bernoulli(Likelihood):
     """Bernoulli on logits, for binary data: log p = x·η − softplus(η)."""
 
     name = "bernoulli"
+    summary = "binary data, the Bernoulli mass (grey data are binarised, see --binarize)"
     support = "binary"
     discrete = True
     codec: str | None = "bernoulli"
@@ -162,6 +164,7 @@ class BernoulliGrey(Bernoulli):
     """
 
     name = "bernoulli-grey"
+    summary = "grey values in [0, 1], binary cross-entropy as in pytorch/examples (not normalised)"
     support = "unit"
     discrete = False
     log_prob_eval = Likelihood.log_prob_eval  # grey values: the fast form holds for x ∈ {0, 1} only
@@ -181,6 +184,7 @@ class ContinuousBernoulli(Likelihood):
     """Continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): a proper density on [0, 1] for grey values."""
 
     name = "continuous-bernoulli"
+    summary = "values in [0, 1], the continuous Bernoulli (a proper density on [0, 1])"
     support = "unit"
 
     def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -213,6 +217,7 @@ class Gaussian(Likelihood):
     """Gaussian with a fixed scale σ (``likelihood_scale``); the decoder outputs the mean."""
 
     name = "gaussian"
+    summary = "real values, a Gaussian of fixed σ = model.likelihood_scale"
 
     def __init__(self, event_shape: tuple[int, ...], scale: float = 0.1) -> None:
         super().__init__(event_shape)
@@ -241,6 +246,7 @@ class GaussianLearned(Gaussian):
     """Gaussian with one learned scale shared by all dimensions, initialised at ``likelihood_scale``."""
 
     name = "gaussian-learned"
+    summary = "real values, a Gaussian with one learned σ (starting at model.likelihood_scale)"
 
     def __init__(self, event_shape: tuple[int, ...], scale: float = 0.1) -> None:
         Likelihood.__init__(self, event_shape)
@@ -257,6 +263,7 @@ class GaussianPixel(Gaussian):
     """Gaussian whose mean and scale the decoder outputs for every dimension (per-pixel variance)."""
 
     name = "gaussian-pixel"
+    summary = "real values, a Gaussian with a learned σ per dimension"
     params_per_dim = 2
 
     def __init__(self, event_shape: tuple[int, ...], scale: float = 0.1) -> None:
@@ -294,6 +301,7 @@ class Mixed(Likelihood):
     """
 
     name = "mixed"
+    summary = "tables, a Gaussian for each number and a categorical for each category"
     uses_data_meta = True
 
     def __init__(
@@ -431,6 +439,7 @@ class Categorical(Likelihood):
     """
 
     name = "categorical"
+    summary = "text, a softmax over the vocabulary at every position"
     support = "tokens"
     # a probability mass, but bits per (padded) dimension mean nothing for text: text runs report
     # nats per token and perplexity instead
@@ -555,6 +564,7 @@ class DiscretizedLogistic(Likelihood):
 
     name = "discretized-logistic"
     codec = "logistic"
+    summary = "8-bit images, a mixture of model.mixtures discretised logistics per value"
     support = "unit"
     discrete = True
     params_per_dim = 3 * 10  # the uncoupled layout with 10 components; the instance's value is the truth
@@ -683,6 +693,7 @@ class Categorical256(Likelihood):
 
     name = "categorical-256"
     codec = "categorical-256"
+    summary = "8-bit images, a softmax over the 256 values"
     support = "unit"
     discrete = True
     params_per_dim = BYTE_LEVELS

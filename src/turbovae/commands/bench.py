@@ -28,6 +28,7 @@ from ..engine.optim import make_optimizer
 from ..engine.setup import Setup, setup
 from ..engine.step import STATS, make_step
 from ..errors import ConfigError
+from ..models import MLPConfig
 from ..objectives import noise_shape_of
 from .options import config_from, config_options
 
@@ -159,7 +160,7 @@ def bench_examples(s: Setup, windows: int, steps: int) -> float:
     """pytorch/examples' loop: a DataLoader over in-memory float tensors, BCE summed over the batch,
     ``loss.item()`` every step, batches copied to the device. Returns samples/s."""
     cfg, device = s.cfg, s.device
-    if cfg.model.name != "mlp":
+    if not isinstance(cfg.model, MLPConfig):  # the peers are MLP VAEs
         raise ConfigError("the 'examples' peer is pytorch/examples' MLP VAE; benchmark it with --model mlp")
     x_train = to_float(s.x_train.cpu(), s.train_max).flatten(1)
     loader = torch.utils.data.DataLoader(
@@ -204,7 +205,7 @@ def bench_pythae(s: Setup) -> float:
     import tempfile
 
     cfg = s.cfg
-    if cfg.model.name != "mlp":
+    if not isinstance(cfg.model, MLPConfig):
         raise ConfigError("the 'pythae' peer runs the MLP VAE; benchmark it with --model mlp")
     x_train = to_float(s.x_train.cpu(), s.train_max)
     dims, hidden, latent = x_train[0].numel(), cfg.model.hidden[0], cfg.model.latent

@@ -29,10 +29,10 @@ import torch
 
 from .. import compression
 from ..data.arrays import _read
-from ..engine.checkpoint import atomic_write
 from ..engine.rundir import load
 from ..errors import ConfigError, DataError
 from ..evaluation.likelihood import nelbo
+from ..files import atomic_write
 from ..likelihoods import Bernoulli
 from ..vae import VAE
 

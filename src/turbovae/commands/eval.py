@@ -13,8 +13,9 @@ from ..engine import hardware
 from ..engine.rundir import load, write_json
 from ..engine.setup import setup
 from ..errors import ConfigError
-from ..evaluation.fidelity import REPORT_STAGES, fidelity_report, synthesize
+from ..evaluation.fidelity import REPORT_STAGES, fidelity_report
 from ..kinds import kind_of
+from ..kinds.table import synthesize
 from ..progress import Progress, note
 from .options import json_out
 

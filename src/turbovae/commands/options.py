@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ..config import Config, resolve
 from ..errors import ConfigError
 from ..kinds import kind_for_source
+from ..likelihoods import LIKELIHOODS
+from ..models import MODELS
+from ..objectives import OBJECTIVES
 
 # flag name -> config key; the flags are shortcuts for `section.key=value` overrides
 TRAIN_FLAGS: dict[str, str] = {
@@ -34,6 +38,19 @@ TRAIN_FLAGS: dict[str, str] = {
 }
 
 
+def summary_of(entry: Any) -> str:
+    """The one-line description of a registry entry: its ``summary`` (a model's spec, a likelihood's
+    class), else the first line of its docstring (an objective), without a closing full stop."""
+    return (getattr(entry, "summary", "") or (entry.__doc__ or "").strip().split("\n")[0]).rstrip(".")
+
+
+def registry_help(what: str, registry: dict[str, Any], default: str) -> str:
+    """The help of an option that names a registry entry, made from the registry so that it cannot drift:
+    ``what. name (default): summary. name: summary ...``."""
+    marks = {name: " (default)" if name == default else "" for name in registry}
+    return f"{what}. " + " ".join(f"{name}{marks[name]}: {summary_of(e)}." for name, e in registry.items())
+
+
 def config_options(p: argparse.ArgumentParser) -> None:
     """The options that build a config: a preset, flag shortcuts, section.key=value overrides."""
     p.add_argument(
@@ -54,19 +71,16 @@ def config_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--binarize", help="auto | none | static | dynamic")
     p.add_argument("--resize", help="HxW, for image folders of mixed sizes")
-    p.add_argument("--model", help="mlp | conv | sentence (text)")
+    defaults = Config()
+    p.add_argument("--model", help=registry_help("the network", MODELS, defaults.model.name))
     p.add_argument("--hidden", help="MLP widths, e.g. 400 or 512,256")
     p.add_argument("--channels", help="conv widths per level, e.g. 32,64")
     p.add_argument("--latent", type=int, help="latent dimensions")
-    p.add_argument(
-        "--likelihood",
-        help="bernoulli | bernoulli-grey | continuous-bernoulli | gaussian | "
-        "gaussian-learned | gaussian-pixel | mixed (tables) | categorical (text)",
-    )
+    p.add_argument("--likelihood", help=registry_help("p(x | z)", LIKELIHOODS, defaults.model.likelihood))
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--objective", help="elbo | iwae")
+    p.add_argument("--objective", help=registry_help("the loss", OBJECTIVES, defaults.train.objective))
     p.add_argument("--beta", type=float, help="KL weight of the β-ELBO")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")

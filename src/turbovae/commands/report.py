@@ -28,10 +28,10 @@ from PIL import Image
 from .. import __version__, evaluation, runtime
 from ..config import load_yaml
 from ..data.tables import Table, _format
-from ..engine.checkpoint import replace_file
 from ..engine.rundir import link_error, load
 from ..engine.setup import setup
 from ..errors import CheckpointError, ConfigError, TurboVAEError
+from ..files import replace_file
 from ..kinds.table import SHOWN_ROWS, SYNTHETIC_ROWS
 from ..models import MODELS
 from ..progress import Progress

@@ -18,8 +18,7 @@ from ..data.batches import binarize, mean_value, value_range
 from ..errors import ConfigError, DataError, shown
 from ..kinds import DataKind, kind_of
 from ..likelihoods import build_likelihood
-from ..models import TEXT_MODELS, build_network, model_spec
-from ..models.mlp import MLPNet
+from ..models import build_network, model_spec
 from ..vae import VAE
 from . import distributed
 
@@ -221,9 +220,9 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
             f"validation (data.validation = {cfg.data.validation:g}), fewer than train.batch_size = "
             f"{cfg.train.batch_size}; lower --batch-size or data.validation"
         )
-    if cfg.model.init_output_bias:  # before placing: the training rows may be memory-mapped
-        assert isinstance(vae.net, MLPNet)  # config.validate allows it for mlp only
-        vae.net.init_output_bias(mean_value(x_train, train_max))
+    init = getattr(vae.net, "init_from_data", None)  # e.g. the MLP's model.init_output_bias
+    if init is not None:  # before placing: the training rows may be memory-mapped
+        init(lambda: mean_value(x_train, train_max))
     vae = runtime.place(vae, device, model_spec(cfg.model.name).channels_last)
     precision = runtime.resolve_precision(cfg.train.precision, device)
     ys: list[torch.Tensor | None] = [None, None, None]
@@ -283,9 +282,9 @@ def check_memory(
 
 
 def _width_keys(cfg: Config) -> dict[str, Any]:
-    m = cfg.model
+    m, width = cfg.model, model_spec(cfg.model.name).width  # the widths the family scales (tune's search)
     keys: dict[str, Any] = {"latent": m.latent}
-    keys.update({"hidden": m.hidden} if m.name in ("mlp", *TEXT_MODELS) else {"channels": m.channels})
+    keys.update({width: getattr(m, width)} if width else {})
     return keys
 
 

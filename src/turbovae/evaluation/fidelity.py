@@ -27,7 +27,6 @@ import numpy as np
 
 from ..data.tables import Column, Table
 from ..errors import DataError
-from ..kinds.table import synthesize as synthesize  # the rows these measures judge (re-exported)
 
 NUMERIC = ("continuous", "integer")
 # below this distance (in standard deviations) a row counts as a copy: the nearest-neighbour search

@@ -1,7 +1,8 @@
 """Model networks, registered by name. A network maps x → q(z|x) (``encode``) and z → likelihood
 parameters (``decode``); it never computes a loss.
 
-A new model is one file in this folder and one ``MODELS`` entry: its builder and its ``ModelSpec``."""
+A new model is one file in this folder (its network, its config dataclass of options, its builder) and
+one ``MODELS`` entry, its ``ModelSpec``."""
 
 from __future__ import annotations
 
@@ -12,65 +13,12 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, unknown_name
-from .conv import ConvNet
-from .hvae import HVAENet
-from .mlp import ACTIVATIONS, MLPNet
-from .text import SentenceNet
-
-
-def _mlp(
-    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg, n_classes: int = 0
-) -> nn.Module:
-    return MLPNet(event_shape, latent, params_per_dim, list(cfg.hidden), cfg.activation, cfg.dropout,
-                  n_classes=n_classes)  # fmt: skip
-
-
-def _conv(
-    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg, n_classes: int = 0
-) -> nn.Module:
-    return ConvNet(event_shape, latent, params_per_dim, list(cfg.channels), cfg.activation, cfg.dropout,
-                   n_classes=n_classes)  # fmt: skip
-
-
-def _sentence(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg) -> nn.Module:
-    # text: event_shape = (T,), params_per_dim = the vocabulary size (the categorical likelihood's P);
-    # model.hidden = the RNN's width, one entry per layer
-    if len(event_shape) != 1 or params_per_dim < 4:
-        raise ConfigError("model 'sentence' is for text: --data text:PATH or words, --likelihood categorical")
-    if len(set(cfg.hidden)) != 1:
-        raise ConfigError(f"model 'sentence' needs equal RNN widths in model.hidden, got {cfg.hidden}")
-    return SentenceNet(params_per_dim, event_shape[0], latent, cfg.hidden[0], len(cfg.hidden), cfg.embedding,
-                       cfg.cell, cfg.word_dropout, cfg.dropout)  # fmt: skip
-
-
-def _per_level(cfg, key: str, default: list[int]) -> list[int]:
-    """A per-resolution list option of the hvae (empty or absent: ``default``)."""
-    values = getattr(cfg, key, None)
-    return [int(v) for v in values] if values else default
-
-
-def _hvae(
-    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg, n_classes: int = 0
-) -> nn.Module:
-    # model.channels: widths per resolution level; model.latent: latent channels per group wherever
-    # model.latent_channels does not say; model.hidden is unused. The hvae options are read with
-    # defaults, so that configs without them (older runs) build the same network.
-    levels = len(cfg.channels)
-    return HVAENet(
-        event_shape,
-        params_per_dim,
-        list(cfg.channels),
-        groups=_per_level(cfg, "groups", [1] * levels),
-        latent_channels=_per_level(cfg, "latent_channels", [latent] * levels),
-        enc_blocks=_per_level(cfg, "enc_blocks", [1] * levels),
-        activation=cfg.activation,
-        bottleneck=float(getattr(cfg, "bottleneck", 0.25)),
-        softplus_scales=bool(getattr(cfg, "softplus_scales", True)),
-        residual_posterior=bool(getattr(cfg, "residual_posterior", True)),
-        kl_balance=bool(getattr(cfg, "kl_balance", True)),
-        patch=int(getattr(cfg, "patch", 1)),
-        n_classes=n_classes,
-    )
+from . import conv, hvae, mlp, text
+from .base import ModelConfig
+from .conv import ConvConfig, ConvNet
+from .hvae import HVAEConfig, HVAENet
+from .mlp import ACTIVATIONS, MLPConfig, MLPNet
+from .text import SentenceConfig, SentenceNet
 
 
 def _widths(key: str, label: str) -> Callable[[dict[str, Any]], str]:
@@ -83,10 +31,11 @@ def _widths(key: str, label: str) -> Callable[[dict[str, Any]], str]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: how to build it, and what the rest of turbovae needs to know about it."""
+    """A registered model: how to build it, its options, and what the rest of turbovae needs to know."""
 
     build: Callable[..., nn.Module]  # (event_shape, latent, params_per_dim, model_config) -> network
-    fields: tuple[str, ...]  # the model.* keys that shape the network (the compile-cost cache key)
+    config: type[ModelConfig]  # the family's options: cfg.model is one of these
+    summary: str  # one line for --model's help and docs/training.md
     width: str | None = None  # the model.* list that tune's search scales
     depth: bool = False  # whether tune's search may change that list's length
     channels_last: bool = False  # lay the weights out NHWC on CUDA (cuDNN's preferred layout)
@@ -95,40 +44,51 @@ class ModelSpec:
     conditional: bool = False
     describe: Callable[[dict[str, Any]], str] | None = None  # one line for the report, from model.*
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The model.* keys that shape the network (the compile-cost cache key)."""
+        return self.config.shape_fields()
+
     def text_of(self, name: str, model: dict[str, Any]) -> str:
         if self.describe is not None:
             return self.describe(model)
         return f"{name}, latent {model.get('latent', '?')}"
 
 
-_COMMON = ("latent", "activation", "dropout", "likelihood", "mixtures")
-_HVAE = ("channels", "latent_channels", "groups", "enc_blocks", "patch", "bottleneck", "softplus_scales",
-         "residual_posterior", "kl_balance")  # fmt: skip
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(
-        _mlp,
-        ("hidden", *_COMMON),
+        mlp.build,
+        MLPConfig,
+        "fully connected, encoder D → hidden… → 2·latent and its mirror",
         width="hidden",
         depth=True,
         conditional=True,
         describe=_widths("hidden", "MLP"),
     ),
     "conv": ModelSpec(
-        _conv,
-        ("channels", *_COMMON),
+        conv.build,
+        ConvConfig,
+        "ResNet-style convolutional net for images, a residual block and a stride-2 conv per level",
         width="channels",
         channels_last=True,
         conditional=True,
         describe=_widths("channels", "conv"),
     ),
     "sentence": ModelSpec(
-        _sentence,
-        ("hidden", "embedding", "cell", "word_dropout", *_COMMON),
+        text.build,
+        SentenceConfig,
+        "the sentence VAE for text, a GRU or LSTM encoder and language-model decoder",
         width="hidden",
         depth=True,
         text=True,
     ),
-    "hvae": ModelSpec(_hvae, (*_HVAE, *_COMMON), width="channels", conditional=True),
+    "hvae": ModelSpec(
+        hvae.build,
+        HVAEConfig,
+        "a top-down hierarchical VAE (VDVAE / NVAE family), groups of latents per resolution level",
+        width="channels",
+        conditional=True,
+    ),
 }
 TEXT_MODELS = tuple(name for name, spec in MODELS.items() if spec.text)  # models of token sequences
 
@@ -157,10 +117,15 @@ __all__ = [
     "ACTIVATIONS",
     "MODELS",
     "TEXT_MODELS",
+    "ConvConfig",
     "ConvNet",
+    "HVAEConfig",
     "HVAENet",
+    "MLPConfig",
     "MLPNet",
+    "ModelConfig",
     "ModelSpec",
+    "SentenceConfig",
     "SentenceNet",
     "build_network",
     "model_spec",

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from ..conditioning import one_hot
 from ..distributions import DiagonalGaussian
 from ..errors import ConfigError
+from .base import NOT_SHAPING, ModelConfig, check_widths
 from .mlp import ACTIVATIONS
+
+
+@dataclass(slots=True)
+class ConvConfig(ModelConfig):
+    """``model.*`` of the convolutional net."""
+
+    name: str = field(default="conv", metadata=NOT_SHAPING)
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # widths per resolution level
+
+    def check(self) -> None:
+        check_widths("channels", self.channels)
 
 
 class ResBlock(nn.Module):
@@ -113,3 +127,10 @@ class ConvNet(nn.Module):
         out = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, P·C, H, W)
         c, h, w = self.event_shape
         return out.view(*lead, self.params_per_dim, c, h, w)
+
+
+def build(
+    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg: ConvConfig, n_classes: int = 0
+) -> nn.Module:
+    return ConvNet(event_shape, latent, params_per_dim, list(cfg.channels), cfg.activation, cfg.dropout,
+                   n_classes=n_classes)  # fmt: skip

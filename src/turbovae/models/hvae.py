@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,38 @@ from torch import nn
 from ..conditioning import one_hot
 from ..distributions import DiagonalGaussian
 from ..errors import ConfigError
+from .base import NOT_SHAPING, ModelConfig, check_widths
 from .mlp import ACTIVATIONS
+
+
+@dataclass(slots=True)
+class HVAEConfig(ModelConfig):
+    """``model.*`` of the hierarchical VAE. The per-level lists run from the finest level; empty means
+    the default: 1 group of ``model.latent`` channels and 1 encoder block per level."""
+
+    name: str = field(default="hvae", metadata=NOT_SHAPING)
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # widths per resolution level
+    latent_channels: list[int] = field(default_factory=list)  # latent channels of each level's groups
+    groups: list[int] = field(default_factory=list)  # stochastic groups per level
+    enc_blocks: list[int] = field(default_factory=list)  # bottom-up residual blocks per level
+    patch: int = 1  # the stem's patch size (2: level 0 at half the image's resolution)
+    bottleneck: float = 0.25  # residual blocks' inner width, a fraction of the level's width
+    softplus_scales: bool = True  # σ = softplus(·) ("gradient smoothing", Efficient-VDVAE) rather than exp(·)
+    residual_posterior: bool = True  # q's parameters as offsets of the prior's (NVAE)
+    kl_balance: bool = True  # NVAE's KL balancing across groups during KL warm-up
+
+    def check(self) -> None:
+        check_widths("channels", self.channels)
+        for key, least in (("groups", 0), ("latent_channels", 1), ("enc_blocks", 0)):
+            values = getattr(self, key)
+            if values and (len(values) != len(self.channels) or any(v < least for v in values)):
+                raise ConfigError(
+                    f"model.{key} needs one entry >= {least} per level of model.channels "
+                    f"({len(self.channels)}), got {values}"
+                )
+        if self.patch < 1 or not 0 < self.bottleneck <= 1:
+            raise ConfigError("model.patch must be >= 1 and model.bottleneck in (0, 1]")
+
 
 _LN2 = math.log(2.0)
 # NHWC: oneDNN's bf16 convolutions run several times faster on it than on NCHW (and cuDNN prefers it);
@@ -420,3 +452,25 @@ class HVAENet(nn.Module):
     def reconstruct_params(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Likelihood parameters for z_l = the mean of q(z_l | x, z_<l) in every group, top-down."""
         return self.top_down(len(x), self.features(x), lambda i, p, q: q.loc, y=y)[0]  # type: ignore[union-attr]
+
+
+def build(
+    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg: HVAEConfig, n_classes: int = 0
+) -> nn.Module:
+    # model.latent: latent channels per group wherever model.latent_channels does not say
+    levels = len(cfg.channels)
+    return HVAENet(
+        event_shape,
+        params_per_dim,
+        list(cfg.channels),
+        groups=list(cfg.groups or [1] * levels),
+        latent_channels=list(cfg.latent_channels or [latent] * levels),
+        enc_blocks=list(cfg.enc_blocks or [1] * levels),
+        activation=cfg.activation,
+        bottleneck=cfg.bottleneck,
+        softplus_scales=cfg.softplus_scales,
+        residual_posterior=cfg.residual_posterior,
+        kl_balance=cfg.kl_balance,
+        patch=cfg.patch,
+        n_classes=n_classes,
+    )

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..conditioning import one_hot
 from ..distributions import DiagonalGaussian
+from ..errors import ConfigError
+from .base import NOT_SHAPING, ModelConfig, check_widths
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -19,6 +23,25 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "leaky_relu": nn.LeakyReLU,
 }
+
+
+@dataclass(slots=True)
+class MLPConfig(ModelConfig):
+    """``model.*`` of the MLP."""
+
+    name: str = field(default="mlp", metadata=NOT_SHAPING)
+    hidden: list[int] = field(default_factory=lambda: [400])  # the encoder's widths; the decoder mirrors them
+    # with a Bernoulli likelihood: the decoder's output bias starts at the logit of the mean training
+    # value of each pixel (as in Burda et al.'s IWAE code), so the first steps need not learn the mean image
+    init_output_bias: bool = field(default=False, metadata=NOT_SHAPING)
+
+    def check(self) -> None:
+        check_widths("hidden", self.hidden)
+        if self.init_output_bias and self.likelihood not in ("bernoulli", "bernoulli-grey"):
+            raise ConfigError(
+                "model.init_output_bias is for model mlp with likelihood bernoulli or bernoulli-grey, got "
+                f"{self.name} with {self.likelihood}"
+            )
 
 
 def mlp(sizes: list[int], activation: str, dropout: float = 0.0) -> nn.Sequential:
@@ -38,7 +61,8 @@ class MLPNet(nn.Module):
 
     With ``n_classes`` K > 0 the network is conditional (a CVAE): the one-hot class y (K) is
     concatenated to the encoder's input and to the decoder's z. K = 0 builds exactly the
-    unconditional network."""
+    unconditional network. With ``output_bias_from_data`` (``model.init_output_bias``), ``init_from_data``
+    starts the decoder's output bias at the logit of the mean training image."""
 
     def __init__(
         self,
@@ -49,16 +73,24 @@ class MLPNet(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         n_classes: int = 0,
+        output_bias_from_data: bool = False,
     ) -> None:
         super().__init__()
         self.event_shape = tuple(event_shape)
         self.params_per_dim = params_per_dim
         self.n_classes = n_classes
+        self.output_bias_from_data = output_bias_from_data
         dims = math.prod(self.event_shape)
         self.encoder = mlp([dims + n_classes, *hidden, 2 * latent], activation, dropout)
         self.decoder = mlp(
             [latent + n_classes, *reversed(hidden), params_per_dim * dims], activation, dropout
         )
+
+    def init_from_data(self, mean: Callable[[], torch.Tensor]) -> None:
+        """The hook ``engine/setup.py`` calls on any network that has it, once, before training:
+        ``mean()`` is the mean training value of each pixel (a function: computed only where used)."""
+        if self.output_bias_from_data:
+            self.init_output_bias(mean())
 
     @torch.no_grad()
     def init_output_bias(self, mean: torch.Tensor) -> None:
@@ -81,3 +113,10 @@ class MLPNet(nn.Module):
             z = torch.cat([z, code.expand(*z.shape[:-1], self.n_classes)], -1)
         out = self.decoder(z)  # (..., P·D); leading dims pass through
         return out.unflatten(-1, (self.params_per_dim, *self.event_shape))
+
+
+def build(
+    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg: MLPConfig, n_classes: int = 0
+) -> nn.Module:
+    return MLPNet(event_shape, latent, params_per_dim, list(cfg.hidden), cfg.activation, cfg.dropout,
+                  n_classes=n_classes, output_bias_from_data=cfg.init_output_bias)  # fmt: skip

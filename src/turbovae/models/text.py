@@ -10,6 +10,7 @@ that the decoder cannot lean on the previous tokens alone and z has to carry the
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -18,9 +19,30 @@ from torch import nn
 
 from ..data.text import BOS, EOS, PAD, UNK
 from ..distributions import DiagonalGaussian
-from ..errors import ConfigError
+from ..errors import ConfigError, unknown_name
+from .base import NOT_SHAPING, ModelConfig, check_widths
 
 CELLS: dict[str, Callable[..., nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM}
+
+
+@dataclass(slots=True)
+class SentenceConfig(ModelConfig):
+    """``model.*`` of the sentence VAE."""
+
+    name: str = field(default="sentence", metadata=NOT_SHAPING)
+    hidden: list[int] = field(default_factory=lambda: [400])  # the RNN's width, one entry per layer
+    embedding: int = 64  # token embedding size
+    cell: str = "gru"  # gru | lstm
+    word_dropout: float = 0.0  # share of decoder input tokens replaced by <unk> while training
+
+    def check(self) -> None:
+        if self.cell not in CELLS:
+            raise unknown_name("model.cell", self.cell, CELLS)
+        if not self.embedding > 0:
+            raise ConfigError(f"model.embedding must be > 0, got {self.embedding}")
+        if not 0 <= self.word_dropout <= 1:
+            raise ConfigError(f"model.word_dropout must be in [0, 1], got {self.word_dropout}")
+        check_widths("hidden", self.hidden)
 
 
 class SentenceNet(nn.Module):
@@ -131,3 +153,13 @@ class SentenceNet(nn.Module):
             if bool(done.all()):
                 break
         return out
+
+
+def build(event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg: SentenceConfig) -> nn.Module:
+    # text: event_shape = (T,), params_per_dim = the vocabulary size (the categorical likelihood's P)
+    if len(event_shape) != 1 or params_per_dim < 4:
+        raise ConfigError("model 'sentence' is for text: --data text:PATH or words, --likelihood categorical")
+    if len(set(cfg.hidden)) != 1:
+        raise ConfigError(f"model 'sentence' needs equal RNN widths in model.hidden, got {cfg.hidden}")
+    return SentenceNet(params_per_dim, event_shape[0], latent, cfg.hidden[0], len(cfg.hidden), cfg.embedding,
+                       cfg.cell, cfg.word_dropout, cfg.dropout)  # fmt: skip

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..engine.checkpoint import replace_file
+from ..files import replace_file
 
 GRID_BACKGROUND = 64  # the grey between grid cells
 
