@@ -1,16 +1,22 @@
-"""Latent structures are plug-ins: a structure registered in STRUCTURES and named by a network is what
-the objectives, the evaluation, sampling, export and the codec call, with no other edit."""
+"""Plug-ins: a latent structure registered in STRUCTURES and named by a network is what the objectives,
+the evaluation, sampling, export and the codec call; a model family registered in MODELS trains,
+evaluates and samples; neither needs an edit anywhere else (data kinds: tests/test_kinds.py)."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 import turbovae
 from turbovae import objectives
+from turbovae.distributions import DiagonalGaussian
 from turbovae.evaluation import evaluate, iwae_nll, nelbo
 from turbovae.likelihoods import Bernoulli
-from turbovae.models import MLPNet
+from turbovae.models import MODELS, MLPNet, ModelSpec
+from turbovae.models.base import ModelConfig
 from turbovae.structures import STRUCTURES, structure_of
 from turbovae.structures.gaussian import FlatGaussian
 from turbovae.vae import VAE
@@ -97,3 +103,44 @@ def test_training_and_evaluation_share_the_structures_terms(counting):
     ev = nelbo(vae, x, batch_size=len(x), generator=torch.Generator().manual_seed(4))
     assert ev["nelbo"] == pytest.approx(train["nelbo"].item(), rel=1e-6)
     assert ev["kl"] == pytest.approx(train["kl"].item(), rel=1e-6)
+
+
+# ---- a model family is one file and one registry entry ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class LinearConfig(ModelConfig):
+    """``model.*`` of a toy family: one linear map each way."""
+
+    name: str = "linear"
+
+
+class LinearNet(torch.nn.Module):
+    def __init__(self, event_shape: tuple[int, ...], latent: int, params_per_dim: int) -> None:
+        super().__init__()
+        self.event_shape, self.params_per_dim = tuple(event_shape), params_per_dim
+        dims = math.prod(event_shape)
+        self.enc, self.dec = torch.nn.Linear(dims, 2 * latent), torch.nn.Linear(latent, params_per_dim * dims)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        loc, log_scale = self.enc(x.flatten(1)).chunk(2, -1)
+        return DiagonalGaussian(loc, log_scale)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dec(z).view(*z.shape[:-1], self.params_per_dim, *self.event_shape)
+
+
+def test_a_model_family_registered_in_models_trains_evaluates_and_samples_with_no_other_edit(
+    monkeypatch, tmp_path
+):
+    def build(event_shape, latent, params_per_dim, cfg):
+        return LinearNet(event_shape, latent, params_per_dim)
+
+    monkeypatch.setitem(MODELS, "linear", ModelSpec(build, LinearConfig, "one linear map each way"))
+    cfg = turbovae.resolve("digits-mlp", overrides=["model.name=linear", "train.epochs=1", "eval.iwae_k=5",
+                                                   "train.threads=1", "train.compile=off"])  # fmt: skip
+    assert isinstance(cfg.model, LinearConfig)
+    summary = turbovae.fit(cfg, tmp_path / "run")
+    assert summary["model"] == "linear" and math.isfinite(summary["test_nelbo"])
+    vae = turbovae.load(tmp_path / "run")
+    assert isinstance(vae.net, LinearNet) and vae.sample(3).shape == (3, 1, 8, 8)
