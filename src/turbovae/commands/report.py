@@ -27,7 +27,7 @@ from PIL import Image
 
 from .. import __version__, evaluation, runtime
 from ..config import load_yaml
-from ..data.tables import Table, _format
+from ..data.tables import Table, format_column
 from ..engine.rundir import link_error, load
 from ..engine.setup import setup
 from ..errors import CheckpointError, ConfigError, TurboVAEError
@@ -561,7 +561,7 @@ def _rows_section(runs: list[RunInfo]) -> str:
     for r in runs:
         if r.rows is None:
             continue
-        texts = [_format(c) for c in r.rows.columns]
+        texts = [format_column(c) for c in r.rows.columns]
         head = "".join(f"<th>{_e(name)}</th>" for name in r.rows.names)
         body = "".join(
             "<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in zip(*texts, strict=True)

@@ -17,7 +17,7 @@ from .arrays import load_arrays, split_indices
 from .dataset import Dataset
 from .idx import read_idx_pair
 from .images import load_image_folder, resize_images
-from .tables import table_path
+from .tables import Table, table_path
 from .text import is_text_spec, load_text
 
 
@@ -138,6 +138,7 @@ def load_dataset(
     max_length: int = 64,
     min_freq: int = 1,
     condition: str = "",
+    rows: Table | None = None,
 ) -> Dataset:
     """Load a dataset by built-in name or path.
 
@@ -159,6 +160,7 @@ def load_dataset(
         condition: ``data.condition``: ``label`` reads an image folder's class sub-folders as labels;
             for a table, the categorical column the model is conditioned on (taken out of the vector,
             its class ids in ``y_train``/``y_test``). Other sources' labels are read anyway.
+        rows: Tables: the rows, typed already (a DataFrame's), used instead of reading the file.
 
     Returns:
         The dataset, in memory.
@@ -168,6 +170,8 @@ def load_dataset(
         DataError: Missing, corrupt or unsuitable data.
     """
     _check_options(resize, test_fraction)
+    if rows is not None and (is_text_spec(spec) or table_path(spec) is None):
+        raise ConfigError(f"rows in memory are a table's, but data.name '{spec}' is not a table (csv:PATH)")
     if is_text_spec(spec):
         if resize is not None:
             raise ConfigError(f"resize={resize} applies to images only, but '{spec}' is text")
@@ -187,6 +191,7 @@ def load_dataset(
             split_seed=split_seed,
             fitted=(meta or {}).get("table"),
             condition=condition if condition != "label" else "",
+            rows=rows,
         )
     if spec in DATASETS:
         dataset = DATASETS[spec](test_fraction=test_fraction, split_seed=split_seed, data_dir=data_dir)

@@ -2,10 +2,12 @@
 
 Fitted on the training split, saved as JSON in ``Dataset.meta["table"]`` (and so in every checkpoint):
 
-- continuous and integer columns: mode-specific normalisation (``mode``, TVAE's): a Dirichlet-process
-  Gaussian mixture per column (at most 10 modes, those of weight > 0.005 kept); a value becomes its
-  most likely mode k (one-hot) and (x − μ_k) / (4 σ_k). Or ``quantile``: Φ⁻¹ of the value's place in
-  the training distribution (piecewise linear between at most 1,000 knots);
+- continuous and integer columns (and dates, datetimes and times of day, as numbers: days since the
+  epoch, seconds since the epoch on the column's wall clock, seconds since midnight): mode-specific
+  normalisation (``mode``, TVAE's): a Dirichlet-process Gaussian mixture per column (at most 10
+  modes, those of weight > 0.005 kept); a value becomes its most likely mode k (one-hot) and
+  (x − μ_k) / (4 σ_k). Or ``quantile``: Φ⁻¹ of the value's place in the training distribution
+  (piecewise linear between at most 1,000 knots);
 - categorical and boolean columns: one-hot;
 - a numeric column with missing values gets a [present, missing] indicator block; its value and mode
   dims are then not scored on missing rows (the likelihood gates them), and decoding writes the value
@@ -26,8 +28,9 @@ import torch
 from ..errors import ConfigError, DataError
 from .arrays import split_indices
 from .dataset import Dataset
+from .datetimes import round_to
 from .mixture import fit_dp_mixtures
-from .tables import Column, Table, read_table, table_path
+from .tables import NUMERIC_TYPES, Column, Table, read_table, table_path
 
 METHODS = ("mode", "quantile")
 STD_MULTIPLIER = 4.0  # TVAE's: a mode's values land in [−1, 1] with 99.99% probability
@@ -72,7 +75,7 @@ def fit_transform(table: Table, train: np.ndarray, method: str = "mode") -> dict
     """
     if method not in METHODS:
         raise ConfigError(f"data.continuous_transform must be one of: {', '.join(METHODS)}; got '{method}'")
-    numeric = [c for c in table.columns if c.type in ("continuous", "integer")]
+    numeric = [c for c in table.columns if c.type in NUMERIC_TYPES]
     train_values = {c.name: _numeric_train(c, train) for c in numeric}
     mixtures: dict[str, dict[str, list[float]]] = {}
     if method == "mode" and numeric:
@@ -84,12 +87,14 @@ def fit_transform(table: Table, train: np.ndarray, method: str = "mode") -> dict
     blocks: list[tuple[int, dict[str, Any], str]] = []  # (size, the column's spec, which part)
     for c in table.columns:
         spec: dict[str, Any] = {"name": c.name, "type": c.type, "missing": bool(c.missing.any())}
-        if c.type in ("continuous", "integer"):
+        if c.type in NUMERIC_TYPES:
             values = train_values[c.name]
             spec.update(min=float(values.min()), max=float(values.max()), transform=method)
             if c.type == "continuous":
                 spec["decimals"] = c.decimals
-            spec["value"] = sum(s["type"] in ("continuous", "integer") for s in specs)
+            elif c.type != "integer":  # dates and times: how they are written, and their resolution
+                spec.update(fmt=c.fmt, decimals=c.decimals, tz=c.tz, step=c.step)
+            spec["value"] = sum(s["type"] in NUMERIC_TYPES for s in specs)
             if method == "mode":
                 spec["modes"] = mixtures[c.name]
                 blocks.append((len(spec["modes"]["weights"]), spec, "mode_dims"))
@@ -215,13 +220,16 @@ def decode(x: np.ndarray, transform: dict[str, Any], source: str = "synthetic") 
 
             values = np.interp(ndtr(v), q["probs"], q["values"])
         values = np.clip(values, spec["min"], spec["max"])
-        if kind == "integer":
+        if kind in ("integer", "date"):
             values = np.round(values)
+        elif "step" in spec:  # datetimes and times: to the column's resolution, within the range
+            values = np.clip(round_to(values, spec["step"]), spec["min"], spec["max"])
         elif spec.get("decimals") is not None:
             values = np.round(values, spec["decimals"])
         if spec["missing"]:
             values = np.where(_argmax(x, spec["indicator"]) == 1, np.nan, values)
-        columns.append(Column(name, kind, values, decimals=spec.get("decimals")))
+        written = {k: spec[k] for k in ("fmt", "tz", "step") if k in spec}
+        columns.append(Column(name, kind, values, decimals=spec.get("decimals"), **written))
     return Table(columns, source)
 
 
@@ -237,6 +245,7 @@ def load_table(
     split_seed: int = 0,
     fitted: dict[str, Any] | None = None,
     condition: str = "",
+    rows: Table | None = None,
 ) -> Dataset:
     """A table file as a ``Dataset``: float32 (N, D) rows in the transformed space, split
     deterministically (``split_indices``), the transform fitted on the training rows and kept in
@@ -245,11 +254,17 @@ def load_table(
 
     ``condition`` (data.condition): a categorical or boolean column the model is conditioned on. It is
     taken out of the vector (the model does not generate it); its class ids are ``y_train``/``y_test``,
-    its spec is ``meta["table"]["condition"]`` and ``meta["condition"]`` says what the ids mean."""
+    its spec is ``meta["table"]["condition"]`` and ``meta["condition"]`` says what the ids mean.
+
+    ``rows``: the table's rows, typed already (a DataFrame's, ``data/frames.py``), used instead of
+    reading the file, which need not exist yet; the source is then recorded as ``spec`` names it (the
+    DataFrame API's run directory keeps the rows as ``table.csv``, named relative to it)."""
     path = table_path(spec)
     if path is None:
         raise DataError(f"{spec}: not a table (expected csv:PATH, parquet:PATH or a .csv/.tsv/.parquet file)")
     fmt = "parquet" if spec.startswith("parquet:") else None
+    if fitted is not None and rows is not None:
+        raise ConfigError("load_table: rows and a fitted transform are two tables; pass one")
     if fitted is not None:
         given = fitted.get("condition")
         table = read_table(path, schema=fitted["columns"] + ([given] if given else []), fmt=fmt)
@@ -261,13 +276,12 @@ def load_table(
         transform = fitted
         train, test = split_indices(len(table), fitted["test_fraction"], fitted["split_seed"])
     else:
-        table = read_table(path, columns, fmt=fmt)
+        table = read_table(path, columns, fmt=fmt) if rows is None else rows
         train, test = split_indices(len(table), test_fraction, split_seed)
         given = condition_spec(table, condition) if condition else None
         transform = fit_transform(without(table, given), train, method)
-        transform.update(
-            source=str(path.resolve()), n_rows=len(table), test_fraction=test_fraction, split_seed=split_seed
-        )
+        source = str(path.resolve()) if rows is None else str(path)
+        transform.update(source=source, n_rows=len(table), test_fraction=test_fraction, split_seed=split_seed)
         if given is not None:
             transform["condition"] = given
     meta: dict[str, Any] = {"kind": "table", "table": transform}
@@ -354,9 +368,12 @@ def with_condition(table: Table, spec: dict[str, Any], ids: np.ndarray) -> Table
     return Table(columns, table.source, table.lines)
 
 
-def source_splits(transform: dict[str, Any]) -> tuple[Table, Table]:
-    """The (train, test) rows of the file a run was trained on, read with the run's column types."""
+def source_splits(transform: dict[str, Any], run_dir: str | Path | None = None) -> tuple[Table, Table]:
+    """The (train, test) rows of the file a run was trained on, read with the run's column types; a
+    relative source (a DataFrame run's ``table.csv``) is in the run directory ``run_dir``."""
     path = Path(transform["source"])
+    if not path.is_absolute() and run_dir is not None:
+        path = Path(run_dir) / path
     table = read_table(path, schema=transform["columns"])
     if len(table) != transform["n_rows"]:
         raise DataError(

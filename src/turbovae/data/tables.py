@@ -1,13 +1,17 @@
 """Tables: read a CSV (or Parquet) file into typed columns, infer the column types, write rows back.
 
-Read with the standard library's ``csv`` module and NumPy (no pandas). Every column gets one of four
-types, inferred from its values or declared in the config (``data.columns``):
+Read with the standard library's ``csv`` module and NumPy (no pandas; a pandas DataFrame's columns go
+through the same typed-column code, ``text_column``, in ``data/frames.py``). Every column gets one of
+these types, inferred from its values or declared in the config (``data.columns``):
 
 - ``continuous``: numbers (``1.5``, ``-2e-3``), kept as float64;
 - ``integer``: whole numbers written without a decimal point (``42``); values with leading zeros
   (``007``) are codes, so such a column is inferred categorical;
 - ``boolean``: ``true``/``false`` or ``yes``/``no`` in any case; declared booleans also accept
   ``t``/``f``, ``y``/``n`` and ``1``/``0``;
+- ``date``, ``datetime``, ``time`` (of day): ISO-looking text (``2012-01-31``, ``2012/01/31``,
+  ``2012-01-31T08:30:00+01:00``, ``08:30``), kept as numbers (``data/datetimes.py``) and written back
+  in the column's format;
 - ``categorical``: anything else, kept as strings.
 
 A column can also be declared ``drop`` (not modelled, not written back). Missing values are the
@@ -25,16 +29,19 @@ import csv
 import difflib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from . import datetimes
 
-TYPES = ("continuous", "integer", "categorical", "boolean")
-# what `data.columns` may say, with the usual spellings of the same four types
+TYPES = ("continuous", "integer", "categorical", "boolean", *datetimes.TYPES)
+# the types held as numbers (float64, NaN for missing) and learned as numbers by the transforms
+NUMERIC_TYPES = ("continuous", "integer", *datetimes.TYPES)
+# what `data.columns` may say, with the usual spellings of the same types
 TYPE_NAMES = {
     **{t: t for t in TYPES},
     "float": "continuous",
@@ -46,6 +53,9 @@ TYPE_NAMES = {
     "string": "categorical",
     "str": "categorical",
     "bool": "boolean",
+    "timestamp": "datetime",
+    "datetime64": "datetime",
+    "time_of_day": "time",
     "drop": "drop",
     "ignore": "drop",
 }
@@ -83,13 +93,17 @@ def table_path(spec: str) -> Path | None:
 @dataclass
 class Column:
     """One typed column. ``values``: float64 with NaN for missing (continuous, integer; boolean as
-    0/1), or an object array of ``str`` with ``None`` for missing (categorical)."""
+    0/1; dates, datetimes and times as numbers, see ``data/datetimes.py``), or an object array of
+    ``str`` with ``None`` for missing (categorical)."""
 
     name: str
     type: str
     values: np.ndarray
-    decimals: int | None = None  # continuous: the most decimals written in the file
+    decimals: int | None = None  # continuous: the most decimals written in the file; times: of a second
     tokens: tuple[str, str] = ("false", "true")  # boolean: how false and true are written
+    fmt: str | None = None  # dates and times: the strftime pattern they are written in
+    tz: str | None = None  # datetimes: the time zone (an offset as written, or a zone name)
+    step: float | None = None  # dates and times: the resolution values are rounded to
 
     @property
     def missing(self) -> np.ndarray:
@@ -121,7 +135,7 @@ class Table:
 
     def take(self, index: np.ndarray) -> Table:
         """The rows ``index``, in that order."""
-        cols = [Column(c.name, c.type, c.values[index], c.decimals, c.tokens) for c in self.columns]
+        cols = [replace(c, values=c.values[index]) for c in self.columns]
         lines = [self.lines[i] for i in index] if self.lines else []
         return Table(cols, self.source, lines)
 
@@ -240,7 +254,7 @@ def _check_header(header: list[str], path: Path) -> None:
         seen[name] = j
 
 
-def _declared(columns: dict[str, str] | None, header: list[str], path: Path) -> dict[str, str]:
+def declared_types(columns: dict[str, str] | None, header: list[str], path: Path | str) -> dict[str, str]:
     """``data.columns`` checked against the header, with the types' spellings normalised."""
     out: dict[str, str] = {}
     for name, kind in (columns or {}).items():
@@ -274,7 +288,7 @@ def _decimals(tokens: Sequence[str]) -> int:
 class _Where:
     """Names a row in messages: the file line for CSV, the row number otherwise."""
 
-    def __init__(self, path: Path, lines: list[int]) -> None:
+    def __init__(self, path: Path | str, lines: list[int]) -> None:
         self.path, self.lines = path, lines
 
     def __call__(self, i: int, name: str) -> str:
@@ -288,6 +302,9 @@ def _infer(name: str, tokens: list[str], present: np.ndarray, where: _Where) -> 
     lower = {v.lower() for v in distinct}
     if any(lower <= pair for pair in _INFERRED_BOOLEANS):
         return "boolean"
+    dated = datetimes.infer(distinct)
+    if dated is not None:
+        return dated
     numeric = {v for v in distinct if _FLOAT.match(v)}
     if len(numeric) == len(distinct):
         if all(_INT.match(v) for v in distinct):
@@ -362,6 +379,61 @@ def _parse(name: str, kind: str, tokens: list[str], present: np.ndarray, where: 
     return Column(name, kind, out, decimals=decimals)
 
 
+def text_column(
+    name: str,
+    kind: str | None,
+    tokens: list[str],
+    where: _Where,
+    present: np.ndarray | None = None,
+    spec: dict | None = None,
+) -> Column:
+    """One typed column from its values as text: of the declared ``kind``, else of the type its values
+    say. The one place where text becomes typed values, for files and DataFrames alike.
+
+    Args:
+        present: Which values are there (default: those that are not a missing-value marker).
+        spec: The column's spec in a trained run's schema: a column missing in every row is allowed,
+            and dates and times are read in the run's time zone and written in its format.
+    """
+    n = len(tokens)
+    if present is None:
+        present = np.fromiter((t not in MISSING_TOKENS for t in tokens), dtype=bool, count=n)
+    if not present.any() and spec is None:
+        raise _all_missing(name, n, where)
+    kind = kind or _infer(name, tokens, present, where)
+    if kind in datetimes.TYPES:
+        written = {k: spec[k] for k in ("fmt", "decimals", "tz", "step") if k in spec} if spec else {}
+        parsed = datetimes.parse(kind, tokens, present, where, name, tz=written.get("tz"))
+        return Column(name, kind, **{**parsed, **written})
+    return _parse(name, kind, tokens, present, where)
+
+
+def number_column(name: str, kind: str, values: np.ndarray, where: _Where, **written: object) -> Column:
+    """A column whose values are numbers already (a DataFrame's: NaN for missing), checked as a file's
+    text is: finite, whole for an integer column, 0/1 for a boolean one. ``written``: a date or time
+    column's ``fmt``, ``decimals``, ``tz`` and ``step``."""
+    values = np.asarray(values, dtype=np.float64)
+    present = ~np.isnan(values)
+    if not present.any():
+        raise _all_missing(name, len(values), where)
+    bad = present & ~np.isfinite(values)
+    if kind == "integer":
+        bad |= present & (np.round(values) != values)
+    elif kind == "boolean":
+        bad |= present & (values != 0) & (values != 1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{where(i, name)} ({kind}): {float(values[i])!r} is not a finite {kind} value")
+    return Column(name, kind, values, **written)  # type: ignore[arg-type]
+
+
+def _all_missing(name: str, n: int, where: _Where) -> DataError:
+    return DataError(
+        f"{where.path}: column '{name}' is missing in all {n} rows; remove it or declare it "
+        f"'{name}: drop' in data.columns"
+    )
+
+
 def read_table(
     path: str | Path,
     columns: dict[str, str] | None = None,
@@ -402,22 +474,15 @@ def read_table(
             )
         declared = {name: wanted.get(name, "drop") for name in header}
     else:
-        declared = {**suggested, **_declared(columns, header, path)}
+        declared = {**suggested, **declared_types(columns, header, path)}
     where = _Where(path, lines)
-    n = len(rows)
     out: list[Column] = []
     for j, name in enumerate(header):
         kind = declared.get(name)
         if kind == "drop":
             continue
-        tokens = [row[j] for row in rows]
-        present = np.fromiter((t not in MISSING_TOKENS for t in tokens), dtype=bool, count=n)
-        if not present.any() and schema is None:
-            raise DataError(
-                f"{path}: column '{name}' is missing in all {n} rows; remove it or declare it "
-                f"'{name}: drop' in data.columns"
-            )
-        out.append(_parse(name, kind or _infer(name, tokens, present, where), tokens, present, where))
+        spec = next((c for c in schema if c["name"] == name), None) if schema is not None else None
+        out.append(text_column(name, kind, [row[j] for row in rows], where, spec=spec))
     if not out:
         raise DataError(f"{path}: no columns left to model (all are declared drop)")
     if schema is not None:
@@ -429,9 +494,11 @@ def read_table(
 # ---- writing --------------------------------------------------------------------------------------
 
 
-def _format(column: Column) -> list[str]:
+def format_column(column: Column) -> list[str]:
     """The column's values as they would be written in its source file."""
     values = column.values
+    if column.type in datetimes.TYPES:
+        return datetimes.format_values(column.type, values, column.fmt, column.decimals, column.tz)
     if column.type == "categorical":
         return ["" if v is None else str(v) for v in values]
     missing = np.isnan(values)
@@ -452,7 +519,7 @@ def write_table(table: Table, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".parquet":
         return _write_parquet(table, path)
-    texts = [_format(c) for c in table.columns]
+    texts = [format_column(c) for c in table.columns]
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter=delimiter)
@@ -474,6 +541,9 @@ def _write_parquet(table: Table, path: Path) -> Path:
     for c in table.columns:
         if c.type == "categorical":
             arrays[c.name] = pa.array(list(c.values), type=pa.string())
+            continue
+        if c.type in datetimes.TYPES:  # as text in the column's format (Arrow's date types: not yet)
+            arrays[c.name] = pa.array([t or None for t in format_column(c)], type=pa.string())
             continue
         mask = np.isnan(c.values)
         if c.type == "integer":

@@ -4,7 +4,7 @@ table kind owns: ``kinds/table.py``) are.
 The measures compare synthetic rows with real ones that the model did not train on (the run's
 held-out split, or ``--real FILE``), as ``turbovae eval RUN_DIR --fidelity`` reports them:
 
-- per column: the Kolmogorov-Smirnov statistic (continuous, integer) or the total variation distance
+- per column: the Kolmogorov-Smirnov statistic (numbers, dates and times) or the total variation distance
   (categorical, boolean; missing counts as a category) between the real and synthetic marginals,
   0 for identical distributions, 1 for disjoint ones; and their means, ``mean_ks`` and ``mean_tv``;
 - ``corr_mae``: the mean absolute difference between the real and synthetic Pearson correlations
@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data.tables import Column, Table
+from ..data.tables import NUMERIC_TYPES, Column, Table
 from ..errors import DataError
 
-NUMERIC = ("continuous", "integer")
+NUMERIC = NUMERIC_TYPES  # continuous, integer, and dates and times (as numbers)
 # below this distance (in standard deviations) a row counts as a copy: the nearest-neighbour search
 # computes |a − b| as sqrt(|a|² + |b|² − 2a·b), which leaves ~1e-7 where a = b
 COPY_DISTANCE = 1e-6

@@ -216,7 +216,7 @@ def plot_column_histograms(real: Any, synthetic: Any, path: Path) -> Path:
         fake = synthetic.column(col.name)
         ax.set_title(col.name if len(col.name) <= 28 else col.name[:27] + "…", fontsize=9)
         ax.tick_params(labelsize=7)
-        if col.type in ("continuous", "integer"):
+        if col.type not in ("categorical", "boolean"):  # numbers, dates and times
             a, b = col.values[~np.isnan(col.values)], fake.values[~np.isnan(fake.values)]
             both = np.concatenate([a, b])
             if len(both) == 0:
