@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from .setup import Setup, check_shares, setup
 from .state import Snapshot, TrainingDiverged, TrainState, roll_back
 from .step import STATS, Task, kl_weight, make_step
 from .tracking import Tracker
+
+if TYPE_CHECKING:
+    from ..data.tables import Table
 
 
 class _StopFlag:
@@ -70,8 +73,12 @@ def fit(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool | None = None,
+    rows: Table | None = None,
 ) -> dict[str, Any]:
     """Train a VAE as configured and write the run directory ``out``. Returns the summary.
+
+    ``rows``: a table's rows in memory, typed already (``TableSynthesizer.fit``'s DataFrame), trained
+    on instead of reading ``data.name``'s file.
 
     With ``resume=True`` the run in ``out`` continues from its newest valid checkpoint (or from the
     start if it has none); ``cfg`` should be its saved config with at most ``train.epochs`` and
@@ -88,7 +95,7 @@ def fit(
         overwrite, resume = False, True  # torchrun restarted the workers: continue, never clear
     finished = False
     try:
-        summary = _fit(cfg, out, ctx, overwrite=overwrite, resume=resume, progress=progress)
+        summary = _fit(cfg, out, ctx, overwrite=overwrite, resume=resume, progress=progress, rows=rows)
         finished = True
         return summary
     except Exception as e:
@@ -185,7 +192,15 @@ def _new_state(cfg: Config, s: Setup) -> TrainState:
     )
 
 
-def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, resume: bool) -> Run:
+def start(
+    cfg: Config,
+    out: Path,
+    ctx: distributed.Context,
+    *,
+    overwrite: bool,
+    resume: bool,
+    rows: Table | None = None,
+) -> Run:
     """Check the directory, set up data and model, restore a checkpoint, write config.yaml and the start
     event: everything before the first step."""
     resume_from = None
@@ -196,7 +211,9 @@ def start(cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, 
     tracking.check_available(cfg)
     runtime.seed_everything(cfg.train.seed)
     # every user error in config or data is raised here, before any file is touched
-    s = setup(cfg, device=ctx.device, data_meta=saved_data_meta(out, resume_from) if resume else None)
+    s = setup(
+        cfg, device=ctx.device, data_meta=saved_data_meta(out, resume_from) if resume else None, rows=rows
+    )
     if ctx.world > 1:
         check_shares(s, ctx)
     runtime.configure(s.device, cfg.train.threads)
@@ -330,9 +347,16 @@ class Meter:
 
 
 def _fit(
-    cfg: Config, out: Path, ctx: distributed.Context, *, overwrite: bool, resume: bool, progress: bool | None
+    cfg: Config,
+    out: Path,
+    ctx: distributed.Context,
+    *,
+    overwrite: bool,
+    resume: bool,
+    progress: bool | None,
+    rows: Table | None = None,
 ) -> dict[str, Any]:
-    r = start(cfg, out, ctx, overwrite=overwrite, resume=resume)
+    r = start(cfg, out, ctx, overwrite=overwrite, resume=resume, rows=rows)
     loop, step = r.loop, compiled_step(r)
     # a bar on a terminal (or with progress=True), a line every ~10 s otherwise; rank 0 only
     show = progress is not False and ctx.main

@@ -374,6 +374,19 @@ def write_json(path: Path, value: Any) -> None:
     checkpoint.replace_file(path, json_text(value).encode())
 
 
+def data_in_run(spec: str, run_dir: Path) -> str:
+    """``spec`` (data.name) with a relative path that names a file inside the run directory made to
+    point there, whatever the working directory: a run that holds its own data (the DataFrame API keeps
+    a table's rows as ``table.csv``, ``data.name: csv:table.csv``) is read from itself. Other specs
+    (a built-in name, a path outside the run) are returned as they are."""
+    prefix, sep, rest = spec.partition(":")
+    scheme = bool(sep) and len(prefix) > 1 and "/" not in prefix and "\\" not in prefix  # csv:, text: ...
+    text = rest if scheme else spec
+    if not text or Path(text).is_absolute() or not (run_dir / text).is_file():
+        return spec
+    return f"{prefix}:{run_dir / text}" if scheme else str(run_dir / text)
+
+
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     """The trained model of a run directory (newest valid checkpoint), in eval mode.
 
@@ -401,6 +414,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
         checkpoint.note(f"using {state_json.name} of {run_dir}: skipped newer {checkpoint.refusals(refused)}")
     tensors, meta = checkpoint.load(state_json)
     _check_model_and_data(cfg_path, state_json, meta.get("config"), cfg)
+    cfg.data.name = data_in_run(cfg.data.name, run_dir)
     if "event_shape" not in meta:
         raise CheckpointError(f"checkpoint {state_json} does not record the data shape (event_shape)")
     shape = tuple(meta["event_shape"])

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from ..likelihoods import build_likelihood
 from ..models import build_network, model_spec
 from ..vae import VAE
 from . import distributed
+
+if TYPE_CHECKING:
+    from ..data.tables import Table
 
 
 @dataclass
@@ -148,10 +151,16 @@ def build_vae(cfg: Config, event_shape: tuple[int, ...], data_meta: dict[str, An
     return vae
 
 
-def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, Any] | None = None) -> Setup:
+def setup(
+    cfg: Config,
+    device: torch.device | None = None,
+    data_meta: dict[str, Any] | None = None,
+    rows: Table | None = None,
+) -> Setup:
     """Load and check the data and build the model: user errors surface here, before any file is written.
 
-    ``data_meta``: a trained run's ``Dataset.meta``, whose fitted transforms (a table's) are reused."""
+    ``data_meta``: a trained run's ``Dataset.meta``, whose fitted transforms (a table's) are reused.
+    ``rows``: a table's rows in memory (a DataFrame's), used instead of reading ``data.name``'s file."""
     device = device or runtime.select_device(cfg.train.device)
     data = load_dataset(
         cfg.data.name,
@@ -166,6 +175,7 @@ def setup(cfg: Config, device: torch.device | None = None, data_meta: dict[str, 
         max_length=cfg.data.max_length,
         min_freq=cfg.data.min_freq,
         condition=cfg.data.condition,
+        rows=rows,
     )
     kind = kind_of(data)
     condition_on(data, cfg.data.condition, kind)

@@ -77,7 +77,7 @@ class TableKind(DataKind):
         transform = fitted(vae)
         real_train: Table | None
         try:
-            real_train, real_test = source_splits(transform)
+            real_train, real_test = source_splits(transform, run)
         except DataError:
             if not real:
                 raise
