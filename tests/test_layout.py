@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("measures", ("evaluation", "viz")),
     ("kinds", ("kinds",)),
     ("engine", ("engine",)),
-    ("features", ("compression", "hub")),
+    ("features", ("compression", "hub", "synthesizer")),
     ("commands", ("commands",)),
     ("entry", ("cli", "__main__", "")),
 )  # fmt: skip

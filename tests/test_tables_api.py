@@ -1,23 +1,33 @@
-"""DataFrames as typed tables and back with their dtypes, and the date, datetime and time-of-day column
-types (CSV text and pandas dtypes)."""
+"""The DataFrame API (``turbovae.TableSynthesizer``), DataFrames as typed tables and back with their
+dtypes, and the date, datetime and time-of-day column types (CSV text and pandas dtypes)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from turbovae.cli import main
 from turbovae.data.table_transform import decode, encode, fit_transform
-from turbovae.data.tables import read_table, write_table
+from turbovae.data.tables import Table, read_table, write_table
 from turbovae.engine.rundir import data_in_run
 from turbovae.errors import ConfigError, DataError
+from turbovae.evaluation.fidelity import ks_statistic
 
 pd = pytest.importorskip("pandas")
 
+import turbovae  # noqa: E402 - after the skip: the API needs pandas
+from turbovae import synthesizer  # noqa: E402
 from turbovae.data.frames import frame_from_table, table_from_frame  # noqa: E402
+
+# a few seconds of training at most: the API's paths, not a good model
+TINY = {"epochs": 2, "hidden": [16], "latent": 4, "eval.iwae_k": 2}
 
 
 def every_dtype(n: int = 8) -> pd.DataFrame:
@@ -95,6 +105,13 @@ def test_frame_errors_are_one_line() -> None:
         table_from_frame(pd.DataFrame({"x": [1.0, np.inf]}))
     with pytest.raises(ConfigError, match="did you mean 'when'"):
         table_from_frame(pd.DataFrame({"when": ["2020-01-01"]}), {"whem": "date"})
+
+
+def test_missing_pandas_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas raises ImportError
+    with pytest.raises(ConfigError) as e:
+        turbovae.TableSynthesizer(epochs=1)
+    assert "pip install 'turbovae[tables]'" in str(e.value) and "\n" not in str(e.value)
 
 
 # ---- dates and times in CSV files -----------------------------------------------------------------
@@ -176,3 +193,235 @@ def test_data_in_run_reads_a_runs_own_rows_from_it(tmp_path: Path) -> None:
     assert data_in_run("table.csv", tmp_path) == str(tmp_path / "table.csv")
     for spec in ("digits", "csv:other.csv", f"csv:{tmp_path / 'x.csv'}"):
         assert data_in_run(spec, tmp_path) == spec
+
+
+# ---- settings --------------------------------------------------------------------------------------
+
+
+def test_settings_are_config_keys_with_or_without_their_section() -> None:
+    synth = turbovae.TableSynthesizer(epochs=7, batch_size=64, latent=5, lr=1e-3, columns={"a": "date"},
+                                      **{"eval.batch_size": 10, "model.hidden": [8]})  # fmt: skip
+    cfg = synth.config
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.model.latent, cfg.train.lr) == (7, 64, 5, 1e-3)
+    assert (cfg.data.columns, cfg.eval.batch_size, cfg.model.hidden) == ({"a": "date"}, 10, [8])
+    assert cfg.train.beta == 0.5 and cfg.model.likelihood == "mixed"  # the tabular preset under them
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"learning_rate": 1e-3}, r"unknown setting 'learning_rate'.*did you mean 'lr'"),
+        ({"train.epoch": 3}, r"unknown setting 'train.epoch'.*did you mean 'epochs'"),
+        ({"epochs": -1}, r"train.epochs must be > 0"),
+        ({"data.name": "digits"}, r"data.name: a TableSynthesizer's data are the DataFrame"),
+    ],
+)
+def test_a_bad_setting_is_one_config_error(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        turbovae.TableSynthesizer(**settings)
+    assert "\n" not in str(e.value)
+
+
+# ---- fit, sample, save, load -----------------------------------------------------------------------
+
+
+def small_frame(n: int = 200) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    colour = rng.choice(["red", "green", "blue"], n, p=[0.2, 0.3, 0.5])
+    return pd.DataFrame(
+        {
+            "colour": pd.Categorical(colour, categories=["red", "green", "blue", "black"]),
+            "size": pd.array(
+                [None if i % 10 == 0 else int(v) for i, v in enumerate(rng.integers(1, 9, n))], dtype="Int64"
+            ),
+            "member": rng.random(n) < 0.4,
+            "name": pd.Series(rng.choice(["ann", "bo", "cy"], n), dtype=object),
+            "score": np.round(rng.normal(50, 10, n), 1),
+            "joined": pd.Timestamp("2024-01-01", tz="America/New_York")
+            + pd.to_timedelta(rng.integers(0, 365 * 24, n), unit="h"),
+            "birthday": [dt.date(1980, 1, 1) + dt.timedelta(days=int(d)) for d in rng.integers(0, 9000, n)],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted() -> turbovae.TableSynthesizer:
+    return turbovae.TableSynthesizer(**TINY).fit(small_frame(), progress=False)
+
+
+def test_fit_and_sample_give_the_dtypes_back(fitted: turbovae.TableSynthesizer) -> None:
+    df = small_frame()
+    rows = fitted.sample(50, seed=0)
+    assert isinstance(rows, pd.DataFrame) and len(rows) == 50
+    assert list(rows.columns) == list(df.columns)
+    assert rows.dtypes.to_dict() == df.dtypes.to_dict()
+    assert list(rows["colour"].cat.categories) == ["red", "green", "blue", "black"]
+    assert set(rows["name"]) <= {"ann", "bo", "cy"}
+    assert all(isinstance(v, dt.date) for v in rows["birthday"])
+    assert (rows["joined"].dt.minute == 0).all()  # whole hours, as the training column
+    pd.testing.assert_frame_equal(fitted.sample(5, seed=3), fitted.sample(5, seed=3))
+    assert fitted.acceptance_rate is None and "acceptance_rate" not in rows.attrs
+
+
+def test_a_saved_run_is_a_run_directory_the_cli_reads(fitted, tmp_path, monkeypatch, capsys) -> None:
+    run = fitted.save(tmp_path / "run")
+    assert {"config.yaml", "table.csv", "frame.json", "checkpoints"} <= {p.name for p in run.iterdir()}
+    monkeypatch.chdir(tmp_path.parent)  # the run's rows are found in the run, whatever the directory
+    assert main(["sample", str(run), "--n", "5", "--seed", "0", "--out", str(tmp_path / "s.csv")]) == 0
+    assert read_table(tmp_path / "s.csv", schema=fitted_columns(run)).names == list(small_frame().columns)
+    assert main(["eval", str(run), "--iwae-k", "2", "--out", "-"]) == 0
+    assert main(["eval", str(run), "--fidelity", "--n", "50", "--json", "--out", "-"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["columns"]["joined"]["ks"] <= 1 and report["n_real"] == 20
+    again = turbovae.TableSynthesizer.load(run)
+    pd.testing.assert_frame_equal(again.sample(20, seed=1), fitted.sample(20, seed=1))
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        fitted.save(run)
+    assert fitted.save(run, overwrite=True) == run
+
+
+def fitted_columns(run: Path) -> list[dict]:
+    from turbovae.kinds.table import fitted as fitted_transform
+
+    return fitted_transform(turbovae.load(run))["columns"]
+
+
+def test_a_cli_run_loads_with_the_usual_dtypes(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("d,n,c\n" + "".join(f"2020-01-{1 + i % 28:02d},{i},{'ab'[i % 2]}\n" for i in range(40)))
+    assert main(["train", "--data", f"csv:{path}", "--epochs", "1", "model.hidden=[8]", "eval.iwae_k=2",
+                 "--progress", "off", "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    rows = turbovae.TableSynthesizer.load(tmp_path / "run").sample(10, seed=0)
+    assert rows.dtypes.astype(str).to_dict() == {"d": "datetime64[us]", "n": "int64", "c": "object"}
+
+
+def test_an_unfitted_synthesizer_says_so() -> None:
+    with pytest.raises(ConfigError, match=r"not fitted yet: call fit\(df\) first"):
+        turbovae.TableSynthesizer().sample(3)
+
+
+# ---- conditions ------------------------------------------------------------------------------------
+
+
+def test_conditions_by_rejection_report_their_acceptance(fitted) -> None:
+    rows = fitted.sample(40, conditions={"colour": "green", "member": True}, seed=0)
+    assert len(rows) == 40 and (rows["colour"] == "green").all() and rows["member"].all()
+    assert 0 < fitted.acceptance_rate <= 1 and rows.attrs["acceptance_rate"] == fitted.acceptance_rate
+    assert str(rows["colour"].dtype) == "category"
+
+
+@pytest.mark.parametrize(
+    ("conditions", "message"),
+    [
+        ({"colour": "purple"}, r"'purple' is not a category of column 'colour' \(blue, green, red\)"),
+        ({"colour": "black"}, r"'black' is a category of column 'colour' that no training row has"),
+        ({"score": 50}, r"column 'score' is continuous; conditions on categorical and boolean columns only"),
+        ({"shade": "red"}, r"no column 'shade' in this run \(columns: colour, size"),
+        ({"member": "perhaps"}, r"'perhaps' is not a value of the boolean column 'member'"),
+    ],
+)
+def test_bad_conditions_are_config_errors(fitted, conditions, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        fitted.sample(5, conditions=conditions)
+
+
+def only(colour: str, every: int = 0):
+    """A stand-in for synthesize whose rows all have ``colour`` (but every ``every``-th: 'red')."""
+    real = synthesizer.synthesize
+
+    def draw(vae, n, **kw) -> Table:
+        rows = real(vae, n, **kw)
+        values = np.full(n, colour, dtype=object)
+        if every:
+            values[::every] = "red"
+        rows.column("colour").values = values
+        return rows
+
+    return draw
+
+
+def test_rejection_warns_when_few_rows_match_and_refuses_when_none_do(fitted, monkeypatch) -> None:
+    monkeypatch.setattr(synthesizer, "MIN_DRAWS", 2000)
+    monkeypatch.setattr(synthesizer, "CHUNK", 500)
+    monkeypatch.setattr(synthesizer, "DRAW_FACTOR", 1)
+    monkeypatch.setattr(synthesizer, "synthesize", only("blue", every=50))
+    with pytest.warns(UserWarning, match=r"colour=red: 2.00% of sampled rows matched"):
+        rows = fitted.sample(10, conditions={"colour": "red"}, seed=0)
+    assert (rows["colour"] == "red").all() and fitted.acceptance_rate == pytest.approx(0.02)
+    with pytest.raises(
+        DataError, match=r"colour=red: 40 of 2,000 sampled rows matched \(2.000%\), fewer than"
+    ):
+        fitted.sample(100, conditions={"colour": "red"}, seed=0)
+    monkeypatch.setattr(synthesizer, "synthesize", only("blue"))
+    with pytest.raises(DataError, match=r"colour=red: none of 2,000 sampled rows matched; train with cond"):
+        fitted.sample(10, conditions={"colour": "red"}, seed=0)
+
+
+def test_a_conditional_run_samples_its_column_from_the_model(tmp_path: Path) -> None:
+    synth = turbovae.TableSynthesizer(condition="colour", **TINY).fit(small_frame(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = synth.sample(30, conditions={"colour": "red"}, seed=0)
+    assert (rows["colour"] == "red").all() and synth.acceptance_rate == 1.0
+    assert list(rows.columns) == list(small_frame().columns)
+    both = synth.sample(10, conditions={"colour": "blue", "member": False}, seed=0)
+    assert (both["colour"] == "blue").all() and not both["member"].any()
+
+
+# ---- a real table with dates -----------------------------------------------------------------------
+
+
+def seattle_weather(tmp_path: Path) -> Path:
+    """vega_datasets' seattle-weather.csv (1,461 days of 2012-2015, dates written 2012/01/01), or, where
+    vega_datasets is not installed, a table of the same shape made here."""
+    spec = importlib.util.find_spec("vega_datasets")
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "_data" / "seattle-weather.csv"
+        if path.is_file():
+            return path
+    rng = np.random.default_rng(0)
+    days = pd.date_range("2012-01-01", "2015-12-31", freq="D")
+    season = np.cos(2 * np.pi * (days.dayofyear.to_numpy() - 200) / 365)
+    path = tmp_path / "weather.csv"
+    pd.DataFrame({
+        "date": days.strftime("%Y/%m/%d"),
+        "temp_max": np.round(17 + 9 * season + rng.normal(0, 3, len(days)), 1),
+        "weather": np.where(rng.random(len(days)) < 0.4 - 0.3 * season, "rain", "sun"),
+    }).to_csv(path, index=False)  # fmt: skip
+    return path
+
+
+def test_dates_of_a_real_table_round_trip_their_type_and_format_with_a_close_distribution(tmp_path) -> None:
+    path = seattle_weather(tmp_path)
+    df = pd.read_csv(path)  # the dates are text, 2012/01/01
+    synth = turbovae.TableSynthesizer(epochs=40).fit(df, progress=False)
+    rows = synth.sample(len(df), seed=0)
+    assert rows.dtypes.to_dict() == df.dtypes.to_dict()
+    assert rows["date"].str.fullmatch(r"\d{4}/\d{2}/\d{2}").all()
+    run = synth.save(tmp_path / "weather")
+    assert main(["sample", str(run), "--n", "500", "--out", str(tmp_path / "s.csv")]) == 0
+    written = read_table(tmp_path / "s.csv")
+    assert written.column("date").type == "date" and written.column("date").fmt == "%Y/%m/%d"
+    real = read_table(path).column("date").values
+    ks = ks_statistic(real, read_table(tmp_path / "s.csv").column("date").values)
+    ks_frame = ks_statistic(real, pd.to_datetime(rows["date"], format="%Y/%m/%d").map(pd.Timestamp.toordinal)
+                            .to_numpy(float) - dt.date(1970, 1, 1).toordinal())  # fmt: skip
+    assert ks <= 0.1 and ks_frame <= 0.1, (ks, ks_frame)  # measured: 0.03-0.05
+
+
+def test_the_docs_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """docs/tables.md's DataFrame example, as written but for fewer epochs."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "tables.md").read_text()
+    block = next(b for b in text.split("```python\n")[1:] if "TableSynthesizer(" in b).split("```")[0]
+    assert "epochs=100" in block
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.replace("epochs=100", "epochs=3"), "docs/tables.md", "exec"), {})
+    assert 0 < float(capsys.readouterr().out.strip().splitlines()[-1]) <= 1
+    assert (tmp_path / "runs" / "visits" / "table.csv").is_file()
+
+
+@pytest.mark.slow  # the report's pictures and evaluation: about 10 s
+def test_the_report_of_a_dataframe_run(fitted, tmp_path: Path) -> None:
+    run = fitted.save(tmp_path / "run")
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").is_file()

@@ -14,6 +14,7 @@ from .hub import from_pretrained
 from .likelihoods import LIKELIHOODS, build_likelihood
 from .models import MODELS, build_network
 from .objectives import OBJECTIVES, elbo, iwae
+from .synthesizer import TableSynthesizer
 from .vae import VAE
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "DiagonalGaussian",
+    "TableSynthesizer",
     "TurboVAEError",
     "bits_per_dim",
     "build_likelihood",

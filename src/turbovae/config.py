@@ -6,6 +6,7 @@ overrides such as ``train.lr=3e-4``. The resolved config is written to ``config.
 
 from __future__ import annotations
 
+import difflib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -400,6 +401,34 @@ def _apply(cfg: Config, nested: dict[str, Any], model: _ModelDraft) -> None:
             continue
         for key, value in values.items():
             _set(cfg, f"{section_name}.{key}", value, model, False)
+
+
+# where a setting named without its section is looked for, in this order (``batch_size``: the training
+# batch; ``eval.batch_size`` names the other)
+SETTING_SECTIONS = ("train", "model", "data", "eval")
+
+
+def setting_key(name: str) -> str:
+    """The dotted config key a Python setting names (``TableSynthesizer(epochs=300)``): a dotted key as
+    it is, a bare key in the first of SETTING_SECTIONS that has it (``epochs`` → ``train.epochs``,
+    ``latent`` → ``model.latent``, ``columns`` → ``data.columns``); else one ConfigError."""
+    if "." in name:
+        section, _, key = name.partition(".")
+        if key in _hints(section):
+            return name
+    else:
+        for section in SETTING_SECTIONS:
+            if name in _hints(section):
+                return f"{section}.{name}"
+    key = name.rpartition(".")[2]
+    known = {k for s in SETTING_SECTIONS for k in _hints(s)}
+    alias = KEY_ALIASES.get(key.lower())
+    close = [alias] if alias in known else difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"unknown setting {shown(name)}: settings are config keys, as section.key or the key alone "
+        f"(epochs, batch_size, lr, latent, columns, condition ...; docs/training.md lists them){hint}"
+    )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
