@@ -83,6 +83,16 @@ def test_a_frame_holds_wall_clock_times_in_its_zone() -> None:
     assert np.array_equal(paris.values, wall.to_numpy())  # local times: a daily pattern in local time
 
 
+def test_a_datetime_column_declared_date_keeps_its_days_and_zone() -> None:
+    df = pd.DataFrame(
+        {"d": pd.to_datetime(["2020-01-01 10:00", "2020-01-03 00:00", None]).tz_localize("UTC")}
+    )
+    table, records = table_from_frame(df, {"d": "date"})
+    assert table.column("d").type == "date" and table.column("d").values[:2].tolist() == [18262.0, 18264.0]
+    back = frame_from_table(table, records)["d"]
+    assert str(back.dtype) == "datetime64[us, UTC]" and back[0] == pd.Timestamp("2020-01-01", tz="UTC")
+
+
 def test_frame_text_goes_through_the_csv_code() -> None:
     """Text columns of a DataFrame are typed by the CSV reader's code: the same inference, markers and
     errors (a row number instead of a line)."""

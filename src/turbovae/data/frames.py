@@ -132,6 +132,13 @@ def _column(pd: Any, name: str, series: Any, kind: str | None, where: Where) -> 
         if native == "continuous":  # synthetic values with as many decimals as the column's
             column.decimals = _decimals(values)
         return column, record
+    if native == "datetime" and kind == "date":  # declared date: the day of the wall clock
+        days = series
+        if getattr(series.dtype, "tz", None) is not None:
+            record["tz"] = str(series.dtype.tz)  # back as midnight in the zone
+            days = series.dt.tz_localize(None)
+        micros = days.dt.floor("D").to_numpy(dtype="datetime64[us]").astype(np.int64)
+        return _dated(name, "date", np.where(missing, np.nan, micros / 86_400e6), where, tz=None), record
     if native == "datetime" and kind in (None, "datetime"):
         tz = getattr(series.dtype, "tz", None)
         if tz is not None:
