@@ -94,8 +94,15 @@ class TableSynthesizer:
         rows come back with the usual dtypes of their types)."""
         frames.pandas()
         synth = cls.__new__(cls)
-        synth._flags, synth.acceptance_rate, synth._tmp = {}, None, None
+        synth.acceptance_rate, synth._tmp = None, None
         synth._open(Path(run_dir))
+        # fit() again trains with the run's settings (train.batch_size as the run used it: for a table of
+        # fewer training rows than the batch, their count)
+        saved = synth.config.to_dict()
+        synth._flags = {
+            f"{section}.{key}": value for section, values in saved.items() for key, value in values.items()
+        }
+        synth._flags["data.name"] = f"csv:{RUN_TABLE}"
         return synth
 
     def save(self, run_dir: str | Path, *, overwrite: bool = False) -> Path:
