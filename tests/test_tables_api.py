@@ -285,6 +285,7 @@ def test_a_saved_run_is_a_run_directory_the_cli_reads(fitted, tmp_path, monkeypa
     assert report["columns"]["joined"]["ks"] <= 1 and report["n_real"] == 20
     again = turbovae.TableSynthesizer.load(run)
     pd.testing.assert_frame_equal(again.sample(20, seed=1), fitted.sample(20, seed=1))
+    assert again.save(run, overwrite=True) == run and (run / "table.csv").is_file()  # itself: kept
     assert again.fit(small_frame(50), progress=False).config.train.epochs == TINY["epochs"]  # its settings
     with pytest.raises(ConfigError, match="exists and is not empty"):
         fitted.save(run)

@@ -109,6 +109,8 @@ class TableSynthesizer:
         """Copy the run directory to ``run_dir`` (new or empty; ``overwrite``: replace a run there)."""
         source = self._fitted_dir()
         target = Path(run_dir)
+        if target.exists() and target.resolve() == source.resolve():  # (loaded from there): saved already
+            return target
         if target.exists() and any(target.iterdir()):
             if not overwrite or not (target / "config.yaml").is_file():
                 raise ConfigError(
