@@ -151,6 +151,76 @@ def test_a_nan_gradient_is_skipped_and_counted_state_and_all(name):
     assert not all(torch.equal(p, q) for p, q in zip(params, vae.parameters(), strict=True))
 
 
+def _top_level_ops(fn):
+    """The names of the top-level aten operators ``fn()`` runs (those not inside another one)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("aten::")
+            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["adam", "adamax"])
+def test_guard_update_and_average_are_a_few_operators_whatever_the_number_of_tensors(name):
+    """Everything after the backward runs multi-tensor kernels: the guard (norm, clipping, skipping),
+    the update and the EMA run as many operators for 40 tensors as for 4, and read nothing back."""
+    cfg = cfg_with(optimizer=name, clip_grad=1.0, skip_grad=5.0, ema=0.9)
+    counts = []
+    for layers in (2, 20):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(torch.nn.Linear(3, 3) for _ in range(layers)))
+        params = list(model.parameters())
+        opt = make_optimizer(cfg, model)
+        opt.found_inf = torch.zeros(())
+        guard, ema = GradGuard(cfg, params, torch.device("cpu")), weight_average(cfg, model, opt)
+
+        def after_backward(guard=guard, opt=opt, ema=ema):
+            opt.found_inf.copy_(~guard())
+            opt.step()
+            ema.update()
+
+        for _ in range(3):  # the state exists after the first step
+            for p in params:
+                p.grad = torch.randn_like(p)
+            ops = _top_level_ops(after_backward)
+        assert "aten::item" not in ops and "aten::_local_scalar_dense" not in ops
+        counts.append(len(ops))
+    assert counts[0] == counts[1], counts
+
+
+def test_adamax_skips_a_nan_step_mid_run_bit_for_bit_with_weight_decay():
+    """A flagged step after applied ones leaves parameters and state bit for bit, weight decay and
+    all, and the next step is the one an optimiser that never saw the flagged step takes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    opt = Adamax(model.parameters(), lr=torch.tensor(0.01), weight_decay=0.01)
+    opt.found_inf = torch.zeros(())
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+    twin_model = copy.deepcopy(model)
+    twin = Adamax(twin_model.parameters(), lr=torch.tensor(0.01), weight_decay=0.01)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [v.clone() for st in opt.state.values() for v in st.values()]
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, (math.nan, math.inf, -math.inf)[i % 3])
+    opt.found_inf.fill_(1.0)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(state, [v for st in opt.state.values() for v in st.values()],
+                                                 strict=True))  # fmt: skip
+    opt.found_inf.fill_(0.0)
+    x = torch.randn(4, 6)
+    for m, o in ((model, opt), (twin_model, twin)):
+        o.zero_grad(set_to_none=True)
+        m(x).square().mean().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters(), strict=True))
+
+
 def _fp16_scaler_or_skip(device):
     """A GradScaler for ``device`` and a check that fp16 autocast runs there, or a skip that says why."""
     try:
@@ -454,7 +524,7 @@ def test_the_output_bias_starts_at_the_logit_of_the_mean_training_image():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (benchmarks/gpu.sh runs this)")
-@pytest.mark.parametrize("optimizer", ["adam", "schedulefree"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamax", "schedulefree"])
 def test_the_step_replayed_as_one_cuda_graph_matches_the_plain_step(optimizer):
     from turbovae.runtime import CudaGraphStep
 
