@@ -30,7 +30,7 @@ from turbovae.engine.optim import (
     weight_average,
 )
 from turbovae.engine.setup import build_vae, setup
-from turbovae.engine.step import STATS, make_step
+from turbovae.engine.step import STATS, backward_into, make_step
 from turbovae.errors import ConfigError
 from turbovae.evaluation import active_units, encode_all
 
@@ -219,6 +219,33 @@ def test_adamax_skips_a_nan_step_mid_run_bit_for_bit_with_weight_decay():
         m(x).square().mean().backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters(), strict=True))
+
+
+def test_backward_into_gives_backwards_gradients_bit_for_bit_and_owned():
+    """The step's gradients straight from the graph: the values backward() leaves in .grad, bit for
+    bit, and, as AccumulateGrad's, each a tensor of its own with its parameter's strides (a view, one
+    tensor that is two parameters' gradient, or other strides are copied)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    top = torch.nn.Parameter(torch.randn(1, 4, 1, 1).contiguous(memory_format=torch.channels_last))
+    params = [*conv.parameters(), a, b, top]
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def loss():  # a + b: one gradient tensor for two parameters; top.sum(): an expand's gradient
+        h = conv(x) + top
+        return h.square().mean() + (a + b).sum() + top.sum()
+
+    loss().backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    backward_into(loss(), params)
+    assert all(torch.equal(p.grad, e) for p, e in zip(params, expected, strict=True))
+    assert all(p.grad.stride() == p.stride() and p.grad._base is None for p in params)
+    assert len({p.grad.data_ptr() for p in params}) == len(params)
+    torch._foreach_mul_([p.grad for p in params], 2.0)  # in place, as clipping does: each once
+    assert all(torch.equal(p.grad, 2 * e) for p, e in zip(params, expected, strict=True))
 
 
 def _fp16_scaler_or_skip(device):
