@@ -197,6 +197,23 @@ def test_a_training_step_runs_no_operator_per_parameter_tensor_and_reads_nothing
     assert all(p.grad.stride() == p.stride() for p in params)
 
 
+def test_bf16_steps_with_weight_copies_are_the_autocast_steps_bit_for_bit():
+    """The hvae's bf16 step reading bf16 copies of its convolutions' weights (engine/step.py) is the
+    step under autocast alone, bit for bit."""
+    from test_optim import bf16_steps_with_and_without_weight_copies
+
+    from turbovae.config import resolve
+
+    cfg = resolve("fmnist-hvae", overrides=["train.compile=off", "train.ema=0.9"])
+    torch.manual_seed(0)
+    (stats_a, params_a, grads_a, _), (stats_b, params_b, grads_b, _) = (
+        bf16_steps_with_and_without_weight_copies(small(), cfg, SHAPE)
+    )
+    assert torch.equal(stats_a, stats_b)
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
 def test_kl_of_every_group_is_reported_and_sums_to_the_total():
     torch.manual_seed(1)
     vae = small()

@@ -248,6 +248,60 @@ def test_backward_into_gives_backwards_gradients_bit_for_bit_and_owned():
     assert all(torch.equal(p.grad, 2 * e) for p, e in zip(params, expected, strict=True))
 
 
+def bf16_steps_with_and_without_weight_copies(vae, cfg, shape, steps=3):
+    """(stats, parameters, gradients) of ``steps`` bf16 steps of a copy of ``vae``, once with the step's
+    bf16 weight copies and once with autocast casting every weight itself; and the top-level aten
+    operators of the last step of each."""
+    import turbovae.engine.step as step_module
+
+    out = []
+    for copies in (True, False):
+        model = copy.deepcopy(vae)
+        opt = make_optimizer(cfg, model, torch.device(DEVICE))
+        ema = weight_average(cfg, model, opt)
+        make = step_module.LowPrecisionWeights
+        try:
+            if not copies:
+                step_module.LowPrecisionWeights = lambda *args: None
+            step = make_step(model, opt, None, cfg, torch.device(DEVICE), "bf16", ema=ema)
+        finally:
+            step_module.LowPrecisionWeights = make
+        gen = torch.Generator(device=DEVICE).manual_seed(1)
+        stats: list[torch.Tensor] = []
+        for i in range(steps):
+            x = torch.rand(16, *shape, generator=gen, device=DEVICE).round()
+            eps = torch.randn(16, model.latent, generator=gen, device=DEVICE)
+            if i + 1 < steps:
+                stats.append(step(x, eps))
+            else:
+                ops = _top_level_ops(lambda x=x, eps=eps, step=step, stats=stats: stats.append(step(x, eps)))
+        out.append((torch.stack(stats), [p.detach().clone() for p in model.parameters()],
+                    [p.grad.clone() for p in model.parameters()], ops))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("config", ["digits-mlp", "digits-conv"])
+def test_bf16_steps_read_bf16_weight_copies_and_are_the_autocast_steps_bit_for_bit(config):
+    """Under bf16 the layers read bf16 copies of their weights (one multi-tensor copy a step, their
+    gradients widened by another) instead of autocast casting each weight at every call and each
+    gradient back: the same statistics, parameters and gradients, bit for bit, and no cast per
+    tensor left."""
+    cfg = resolve(config, overrides=["train.compile=off", "train.ema=0.9"])
+    torch.manual_seed(0)
+    vae = build_vae(cfg, (1, 8, 8)).to(DEVICE)
+    (stats_a, params_a, grads_a, ops_a), (stats_b, params_b, grads_b, ops_b) = (
+        bf16_steps_with_and_without_weight_copies(vae, cfg, (1, 8, 8))
+    )
+    assert torch.equal(stats_a, stats_b)
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    tensors = len(params_a)
+    assert ops_a.count("aten::to") < ops_b.count("aten::to") - tensors // 2, (
+        ops_a.count("aten::to"),
+        tensors,
+    )
+
+
 def _fp16_scaler_or_skip(device):
     """A GradScaler for ``device`` and a check that fp16 autocast runs there, or a skip that says why."""
     try:
