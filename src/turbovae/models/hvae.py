@@ -230,12 +230,15 @@ class Group(nn.Module):
         p_loc = p_raw = None
         h_next = h
         if self.prior is not None:
-            p_loc, p_raw, features = self.prior(h).split([c, c, h.shape[1]], 1)
-            p_loc, p_raw = _fp32(p_loc), _fp32(p_raw)
+            out = self.prior(h)  # (N, 2C + width, H, W): μ_p, raw σ_p, features
+            if out.dtype == torch.float32:
+                p_loc, p_raw, features = out.split([c, c, h.shape[1]], 1)
+            else:  # reduced precision (autocast): the two statistics cast to float32 in one operator
+                stats, features = out.split([2 * c, h.shape[1]], 1)
+                p_loc, p_raw = stats.float().split([c, c], 1)
             h_next = h + features
-        d_loc, d_raw = self.posterior(torch.cat([h, feat], 1)).split([c, c], 1)
-        z, neg_kl = _group_sample(p_loc, p_raw, _fp32(d_loc), _fp32(d_raw), eps.view(n, c, *self.size),
-                                  self.softplus)  # fmt: skip
+        d_loc, d_raw = _fp32(self.posterior(torch.cat([h, feat], 1))).split([c, c], 1)
+        z, neg_kl = _group_sample(p_loc, p_raw, d_loc, d_raw, eps.view(n, c, *self.size), self.softplus)
         h_next = h_next + self.z_proj(z if z.dtype == h.dtype else z.to(h.dtype))
         return self.res(h_next), neg_kl
 
