@@ -75,6 +75,15 @@ if [ -f src/turbovae/configs/fmnist-hvae-gpu.yaml ]; then
 fi
 bench 100 $CONV --compile on --precision bf16
 
+if [ -f benchmarks/hvae_ops.py ]; then  # issue 35 target 3: aten operators (~ kernel launches) a step
+  t=$(limit 60)
+  echo "== 4b. fmnist-hvae-gpu's operators per training step at batch 8, bf16 and fp32 (limit ${t} s)"
+  for prec in bf16 fp32; do
+    timeout "$t" $PY benchmarks/hvae_ops.py --device "$DEVICE" --precision $prec --windows 3 --json \
+      | tee -a "$OUT/hvae_ops.jsonl" || echo "   failed or timed out (rc $?)"
+  done
+fi
+
 if [ "$DEVICE" = cuda ]; then
   t=$(limit 90)
   echo "== 5. optimiser, step and hvae tests on CUDA (limit ${t} s)"
@@ -111,4 +120,11 @@ if lines := open(sys.argv[1]).read().splitlines():
 PY
 
 cat "$OUT/ttq.json" "$OUT/fast.txt" 2>/dev/null
+[ -f "$OUT/hvae_ops.jsonl" ] && $PY - "$OUT/hvae_ops.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"hvae ops/step {r['precision']} batch {r['batch_size']} on {r['device']}: {r['ops_per_step']:,.0f} "
+          f"(target {r['target']:,}; {r['kernel_ops_per_step']:,.0f} not views), eager step {r['step_ms']:.2f} ms")
+PY
 echo "total $((SECONDS - T0)) s"

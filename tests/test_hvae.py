@@ -88,6 +88,129 @@ def test_options_build_finite_models(options):
         assert vae.net.group_level == [1, 0, 0] and vae.net.top_size == 2 * 4 * 4
 
 
+@pytest.mark.parametrize("softplus", [True, False])
+@pytest.mark.parametrize("top", [True, False])
+def test_the_fused_group_sample_has_exact_gradients(softplus, top):
+    """A group's sample and KL as one autograd node (``_GroupSample``): its hand-written backward is
+    the gradient of its forward (float64 gradcheck), and its forward is the sample and the KL of the
+    distributions it stands for, q = N(μ_p + Δμ, σ_p·Δσ) against p, computed in float64."""
+    from turbovae.models.hvae import _GroupSample
+
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf():
+        return torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64).requires_grad_()
+
+    p_loc, p_raw, d_loc, d_raw = leaf(), leaf(), leaf(), leaf()
+    eps = torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64)
+
+    def fused(*xs):
+        prior = (None, None) if top else xs[:2]
+        return _GroupSample.apply(*prior, xs[-2], xs[-1], eps, softplus)
+
+    inputs = (d_loc, d_raw) if top else (p_loc, p_raw, d_loc, d_raw)
+    assert torch.autograd.gradcheck(fused, inputs)
+    z, neg_kl = fused(*inputs)
+
+    def scale(raw):  # σ and log σ
+        s = torch.nn.functional.softplus(raw, beta=math.log(2)) if softplus else raw.exp()
+        return s, s.log()
+
+    log_p = torch.zeros_like(p_raw) if top else scale(p_raw)[1]
+    log_d = scale(d_raw)[1]
+    m_p = torch.zeros_like(p_loc) if top else p_loc
+    m_q, log_q = m_p + d_loc, log_p + log_d
+    kl = log_p - log_q + (torch.exp(2 * log_q) + (m_q - m_p) ** 2) / (2 * torch.exp(2 * log_p)) - 0.5
+    torch.testing.assert_close(z, m_q + eps * log_q.exp())
+    torch.testing.assert_close(-neg_kl.flatten(), kl.sum((1, 2, 3)))
+
+
+@pytest.mark.parametrize("options", [{}, {"softplus_scales": False}, {"n_classes": 3}])
+def test_the_training_pass_is_the_distributions_pass(options):
+    """The training terms' pass (``kl_pass``: each group's sample and KL fused) against the pass that
+    builds every group's distributions and calls ``q.kl(p)``: the same likelihood parameters, KLs and
+    gradients, float32 rounding apart."""
+    torch.manual_seed(1)
+    vae = small(**options)
+    with torch.no_grad():  # posteriors away from their priors: non-trivial KLs
+        for p in vae.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, net = binary(4), vae.net
+    eps = torch.randn(4, vae.latent, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2, 1, 2]) if options.get("n_classes") else None
+    extra = {} if y is None else {"y": y}
+    results = []
+    for fused in (True, False):
+        vae.zero_grad(set_to_none=True)
+        feats = net.features(x)
+        if fused:
+            params, kl_groups = net.kl_pass(feats, eps, **extra)
+        else:
+            params, records = net.posterior(feats, eps, **extra)
+            kl_groups = torch.stack([q.kl(p) for q, p, _ in records], -1)
+        assert kl_groups.shape == (4, len(net.group_sizes)) and (kl_groups > 0).all()
+        (kl_groups.sum() - vae.likelihood.log_prob(x, params).sum()).backward()
+        results.append((params.detach(), kl_groups.detach(), [p.grad.clone() for p in vae.parameters()]))
+    (params_a, kl_a, grads_a), (params_b, kl_b, grads_b) = results
+    torch.testing.assert_close(params_a, params_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl_a, kl_b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_a_training_step_runs_no_operator_per_parameter_tensor_and_reads_nothing_back():
+    """The whole training step (forward, backward, guard, Adamax, EMA) of an hvae whose top level is
+    1×1: no operator kind runs once per parameter tensor (each conv's weight and bias: two tensors,
+    one conv2d), nothing is read back to the host, and every gradient has its parameter's strides (the
+    multi-tensor kernels' fast path on a GPU)."""
+    from torch.profiler import profile
+
+    from turbovae.config import resolve
+    from turbovae.engine.optim import GradGuard, make_optimizer, weight_average
+    from turbovae.engine.step import make_step
+
+    vae = small(channels=[8, 16, 16, 16], groups=[1, 1, 1, 2], enc_blocks=[1, 1, 1, 1],
+                latent_channels=[2, 2, 2, 4])  # fmt: skip
+    assert vae.net.sizes[-1] == (1, 1)
+    cfg = resolve("fmnist-hvae-gpu", overrides=["train.compile=off"])
+    params = list(vae.parameters())
+    cpu = torch.device("cpu")
+    opt = make_optimizer(cfg, vae, cpu)
+    step = make_step(
+        vae, opt, None, cfg, cpu, guard=GradGuard(cfg, params, cpu), ema=weight_average(cfg, vae, opt)
+    )
+    x, eps = binary(4), torch.randn(4, vae.latent)
+    for _ in range(2):
+        step(x, eps)
+    with profile() as prof:
+        step(x, eps)
+    counts: dict[str, int] = {}
+    for e in prof.events():
+        parent = e.cpu_parent
+        if e.name.startswith("aten::") and not (parent is not None and parent.name.startswith("aten::")):
+            counts[e.name] = counts.get(e.name, 0) + 1
+    assert "aten::item" not in counts and "aten::_local_scalar_dense" not in counts
+    assert max(counts.values()) < 0.6 * len(params), sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+    assert all(p.grad.stride() == p.stride() for p in params)
+
+
+def test_bf16_steps_with_weight_copies_are_the_autocast_steps_bit_for_bit():
+    """The hvae's bf16 step reading bf16 copies of its convolutions' weights (engine/step.py) is the
+    step under autocast alone, bit for bit."""
+    from test_optim import bf16_steps_with_and_without_weight_copies
+
+    from turbovae.config import resolve
+
+    cfg = resolve("fmnist-hvae", overrides=["train.compile=off", "train.ema=0.9"])
+    torch.manual_seed(0)
+    (stats_a, params_a, grads_a, _), (stats_b, params_b, grads_b, _) = (
+        bf16_steps_with_and_without_weight_copies(small(), cfg, SHAPE)
+    )
+    assert torch.equal(stats_a, stats_b)
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
 def test_kl_of_every_group_is_reported_and_sums_to_the_total():
     torch.manual_seed(1)
     vae = small()

@@ -30,7 +30,7 @@ from turbovae.engine.optim import (
     weight_average,
 )
 from turbovae.engine.setup import build_vae, setup
-from turbovae.engine.step import STATS, make_step
+from turbovae.engine.step import STATS, backward_into, make_step
 from turbovae.errors import ConfigError
 from turbovae.evaluation import active_units, encode_all
 
@@ -149,6 +149,157 @@ def test_a_nan_gradient_is_skipped_and_counted_state_and_all(name):
     again = step(x, eps)
     assert again[STATS.index("applied")] == 1
     assert not all(torch.equal(p, q) for p, q in zip(params, vae.parameters(), strict=True))
+
+
+def _top_level_ops(fn):
+    """The names of the top-level aten operators ``fn()`` runs (those not inside another one)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("aten::")
+            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["adam", "adamax"])
+def test_guard_update_and_average_are_a_few_operators_whatever_the_number_of_tensors(name):
+    """Everything after the backward runs multi-tensor kernels: the guard (norm, clipping, skipping),
+    the update and the EMA run as many operators for 40 tensors as for 4, and read nothing back."""
+    cfg = cfg_with(optimizer=name, clip_grad=1.0, skip_grad=5.0, ema=0.9)
+    counts = []
+    for layers in (2, 20):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(torch.nn.Linear(3, 3) for _ in range(layers)))
+        params = list(model.parameters())
+        opt = make_optimizer(cfg, model)
+        opt.found_inf = torch.zeros(())
+        guard, ema = GradGuard(cfg, params, torch.device("cpu")), weight_average(cfg, model, opt)
+
+        def after_backward(guard=guard, opt=opt, ema=ema):
+            opt.found_inf.copy_(~guard())
+            opt.step()
+            ema.update()
+
+        for _ in range(3):  # the state exists after the first step
+            for p in params:
+                p.grad = torch.randn_like(p)
+            ops = _top_level_ops(after_backward)
+        assert "aten::item" not in ops and "aten::_local_scalar_dense" not in ops
+        counts.append(len(ops))
+    assert counts[0] == counts[1], counts
+
+
+def test_adamax_skips_a_nan_step_mid_run_bit_for_bit_with_weight_decay():
+    """A flagged step after applied ones leaves parameters and state bit for bit, weight decay and
+    all, and the next step is the one an optimiser that never saw the flagged step takes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    opt = Adamax(model.parameters(), lr=torch.tensor(0.01), weight_decay=0.01)
+    opt.found_inf = torch.zeros(())
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+    twin_model = copy.deepcopy(model)
+    twin = Adamax(twin_model.parameters(), lr=torch.tensor(0.01), weight_decay=0.01)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [v.clone() for st in opt.state.values() for v in st.values()]
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, (math.nan, math.inf, -math.inf)[i % 3])
+    opt.found_inf.fill_(1.0)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(state, [v for st in opt.state.values() for v in st.values()],
+                                                 strict=True))  # fmt: skip
+    opt.found_inf.fill_(0.0)
+    x = torch.randn(4, 6)
+    for m, o in ((model, opt), (twin_model, twin)):
+        o.zero_grad(set_to_none=True)
+        m(x).square().mean().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters(), strict=True))
+
+
+def test_backward_into_gives_backwards_gradients_bit_for_bit_and_owned():
+    """The step's gradients straight from the graph: the values backward() leaves in .grad, bit for
+    bit, and, as AccumulateGrad's, each a tensor of its own with its parameter's strides (a view, one
+    tensor that is two parameters' gradient, or other strides are copied)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    top = torch.nn.Parameter(torch.randn(1, 4, 1, 1).contiguous(memory_format=torch.channels_last))
+    params = [*conv.parameters(), a, b, top]
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def loss():  # a + b: one gradient tensor for two parameters; top.sum(): an expand's gradient
+        h = conv(x) + top
+        return h.square().mean() + (a + b).sum() + top.sum()
+
+    loss().backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    backward_into(loss(), params)
+    assert all(torch.equal(p.grad, e) for p, e in zip(params, expected, strict=True))
+    assert all(p.grad.stride() == p.stride() and p.grad._base is None for p in params)
+    assert len({p.grad.data_ptr() for p in params}) == len(params)
+    torch._foreach_mul_([p.grad for p in params], 2.0)  # in place, as clipping does: each once
+    assert all(torch.equal(p.grad, 2 * e) for p, e in zip(params, expected, strict=True))
+
+
+def bf16_steps_with_and_without_weight_copies(vae, cfg, shape, steps=3):
+    """(stats, parameters, gradients) of ``steps`` bf16 steps of a copy of ``vae``, once with the step's
+    bf16 weight copies and once with autocast casting every weight itself; and the top-level aten
+    operators of the last step of each."""
+    import turbovae.engine.step as step_module
+
+    out = []
+    for copies in (True, False):
+        model = copy.deepcopy(vae)
+        opt = make_optimizer(cfg, model, torch.device(DEVICE))
+        ema = weight_average(cfg, model, opt)
+        make = step_module.LowPrecisionWeights
+        try:
+            if not copies:
+                step_module.LowPrecisionWeights = lambda *args: None
+            step = make_step(model, opt, None, cfg, torch.device(DEVICE), "bf16", ema=ema)
+        finally:
+            step_module.LowPrecisionWeights = make
+        gen = torch.Generator(device=DEVICE).manual_seed(1)
+        stats: list[torch.Tensor] = []
+        for i in range(steps):
+            x = torch.rand(16, *shape, generator=gen, device=DEVICE).round()
+            eps = torch.randn(16, model.latent, generator=gen, device=DEVICE)
+            if i + 1 < steps:
+                stats.append(step(x, eps))
+            else:
+                ops = _top_level_ops(lambda x=x, eps=eps, step=step, stats=stats: stats.append(step(x, eps)))
+        out.append((torch.stack(stats), [p.detach().clone() for p in model.parameters()],
+                    [p.grad.clone() for p in model.parameters()], ops))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("config", ["digits-mlp", "digits-conv"])
+def test_bf16_steps_read_bf16_weight_copies_and_are_the_autocast_steps_bit_for_bit(config):
+    """Under bf16 the layers read bf16 copies of their weights (one multi-tensor copy a step, their
+    gradients widened by another) instead of autocast casting each weight at every call and each
+    gradient back: the same statistics, parameters and gradients, bit for bit, and no cast per
+    tensor left."""
+    cfg = resolve(config, overrides=["train.compile=off", "train.ema=0.9"])
+    torch.manual_seed(0)
+    vae = build_vae(cfg, (1, 8, 8)).to(DEVICE)
+    (stats_a, params_a, grads_a, ops_a), (stats_b, params_b, grads_b, ops_b) = (
+        bf16_steps_with_and_without_weight_copies(vae, cfg, (1, 8, 8))
+    )
+    assert torch.equal(stats_a, stats_b)
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    tensors = len(params_a)
+    assert ops_a.count("aten::to") < ops_b.count("aten::to") - tensors // 2, (
+        ops_a.count("aten::to"),
+        tensors,
+    )
 
 
 def _fp16_scaler_or_skip(device):
@@ -454,7 +605,7 @@ def test_the_output_bias_starts_at_the_logit_of_the_mean_training_image():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (benchmarks/gpu.sh runs this)")
-@pytest.mark.parametrize("optimizer", ["adam", "schedulefree"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamax", "schedulefree"])
 def test_the_step_replayed_as_one_cuda_graph_matches_the_plain_step(optimizer):
     from turbovae.runtime import CudaGraphStep
 

@@ -118,8 +118,12 @@ class Hierarchical(LatentStructure):
         generator: torch.Generator | None = None,
         y: torch.Tensor | None = None,
     ) -> Terms:
-        log_px_z, kl_groups, _ = posterior_pass(vae, x, eps, generator, None, y)
-        return Terms(-log_px_z, kl_groups.sum(-1), kl_groups=kl_groups)
+        # the network's training pass: each group's sample and KL fused, no log-ratio (IWAE's alone)
+        if eps is None:
+            eps = torch.randn((len(x), vae.latent), generator=generator, device=x.device)
+        net: Any = vae.net
+        params, kl_groups = net_call(net.kl_pass, net.features(x), eps, y=y)
+        return Terms(-vae.likelihood.log_prob(x, params), kl_groups.sum(-1), kl_groups=kl_groups)
 
     def elbo(
         self,
