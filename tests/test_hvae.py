@@ -20,11 +20,16 @@ from turbovae.vae import VAE
 SHAPE = (1, 8, 8)  # levels at 8×8, 4×4, 2×2
 
 
-def small(shape=SHAPE, likelihood="bernoulli", device="cpu", **options) -> VAE:
-    structure = {"groups": [1, 2, 1], "enc_blocks": [1, 1, 1], "latent_channels": [2, 2, 4]}
-    cfg = HVAEConfig(channels=[8, 16, 16], latent=2, activation="silu", **{**structure, **options})
+def small(shape=SHAPE, likelihood="bernoulli", device="cpu", n_classes=0, **options) -> VAE:
+    structure = {
+        "channels": [8, 16, 16],
+        "groups": [1, 2, 1],
+        "enc_blocks": [1, 1, 1],
+        "latent_channels": [2, 2, 4],
+    }
+    cfg = HVAEConfig(latent=2, activation="silu", **{**structure, **options})
     lik = build_likelihood(likelihood, shape, components=3)
-    net = build_network("hvae", shape, cfg.latent, lik.params_per_dim, cfg)
+    net = build_network("hvae", shape, cfg.latent, lik.params_per_dim, cfg, n_classes=n_classes)
     return VAE(net, lik, net.latent_size).to(device)
 
 
