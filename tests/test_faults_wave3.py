@@ -469,3 +469,303 @@ def test_pack_over_a_folder_named_like_its_out_is_one_line_naming_it(tmp_path, c
         capsys, ["data", "pack", str(folder), "--out", str(out), "--overwrite"], f"--out {out} is a folder"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "x.npy"] and not list(out.iterdir())
+
+
+# ---- 6. compression: lossless or refused, forged files, memory, overwrites, the checkpoint it used ------
+
+
+@pytest.fixture(scope="module")
+def grey8(tmp_path_factory) -> Path:
+    """D8: a discretized-logistic run on 8-bit 8x8 grey images (the digits scaled to 0..240)."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("d8")
+    np.save(root / "d8.npy", (load_digits().images * 15).astype(np.uint8))
+    out = root / "run"
+    argv = ["train", *FAST, "--data", str(root / "d8.npy"), "--likelihood", "discretized-logistic",
+            "--checkpoint-every", "10", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def save_image(path: Path, pixels: np.ndarray, mode: str | None = None, **kwargs) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels) if mode is None else Image.fromarray(pixels).convert(mode)
+    image.save(path, **kwargs)
+
+
+def png16(path: Path, colour: bool) -> None:
+    """A 16-bit PNG (Pillow writes 16-bit grey; colour is built by hand)."""
+    import struct
+    import zlib
+
+    channels, kind = (3, 2) if colour else (1, 0)
+    rows = np.random.default_rng(0).integers(0, 65535, (8, 8 * channels)).astype(">u2")
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", 8, 8, 16, kind, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))  # fmt: skip
+
+
+def bomb_png(path: Path, side: int = 50_000) -> None:
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+GREY = np.random.default_rng(3).integers(0, 256, (8, 8)).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "kind", ["rgb", "rgba", "grey16", "rgb16", "palette", "jpeg", "too-large", "bomb", "grey+alpha"]
+)
+def test_a_folder_the_codec_cannot_give_back_exactly_is_refused_before_writing(grey8, tmp_path, capsys, kind):
+    """F-folder-colour, F-folder-rgba, F-folder-grey16, H-compress-bomb, H-compress-bomb2: colour, RGBA
+    and 16-bit PNGs came back 8-bit grey with exit 0; a 50,000^2 header was a traceback, and 13,000^2
+    images were read whole before their size was checked."""
+    folder = tmp_path / "in"
+    save_image(folder / "a.png", GREY)  # a good image first: nothing is written for it either
+    bad = folder / "b.png"
+    rgb = np.stack([GREY, GREY[::-1], GREY.T], -1)
+    if kind == "rgb":
+        save_image(bad, rgb)
+    elif kind == "rgba":
+        save_image(bad, np.concatenate([rgb, GREY[..., None]], -1))
+    elif kind in ("grey16", "rgb16"):
+        png16(bad, colour=kind == "rgb16")
+    elif kind == "palette":
+        save_image(bad, rgb, "P")
+    elif kind == "grey+alpha":
+        save_image(bad, np.stack([GREY, GREY], -1))
+    elif kind == "jpeg":
+        save_image(bad.with_suffix(".jpg"), GREY)
+    elif kind == "too-large":
+        save_image(bad, np.zeros((300, 300), np.uint8))
+    else:
+        bomb_png(bad)
+    tvz = tmp_path / "c.tvz"
+    one_error_line(capsys, ["compress", str(grey8), str(folder), "--out", str(tvz)], str(folder))
+    assert not tvz.exists()
+
+
+def test_a_folder_comes_back_with_its_names_formats_modes_and_pixels(grey8, tmp_path, capsys):
+    """F-folder-stems: a.png + a.bmp (and b.png + b.tif) were both written to a.png: 6 images in, 4 out.
+    Every file now comes back under its own name, in its own format and mode, pixel for pixel."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    rng = np.random.default_rng(5)
+    for name in ("a.png", "a.bmp", "b.png", "b.tif", "sub/c.tiff", "sub/c.png"):
+        save_image(folder / name, rng.integers(0, 256, (8, 8)).astype(np.uint8))
+    save_image(folder / "bits.png", (rng.random((8, 8)) > 0.5).astype(np.uint8) * 255, "1")
+    tvz, back = tmp_path / "c.tvz", tmp_path / "back"
+    assert main(["compress", str(grey8), str(folder), "--out", str(tvz)]) == 0
+    assert main(["decompress", str(grey8), str(tvz), "--out", str(back)]) == 0
+    ins = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(back) for p in back.rglob("*") if p.is_file()) == ins and len(ins) == 7
+    for name in ins:
+        with Image.open(folder / name) as a, Image.open(back / name) as b:
+            assert (a.format, a.mode) == (b.format, b.mode), name
+            assert np.array_equal(np.asarray(a), np.asarray(b)), name
+
+
+def test_binarize_thresholds_as_the_run_was_trained_or_is_refused(finished, grey8, tmp_path, capsys):
+    """F-binarize-digits16: digits (0..16) on a run trained on them, with --binarize, were thresholded
+    at 128 and stored as zeros. The threshold is half the run's largest training value (8 here)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images[:40].astype(np.uint8)  # 0..16, as the run saw them
+    src, tvz, back = tmp_path / "d.npy", tmp_path / "d.tvz", tmp_path / "back.npy"
+    np.save(src, digits)
+    assert main(["compress", str(finished), str(src), "--binarize", "--out", str(tvz)]) == 0
+    assert main(["decompress", str(finished), str(tvz), "--out", str(back)]) == 0
+    ones = np.load(back)
+    assert ones.shape == digits.shape and 0.2 < ones.mean() < 0.5
+    assert np.array_equal(ones, (digits >= 8).astype(np.uint8))
+    grey = tmp_path / "g.npy"  # values the run never saw: refused, not thresholded somewhere else
+    np.save(grey, (digits.astype(np.int64) * 15).astype(np.uint8))
+    argv = ["compress", str(finished), str(grey), "--binarize", "--out", str(tmp_path / "g.tvz")]
+    one_error_line(capsys, argv, "[0, 16]")
+
+
+def forge(tvz: Path, out: Path, edit) -> Path:
+    """A copy of a .tvz whose metadata ``edit`` changed (a dict in, a dict or raw bytes out), its length
+    and CRC recomputed."""
+    import struct
+    import zlib
+
+    from turbovae import compression as c
+
+    data = tvz.read_bytes()
+    magic, version, ckpt, weights, n = c._HEAD.unpack_from(data)
+    info = json.loads(data[c._HEAD.size : c._HEAD.size + n])
+    blob = edit(info)
+    blob = blob if isinstance(blob, bytes) else json.dumps(blob).encode()
+    body = c._HEAD.pack(magic, version, ckpt, weights, len(blob)) + blob + data[c._HEAD.size + n : -4]
+    out.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def grey8_tvz(grey8, tmp_path_factory) -> tuple[Path, Path]:
+    """(a .tvz of 20 images coded with D8 in 4 lanes, a folder of the same images as PNGs)."""
+    root = tmp_path_factory.mktemp("tvz")
+    folder = root / "pngs"
+    rng = np.random.default_rng(9)
+    for i in range(20):
+        save_image(folder / f"{i:02d}.png", rng.integers(0, 256, (8, 8)).astype(np.uint8))
+    tvz = root / "f.tvz"
+    assert main(["compress", str(grey8), str(folder), "--out", str(tvz), "--lanes", "4"]) == 0
+    return tvz, folder
+
+
+FORGERIES = {
+    "count_1e12": lambda i: {**i, "count": 10**12},
+    "count_1e9": lambda i: {**i, "count": 10**9},
+    "count_neg": lambda i: {**i, "count": -5},
+    "count_str": lambda i: {**i, "count": "20"},
+    "lanes_0": lambda i: {**i, "lanes": 0},
+    "latent_bits_99": lambda i: {**i, "latent_bits": 99},
+    "names_short": lambda i: {**i, "names": i["names"][:3]},
+    "names_int": lambda i: {**i, "names": list(range(len(i["names"])))},
+    "names_nul": lambda i: {**i, "names": ["a\0.png", *i["names"][1:]]},
+    "names_equal": lambda i: {**i, "names": ["a.png"] * len(i["names"])},
+    "names_suffix": lambda i: {**i, "names": [f"{k}.exe" for k in range(len(i["names"]))]},
+    "dtype_garbage": lambda i: {**i, "dtype": "zz"},
+    "dtype_object": lambda i: {**i, "dtype": "|O"},
+    "array_shape": lambda i: {**i, "array_shape": [3, 3]},
+    "meta_list": lambda i: [1, 2],
+    "meta_nested": lambda i: b"[" * 100_000 + b"]" * 100_000,
+    "meta_len": None,  # the metadata length field runs past the file
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_a_forged_tvz_is_one_line_before_anything_is_allocated(grey8, grey8_tvz, tmp_path, capsys, forgery):
+    """F-tvz-forged_*: a count of 10^12 allocated 3.5 GB before a MemoryError; the other forged fields
+    were RuntimeError, ValueError, TypeError or RecursionError tracebacks; names all equal wrote 19 of
+    20 images over one file; dtype |O wrote a pickled .npy."""
+    import resource
+    import struct
+    import zlib
+
+    tvz, _ = grey8_tvz
+    bad = tmp_path / "bad.tvz"
+    if forgery == "meta_len":
+        data = bytearray(tvz.read_bytes())
+        struct.pack_into("<I", data, 4 + 2 + 64, 2**31)
+        data[-4:] = struct.pack("<I", zlib.crc32(bytes(data[:-4])))
+        bad.write_bytes(bytes(data))
+    else:
+        forge(tvz, bad, FORGERIES[forgery])
+    out = tmp_path / ("out.npy" if forgery in ("dtype_garbage", "dtype_object", "array_shape") else "out")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    one_error_line(capsys, ["decompress", str(grey8), str(bad), "--out", str(out)], "compressed file")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB
+    assert not out.exists()
+
+
+def test_decompress_reads_the_magic_before_the_file(grey8, tmp_path, capsys, monkeypatch):
+    """E-2GB-sparse-decompress: a 2 GB file that is no .tvz was read whole before its 4-byte magic was
+    checked."""
+    big = tmp_path / "big.npz"
+    with open(big, "wb") as f:
+        f.truncate(2 * 2**30)  # sparse: no disk used
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    one_error_line(
+        capsys, ["decompress", str(grey8), str(big), "--out", str(tmp_path / "x.npy")], "no TVZ header"
+    )
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000
+
+
+def test_a_large_input_is_checked_without_a_float64_copy(grey8):
+    """E-2GB-sparse-compress: the input was cast to float64 (8 bytes a value) to be checked; a 2 GB
+    uint8 array needed 16 GiB. Reading now holds the uint8 symbols and one chunk at a time."""
+    import tracemalloc
+
+    from turbovae.commands.compress import read_images
+
+    vae = turbovae_load(grey8)
+    path = grey8.parent / "large.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (500_000, 8, 8), dtype=np.uint8))  # 32 MB
+    tracemalloc.start()
+    try:
+        x, _ = read_images(vae, path, binarize=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert x.dtype == torch.uint8 and x.shape == (500_000, 1, 8, 8)
+    assert peak < 3 * 32_000_000  # the float64 copy alone was 256 MB
+
+
+def turbovae_load(run: Path, which: str | None = None):
+    from turbovae.engine.rundir import load
+
+    return load(run, "cpu", which)
+
+
+def test_latent_tables_stay_bounded_and_files_still_decode(grey8, tmp_path, capsys, monkeypatch):
+    """F-latent-bits-16-user, F-hvae28-compress: the latent tables are lanes x latent dims x 2^bits
+    float64 (4.3 GB at 16 bits; 19 GB for a 9,000-dim hvae). compress takes fewer lanes when a table
+    would pass TABLE_BYTES (the lanes used are in the file, so decoding makes the same tables)."""
+    from turbovae import compression
+
+    assert compression.lanes_for_tables(64, 16, 12) == 64  # the defaults of small models are unchanged
+    assert compression.lanes_for_tables(64, 9000, 12) == 1
+    assert compression.lanes_for_tables(64, 16, 16) == 32
+    src = tmp_path / "x.npy"
+    np.save(src, np.random.default_rng(1).integers(0, 256, (30, 8, 8), dtype=np.uint8))
+    monkeypatch.setattr(compression, "TABLE_BYTES", 3 * compression.table_bytes(1, 2, 12))
+    tvz, back = tmp_path / "x.tvz", tmp_path / "back.npy"
+    capsys.readouterr()
+    assert main(["compress", str(grey8), str(src), "--out", str(tvz), "--json", "--progress", "off"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["lanes"] == 3 and "coded with 3 lanes, not 64" in captured.err
+    assert main(["decompress", str(grey8), str(tvz), "--out", str(back)]) == 0
+    assert np.array_equal(np.load(back), np.load(src))
+
+
+def test_compress_and_decompress_never_replace_files_without_overwrite(grey8, grey8_tvz, tmp_path, capsys):
+    """F-out-is-input, F-out-exists-npy, F-out-exists-tvz, F-out-exists-folder: `compress X.npy --out
+    X.npy` replaced its input with the .tvz; an existing .npy, .tvz or same-named PNGs were overwritten."""
+    tvz, folder = grey8_tvz
+    src = tmp_path / "x.npy"
+    np.save(src, np.random.default_rng(1).integers(0, 256, (5, 8, 8), dtype=np.uint8))
+    kept = src.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        one_error_line(capsys, ["compress", str(grey8), str(src), "--out", str(src), *extra], "is the input")
+        assert src.read_bytes() == kept
+    made = tmp_path / "made.tvz"
+    made.write_bytes(b"precious")
+    one_error_line(capsys, ["compress", str(grey8), str(src), "--out", str(made)], "--overwrite")
+    assert made.read_bytes() == b"precious"
+    assert main(["compress", str(grey8), str(src), "--out", str(made), "--overwrite"]) == 0
+    existing = tmp_path / "exists.npy"
+    existing.write_bytes(b"precious")
+    one_error_line(capsys, ["decompress", str(grey8), str(made), "--out", str(existing)], "--overwrite")
+    assert existing.read_bytes() == b"precious"
+    assert main(["decompress", str(grey8), str(made), "--out", str(existing), "--overwrite"]) == 0
+    assert np.array_equal(np.load(existing), np.load(src))
+    out = tmp_path / "pngs"
+    save_image(out / "03.png", GREY)
+    one_error_line(capsys, ["decompress", str(grey8), str(tvz), "--out", str(out)], "03.png", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["03.png"]
+    named_npy = tmp_path / "in.npy"  # a .tvz named like an array: never decoded over itself
+    named_npy.write_bytes(made.read_bytes())
+    argv = ["decompress", str(grey8), str(named_npy), "--out", str(named_npy), "--overwrite"]
+    one_error_line(capsys, argv, "would replace the input")
+    # decompressing a folder's file into the folder it came from replaces nothing without --overwrite
+    one_error_line(capsys, ["decompress", str(grey8), str(tvz), "--out", str(folder)], "--overwrite")

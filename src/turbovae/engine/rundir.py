@@ -374,8 +374,9 @@ def write_json(path: Path, value: Any) -> None:
     checkpoint.replace_file(path, json_text(value).encode())
 
 
-def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
-    """The trained model of a run directory (newest valid checkpoint), in eval mode.
+def load(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint_name: str | None = None) -> VAE:
+    """The trained model of a run directory (newest valid checkpoint, or the one ``checkpoint_name``
+    names: ``newest``, ``best``, ``step-N``), in eval mode; ``vae.checkpoint_path`` is its JSON.
 
     The returned VAE has ``encode(x)``, ``decode(z)``, ``sample(n)``, and carries ``config`` (the run's
     Config) and ``max_value`` (inputs are ``stored_values / max_value``).
@@ -393,7 +394,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     if not isinstance(nested, dict):
         raise CheckpointError(f"{cfg_path} must hold a mapping of config sections")
     cfg = from_dict(nested)
-    state_json, refused = checkpoint.choose(run_dir)
+    state_json, refused = checkpoint.select(run_dir, checkpoint_name)
     if state_json is None:
         why = f": {checkpoint.refusals(refused)}" if refused else ""
         raise CheckpointError(f"no valid checkpoint in {run_dir / 'checkpoints'}{why}")
@@ -417,4 +418,6 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
         ) from None
     vae.config = cfg
     vae.max_value = float(meta.get("max_value", 1.0))
+    vae.checkpoint_path = state_json
+    vae.checkpoint_sha256 = str(meta.get("tensors_sha256", ""))
     return vae.to(device).eval()
