@@ -769,3 +769,55 @@ def test_compress_and_decompress_never_replace_files_without_overwrite(grey8, gr
     one_error_line(capsys, argv, "would replace the input")
     # decompressing a folder's file into the folder it came from replaces nothing without --overwrite
     one_error_line(capsys, ["decompress", str(grey8), str(tvz), "--out", str(folder)], "--overwrite")
+
+
+def test_every_command_that_loads_a_run_takes_checkpoint(finished, tmp_path, capsys):
+    """F-tvz-sameRunLater (and the issue): eval, sample, encode, export, compress and decompress always
+    took the newest checkpoint; `best` (selected on validation) and older steps could not be chosen."""
+    run = copy_run(finished, tmp_path, "run")
+    kept = sorted(p.stem for p in (run / "checkpoints").glob("*.json"))
+    assert kept == ["best", "step-000000020", "step-000000022"]
+    for which, name in (("best", "best"), ("step-20", "step-000000020"), ("newest", "step-000000022")):
+        out = tmp_path / f"eval-{which}.json"
+        assert main(["eval", str(run), "--checkpoint", which, "--iwae-k", "2", "--out", str(out)]) == 0
+        assert json.loads(out.read_text())["checkpoint"] == f"{name}.json"
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((3, 8, 8), np.float32))
+    assert (
+        main(
+            ["encode", str(run), "--input", str(x), "--checkpoint", "best", "--out", str(tmp_path / "z.npy")]
+        )
+        == 0
+    )
+    assert main(["sample", str(run), "--checkpoint", "step-20", "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(["export", str(run), "--format", "hub", "--checkpoint", "best", "--out", str(tmp_path / "hub")])
+        == 0
+    )
+    for argv in (
+        ["eval", str(run), "--iwae-k", "2", "--out", "-"],
+        ["sample", str(run), "--out", str(tmp_path / "t.png")],
+    ):
+        one_error_line(
+            capsys, [*argv, "--checkpoint", "step-7"], "no checkpoint step-7", "best, step-20, step-22"
+        )
+    one_error_line(
+        capsys, ["eval", str(run), "--checkpoint", "worst", "--out", "-"], "newest", "best", "step-N"
+    )
+
+
+def test_a_tvz_finds_its_checkpoint_among_those_the_run_keeps_or_names_it(finished, tmp_path, capsys):
+    """F-tvz-sameRunLater: a file compressed, then the run trained on, could no longer be decoded ("not
+    this run's checkpoint"), with no way to choose another. decompress now looks for the file's
+    checkpoint among the run's (newest, best, step-N), and names it when the run no longer keeps it."""
+    run = copy_run(finished, tmp_path, "run")
+    x = tmp_path / "x.npy"
+    np.save(x, (np.random.default_rng(0).random((10, 8, 8)) > 0.5).astype(np.uint8))
+    tvz, back = tmp_path / "x.tvz", tmp_path / "back.npy"
+    assert main(["compress", str(run), str(x), "--checkpoint", "step-20", "--out", str(tvz)]) == 0
+    assert main(["decompress", str(run), str(tvz), "--out", str(back)]) == 0  # not the newest: found
+    assert np.array_equal(np.load(back), np.load(x))
+    for suffix in (".json", ".safetensors"):
+        (run / "checkpoints" / f"step-000000020{suffix}").unlink()
+    one_error_line(capsys, ["decompress", str(run), str(tvz), "--out", str(tmp_path / "b2.npy")],
+                   "(step-20)", "no longer keeps", "best, step-22")  # fmt: skip

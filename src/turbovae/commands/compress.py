@@ -32,7 +32,6 @@ import torch
 from .. import compression
 from ..data.arrays import _read
 from ..engine import checkpoint
-from ..engine.checkpoint import CHOICES_HELP
 from ..engine.rundir import load
 from ..errors import CheckpointError, ConfigError, DataError
 from ..evaluation.likelihood import nelbo
@@ -40,6 +39,7 @@ from ..files import atomic_write
 from ..likelihoods import Bernoulli
 from ..progress import Progress, note
 from ..vae import VAE
+from .options import checkpoint_option
 
 # the formats a folder's images may have: each is written back in its own format under its own name,
 # pixel for pixel (JPEG, GIF and WebP are refused: a JPEG cannot be written back with the same pixels)
@@ -368,10 +368,6 @@ def add_parser(sub: Any) -> None:
         help="bernoulli runs trained on binarised data: threshold the images at half the run's largest "
         "training value (the file holds the binarised images)",
     )
-
-
-def checkpoint_option(p: Any) -> None:
-    p.add_argument("--checkpoint", metavar="WHICH", help=f"the run's checkpoint to use: {CHOICES_HELP}")
 
 
 def _progress(args: argparse.Namespace, total: int, desc: str) -> Progress:

@@ -33,6 +33,7 @@ from ..engine.rundir import load
 from ..errors import ConfigError, DataError
 from ..kinds import kind_of
 from ..vae import VAE
+from .options import checkpoint_option
 
 
 def input_labels(vae: VAE, args: argparse.Namespace, n: int) -> torch.Tensor | None:
@@ -84,6 +85,7 @@ def add_parser(sub: Any) -> None:
         "identifier column or line, an array's row index).",
     )
     c.add_argument("run_dir")
+    checkpoint_option(c)
     c.add_argument(
         "--input",
         required=True,
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix not in (".npy", ".npz", ".csv"):
         raise ConfigError(f"--out must end in .npy, .npz or .csv, got {out}")
     device = runtime.select_device(args.device)
-    vae = load(args.run_dir, device)
+    vae = load(args.run_dir, device, args.checkpoint)
     x, names = kind_of(vae).read_input(vae, Path(args.input))  # the rows, named (the module docstring)
     mean, stddev = encode(vae, x, args.batch_size, input_labels(vae, args, len(x)))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from ..errors import ConfigError, unknown_name
 from ..hub import save_pretrained
 from ..structures import Graph
 from ..vae import VAE
+from .options import checkpoint_option
 
 FORMATS = ("onnx", "torch", "hub")
 MANIFEST = "export.json"
@@ -62,6 +63,7 @@ def add_parser(sub: Any) -> None:
         "model.safetensors, README.md: the Hugging Face Hub layout, loaded by turbovae.from_pretrained).",
     )
     e.add_argument("run_dir")
+    checkpoint_option(e)
     e.add_argument("--format", default="onnx", help="onnx | torch | hub (default onnx)")
     e.add_argument(
         "--out", required=True, help="the directory to write (created; must not exist or be empty)"
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             )
     run_dir, out = Path(args.run_dir), Path(args.out)
     check_out_dir(out, run_dir, args.overwrite)
-    vae = load(run_dir, "cpu")
+    vae = load(run_dir, "cpu", args.checkpoint)
     report: list[str] = []
     with staged_dir(out) as tmp:
         if args.format == "hub":
