@@ -821,3 +821,160 @@ def test_a_tvz_finds_its_checkpoint_among_those_the_run_keeps_or_names_it(finish
         (run / "checkpoints" / f"step-000000020{suffix}").unlink()
     one_error_line(capsys, ["decompress", str(run), str(tvz), "--out", str(tmp_path / "b2.npy")],
                    "(step-20)", "no longer keeps", "best, step-22")  # fmt: skip
+
+
+# ---- 7. sizes checked before anything is allocated ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub_folder(finished, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hub") / "model"
+    assert main(["export", str(finished), "--format", "hub", "--out", str(out)]) == 0
+    return out
+
+
+def edited_hub(hub_folder: Path, tmp_path: Path, edit) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(hub_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+HUB_EDITS = {
+    "absurd_shape": lambda c: c.update(event_shape=[1, 100_000, 100_000]),
+    "absurd_latent": lambda c: c["config"]["model"].update(latent=10**9),
+    "absurd_hidden": lambda c: c["config"]["model"].update(hidden=[10**8]),
+    "negative_shape": lambda c: c.update(event_shape=[1, -8, 8]),
+    "shape_string": lambda c: c.update(event_shape="8x8"),
+    "max_value_nan": lambda c: c.update(max_value=float("nan")),
+    "max_value_zero": lambda c: c.update(max_value=0),
+    "config_list": lambda c: c.update(config=[1]),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HUB_EDITS))
+def test_from_pretrained_checks_sizes_before_building(hub_folder, tmp_path, edit):
+    """G-from_pretrained-absurd_*: tried to allocate 25 GB to 16 TB; max_value NaN or 0 loaded silently;
+    a malformed config was a KeyError or TypeError. One CheckpointError, nothing allocated."""
+    import resource
+
+    from turbovae import from_pretrained
+    from turbovae.errors import CheckpointError
+
+    folder = edited_hub(hub_folder, tmp_path, HUB_EDITS[edit])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError):
+        from_pretrained(folder)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000
+    from_pretrained(hub_folder)  # the folder it was copied from loads
+
+
+def test_from_pretrained_refuses_weights_that_are_not_a_regular_file(hub_folder, tmp_path):
+    """G-from_pretrained-weights_devzero: model.safetensors a link to /dev/zero was read until a
+    MemoryError at 3.5 GB."""
+    from turbovae import from_pretrained
+    from turbovae.errors import CheckpointError
+
+    folder = tmp_path / "model"
+    shutil.copytree(hub_folder, folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"), [(100_000, "event_shape [1, 100000, 100000]"), (1000, "bytes of weights")]
+)
+def test_a_forged_event_shape_in_a_checkpoint_is_one_line(finished, tmp_path, capsys, shape, expected):
+    """O6-es_big: a checkpoint whose event_shape is [1, 1e5, 1e5], its checksums recomputed, was an
+    allocator traceback (16 TB) in eval. A shape within bounds makes a model larger than the weights
+    the checkpoint holds: refused before it is built."""
+    from turbovae.engine.checkpoint import _canonical
+
+    run = copy_run(finished, tmp_path, "run")
+    for path in (run / "checkpoints").glob("*.json"):
+        meta = json.loads(path.read_text())
+        meta["event_shape"] = [1, shape, shape]
+        meta.pop("meta_sha256")
+        meta["meta_sha256"] = hashlib.sha256(_canonical(meta)).hexdigest()
+        path.write_text(json.dumps(meta))
+    one_error_line(capsys, ["eval", str(run), "--iwae-k", "2", "--out", "-"], expected)
+
+
+def test_an_absurd_latent_is_one_line(tmp_path, capsys):
+    """O33-latent2p63: --latent 2^63 was a C++ overflow traceback."""
+    argv = ["train", *FAST, "--latent", str(2**63), "--out", str(tmp_path / "r")]
+    one_error_line(capsys, argv, "model.latent=9223372036854775808", "cannot be built")
+
+
+@pytest.mark.parametrize("label", [10**9, 2**62])
+def test_a_huge_label_value_is_no_huge_table(tmp_path, label):
+    """I-train-huge, I-train-int64max: labels 0, 1 and 10^9 made torch.full((10^9 + 1,)), 8 GB; 2^62 an
+    overflow. The labels are mapped to class ids by search among the values."""
+    from turbovae import conditioning
+
+    labels = torch.tensor([0, label, 1, label, 0])
+    assert conditioning.remap(labels, [0, 1, label]).tolist() == [0, 2, 1, 2, 0]
+    assert conditioning.remap(torch.tensor([5]), [0, 1, label]).tolist() == [-1]
+    rng = np.random.default_rng(0)
+    x = (rng.random((120, 8, 8)) > 0.5).astype(np.uint8)
+    y = np.array([0, 1, label] * 40, dtype=np.int64)
+    np.savez(tmp_path / "d.npz", x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    argv = [
+        "train",
+        *FAST,
+        "--data",
+        str(tmp_path / "d.npz"),
+        "--condition",
+        "label",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["classes"] == 3
+
+
+def test_nested_class_names_and_binary_label_files_are_one_line(tmp_path, capsys):
+    """I-train-classes_nested: X.classes.json of 100,000 nested lists was a RecursionError."""
+    x = (np.random.default_rng(0).random((80, 8, 8)) > 0.5).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "x.labels.npy", np.arange(80) % 2)
+    (tmp_path / "x.classes.json").write_text("[" * 100_000 + "]" * 100_000)
+    argv = [
+        "train",
+        *FAST,
+        "--data",
+        str(tmp_path / "x.npy"),
+        "--condition",
+        "label",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    one_error_line(capsys, argv, "x.classes.json", "not a JSON list")
+
+
+def test_wide_csv_and_binary_files_are_refused_before_they_are_parsed(tmp_path, capsys, monkeypatch):
+    """E-100k-columns-csv: a CSV of 100,000 columns did not load in 600 s; E-2GB-sparse-raw.csv/.txt:
+    2 GB of NULs as csv: or text: was a MemoryError."""
+    from turbovae.data import dataset
+
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(f"c{i}" for i in range(20_000)) + "\n" + ",".join(["1"] * 20_000) + "\n")
+    one_error_line(
+        capsys, ["train", *FAST, "--data", f"csv:{wide}", "--out", str(tmp_path / "a")], "20,000 columns"
+    )
+    nul = tmp_path / "nul.txt"
+    with open(nul, "wb") as f:
+        f.truncate(2 * 2**20)
+    for data in (f"csv:{nul}", f"text:{nul}"):
+        one_error_line(capsys, ["train", *FAST, "--data", data, "--out", str(tmp_path / "b")], "NUL byte")
+    big = tmp_path / "big.txt"
+    big.write_text("a line of text\n" * 1000)
+    monkeypatch.setattr(dataset, "available_memory", lambda: 1000)
+    one_error_line(
+        capsys, ["train", *FAST, "--data", f"text:{big}", "--out", str(tmp_path / "c")], "of memory to parse"
+    )

@@ -55,7 +55,14 @@ def input_labels(vae: VAE, args: argparse.Namespace, n: int) -> torch.Tensor | N
     if path.suffix.lower() == ".npy":
         ids = torch.from_numpy(np.asarray(_read(path)[""]).astype(np.int64).reshape(-1))
     else:
-        words = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}: not UTF-8 text (a bad byte at offset {e.start}); expected one class a line, or "
+                "a .npy of class ids"
+            ) from None
+        words = [line.strip() for line in text.splitlines() if line.strip()]
         ids = torch.tensor([conditioning.resolve(vae.condition, w) for w in words], dtype=torch.long)
     return conditioning.check_labels(ids, n, len(vae.condition["names"]), str(path))
 

@@ -129,9 +129,12 @@ def _sidecar(path: Path, n: int) -> tuple[np.ndarray | None, list[str] | None]:
     if not names_file.is_file():
         return y, None
     try:
-        names = json.loads(names_file.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{names_file}: not a JSON list of class names ({e})") from e
+        text = names_file.read_text(encoding="utf-8")
+        if text.count("[") > 1000:  # a list of names has one bracket; 100,000 nested ones: RecursionError
+            raise ValueError("nested lists")
+        names = json.loads(text)
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{names_file}: not a JSON list of class names ({str(e)[:80]})") from None
     if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
         raise DataError(f"{names_file}: expected a JSON list of class names (strings)")
     if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(names):

@@ -22,7 +22,7 @@ from ..config import Config, from_dict, load_yaml, to_yaml
 from ..errors import CheckpointError, ConfigError, clip, shown
 from ..vae import VAE
 from . import checkpoint
-from .setup import build_vae
+from .setup import build_to_load
 
 RUN_FILES = (
     "config.yaml",
@@ -404,8 +404,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint_nam
     _check_model_and_data(cfg_path, state_json, meta.get("config"), cfg)
     if "event_shape" not in meta:
         raise CheckpointError(f"checkpoint {state_json} does not record the data shape (event_shape)")
-    shape = tuple(meta["event_shape"])
-    vae = build_vae(cfg, shape, meta.get("data_meta"))
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    vae = build_to_load(cfg, meta["event_shape"], meta.get("data_meta"), stored, str(state_json))
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     # the weight average (train.ema's, or a schedule-free optimiser's x; saved only by runs that have
     # one) is the model the run evaluated
