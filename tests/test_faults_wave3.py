@@ -978,3 +978,34 @@ def test_wide_csv_and_binary_files_are_refused_before_they_are_parsed(tmp_path, 
     one_error_line(
         capsys, ["train", *FAST, "--data", f"text:{big}", "--out", str(tmp_path / "c")], "of memory to parse"
     )
+
+
+# ---- 8. tracebacks left ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_export_into_the_working_directory_or_above_is_one_line(finished, tmp_path, capsys, monkeypatch, out):
+    """G-out-dot, G-out-dotdot: `export --out .` was ValueError "empty name", `--out ..` OSError EBUSY."""
+    work = tmp_path / "cwd" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path / "cwd")
+    argv = ["export", str(finished), "--format", "hub", "--out", out, "--overwrite"]
+    one_error_line(capsys, argv, "working directory")
+    assert snapshot(tmp_path / "cwd") == before and sorted(os.listdir(tmp_path / "cwd")) == ["work"]
+
+
+@pytest.mark.slow
+def test_a_user_error_under_nproc_is_one_line(tmp_path):
+    """O36-user-error-nproc: `train --nproc 2` with bad data printed the error line twice, then
+    torchrun's ChildFailedError traceback (48 lines, exit 1)."""
+    bad = tmp_path / "nan.npz"
+    np.savez(bad, x_train=np.full((40, 4), np.nan, np.float32), x_test=np.zeros((5, 4), np.float32))
+    cmd = [sys.executable, "-m", "turbovae", "train", "--nproc", "2", "--data", str(bad), "--progress", "off",
+           "--out", str(tmp_path / "r")]  # fmt: skip
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("turbovae: error:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 1 and "NaN" in errors[0], lines
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]

@@ -107,7 +107,12 @@ def check_out_dir(out: Path, run_dir: Path, overwrite: bool) -> None:
     """An export never replaces an existing directory without --overwrite, nor ever a run directory."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    target, run = out.resolve(), run_dir.resolve()
+    target, run, here = out.resolve(), run_dir.resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise ConfigError(
+            f"--out {out} is the working directory or a folder above it, which an export cannot replace; "
+            "name a new folder"
+        )
     if target == run or target in run.parents:
         raise ConfigError(f"--out {out} would replace the run directory {run_dir}; choose another directory")
     if out.is_dir() and any(out.iterdir()):
