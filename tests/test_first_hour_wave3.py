@@ -218,3 +218,55 @@ def test_tune_takes_the_median_of_repeated_measurements_not_one_outlier(monkeypa
     assert speed == {32: 5000.0, 64: 7010.0, 128: 8000.0}
     assert calls == [32, 64, 128, 64, 128, 32, 64, 128, 32]  # the sweep, then two rounds in turns
     assert choose_batch(speed, None)[0] == 128
+
+
+def test_compress_decompress_and_bench_print_progress_with_throughput(k3_run, tmp_path, capsys, monkeypatch):
+    """First hour 4: compress, decompress and bench said nothing for 75 s and 7 min. Each prints the
+    project's progress lines (every TURBOVAE_PROGRESS_INTERVAL seconds off a terminal) with its rate."""
+    from turbovae.commands import bench
+
+    monkeypatch.setenv("TURBOVAE_PROGRESS_INTERVAL", "0")
+    x = tmp_path / "x.npy"
+    np.save(x, (np.random.default_rng(0).random((40, 8, 8)) > 0.5).astype(np.uint8))
+    capsys.readouterr()
+    assert main(["compress", str(k3_run), str(x), "--out", str(tmp_path / "x.tvz"), "--lanes", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "turbovae: compress: 8 of 40 images" in err and "images_per_s" in err, err
+    assert main(["decompress", str(k3_run), str(tmp_path / "x.tvz"), "--out", str(tmp_path / "y.npy")]) == 0
+    err = capsys.readouterr().err
+    assert "turbovae: decompress: 8 of 40 images" in err and "images_per_s" in err, err
+    assert main(["compress", str(k3_run), str(x), "--out", str(tmp_path / "z.tvz"), "--progress", "off"]) == 0
+    assert "compress:" not in capsys.readouterr().err
+    cfg = resolve(flags={"data.name": "digits", "model.hidden": [16], "model.latent": 2})
+    bench.bench(cfg, windows=2, steps=2)
+    err = capsys.readouterr().err
+    assert "turbovae: bench turbovae: 1 of 2 windows" in err and "samples_per_s" in err, err
+
+
+def test_data_pack_keeps_a_folders_train_and_test_split(tmp_path, capsys):
+    """First hour 6: `data pack FOLDER` merged train/ and test/ without a word, and the held-out images
+    became training data. The test images are now the last rows, and X.split.json records the boundary
+    the loader takes as its test split."""
+    from PIL import Image
+
+    from turbovae.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    for split, n, low in (("train", 12, 0), ("test", 4, 128)):  # test images are the bright ones
+        (tmp_path / "imgs" / split).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(low, low + 128, (6, 5)).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / split / f"{i}.png")
+    out = tmp_path / "x.npy"
+    capsys.readouterr()
+    assert main(["data", "pack", str(tmp_path / "imgs"), "--out", str(out)]) == 0
+    assert "the first 12 rows train, the last 4 test" in capsys.readouterr().out
+    assert json.loads((tmp_path / "x.split.json").read_text()) == {"train": 12, "test": 4}
+    data = load_dataset(str(out))
+    assert len(data.x_train) == 12 and len(data.x_test) == 4
+    assert int(data.x_train.max()) < 128 <= int(data.x_test.min())
+    (tmp_path / "flat").mkdir()  # a folder without a split, packed over it: the old boundary goes
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (6, 5)).astype(np.uint8)).save(tmp_path / "flat" / f"{i}.png")
+    assert main(["data", "pack", str(tmp_path / "flat"), "--out", str(out), "--overwrite"]) == 0
+    assert not (tmp_path / "x.split.json").exists()
