@@ -270,3 +270,30 @@ def test_data_pack_keeps_a_folders_train_and_test_split(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 256, (6, 5)).astype(np.uint8)).save(tmp_path / "flat" / f"{i}.png")
     assert main(["data", "pack", str(tmp_path / "flat"), "--out", str(out), "--overwrite"]) == 0
     assert not (tmp_path / "x.split.json").exists()
+
+
+def _named_rows(path: Path, rows: int) -> bool:
+    """Whether a grid has a white margin on the left with dark text in each of its ``rows`` rows."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("L"))
+    margin = pixels[:, :100]
+    bands = np.array_split(margin, rows)
+    return bool((margin > 200).mean() > 0.8 and all((band < 128).any() for band in bands))
+
+
+def test_conditional_sample_grids_and_the_report_name_their_classes(tmp_path, capsys):
+    """First hour 7: a conditional run's samples.png, `sample --label 3,7` and the report's samples
+    showed rows of digits with no word of which class each row is."""
+    run = tmp_path / "cond"
+    assert main(["train", *TINY, "--condition", "label", "--out", str(run)]) == 0
+    assert _named_rows(run / "samples.png", 10)
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run), "--label", "3,7", "--n", "4", "--out", str(out)]) == 0
+    assert _named_rows(out, 2)
+    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "plain.png")]) == 0
+    assert not _named_rows(tmp_path / "plain.png", 1)
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    assert "one row per class, named on the left" in (tmp_path / "r.html").read_text()
+    assert _named_rows(tmp_path / "figures" / "samples.png", 10)

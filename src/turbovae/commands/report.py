@@ -590,8 +590,11 @@ def _picture_sections(runs: list[RunInfo]) -> dict[str, str]:
     """The bodies of the samples, reconstructions, interpolations and traversals sections."""
     body: dict[str, str] = {}
     barcode_lead = _barcode_lead(runs)
-    body["samples"] = f'<p class="lead">z ~ N(0, I), shown as E[x | z].{barcode_lead}</p>' + _per_run_figures(
-        runs, "samples", "samples from the prior"
+    conditional = any(r.summary.get("classes") for r in runs)
+    class_lead = " A conditional run: one row per class, named on the left." if conditional else ""
+    body["samples"] = (
+        f'<p class="lead">z ~ N(0, I), shown as E[x | z].{barcode_lead}{class_lead}</p>'
+        + _per_run_figures(runs, "samples", "samples from the prior")
     )
     binarised = any(r.summary.get("binarize") not in (None, "none") for r in runs)
     rows_text = (
