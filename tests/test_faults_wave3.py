@@ -1009,3 +1009,28 @@ def test_a_user_error_under_nproc_is_one_line(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(errors) == 1 and "NaN" in errors[0], lines
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("damage", ["nested", "digits"])
+def test_report_skips_a_damaged_metrics_line_with_a_warning(finished, tmp_path, capsys, damage):
+    """O39-metrics_nested, O39-metrics_huge_line: a 100,000-deep line in metrics.jsonl was a
+    RecursionError in report, a 5,000,000-digit number a ValueError."""
+    from turbovae.commands.report import read_metrics
+
+    run = copy_run(finished, tmp_path, "run")
+    good = (run / "metrics.jsonl").read_text()
+    line = "[" * 100_000 + "]" * 100_000 if damage == "nested" else '{"loss": ' + "9" * 5_000_000 + "}"
+    (run / "metrics.jsonl").write_text(line + "\n" + good)
+    capsys.readouterr()
+    events = read_metrics(run)
+    assert len(events) == len(good.splitlines())
+    assert "skipped 1 malformed line" in capsys.readouterr().err
+
+
+def test_a_complex_array_is_refused_not_coded_without_its_imaginary_part(grey8, tmp_path, capsys):
+    """F-in-complex-imag: a complex64 array with an imaginary part was coded as its real part (a raw
+    ComplexWarning, and the decompressed values differed)."""
+    x = tmp_path / "c.npy"
+    np.save(x, (np.arange(640).reshape(10, 8, 8) % 200).astype(np.complex64) * (1 + 1j))
+    one_error_line(capsys, ["compress", str(grey8), str(x), "--out", str(tmp_path / "c.tvz")], "complex")
+    assert not (tmp_path / "c.tvz").exists()
