@@ -851,6 +851,10 @@ HUB_EDITS = {
     "max_value_nan": lambda c: c.update(max_value=float("nan")),
     "max_value_zero": lambda c: c.update(max_value=0),
     "config_list": lambda c: c.update(config=[1]),
+    "no_config": lambda c: c.pop("config"),
+    "no_event_shape": lambda c: c.pop("event_shape"),
+    "max_value_str": lambda c: c.update(max_value="abc"),
+    "data_meta_list": lambda c: c.update(data_meta=[1]),
 }
 
 
@@ -1034,3 +1038,31 @@ def test_a_complex_array_is_refused_not_coded_without_its_imaginary_part(grey8, 
     np.save(x, (np.arange(640).reshape(10, 8, 8) % 200).astype(np.complex64) * (1 + 1j))
     one_error_line(capsys, ["compress", str(grey8), str(x), "--out", str(tmp_path / "c.tvz")], "complex")
     assert not (tmp_path / "c.tvz").exists()
+
+
+# ---- 9. low: one clear line where a value was silently accepted ------------------------------------------
+
+
+def test_silent_acceptances_are_one_line(finished, grey8, hub_folder, tmp_path, capsys):
+    """O33-beta_inf, I-sample-label-empty, I-sample-label-commas, F-layout-negzero,
+    G-from_pretrained-nested_json: --beta inf trained on; `sample --label ''` and `3,,7` were accepted;
+    -0.0 came back +0.0 from compress; a config.json nested 100,000 deep was a RecursionError."""
+    from turbovae import from_pretrained
+    from turbovae.errors import CheckpointError
+
+    one_error_line(
+        capsys, ["train", *FAST, "--beta", "inf", "--out", str(tmp_path / "b")], "train.beta must be finite"
+    )
+    cond = tmp_path / "cond"
+    assert main(["train", *FAST, "--condition", "label", "--out", str(cond)]) == 0
+    for label in ("", "3,,7"):
+        argv = ["sample", str(cond), "--label", label, "--out", str(tmp_path / "s.png")]
+        one_error_line(capsys, argv, "empty class")
+    negzero = tmp_path / "z.npy"
+    np.save(negzero, np.where(np.arange(640).reshape(10, 8, 8) % 7 == 0, -0.0, 3.0))
+    one_error_line(capsys, ["compress", str(grey8), str(negzero), "--out", str(tmp_path / "z.tvz")], "-0.0")
+    folder = tmp_path / "model"
+    shutil.copytree(hub_folder, folder)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError):
+        from_pretrained(folder)

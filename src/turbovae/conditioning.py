@@ -86,7 +86,11 @@ def resolve_many(condition: dict[str, Any], spec: str, what: str = "label") -> l
     names = [str(n) for n in condition["names"]]
     if spec in names:
         return [names.index(spec)]
-    return [resolve(condition, part, what) for part in spec.split(",") if part.strip()]
+    parts = spec.split(",")
+    if any(not part.strip() for part in parts):  # '' or 3,,7: a class left out, not "no class"
+        shown = ", ".join(names[:20])
+        raise ConfigError(f"--{what} '{spec[:80]}' names an empty class (this run's classes: {shown})")
+    return [resolve(condition, part, what) for part in parts]
 
 
 def parse_where(condition: dict[str, Any], where: str) -> int:

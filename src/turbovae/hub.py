@@ -110,7 +110,7 @@ def save_pretrained(
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # also JSON nested deeper than Python recurses
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -156,6 +156,11 @@ def _value_summary(x: np.ndarray, where: str) -> tuple[float, float, bool, bool]
         c = np.asarray(flat[i : i + _CHUNK])
         if c.dtype.kind == "f" and (not np.isfinite(c).all() or not np.array_equal(c, np.round(c))):
             raise DataError(f"{where}: the values must be whole numbers (stored image values), got fractions")
+        if c.dtype.kind == "f" and np.signbit(c[c == 0]).any():
+            raise DataError(
+                f"{where}: holds -0.0, whose sign the codec would not keep (it would come back 0.0); "
+                "add 0.0 to the array first (x + 0.0 turns -0.0 into 0.0)"
+            )
         if c.size:
             low, high = min(low, float(c.min())), max(high, float(c.max()))
             if bits or bytes255:
