@@ -1066,3 +1066,37 @@ def test_silent_acceptances_are_one_line(finished, grey8, hub_folder, tmp_path, 
     (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError):
         from_pretrained(folder)
+
+
+def test_more_low_faults_are_one_clear_line(finished, grey8, grey8_tvz, tmp_path, capsys, monkeypatch):
+    """G-export-onnx-cond, G-export-torch-cond: a conditional run's export said to "pass --label or
+    --where", which export does not have. H-pack-nospace: "needs 0.00 GiB, but 0.00 GiB free".
+    O7-loop_neg: a forged loop.epoch of -5 was accepted. F-kill-decompress-folder: a killed
+    decompress left 4 of 1000 images in a folder that looked finished."""
+    from turbovae.commands import compress as command
+    from turbovae.data.pack import _size
+    from turbovae.engine.checkpoint import _loop_ok
+
+    cond = tmp_path / "cond"
+    assert main(["train", *FAST, "--condition", "label", "--out", str(cond)]) == 0
+    for fmt in ("onnx", "torch"):
+        argv = ["export", str(cond), "--format", fmt, "--out", str(tmp_path / fmt)]
+        line = one_error_line(capsys, argv, "conditional run", "--format hub")
+        assert "--label" not in line
+    assert [_size(n) for n in (512, 3 * 2**20, 5 * 2**30)] == ["512 bytes", "3.0 MiB", "5.00 GiB"]
+    assert not _loop_ok({"step": 10, "epoch": -5}) and _loop_ok({"step": 10, "epoch": 2})
+    tvz, _ = grey8_tvz
+    written = []
+    real = command.atomic_write
+
+    def killed(path, data):
+        if len(written) == 4:
+            raise KeyboardInterrupt  # the process stopped here
+        written.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(command, "atomic_write", killed)
+    out = tmp_path / "back"
+    assert main(["decompress", str(grey8), str(tvz), "--out", str(out), "--progress", "off"]) == 130
+    assert len(written) == 4 and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".back")) == []

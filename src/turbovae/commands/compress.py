@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import shutil
 import stat
 import sys
 import time
@@ -317,15 +318,25 @@ def write_images(x: torch.Tensor, info: dict[str, Any], out: Path) -> None:
 
     if values.ndim != 4 or values.shape[1] not in (1, 3):
         raise ConfigError(f"images of shape {values.shape[1:]} cannot be written as PNG: use --out FILE.npy")
-    targets = _targets(info, len(values), out)
+    # a new folder is written under a temporary name beside it and renamed when complete: a killed
+    # decompress leaves no folder that looks finished (into an existing folder, file by file)
+    staged = None if out.exists() else out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    root = staged or out
+    targets = _targets(info, len(values), root)
     modes = info.get("modes") or [None] * len(values)
-    for target, image, mode in zip(targets, values, modes, strict=True):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        pixels = np.ascontiguousarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
-        picture = Image.fromarray(pixels > 127) if mode == "1" else Image.fromarray(pixels)
-        buf = io.BytesIO()
-        picture.save(buf, format=LOSSLESS_FORMATS[target.suffix.lower()])
-        atomic_write(target, buf.getvalue())
+    try:
+        for target, image, mode in zip(targets, values, modes, strict=True):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pixels = np.ascontiguousarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+            picture = Image.fromarray(pixels > 127) if mode == "1" else Image.fromarray(pixels)
+            buf = io.BytesIO()
+            picture.save(buf, format=LOSSLESS_FORMATS[target.suffix.lower()])
+            atomic_write(target, buf.getvalue())
+        if staged is not None:
+            os.replace(staged, out)
+    finally:
+        if staged is not None and staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 # ---- the commands -----------------------------------------------------------------------------------

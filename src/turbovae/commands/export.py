@@ -251,6 +251,12 @@ def export_graphs(vae: VAE, out: Path, fmt: str, check: bool = True) -> list[str
     NAME.pt2) with ``export.json``; with ``check``, run each file on a batch of another size than the
     export's and compare with torch (onnx: where onnxruntime is installed). Returns one line per file."""
     vae = vae.cpu().eval()
+    if vae.n_classes:  # its networks take the class, an input the exported graphs do not have
+        raise ConfigError(
+            f"a conditional run ({vae.n_classes} classes) cannot be exported as {fmt} graphs: its networks "
+            "take the class as an input the graphs do not have; --format hub exports it "
+            "(turbovae.from_pretrained loads it, and sample(..., condition=...) takes the class)"
+        )
     meta = {
         "turbovae.model": vae.config.model.name if vae.config else "",
         "turbovae.likelihood": type(vae.likelihood).name,

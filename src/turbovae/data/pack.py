@@ -48,6 +48,17 @@ class Packed:
     n_train: int | None = None
 
 
+def _size(n: int) -> str:
+    """``30.7 MB``, ``2.15 GiB``, ``512 bytes``: never "0.00 GiB" for a few megabytes."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n} bytes"
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -125,8 +136,8 @@ def pack_images(
         raise DataError(f"--out {out}: the folder {out.parent} does not exist")
     free = shutil.disk_usage(out.parent).free
     if nbytes > free:
-        raise DataError(f"--out {out}: the array needs {nbytes / 2**30:.2f} GiB, but {out.parent} has "
-                        f"{free / 2**30:.2f} GiB free")  # fmt: skip
+        raise DataError(f"--out {out}: the array needs {_size(nbytes)}, but {out.parent} has "
+                        f"{_size(free)} free")  # fmt: skip
     _remove_stale(out)
     rng = np.random.default_rng(PACK_SEED)
     if n_train:  # train/ then test/, each shuffled on its own: the boundary stays where it was

@@ -212,7 +212,7 @@ def _loop_ok(v: Any) -> bool:
     counters = ("step", "epoch", "batch_in_epoch", "examples", "global_batch", "skipped", "rollbacks")
     return (
         isinstance(v, dict)
-        and all(_is_int(v.get(k, 0)) for k in counters)
+        and all(_is_int(v.get(k, 0)) and 0 <= v.get(k, 0) < 2**53 for k in counters)  # forged -5, 1e12 ...
         and all(_is_number(v.get(k, 1.0)) for k in ("train_seconds", "lr_scale"))
     )
 
