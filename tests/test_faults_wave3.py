@@ -1100,3 +1100,31 @@ def test_more_low_faults_are_one_clear_line(finished, grey8, grey8_tvz, tmp_path
     assert main(["decompress", str(grey8), str(tvz), "--out", str(out), "--progress", "off"]) == 130
     assert len(written) == 4 and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".back")) == []
+
+
+def test_a_mirror_that_trickles_is_given_up_keeping_the_partial_file(tmp_path, monkeypatch):
+    """O37-drip: a mirror that sent one byte every 2 s was never given up (the only timeout was 60 s
+    per read). After TIMEOUT_S, a download slower than MIN_BYTES_PER_S on average stops (TimeoutError,
+    an OSError: the next mirror continues the partial file, which is kept)."""
+    from turbovae.data import download
+
+    now = [0.0]
+    monkeypatch.setattr(download, "_clock", lambda: now[0])
+
+    class Trickle:
+        def __init__(self, step: float, size: int) -> None:
+            self.step, self.size, self.calls = step, size, 0
+
+        def read1(self, n: int) -> bytes:
+            self.calls += 1
+            now[0] += self.step
+            return b"x" * self.size if self.calls < 1000 else b""
+
+    slow = Trickle(2.0, 1)
+    with open(tmp_path / "part", "wb") as out, pytest.raises(TimeoutError, match="given up"):
+        download._copy(slow, out, 0, "http://mirror/x", timeout=60)
+    assert slow.calls == 31 and (tmp_path / "part").read_bytes() == b"x" * 31
+    fast = Trickle(0.1, 20_000)  # 200 kB/s: finishes
+    with open(tmp_path / "part2", "wb") as out:
+        download._copy(fast, out, 0, "http://mirror/x", timeout=60)
+    assert fast.calls == 1000
