@@ -195,7 +195,7 @@ def test_cli_image_folder_round_trip(digits_run, digits_test, tmp_path):
 
 def test_cli_refuses_grey_data_for_a_bernoulli_run_unless_asked(digits_run, tmp_path, capsys):
     grey = tmp_path / "grey.npy"
-    np.save(grey, np.arange(64 * 3, dtype=np.uint8).reshape(3, 8, 8))
+    np.save(grey, (np.arange(64 * 3) % 17).astype(np.uint8).reshape(3, 8, 8))  # the run's values, 0..16
     capsys.readouterr()
     assert main(["compress", str(digits_run), str(grey), "--out", str(tmp_path / "g.tvz")]) == 2
     assert "--binarize" in _one_line_error(capsys)

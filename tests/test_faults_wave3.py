@@ -469,3 +469,662 @@ def test_pack_over_a_folder_named_like_its_out_is_one_line_naming_it(tmp_path, c
         capsys, ["data", "pack", str(folder), "--out", str(out), "--overwrite"], f"--out {out} is a folder"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "x.npy"] and not list(out.iterdir())
+
+
+# ---- 6. compression: lossless or refused, forged files, memory, overwrites, the checkpoint it used ------
+
+
+@pytest.fixture(scope="module")
+def grey8(tmp_path_factory) -> Path:
+    """D8: a discretized-logistic run on 8-bit 8x8 grey images (the digits scaled to 0..240)."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("d8")
+    np.save(root / "d8.npy", (load_digits().images * 15).astype(np.uint8))
+    out = root / "run"
+    argv = ["train", *FAST, "--data", str(root / "d8.npy"), "--likelihood", "discretized-logistic",
+            "--checkpoint-every", "10", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def save_image(path: Path, pixels: np.ndarray, mode: str | None = None, **kwargs) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels) if mode is None else Image.fromarray(pixels).convert(mode)
+    image.save(path, **kwargs)
+
+
+def png16(path: Path, colour: bool) -> None:
+    """A 16-bit PNG (Pillow writes 16-bit grey; colour is built by hand)."""
+    import struct
+    import zlib
+
+    channels, kind = (3, 2) if colour else (1, 0)
+    rows = np.random.default_rng(0).integers(0, 65535, (8, 8 * channels)).astype(">u2")
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", 8, 8, 16, kind, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))  # fmt: skip
+
+
+def bomb_png(path: Path, side: int = 50_000) -> None:
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+GREY = np.random.default_rng(3).integers(0, 256, (8, 8)).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "kind", ["rgb", "rgba", "grey16", "rgb16", "palette", "jpeg", "too-large", "bomb", "grey+alpha"]
+)
+def test_a_folder_the_codec_cannot_give_back_exactly_is_refused_before_writing(grey8, tmp_path, capsys, kind):
+    """F-folder-colour, F-folder-rgba, F-folder-grey16, H-compress-bomb, H-compress-bomb2: colour, RGBA
+    and 16-bit PNGs came back 8-bit grey with exit 0; a 50,000^2 header was a traceback, and 13,000^2
+    images were read whole before their size was checked."""
+    folder = tmp_path / "in"
+    save_image(folder / "a.png", GREY)  # a good image first: nothing is written for it either
+    bad = folder / "b.png"
+    rgb = np.stack([GREY, GREY[::-1], GREY.T], -1)
+    if kind == "rgb":
+        save_image(bad, rgb)
+    elif kind == "rgba":
+        save_image(bad, np.concatenate([rgb, GREY[..., None]], -1))
+    elif kind in ("grey16", "rgb16"):
+        png16(bad, colour=kind == "rgb16")
+    elif kind == "palette":
+        save_image(bad, rgb, "P")
+    elif kind == "grey+alpha":
+        save_image(bad, np.stack([GREY, GREY], -1))
+    elif kind == "jpeg":
+        save_image(bad.with_suffix(".jpg"), GREY)
+    elif kind == "too-large":
+        save_image(bad, np.zeros((300, 300), np.uint8))
+    else:
+        bomb_png(bad)
+    tvz = tmp_path / "c.tvz"
+    one_error_line(capsys, ["compress", str(grey8), str(folder), "--out", str(tvz)], str(folder))
+    assert not tvz.exists()
+
+
+def test_a_folder_comes_back_with_its_names_formats_modes_and_pixels(grey8, tmp_path, capsys):
+    """F-folder-stems: a.png + a.bmp (and b.png + b.tif) were both written to a.png: 6 images in, 4 out.
+    Every file now comes back under its own name, in its own format and mode, pixel for pixel."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    rng = np.random.default_rng(5)
+    for name in ("a.png", "a.bmp", "b.png", "b.tif", "sub/c.tiff", "sub/c.png"):
+        save_image(folder / name, rng.integers(0, 256, (8, 8)).astype(np.uint8))
+    save_image(folder / "bits.png", (rng.random((8, 8)) > 0.5).astype(np.uint8) * 255, "1")
+    tvz, back = tmp_path / "c.tvz", tmp_path / "back"
+    assert main(["compress", str(grey8), str(folder), "--out", str(tvz)]) == 0
+    assert main(["decompress", str(grey8), str(tvz), "--out", str(back)]) == 0
+    ins = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(back) for p in back.rglob("*") if p.is_file()) == ins and len(ins) == 7
+    for name in ins:
+        with Image.open(folder / name) as a, Image.open(back / name) as b:
+            assert (a.format, a.mode) == (b.format, b.mode), name
+            assert np.array_equal(np.asarray(a), np.asarray(b)), name
+
+
+def test_binarize_thresholds_as_the_run_was_trained_or_is_refused(finished, grey8, tmp_path, capsys):
+    """F-binarize-digits16: digits (0..16) on a run trained on them, with --binarize, were thresholded
+    at 128 and stored as zeros. The threshold is half the run's largest training value (8 here)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images[:40].astype(np.uint8)  # 0..16, as the run saw them
+    src, tvz, back = tmp_path / "d.npy", tmp_path / "d.tvz", tmp_path / "back.npy"
+    np.save(src, digits)
+    assert main(["compress", str(finished), str(src), "--binarize", "--out", str(tvz)]) == 0
+    assert main(["decompress", str(finished), str(tvz), "--out", str(back)]) == 0
+    ones = np.load(back)
+    assert ones.shape == digits.shape and 0.2 < ones.mean() < 0.5
+    assert np.array_equal(ones, (digits >= 8).astype(np.uint8))
+    grey = tmp_path / "g.npy"  # values the run never saw: refused, not thresholded somewhere else
+    np.save(grey, (digits.astype(np.int64) * 15).astype(np.uint8))
+    argv = ["compress", str(finished), str(grey), "--binarize", "--out", str(tmp_path / "g.tvz")]
+    one_error_line(capsys, argv, "[0, 16]")
+
+
+def forge(tvz: Path, out: Path, edit) -> Path:
+    """A copy of a .tvz whose metadata ``edit`` changed (a dict in, a dict or raw bytes out), its length
+    and CRC recomputed."""
+    import struct
+    import zlib
+
+    from turbovae import compression as c
+
+    data = tvz.read_bytes()
+    magic, version, ckpt, weights, n = c._HEAD.unpack_from(data)
+    info = json.loads(data[c._HEAD.size : c._HEAD.size + n])
+    blob = edit(info)
+    blob = blob if isinstance(blob, bytes) else json.dumps(blob).encode()
+    body = c._HEAD.pack(magic, version, ckpt, weights, len(blob)) + blob + data[c._HEAD.size + n : -4]
+    out.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def grey8_tvz(grey8, tmp_path_factory) -> tuple[Path, Path]:
+    """(a .tvz of 20 images coded with D8 in 4 lanes, a folder of the same images as PNGs)."""
+    root = tmp_path_factory.mktemp("tvz")
+    folder = root / "pngs"
+    rng = np.random.default_rng(9)
+    for i in range(20):
+        save_image(folder / f"{i:02d}.png", rng.integers(0, 256, (8, 8)).astype(np.uint8))
+    tvz = root / "f.tvz"
+    assert main(["compress", str(grey8), str(folder), "--out", str(tvz), "--lanes", "4"]) == 0
+    return tvz, folder
+
+
+FORGERIES = {
+    "count_1e12": lambda i: {**i, "count": 10**12},
+    "count_1e9": lambda i: {**i, "count": 10**9},
+    "count_neg": lambda i: {**i, "count": -5},
+    "count_str": lambda i: {**i, "count": "20"},
+    "lanes_0": lambda i: {**i, "lanes": 0},
+    "latent_bits_99": lambda i: {**i, "latent_bits": 99},
+    "names_short": lambda i: {**i, "names": i["names"][:3]},
+    "names_int": lambda i: {**i, "names": list(range(len(i["names"])))},
+    "names_nul": lambda i: {**i, "names": ["a\0.png", *i["names"][1:]]},
+    "names_equal": lambda i: {**i, "names": ["a.png"] * len(i["names"])},
+    "names_suffix": lambda i: {**i, "names": [f"{k}.exe" for k in range(len(i["names"]))]},
+    "dtype_garbage": lambda i: {**i, "dtype": "zz"},
+    "dtype_object": lambda i: {**i, "dtype": "|O"},
+    "array_shape": lambda i: {**i, "array_shape": [3, 3]},
+    "meta_list": lambda i: [1, 2],
+    "meta_nested": lambda i: b"[" * 100_000 + b"]" * 100_000,
+    "meta_len": None,  # the metadata length field runs past the file
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_a_forged_tvz_is_one_line_before_anything_is_allocated(grey8, grey8_tvz, tmp_path, capsys, forgery):
+    """F-tvz-forged_*: a count of 10^12 allocated 3.5 GB before a MemoryError; the other forged fields
+    were RuntimeError, ValueError, TypeError or RecursionError tracebacks; names all equal wrote 19 of
+    20 images over one file; dtype |O wrote a pickled .npy."""
+    import resource
+    import struct
+    import zlib
+
+    tvz, _ = grey8_tvz
+    bad = tmp_path / "bad.tvz"
+    if forgery == "meta_len":
+        data = bytearray(tvz.read_bytes())
+        struct.pack_into("<I", data, 4 + 2 + 64, 2**31)
+        data[-4:] = struct.pack("<I", zlib.crc32(bytes(data[:-4])))
+        bad.write_bytes(bytes(data))
+    else:
+        forge(tvz, bad, FORGERIES[forgery])
+    out = tmp_path / ("out.npy" if forgery in ("dtype_garbage", "dtype_object", "array_shape") else "out")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    one_error_line(capsys, ["decompress", str(grey8), str(bad), "--out", str(out)], "compressed file")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB
+    assert not out.exists()
+
+
+def test_decompress_reads_the_magic_before_the_file(grey8, tmp_path, capsys, monkeypatch):
+    """E-2GB-sparse-decompress: a 2 GB file that is no .tvz was read whole before its 4-byte magic was
+    checked."""
+    big = tmp_path / "big.npz"
+    with open(big, "wb") as f:
+        f.truncate(2 * 2**30)  # sparse: no disk used
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    one_error_line(
+        capsys, ["decompress", str(grey8), str(big), "--out", str(tmp_path / "x.npy")], "no TVZ header"
+    )
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000
+
+
+def test_a_large_input_is_checked_without_a_float64_copy(grey8):
+    """E-2GB-sparse-compress: the input was cast to float64 (8 bytes a value) to be checked; a 2 GB
+    uint8 array needed 16 GiB. Reading now holds the uint8 symbols and one chunk at a time."""
+    import tracemalloc
+
+    from turbovae.commands.compress import read_images
+
+    vae = turbovae_load(grey8)
+    path = grey8.parent / "large.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (500_000, 8, 8), dtype=np.uint8))  # 32 MB
+    tracemalloc.start()
+    try:
+        x, _ = read_images(vae, path, binarize=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert x.dtype == torch.uint8 and x.shape == (500_000, 1, 8, 8)
+    assert peak < 3 * 32_000_000  # the float64 copy alone was 256 MB
+
+
+def turbovae_load(run: Path, which: str | None = None):
+    from turbovae.engine.rundir import load
+
+    return load(run, "cpu", which)
+
+
+def test_latent_tables_stay_bounded_and_files_still_decode(grey8, tmp_path, capsys, monkeypatch):
+    """F-latent-bits-16-user, F-hvae28-compress: the latent tables are lanes x latent dims x 2^bits
+    float64 (4.3 GB at 16 bits; 19 GB for a 9,000-dim hvae). compress takes fewer lanes when a table
+    would pass TABLE_BYTES (the lanes used are in the file, so decoding makes the same tables)."""
+    from turbovae import compression
+
+    assert compression.lanes_for_tables(64, 16, 12) == 64  # the defaults of small models are unchanged
+    assert compression.lanes_for_tables(64, 9000, 12) == 1
+    assert compression.lanes_for_tables(64, 16, 16) == 32
+    src = tmp_path / "x.npy"
+    np.save(src, np.random.default_rng(1).integers(0, 256, (30, 8, 8), dtype=np.uint8))
+    monkeypatch.setattr(compression, "TABLE_BYTES", 3 * compression.table_bytes(1, 2, 12))
+    tvz, back = tmp_path / "x.tvz", tmp_path / "back.npy"
+    capsys.readouterr()
+    assert main(["compress", str(grey8), str(src), "--out", str(tvz), "--json", "--progress", "off"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["lanes"] == 3 and "coded with 3 lanes, not 64" in captured.err
+    assert main(["decompress", str(grey8), str(tvz), "--out", str(back)]) == 0
+    assert np.array_equal(np.load(back), np.load(src))
+
+
+def test_compress_and_decompress_never_replace_files_without_overwrite(grey8, grey8_tvz, tmp_path, capsys):
+    """F-out-is-input, F-out-exists-npy, F-out-exists-tvz, F-out-exists-folder: `compress X.npy --out
+    X.npy` replaced its input with the .tvz; an existing .npy, .tvz or same-named PNGs were overwritten."""
+    tvz, folder = grey8_tvz
+    src = tmp_path / "x.npy"
+    np.save(src, np.random.default_rng(1).integers(0, 256, (5, 8, 8), dtype=np.uint8))
+    kept = src.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        one_error_line(capsys, ["compress", str(grey8), str(src), "--out", str(src), *extra], "is the input")
+        assert src.read_bytes() == kept
+    made = tmp_path / "made.tvz"
+    made.write_bytes(b"precious")
+    one_error_line(capsys, ["compress", str(grey8), str(src), "--out", str(made)], "--overwrite")
+    assert made.read_bytes() == b"precious"
+    assert main(["compress", str(grey8), str(src), "--out", str(made), "--overwrite"]) == 0
+    existing = tmp_path / "exists.npy"
+    existing.write_bytes(b"precious")
+    one_error_line(capsys, ["decompress", str(grey8), str(made), "--out", str(existing)], "--overwrite")
+    assert existing.read_bytes() == b"precious"
+    assert main(["decompress", str(grey8), str(made), "--out", str(existing), "--overwrite"]) == 0
+    assert np.array_equal(np.load(existing), np.load(src))
+    out = tmp_path / "pngs"
+    save_image(out / "03.png", GREY)
+    one_error_line(capsys, ["decompress", str(grey8), str(tvz), "--out", str(out)], "03.png", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["03.png"]
+    named_npy = tmp_path / "in.npy"  # a .tvz named like an array: never decoded over itself
+    named_npy.write_bytes(made.read_bytes())
+    argv = ["decompress", str(grey8), str(named_npy), "--out", str(named_npy), "--overwrite"]
+    one_error_line(capsys, argv, "would replace the input")
+    # decompressing a folder's file into the folder it came from replaces nothing without --overwrite
+    one_error_line(capsys, ["decompress", str(grey8), str(tvz), "--out", str(folder)], "--overwrite")
+
+
+def test_every_command_that_loads_a_run_takes_checkpoint(finished, tmp_path, capsys):
+    """F-tvz-sameRunLater (and the issue): eval, sample, encode, export, compress and decompress always
+    took the newest checkpoint; `best` (selected on validation) and older steps could not be chosen."""
+    run = copy_run(finished, tmp_path, "run")
+    kept = sorted(p.stem for p in (run / "checkpoints").glob("*.json"))
+    assert kept == ["best", "step-000000020", "step-000000022"]
+    for which, name in (("best", "best"), ("step-20", "step-000000020"), ("newest", "step-000000022")):
+        out = tmp_path / f"eval-{which}.json"
+        assert main(["eval", str(run), "--checkpoint", which, "--iwae-k", "2", "--out", str(out)]) == 0
+        assert json.loads(out.read_text())["checkpoint"] == f"{name}.json"
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((3, 8, 8), np.float32))
+    assert (
+        main(
+            ["encode", str(run), "--input", str(x), "--checkpoint", "best", "--out", str(tmp_path / "z.npy")]
+        )
+        == 0
+    )
+    assert main(["sample", str(run), "--checkpoint", "step-20", "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(["export", str(run), "--format", "hub", "--checkpoint", "best", "--out", str(tmp_path / "hub")])
+        == 0
+    )
+    for argv in (
+        ["eval", str(run), "--iwae-k", "2", "--out", "-"],
+        ["sample", str(run), "--out", str(tmp_path / "t.png")],
+    ):
+        one_error_line(
+            capsys, [*argv, "--checkpoint", "step-7"], "no checkpoint step-7", "best, step-20, step-22"
+        )
+    one_error_line(
+        capsys, ["eval", str(run), "--checkpoint", "worst", "--out", "-"], "newest", "best", "step-N"
+    )
+
+
+def test_a_tvz_finds_its_checkpoint_among_those_the_run_keeps_or_names_it(finished, tmp_path, capsys):
+    """F-tvz-sameRunLater: a file compressed, then the run trained on, could no longer be decoded ("not
+    this run's checkpoint"), with no way to choose another. decompress now looks for the file's
+    checkpoint among the run's (newest, best, step-N), and names it when the run no longer keeps it."""
+    run = copy_run(finished, tmp_path, "run")
+    x = tmp_path / "x.npy"
+    np.save(x, (np.random.default_rng(0).random((10, 8, 8)) > 0.5).astype(np.uint8))
+    tvz, back = tmp_path / "x.tvz", tmp_path / "back.npy"
+    assert main(["compress", str(run), str(x), "--checkpoint", "step-20", "--out", str(tvz)]) == 0
+    assert main(["decompress", str(run), str(tvz), "--out", str(back)]) == 0  # not the newest: found
+    assert np.array_equal(np.load(back), np.load(x))
+    for suffix in (".json", ".safetensors"):
+        (run / "checkpoints" / f"step-000000020{suffix}").unlink()
+    one_error_line(capsys, ["decompress", str(run), str(tvz), "--out", str(tmp_path / "b2.npy")],
+                   "(step-20)", "no longer keeps", "best, step-22")  # fmt: skip
+
+
+# ---- 7. sizes checked before anything is allocated ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub_folder(finished, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hub") / "model"
+    assert main(["export", str(finished), "--format", "hub", "--out", str(out)]) == 0
+    return out
+
+
+def edited_hub(hub_folder: Path, tmp_path: Path, edit) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(hub_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+HUB_EDITS = {
+    "absurd_shape": lambda c: c.update(event_shape=[1, 100_000, 100_000]),
+    "absurd_latent": lambda c: c["config"]["model"].update(latent=10**9),
+    "absurd_hidden": lambda c: c["config"]["model"].update(hidden=[10**8]),
+    "negative_shape": lambda c: c.update(event_shape=[1, -8, 8]),
+    "shape_string": lambda c: c.update(event_shape="8x8"),
+    "max_value_nan": lambda c: c.update(max_value=float("nan")),
+    "max_value_zero": lambda c: c.update(max_value=0),
+    "config_list": lambda c: c.update(config=[1]),
+    "no_config": lambda c: c.pop("config"),
+    "no_event_shape": lambda c: c.pop("event_shape"),
+    "max_value_str": lambda c: c.update(max_value="abc"),
+    "data_meta_list": lambda c: c.update(data_meta=[1]),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HUB_EDITS))
+def test_from_pretrained_checks_sizes_before_building(hub_folder, tmp_path, edit):
+    """G-from_pretrained-absurd_*: tried to allocate 25 GB to 16 TB; max_value NaN or 0 loaded silently;
+    a malformed config was a KeyError or TypeError. One CheckpointError, nothing allocated."""
+    import resource
+
+    from turbovae import from_pretrained
+    from turbovae.errors import CheckpointError
+
+    folder = edited_hub(hub_folder, tmp_path, HUB_EDITS[edit])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError):
+        from_pretrained(folder)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000
+    from_pretrained(hub_folder)  # the folder it was copied from loads
+
+
+def test_from_pretrained_refuses_weights_that_are_not_a_regular_file(hub_folder, tmp_path):
+    """G-from_pretrained-weights_devzero: model.safetensors a link to /dev/zero was read until a
+    MemoryError at 3.5 GB."""
+    from turbovae import from_pretrained
+    from turbovae.errors import CheckpointError
+
+    folder = tmp_path / "model"
+    shutil.copytree(hub_folder, folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"), [(100_000, "event_shape [1, 100000, 100000]"), (1000, "bytes of weights")]
+)
+def test_a_forged_event_shape_in_a_checkpoint_is_one_line(finished, tmp_path, capsys, shape, expected):
+    """O6-es_big: a checkpoint whose event_shape is [1, 1e5, 1e5], its checksums recomputed, was an
+    allocator traceback (16 TB) in eval. A shape within bounds makes a model larger than the weights
+    the checkpoint holds: refused before it is built."""
+    from turbovae.engine.checkpoint import _canonical
+
+    run = copy_run(finished, tmp_path, "run")
+    for path in (run / "checkpoints").glob("*.json"):
+        meta = json.loads(path.read_text())
+        meta["event_shape"] = [1, shape, shape]
+        meta.pop("meta_sha256")
+        meta["meta_sha256"] = hashlib.sha256(_canonical(meta)).hexdigest()
+        path.write_text(json.dumps(meta))
+    one_error_line(capsys, ["eval", str(run), "--iwae-k", "2", "--out", "-"], expected)
+
+
+def test_an_absurd_latent_is_one_line(tmp_path, capsys):
+    """O33-latent2p63: --latent 2^63 was a C++ overflow traceback."""
+    argv = ["train", *FAST, "--latent", str(2**63), "--out", str(tmp_path / "r")]
+    one_error_line(capsys, argv, "model.latent=9223372036854775808", "cannot be built")
+
+
+@pytest.mark.parametrize("label", [10**9, 2**62])
+def test_a_huge_label_value_is_no_huge_table(tmp_path, label):
+    """I-train-huge, I-train-int64max: labels 0, 1 and 10^9 made torch.full((10^9 + 1,)), 8 GB; 2^62 an
+    overflow. The labels are mapped to class ids by search among the values."""
+    from turbovae import conditioning
+
+    labels = torch.tensor([0, label, 1, label, 0])
+    assert conditioning.remap(labels, [0, 1, label]).tolist() == [0, 2, 1, 2, 0]
+    assert conditioning.remap(torch.tensor([5]), [0, 1, label]).tolist() == [-1]
+    rng = np.random.default_rng(0)
+    x = (rng.random((120, 8, 8)) > 0.5).astype(np.uint8)
+    y = np.array([0, 1, label] * 40, dtype=np.int64)
+    np.savez(tmp_path / "d.npz", x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    argv = [
+        "train",
+        *FAST,
+        "--data",
+        str(tmp_path / "d.npz"),
+        "--condition",
+        "label",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["classes"] == 3
+
+
+def test_nested_class_names_and_binary_label_files_are_one_line(tmp_path, capsys):
+    """I-train-classes_nested: X.classes.json of 100,000 nested lists was a RecursionError."""
+    x = (np.random.default_rng(0).random((80, 8, 8)) > 0.5).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "x.labels.npy", np.arange(80) % 2)
+    (tmp_path / "x.classes.json").write_text("[" * 100_000 + "]" * 100_000)
+    argv = [
+        "train",
+        *FAST,
+        "--data",
+        str(tmp_path / "x.npy"),
+        "--condition",
+        "label",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    one_error_line(capsys, argv, "x.classes.json", "not a JSON list")
+
+
+def test_wide_csv_and_binary_files_are_refused_before_they_are_parsed(tmp_path, capsys, monkeypatch):
+    """E-100k-columns-csv: a CSV of 100,000 columns did not load in 600 s; E-2GB-sparse-raw.csv/.txt:
+    2 GB of NULs as csv: or text: was a MemoryError."""
+    from turbovae.data import dataset
+
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(f"c{i}" for i in range(20_000)) + "\n" + ",".join(["1"] * 20_000) + "\n")
+    one_error_line(
+        capsys, ["train", *FAST, "--data", f"csv:{wide}", "--out", str(tmp_path / "a")], "20,000 columns"
+    )
+    nul = tmp_path / "nul.txt"
+    with open(nul, "wb") as f:
+        f.truncate(2 * 2**20)
+    for data in (f"csv:{nul}", f"text:{nul}"):
+        one_error_line(capsys, ["train", *FAST, "--data", data, "--out", str(tmp_path / "b")], "NUL byte")
+    big = tmp_path / "big.txt"
+    big.write_text("a line of text\n" * 1000)
+    monkeypatch.setattr(dataset, "available_memory", lambda: 1000)
+    one_error_line(
+        capsys, ["train", *FAST, "--data", f"text:{big}", "--out", str(tmp_path / "c")], "of memory to parse"
+    )
+
+
+# ---- 8. tracebacks left ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_export_into_the_working_directory_or_above_is_one_line(finished, tmp_path, capsys, monkeypatch, out):
+    """G-out-dot, G-out-dotdot: `export --out .` was ValueError "empty name", `--out ..` OSError EBUSY."""
+    work = tmp_path / "cwd" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path / "cwd")
+    argv = ["export", str(finished), "--format", "hub", "--out", out, "--overwrite"]
+    one_error_line(capsys, argv, "working directory")
+    assert snapshot(tmp_path / "cwd") == before and sorted(os.listdir(tmp_path / "cwd")) == ["work"]
+
+
+@pytest.mark.slow
+def test_a_user_error_under_nproc_is_one_line(tmp_path):
+    """O36-user-error-nproc: `train --nproc 2` with bad data printed the error line twice, then
+    torchrun's ChildFailedError traceback (48 lines, exit 1)."""
+    bad = tmp_path / "nan.npz"
+    np.savez(bad, x_train=np.full((40, 4), np.nan, np.float32), x_test=np.zeros((5, 4), np.float32))
+    cmd = [sys.executable, "-m", "turbovae", "train", "--nproc", "2", "--data", str(bad), "--progress", "off",
+           "--out", str(tmp_path / "r")]  # fmt: skip
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("turbovae: error:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 1 and "NaN" in errors[0], lines
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("damage", ["nested", "digits"])
+def test_report_skips_a_damaged_metrics_line_with_a_warning(finished, tmp_path, capsys, damage):
+    """O39-metrics_nested, O39-metrics_huge_line: a 100,000-deep line in metrics.jsonl was a
+    RecursionError in report, a 5,000,000-digit number a ValueError."""
+    from turbovae.commands.report import read_metrics
+
+    run = copy_run(finished, tmp_path, "run")
+    good = (run / "metrics.jsonl").read_text()
+    line = "[" * 100_000 + "]" * 100_000 if damage == "nested" else '{"loss": ' + "9" * 5_000_000 + "}"
+    (run / "metrics.jsonl").write_text(line + "\n" + good)
+    capsys.readouterr()
+    events = read_metrics(run)
+    assert len(events) == len(good.splitlines())
+    assert "skipped 1 malformed line" in capsys.readouterr().err
+
+
+def test_a_complex_array_is_refused_not_coded_without_its_imaginary_part(grey8, tmp_path, capsys):
+    """F-in-complex-imag: a complex64 array with an imaginary part was coded as its real part (a raw
+    ComplexWarning, and the decompressed values differed)."""
+    x = tmp_path / "c.npy"
+    np.save(x, (np.arange(640).reshape(10, 8, 8) % 200).astype(np.complex64) * (1 + 1j))
+    one_error_line(capsys, ["compress", str(grey8), str(x), "--out", str(tmp_path / "c.tvz")], "complex")
+    assert not (tmp_path / "c.tvz").exists()
+
+
+# ---- 9. low: one clear line where a value was silently accepted ------------------------------------------
+
+
+def test_silent_acceptances_are_one_line(finished, grey8, hub_folder, tmp_path, capsys):
+    """O33-beta_inf, I-sample-label-empty, I-sample-label-commas, F-layout-negzero,
+    G-from_pretrained-nested_json: --beta inf trained on; `sample --label ''` and `3,,7` were accepted;
+    -0.0 came back +0.0 from compress; a config.json nested 100,000 deep was a RecursionError."""
+    from turbovae import from_pretrained
+    from turbovae.errors import CheckpointError
+
+    one_error_line(
+        capsys, ["train", *FAST, "--beta", "inf", "--out", str(tmp_path / "b")], "train.beta must be finite"
+    )
+    cond = tmp_path / "cond"
+    assert main(["train", *FAST, "--condition", "label", "--out", str(cond)]) == 0
+    for label in ("", "3,,7"):
+        argv = ["sample", str(cond), "--label", label, "--out", str(tmp_path / "s.png")]
+        one_error_line(capsys, argv, "empty class")
+    negzero = tmp_path / "z.npy"
+    np.save(negzero, np.where(np.arange(640).reshape(10, 8, 8) % 7 == 0, -0.0, 3.0))
+    one_error_line(capsys, ["compress", str(grey8), str(negzero), "--out", str(tmp_path / "z.tvz")], "-0.0")
+    folder = tmp_path / "model"
+    shutil.copytree(hub_folder, folder)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError):
+        from_pretrained(folder)
+
+
+def test_more_low_faults_are_one_clear_line(finished, grey8, grey8_tvz, tmp_path, capsys, monkeypatch):
+    """G-export-onnx-cond, G-export-torch-cond: a conditional run's export said to "pass --label or
+    --where", which export does not have. H-pack-nospace: "needs 0.00 GiB, but 0.00 GiB free".
+    O7-loop_neg: a forged loop.epoch of -5 was accepted. F-kill-decompress-folder: a killed
+    decompress left 4 of 1000 images in a folder that looked finished."""
+    from turbovae.commands import compress as command
+    from turbovae.data.pack import _size
+    from turbovae.engine.checkpoint import _loop_ok
+
+    cond = tmp_path / "cond"
+    assert main(["train", *FAST, "--condition", "label", "--out", str(cond)]) == 0
+    for fmt in ("onnx", "torch"):
+        argv = ["export", str(cond), "--format", fmt, "--out", str(tmp_path / fmt)]
+        line = one_error_line(capsys, argv, "conditional run", "--format hub")
+        assert "--label" not in line
+    assert [_size(n) for n in (512, 3 * 2**20, 5 * 2**30)] == ["512 bytes", "3.0 MiB", "5.00 GiB"]
+    assert not _loop_ok({"step": 10, "epoch": -5}) and _loop_ok({"step": 10, "epoch": 2})
+    tvz, _ = grey8_tvz
+    written = []
+    real = command.atomic_write
+
+    def killed(path, data):
+        if len(written) == 4:
+            raise KeyboardInterrupt  # the process stopped here
+        written.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(command, "atomic_write", killed)
+    out = tmp_path / "back"
+    assert main(["decompress", str(grey8), str(tvz), "--out", str(out), "--progress", "off"]) == 130
+    assert len(written) == 4 and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".back")) == []
+
+
+def test_a_mirror_that_trickles_is_given_up_keeping_the_partial_file(tmp_path, monkeypatch):
+    """O37-drip: a mirror that sent one byte every 2 s was never given up (the only timeout was 60 s
+    per read). After TIMEOUT_S, a download slower than MIN_BYTES_PER_S on average stops (TimeoutError,
+    an OSError: the next mirror continues the partial file, which is kept)."""
+    from turbovae.data import download
+
+    now = [0.0]
+    monkeypatch.setattr(download, "_clock", lambda: now[0])
+
+    class Trickle:
+        def __init__(self, step: float, size: int) -> None:
+            self.step, self.size, self.calls = step, size, 0
+
+        def read1(self, n: int) -> bytes:
+            self.calls += 1
+            now[0] += self.step
+            return b"x" * self.size if self.calls < 1000 else b""
+
+    slow = Trickle(2.0, 1)
+    with open(tmp_path / "part", "wb") as out, pytest.raises(TimeoutError, match="given up"):
+        download._copy(slow, out, 0, "http://mirror/x", timeout=60)
+    assert slow.calls == 31 and (tmp_path / "part").read_bytes() == b"x" * 31
+    fast = Trickle(0.1, 20_000)  # 200 kB/s: finishes
+    with open(tmp_path / "part2", "wb") as out:
+        download._copy(fast, out, 0, "http://mirror/x", timeout=60)
+    assert fast.calls == 1000

@@ -218,3 +218,153 @@ def test_tune_takes_the_median_of_repeated_measurements_not_one_outlier(monkeypa
     assert speed == {32: 5000.0, 64: 7010.0, 128: 8000.0}
     assert calls == [32, 64, 128, 64, 128, 32, 64, 128, 32]  # the sweep, then two rounds in turns
     assert choose_batch(speed, None)[0] == 128
+
+
+def test_compress_decompress_and_bench_print_progress_with_throughput(k3_run, tmp_path, capsys, monkeypatch):
+    """First hour 4: compress, decompress and bench said nothing for 75 s and 7 min. Each prints the
+    project's progress lines (every TURBOVAE_PROGRESS_INTERVAL seconds off a terminal) with its rate."""
+    from turbovae.commands import bench
+
+    monkeypatch.setenv("TURBOVAE_PROGRESS_INTERVAL", "0")
+    x = tmp_path / "x.npy"
+    np.save(x, (np.random.default_rng(0).random((40, 8, 8)) > 0.5).astype(np.uint8))
+    capsys.readouterr()
+    assert main(["compress", str(k3_run), str(x), "--out", str(tmp_path / "x.tvz"), "--lanes", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "turbovae: compress: 8 of 40 images" in err and "images_per_s" in err, err
+    assert main(["decompress", str(k3_run), str(tmp_path / "x.tvz"), "--out", str(tmp_path / "y.npy")]) == 0
+    err = capsys.readouterr().err
+    assert "turbovae: decompress: 8 of 40 images" in err and "images_per_s" in err, err
+    assert main(["compress", str(k3_run), str(x), "--out", str(tmp_path / "z.tvz"), "--progress", "off"]) == 0
+    assert "compress:" not in capsys.readouterr().err
+    cfg = resolve(flags={"data.name": "digits", "model.hidden": [16], "model.latent": 2})
+    bench.bench(cfg, windows=2, steps=2)
+    err = capsys.readouterr().err
+    assert "turbovae: bench turbovae: 1 of 2 windows" in err and "samples_per_s" in err, err
+
+
+def test_data_pack_keeps_a_folders_train_and_test_split(tmp_path, capsys):
+    """First hour 6: `data pack FOLDER` merged train/ and test/ without a word, and the held-out images
+    became training data. The test images are now the last rows, and X.split.json records the boundary
+    the loader takes as its test split."""
+    from PIL import Image
+
+    from turbovae.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    for split, n, low in (("train", 12, 0), ("test", 4, 128)):  # test images are the bright ones
+        (tmp_path / "imgs" / split).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(low, low + 128, (6, 5)).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / split / f"{i}.png")
+    out = tmp_path / "x.npy"
+    capsys.readouterr()
+    assert main(["data", "pack", str(tmp_path / "imgs"), "--out", str(out)]) == 0
+    assert "the first 12 rows train, the last 4 test" in capsys.readouterr().out
+    assert json.loads((tmp_path / "x.split.json").read_text()) == {"train": 12, "test": 4}
+    data = load_dataset(str(out))
+    assert len(data.x_train) == 12 and len(data.x_test) == 4
+    assert int(data.x_train.max()) < 128 <= int(data.x_test.min())
+    (tmp_path / "flat").mkdir()  # a folder without a split, packed over it: the old boundary goes
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (6, 5)).astype(np.uint8)).save(tmp_path / "flat" / f"{i}.png")
+    assert main(["data", "pack", str(tmp_path / "flat"), "--out", str(out), "--overwrite"]) == 0
+    assert not (tmp_path / "x.split.json").exists()
+
+
+def _named_rows(path: Path, rows: int) -> bool:
+    """Whether a grid has a white margin on the left with dark text in each of its ``rows`` rows."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("L"))
+    margin = pixels[:, :100]
+    bands = np.array_split(margin, rows)
+    return bool((margin > 200).mean() > 0.8 and all((band < 128).any() for band in bands))
+
+
+def test_conditional_sample_grids_and_the_report_name_their_classes(tmp_path, capsys):
+    """First hour 7: a conditional run's samples.png, `sample --label 3,7` and the report's samples
+    showed rows of digits with no word of which class each row is."""
+    run = tmp_path / "cond"
+    assert main(["train", *TINY, "--condition", "label", "--out", str(run)]) == 0
+    assert _named_rows(run / "samples.png", 10)
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run), "--label", "3,7", "--n", "4", "--out", str(out)]) == 0
+    assert _named_rows(out, 2)
+    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "plain.png")]) == 0
+    assert not _named_rows(tmp_path / "plain.png", 1)
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    assert "one row per class, named on the left" in (tmp_path / "r.html").read_text()
+    assert _named_rows(tmp_path / "figures" / "samples.png", 10)
+
+
+def _quick_start() -> list[list[str]]:
+    """The README quick start's commands, in order (a line's `A && B` as two), comments removed."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.splitlines():
+        for part in line.split(" && "):
+            argv = shlex.split(part, comments=True)
+            if argv:
+                commands.append(argv)
+    return commands
+
+
+def _stand_in_data(folder: Path) -> None:
+    """The user's files the quick start names: 8-bit digit PNGs, a CSV table, a text file."""
+    from PIL import Image
+    from sklearn.datasets import load_digits, load_wine
+
+    (folder / "my-images").mkdir()
+    for i, image in enumerate(load_digits().images[:400]):
+        Image.fromarray((image * 15).astype(np.uint8)).save(folder / "my-images" / f"{i:03d}.png")
+    wine = load_wine(as_frame=True).frame
+    wine.to_csv(folder / "my-table.csv", index=False)
+    words = ["the cat sat", "a dog ran far", "birds sing at dawn", "rain on the roof", "the sea is calm"]
+    lines = [" ".join(words[(i + j) % len(words)] for j in range(1 + i % 3)) for i in range(600)]
+    (folder / "my-corpus.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_every_line_of_the_readme_quick_start_runs_in_order(tmp_path):
+    """First hour 5: the quick start run top to bottom failed three times on "run directory already
+    exists", and its compress line needed a binary.npy the README never said how to make. Every line
+    runs in order here (short: a few steps each), but those needing what this machine lacks (the Hub's
+    network, Fashion-MNIST, an optional package)."""
+    import importlib.util
+
+    _stand_in_data(tmp_path)
+    missing = {
+        "push": True,  # the network and a Hub token
+        "fmnist": not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+        "tensorboard": importlib.util.find_spec("tensorboard") is None,
+        "onnx": importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
+        "compress": importlib.util.find_spec("constriction") is None,
+    }
+    ran, skipped = [], []
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore",
+           "TURBOVAE_PROGRESS_INTERVAL": "60"}  # fmt: skip
+    commands = _quick_start()
+    assert commands and all(argv[0] == "turbovae" for argv in commands), commands
+    for argv in commands:
+        line = " ".join(argv)
+        needs = [name for name, absent in missing.items() if absent and name in line]
+        if needs or ("tuned.yaml" in line and any(" tune " in f" {s} " for s in skipped)):
+            skipped.append(line)
+            continue
+        args = argv[1:]
+        if args[0] == "train":
+            args += ["train.max_steps=10", "eval.iwae_k=2", "train.compile=off"]
+        if args[0] == "tune":
+            args += ["--budget", "15"]
+        done = subprocess.run([sys.executable, "-m", "turbovae", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, (line, done.stderr[-3000:])
+        ran.append(line)
+    assert len(ran) >= 14, (ran, skipped)
+    back, binary = np.load(tmp_path / "binary-back.npy"), np.load(tmp_path / "binary.npy")
+    assert np.array_equal(back, binary) and binary.shape[0] == 100

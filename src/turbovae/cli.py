@@ -17,7 +17,7 @@ from .commands import bench, compress, data, encode, export, push, report, sampl
 from .commands import eval as eval_command
 from .commands.compress import DECOMPRESS
 from .config import KEY_ALIASES
-from .engine.distributed import launch
+from .engine.distributed import launch, report_error
 from .errors import TurboVAEError, clip
 
 OVERRIDE = re.compile(r"^[A-Za-z_]+\.[A-Za-z_]+=")
@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     except TurboVAEError as e:
         if args.debug:
             raise
-        print(f"turbovae: error: {e}", file=sys.stderr)
+        report_error(f"turbovae: error: {e}")
         return 2
     except OSError as e:
         message = file_error(e)
         if message is None or args.debug:
             raise
-        print(f"turbovae: error: {message}", file=sys.stderr)
+        report_error(f"turbovae: error: {message}")
         return 2
     except KeyboardInterrupt:
         print("turbovae: interrupted", file=sys.stderr)

@@ -62,6 +62,12 @@ DEFAULT_LANES = 64
 _HEAD = struct.Struct("<4sH32s32sI")
 _LANE = struct.Struct("<II")
 _SEED_KEY = 0xB1B5  # seed words of lane j: numpy PCG64 seeded with (_SEED_KEY, j)
+# a latent probability table is lanes x latent dims x 2^latent_bits float64 (and its computation holds a
+# few temporaries of that size): ``compress`` takes fewer lanes when the table would exceed this
+TABLE_BYTES = 256 * 2**20
+_TABLE_COPIES = 5  # the table and the temporaries of ``_Buckets.masses`` at their peak
+MAX_METADATA_BYTES = 64 * 2**20
+MAX_METADATA_DEPTH = 32
 
 
 class CompressionError(DataError):
@@ -407,6 +413,30 @@ def _lane_counts(n: int, lanes: int) -> list[int]:
     return [min(lanes, n - start) for start in range(0, n, lanes)]
 
 
+def table_bytes(lanes: int, latent: int, latent_bits: int) -> int:
+    """Bytes of one latent probability table: lanes x latent dims x 2^latent_bits float64."""
+    return lanes * latent * 2**latent_bits * 8
+
+
+def lanes_for_tables(lanes: int, latent: int, latent_bits: int) -> int:
+    """The most lanes, at most ``lanes``, whose latent table stays under TABLE_BYTES (at least 1)."""
+    return max(1, min(lanes, TABLE_BYTES // max(1, table_bytes(1, latent, latent_bits))))
+
+
+def _available_bytes() -> int | None:
+    from .engine.setup import _available_bytes as available
+
+    return available(torch.device("cpu"))
+
+
+def _check_fits(need: int, what: str) -> None:
+    free = _available_bytes()
+    if free is not None and need > free:
+        raise CompressionError(
+            f"{what} needs {need / 2**30:,.1f} GiB of memory, but {free / 2**30:,.1f} GiB are available"
+        )
+
+
 def _as_symbols(vae: VAE, x: torch.Tensor, binary: bool) -> torch.Tensor:
     """Stored values (N, *event) as int64 symbols: bytes 0..255, or bits 0/1 for a Bernoulli run."""
     if tuple(x.shape[1:]) != tuple(vae.event_shape):
@@ -420,7 +450,7 @@ def _as_symbols(vae: VAE, x: torch.Tensor, binary: bool) -> torch.Tensor:
                 "for an 8-bit run (pass integer arrays to code stored values)"
             )
         x = sym.long()
-    else:
+    elif x.dtype != torch.uint8:  # bytes stay bytes: an int64 copy of a large input is 8 times its size
         x = x.long()
     high = 1 if binary else 255
     if len(x) and (int(x.min()) < 0 or int(x.max()) > high):
@@ -439,6 +469,7 @@ def compress(
     checkpoint: bytes | None = None,
     meta: dict[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
+    progress: Any = None,
 ) -> bytes:
     """Compress images losslessly with a trained VAE by bits-back ANS coding.
 
@@ -453,6 +484,7 @@ def compress(
             recorded in the file; None records zeros (the weights' hash is always recorded).
         meta: Extra JSON-able metadata to store (the CLI keeps the input's layout there).
         stats: When given, filled with ``bits``, ``initial_bits``, ``net_bits`` and ``header_bytes``.
+        progress: Called with the number of images coded after every step (a progress bar's update).
 
     Returns:
         The compressed file's bytes; ``decompress(vae, data)`` gives the images back as uint8.
@@ -463,6 +495,8 @@ def compress(
     codec = _Codec(vae, latent_bits)
     sym = _as_symbols(vae, x, codec.binary)
     n = len(sym)
+    # fewer lanes than asked when a latent table would be too large (the file records the lanes used)
+    lanes = lanes_for_tables(lanes, codec.latent, latent_bits)
     counts = _lane_counts(n, lanes)
     lanes = counts[0] if counts else 1
     ans = _constriction().stream.stack.AnsCoder
@@ -475,6 +509,8 @@ def compress(
         chosen, params, priors = codec.pop_posterior(active, xb)
         codec.push_data(active, params, xb)
         codec.push_prior(active, chosen, priors)
+        if progress is not None:
+            progress(count)
     lane_words, stripped = [], []
     for coder, seed in zip(coders, seeds, strict=True):
         words = coder.get_compressed()
@@ -515,9 +551,109 @@ def compress(
     return data
 
 
+def _depth(text: bytes) -> int:
+    """The deepest nesting of brackets in JSON text (strings skipped), without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _corrupt(what: str) -> CompressionError:
+    return CompressionError(f"compressed file is corrupt: {what}")
+
+
+_DTYPE_KINDS = "biuf"  # the dtypes an input array may have had: bool, integers, floats (never objects)
+
+
+def check_info(info: Any, size: int | None = None) -> dict[str, Any]:
+    """Check every metadata field the decoder and the writers read, against its type, its bounds and
+    the others (raising CompressionError naming it), before anything is allocated from it. ``size``:
+    the file's length in bytes."""
+    if not isinstance(info, dict):
+        raise _corrupt("its metadata is not a JSON object")
+    for key in ("count", "lanes", "seed_words", "latent_bits", "latent"):
+        if key in info and not _is_int(info[key]):
+            raise _corrupt(f"its metadata's {key} is not an integer")
+    for key in ("count", "lanes", "seed_words", "latent_bits"):
+        if key not in info:
+            raise _corrupt(f"its metadata lacks {key}")
+    n, lanes = info["count"], info["lanes"]
+    if n < 1:
+        raise _corrupt(f"it claims {n} images")
+    if not 1 <= lanes <= n:
+        raise _corrupt(f"it claims {lanes} lanes for {n} images")
+    if not 2 <= info["latent_bits"] <= 16:
+        raise _corrupt(f"its latent_bits {info['latent_bits']} is outside [2, 16]")
+    if size is not None and _HEAD.size + _LANE.size * lanes + 4 > size:
+        raise CompressionError("compressed file is truncated (it claims more lanes than it holds)")
+    shape = info.get("event_shape")
+    if not (isinstance(shape, list) and shape and all(_is_int(d) and d > 0 for d in shape)):
+        raise _corrupt("its event_shape is not a list of positive integers")
+    dims = math.prod(shape)
+    names = info.get("names")
+    if names is not None:
+        if not isinstance(names, list) or len(names) != n:
+            how_many = len(names) if isinstance(names, list) else "no list of"
+            raise _corrupt(f"it names {how_many} images for {n}")
+        for name in names:
+            if not isinstance(name, str) or not name or "\0" in name or len(name) > 4096:
+                raise _corrupt(f"an image name is not a file name: {str(name)[:80]!r}")
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise DataError(f"compressed file names an image outside the output folder: {name[:200]}")
+        if len(set(names)) != len(names):
+            raise _corrupt("two of its images have the same name")
+    modes = info.get("modes")
+    if modes is not None and not (
+        isinstance(modes, list) and len(modes) == n and all(m in ("L", "RGB", "1") for m in modes)
+    ):
+        raise _corrupt("its image modes are not a list of L, RGB or 1, one per image")
+    if "dtype" in info:
+        try:
+            dtype = np.dtype(info["dtype"]) if isinstance(info["dtype"], str) else None
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind not in _DTYPE_KINDS or dtype.itemsize > 16:
+            raise _corrupt(f"its dtype {str(info['dtype'])[:40]!r} is not a numeric array type")
+    if "array_shape" in info:
+        array_shape = info["array_shape"]
+        if not (
+            isinstance(array_shape, list)
+            and len(array_shape) >= 2
+            and all(_is_int(d) and d >= 0 for d in array_shape)
+            and array_shape[0] == n
+            and math.prod(array_shape) == n * dims
+        ):
+            raise _corrupt(f"its array_shape {str(array_shape)[:80]} does not hold {n} images of {shape}")
+    if "scale" in info and info["scale"] not in (1, 255):
+        raise _corrupt(f"its scale {str(info['scale'])[:40]} is not 1 or 255")
+    if "key" in info and not (isinstance(info["key"], str) and len(info["key"]) <= 256):
+        raise _corrupt("its array key is not a short string")
+    return info
+
+
 def read_header(data: bytes) -> tuple[dict[str, Any], bytes, bytes]:
     """(metadata, checkpoint SHA-256, weights SHA-256) of a compressed file; checks magic, version, the
-    CRC and the length, raising CompressionError for a corrupt or truncated file."""
+    CRC, the length and every metadata field, raising CompressionError for a corrupt or truncated
+    file."""
     if len(data) < _HEAD.size + 4 or data[:4] != MAGIC:
         raise CompressionError("not a turbovae compressed file (.tvz): no TVZ header")
     _, version, ckpt, weights, meta_len = _HEAD.unpack_from(data)
@@ -526,15 +662,22 @@ def read_header(data: bytes) -> tuple[dict[str, Any], bytes, bytes]:
     (crc,) = struct.unpack_from("<I", data, len(data) - 4)
     if zlib.crc32(data[:-4]) != crc:
         raise CompressionError("compressed file is corrupt or truncated (its CRC-32 does not match)")
+    if meta_len > min(MAX_METADATA_BYTES, len(data) - _HEAD.size - 4):
+        raise _corrupt(f"its metadata length {meta_len} runs past the file")
+    blob = data[_HEAD.size : _HEAD.size + meta_len]
+    if _depth(blob) > MAX_METADATA_DEPTH:
+        raise _corrupt(f"its metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
     try:
-        info = json.loads(data[_HEAD.size : _HEAD.size + meta_len])
-    except (UnicodeDecodeError, ValueError):
+        info = json.loads(blob)
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise CompressionError("compressed file is corrupt: its metadata is not valid JSON") from None
-    return info, ckpt, weights
+    return check_info(info, len(data)), ckpt, weights
 
 
 @torch.no_grad()
-def decompress(vae: VAE, data: bytes, *, checkpoint: bytes | None = None) -> torch.Tensor:
+def decompress(
+    vae: VAE, data: bytes, *, checkpoint: bytes | None = None, progress: Any = None
+) -> torch.Tensor:
     """The images of a file written by ``compress``, as uint8 (N, *event_shape): bytes, or bits 0/1.
 
     Raises CompressionError (a DataError) for a corrupt or truncated file, WrongModelError (a
@@ -552,14 +695,15 @@ def decompress(vae: VAE, data: bytes, *, checkpoint: bytes | None = None) -> tor
             "with the run that compressed it"
         )
     vae.eval()
-    try:
-        n, lanes, seed_words = int(info["count"]), int(info["lanes"]), int(info["seed_words"])
-        latent_bits = int(info["latent_bits"])
-    except (KeyError, TypeError, ValueError):
-        raise CompressionError("compressed file is corrupt: its metadata lacks count/lanes/bits") from None
+    n, lanes, seed_words = info["count"], info["lanes"], info["seed_words"]
+    latent_bits = info["latent_bits"]
     codec = _Codec(vae, latent_bits)
     if list(info.get("event_shape", [])) != list(vae.event_shape) or codec.seed_words != seed_words:
         raise WrongModelError("the file was compressed for another model shape")
+    # before anything is allocated from the header: the images, and the latent tables of a step
+    _check_fits(n * math.prod(vae.event_shape) * 2, f"decoding {n:,} images")
+    _check_fits(_TABLE_COPIES * table_bytes(lanes, codec.latent, latent_bits), f"decoding {lanes} lanes at "
+                f"{latent_bits} latent bits")  # fmt: skip
     offset = _HEAD.size + struct.unpack_from("<I", data, _HEAD.size - 4)[0]
     table_end = offset + _LANE.size * lanes
     if table_end > len(data) - 4:
@@ -590,6 +734,8 @@ def decompress(vae: VAE, data: bytes, *, checkpoint: bytes | None = None) -> tor
             x = codec.pop_data(active, params)
             codec.push_posterior(active, chosen, x)
             out[t * lanes : t * lanes + counts[t]] = x.cpu().to(torch.uint8)
+            if progress is not None:
+                progress(counts[t])
     except TurboVAEError:
         raise
     except Exception as e:  # constriction refuses a state a corrupt file can lead to

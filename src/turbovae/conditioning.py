@@ -57,9 +57,12 @@ def label_ids(
 
 def remap(labels: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
     """Label values -> class ids 0..K-1 (positions in ``values``)."""
-    table = torch.full((max(values) + 1,), -1, dtype=torch.long)
-    table[torch.tensor(list(values), dtype=torch.long)] = torch.arange(len(values))
-    return table[labels.long()]
+    # by search among the values, not a table indexed by them: a label of 10^9 would make 8 GB of table
+    known = torch.tensor(list(values), dtype=torch.long)
+    ordered, order = known.sort()
+    labels = labels.long()
+    at = torch.searchsorted(ordered, labels).clamp(max=len(ordered) - 1)
+    return torch.where(ordered[at] == labels, order[at], torch.full_like(labels, -1))
 
 
 def resolve(condition: dict[str, Any], text: str | int, what: str = "label") -> int:
@@ -83,7 +86,11 @@ def resolve_many(condition: dict[str, Any], spec: str, what: str = "label") -> l
     names = [str(n) for n in condition["names"]]
     if spec in names:
         return [names.index(spec)]
-    return [resolve(condition, part, what) for part in spec.split(",") if part.strip()]
+    parts = spec.split(",")
+    if any(not part.strip() for part in parts):  # '' or 3,,7: a class left out, not "no class"
+        shown = ", ".join(names[:20])
+        raise ConfigError(f"--{what} '{spec[:80]}' names an empty class (this run's classes: {shown})")
+    return [resolve(condition, part, what) for part in parts]
 
 
 def parse_where(condition: dict[str, Any], where: str) -> int:

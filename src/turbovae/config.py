@@ -540,6 +540,9 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if not value >= 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, value in {**positive, **non_negative}.items():  # inf: a loss or a schedule of infinities
+        if value == float("inf") and key != "train.time_limit":
+            raise ConfigError(f"{key} must be finite, got {value}")
     for key, value, low, high in (
         ("train.momentum", cfg.train.momentum, 0, 0.9999),
         ("train.final_lr", cfg.train.final_lr, 0, 1),

@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import Config, from_dict, to_yaml
+from .data.dataset import available_memory
 from .engine.rundir import load
-from .engine.setup import build_vae
-from .errors import CheckpointError, ConfigError
+from .engine.setup import build_to_load
+from .errors import CheckpointError, ConfigError, shown
 from .kinds import kind_of
 from .models import model_spec
 from .vae import VAE
@@ -107,7 +110,7 @@ def save_pretrained(
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # also JSON nested deeper than Python recurses
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -294,22 +297,40 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> V
     config = _read_json(config_path)
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{config_path} is not a turbovae model config (format {FORMAT} expected)")
+    max_value = config.get("max_value", 1.0)
+    if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not 0 < max_value < math.inf:
+        raise CheckpointError(f"{config_path}: max_value must be a positive number, got {shown(max_value)}")
     try:
-        blob = weights_path.read_bytes()
+        with open(weights_path, "rb") as f:  # a regular file of a size that fits: not /dev/zero
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointError(f"{weights_path} is not a regular file")
+            free = available_memory()
+            if free is not None and 2 * info.st_size > free:
+                raise CheckpointError(
+                    f"{weights_path} holds {info.st_size / 2**30:,.1f} GiB, more than the memory available"
+                )
+            blob = f.read()
     except OSError as e:
         raise CheckpointError(f"{weights_path} is unreadable: {e.strerror or e}") from None
     try:
         weights = st_load(blob)
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise CheckpointError(f"{weights_path} is not a valid safetensors file: {_first_line(e)}") from None
-    cfg = from_dict(config["config"])
-    vae = build_vae(cfg, tuple(config["event_shape"]), config.get("data_meta"))
+    if not isinstance(config.get("config"), dict) or not isinstance(config.get("data_meta") or {}, dict):
+        raise CheckpointError(f"{config_path}: its config and data_meta must be JSON objects")
+    try:
+        cfg = from_dict(config["config"])
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{config_path}: its config is malformed: {_first_line(e)}") from None
+    stored = sum(t.numel() * t.element_size() for t in weights.values())
+    vae = build_to_load(cfg, config.get("event_shape"), config.get("data_meta"), stored, str(config_path))
     try:
         vae.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{weights_path} does not fit {config_path}: {_first_line(e)}") from None
     vae.config = cfg
-    vae.max_value = float(config.get("max_value", 1.0))
+    vae.max_value = float(max_value)
     return vae.to(device).eval()
 
 

@@ -31,6 +31,9 @@ class VAE(nn.Module):
         # the dataset's description (Dataset.meta: a table's columns and fitted transforms), set by
         # build_vae and so by turbovae.load
         self.data_meta: dict[str, Any] = {}
+        # the checkpoint turbovae.load read (its JSON, and the SHA-256 of its tensors): None, "" otherwise
+        self.checkpoint_path: Any = None
+        self.checkpoint_sha256 = ""
 
     @property
     def event_shape(self) -> tuple[int, ...]:

@@ -30,6 +30,7 @@ from ..engine.step import STATS, make_step
 from ..errors import ConfigError
 from ..models import MLPConfig
 from ..objectives import noise_shape_of
+from ..progress import Progress
 from .options import config_from, config_options
 
 PEERS = ("examples", "pythae")
@@ -54,15 +55,27 @@ def matmul_ceiling(device: torch.device, precision: str, n: int = 0, repeats: in
     return 2 * n**3 * iters / min(times[1:])
 
 
-def _windows(run: Callable[[int], None], device: torch.device, windows: int, steps: int) -> list[float]:
-    """Wall seconds of ``windows`` windows of ``steps`` steps each, synchronised at the edges only."""
+def _windows(
+    run: Callable[[int], None],
+    device: torch.device,
+    windows: int,
+    steps: int,
+    what: str = "turbovae",
+    batch: int = 0,
+) -> list[float]:
+    """Wall seconds of ``windows`` windows of ``steps`` steps each, synchronised at the edges only; the
+    progress (windows done, the last window's samples/s) is updated between windows, outside the timing."""
     seconds = []
-    for _ in range(windows):
-        runtime.synchronize(device)
-        t0 = time.perf_counter()
-        run(steps)
-        runtime.synchronize(device)
-        seconds.append(time.perf_counter() - t0)
+    with Progress(windows, f"bench {what}", "windows") as bar:
+        for _ in range(windows):
+            runtime.synchronize(device)
+            t0 = time.perf_counter()
+            run(steps)
+            runtime.synchronize(device)
+            seconds.append(time.perf_counter() - t0)
+            if batch:
+                bar.set_postfix(samples_per_s=f"{batch * steps / seconds[-1]:,.0f}")
+            bar.update()
     return seconds
 
 
@@ -113,7 +126,7 @@ def bench_turbovae(s: Setup, windows: int, steps: int) -> dict[str, Any]:
     run(runtime.PROBE_STEPS + 10)  # warm-up: the compile decision (and compilation) happen here
     warmup_s = time.perf_counter() - t0
     runtime.reset_peak_memory(device)
-    seconds = _windows(run, device, windows, steps)
+    seconds = _windows(run, device, windows, steps, "turbovae", s.cfg.train.batch_size)
     if not torch.isfinite(sums).all() or sums[STATS.index("skipped")] > sums[STATS.index("applied")]:
         raise ConfigError("the loss became NaN or Inf during the benchmark; lower --lr")
     median = statistics.median(seconds)
@@ -186,7 +199,7 @@ def bench_examples(s: Setup, windows: int, steps: int) -> float:
             opt.step()
 
     run(20)
-    seconds = _windows(run, device, windows, steps)
+    seconds = _windows(run, device, windows, steps, "pytorch/examples", cfg.train.batch_size)
     return cfg.train.batch_size * steps / statistics.median(seconds)
 
 

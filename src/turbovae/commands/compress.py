@@ -18,6 +18,9 @@ import argparse
 import io
 import json
 import math
+import os
+import shutil
+import stat
 import sys
 import time
 import types
@@ -29,14 +32,24 @@ import torch
 
 from .. import compression
 from ..data.arrays import _read
+from ..engine import checkpoint
 from ..engine.rundir import load
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..evaluation.likelihood import nelbo
 from ..files import atomic_write
 from ..likelihoods import Bernoulli
+from ..progress import Progress, note
 from ..vae import VAE
+from .options import checkpoint_option
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# the formats a folder's images may have: each is written back in its own format under its own name,
+# pixel for pixel (JPEG, GIF and WebP are refused: a JPEG cannot be written back with the same pixels)
+LOSSLESS_FORMATS = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+IMAGE_SUFFIXES = (*LOSSLESS_FORMATS, ".jpg", ".jpeg", ".gif", ".webp")
+_MODE_NAMES = {"L": "8-bit grey", "RGB": "8-bit RGB", "1": "1-bit", "RGBA": "RGBA (colour + alpha)",
+               "LA": "grey + alpha", "P": "palette", "I;16": "16-bit grey", "I": "32-bit integer",
+               "F": "32-bit float", "CMYK": "CMYK"}  # fmt: skip
+_CHUNK = 2**22  # elements of an input array checked and converted at a time
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -46,33 +59,81 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _read_folder(vae: VAE, root: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_image(path: Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """(pixels (H, W) or (H, W, 3) uint8, the file's mode), refusing, from the header and before any
+    pixel is decoded, an image the codec could not give back exactly."""
+    import warnings
+
     from PIL import Image
 
+    from ..data.images import _check_bit_depth
+
+    if path.suffix.lower() not in LOSSLESS_FORMATS:
+        raise DataError(
+            f"{path}: a {path.suffix.lower()[1:].upper()} image cannot be given back exactly (decompress "
+            f"writes {', '.join(sorted(set(LOSSLESS_FORMATS.values())))}); convert the folder to PNG"
+        )
+    _check_bit_depth(path)  # a 16-bit PNG: Pillow would read 16-bit colour as 8 bits
+    want = "L" if channels == 1 else "RGB"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                mode = im.mode
+                if mode != want and not (want == "L" and mode == "1"):
+                    raise DataError(
+                        f"{path}: a {_MODE_NAMES.get(mode, mode)} image, but this run codes "
+                        f"{_MODE_NAMES[want]} images: the codec is lossless and would lose what the run "
+                        "does not model; convert it, or compress it with a run trained on such images"
+                    )
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1:
+                    raise DataError(f"{path}: holds {frames} frames; the codec takes one image a file")
+                if im.size != (size[1], size[0]):
+                    raise DataError(
+                        f"{path}: a {im.size[1]}x{im.size[0]} image, but the run's model takes "
+                        f"{size[0]}x{size[1]} (HxW)"
+                    )
+                pixels = np.asarray(im.convert("L") if mode == "1" else im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:  # fmt: skip
+        raise DataError(f"{path}: not a readable image ({e})") from None
+    return pixels, mode
+
+
+def _read_folder(vae: VAE, root: Path) -> tuple[np.ndarray, dict[str, Any]]:
     files = _image_files(root)
     if not files:
-        raise DataError(f"{root}: no PNG/JPEG images in this folder")
-    channels = vae.event_shape[0] if len(vae.event_shape) == 3 else 0
+        raise DataError(f"{root}: no PNG, BMP or TIFF images in this folder")
+    event = tuple(vae.event_shape)
+    channels = event[0] if len(event) == 3 else 0
     if channels not in (1, 3):
-        raise DataError(f"{root}: a folder of images, but this run's model takes {vae.event_shape}")
-    images = []
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                images.append(np.asarray(im.convert("L" if channels == 1 else "RGB")))
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not a readable image ({e})") from None
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise DataError(f"{root}: images of different sizes {sorted(shapes)[:2]}; the run takes one size")
-    names = [str(p.relative_to(root).with_suffix(".png")) for p in files]
-    return np.stack(images), {"source": "folder", "names": names}
+        raise DataError(f"{root}: a folder of images, but this run's model takes {event}")
+    _check_fits(len(files) * math.prod(event) * 2, f"{len(files)} images of {event}")
+    images = np.empty((len(files), *event[1:], *((3,) if channels == 3 else ())), dtype=np.uint8)
+    modes = []
+    for i, path in enumerate(files):
+        images[i], mode = _read_image(path, channels, (event[1], event[2]))
+        modes.append(mode)
+    meta: dict[str, Any] = {"source": "folder", "names": [p.relative_to(root).as_posix() for p in files]}
+    if any(m == "1" for m in modes):
+        meta["modes"] = modes
+    return images, meta
+
+
+def _check_fits(need: int, what: str) -> None:
+    free = compression._available_bytes()
+    if free is not None and need > free:
+        raise DataError(
+            f"{what} need {need / 2**30:,.1f} GiB of memory to compress, but {free / 2**30:,.1f} GiB are "
+            "available: compress them in parts"
+        )
 
 
 def _read_array(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    arrays = _read(path)
+    arrays = _read(path, mmap=path.suffix.lower() == ".npy")  # a large .npy is read as it is checked
     if len(arrays) == 1:
         ((key, x),) = arrays.items()
     elif "x" in arrays:
@@ -81,9 +142,42 @@ def _read_array(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         raise DataError(
             f"{path}: holds arrays {', '.join(sorted(arrays))}; expected one array, or one named x"
         )
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or x.ndim < 2:
-        raise DataError(f"{path}: has shape {x.shape} and dtype {x.dtype}, expected numeric (N, ...) images")
+    if x.dtype.kind not in "biuf" or x.ndim < 2:
+        what = "complex values are not stored image values" if x.dtype.kind == "c" else "expected numeric"
+        raise DataError(f"{path}: has shape {x.shape} and dtype {x.dtype}; {what} (N, ...) images")
     return x, {"source": path.suffix.lower()[1:], "key": key}
+
+
+def _value_summary(x: np.ndarray, where: str) -> tuple[float, float, bool, bool]:
+    """(lowest, highest, all 0/1, all 0/255) of whole-number values, a chunk at a time (no float64 copy
+    of the whole input); fractions, NaN and infinities are refused."""
+    low, high, bits, bytes255 = math.inf, -math.inf, True, True
+    flat = x.reshape(-1)
+    for i in range(0, len(flat), _CHUNK):
+        c = np.asarray(flat[i : i + _CHUNK])
+        if c.dtype.kind == "f" and (not np.isfinite(c).all() or not np.array_equal(c, np.round(c))):
+            raise DataError(f"{where}: the values must be whole numbers (stored image values), got fractions")
+        if c.dtype.kind == "f" and np.signbit(c[c == 0]).any():
+            raise DataError(
+                f"{where}: holds -0.0, whose sign the codec would not keep (it would come back 0.0); "
+                "add 0.0 to the array first (x + 0.0 turns -0.0 into 0.0)"
+            )
+        if c.size:
+            low, high = min(low, float(c.min())), max(high, float(c.max()))
+            if bits or bytes255:
+                zero = c == 0
+                bits = bits and bool((zero | (c == 1)).all())
+                bytes255 = bytes255 and bool((zero | (c == 255)).all())
+    return low, high, bits, bytes255
+
+
+def _symbols(x: np.ndarray, convert: Any) -> np.ndarray:
+    """``convert`` applied a chunk at a time, into one uint8 array of x's shape."""
+    out = np.empty(x.shape, dtype=np.uint8)
+    flat, dest = x.reshape(-1), out.reshape(-1)
+    for i in range(0, len(flat), _CHUNK):
+        dest[i : i + _CHUNK] = convert(np.asarray(flat[i : i + _CHUNK]))
+    return out
 
 
 def _to_event(x: np.ndarray, event: tuple[int, ...], where: str) -> tuple[np.ndarray, bool]:
@@ -97,6 +191,20 @@ def _to_event(x: np.ndarray, event: tuple[int, ...], where: str) -> tuple[np.nda
     raise DataError(f"{where}: images of shape {tuple(x.shape[1:])}, but the run's model takes {event}")
 
 
+def binarize_threshold(vae: VAE, where: str) -> float:
+    """The value from which --binarize makes a 1: half the largest value of the data the run was trained
+    on (``max_value``; training drew x ~ Bernoulli(value / max_value), whose likelier outcome this is).
+    A run that was not binarised (trained on 0/1 data) is refused."""
+    cfg = getattr(vae, "config", None)
+    mode = getattr(getattr(cfg, "data", None), "binarize", "auto")
+    if mode == "none" or vae.max_value <= 1:
+        raise DataError(
+            f"{where}: --binarize thresholds images as the run binarised its training data, but this run "
+            "was trained on binary (0/1) data: give it 0/1 (or 0/255) images"
+        )
+    return vae.max_value / 2
+
+
 def read_images(vae: VAE, path: str | Path, binarize: bool) -> tuple[torch.Tensor, dict[str, Any]]:
     """The images of ``path`` as the symbols the run codes (uint8 (N, *event): bytes, or bits), and the
     layout to write them back in."""
@@ -106,45 +214,83 @@ def read_images(vae: VAE, path: str | Path, binarize: bool) -> tuple[torch.Tenso
     elif path.suffix.lower() in (".npy", ".npz"):
         x, meta = _read_array(path)
     else:
-        raise DataError(f"{path}: expected a .npy or .npz file or a folder of PNG/JPEG images")
+        raise DataError(f"{path}: expected a .npy or .npz file or a folder of PNG/BMP/TIFF images")
     if len(x) == 0:
         raise DataError(f"{path}: holds no images")
+    event = tuple(vae.event_shape)
+    _to_event(x[:0], event, str(path))  # the shape is refused before the values are read
+    _check_fits(len(x) * math.prod(event) * 2, f"{len(x)} images of {event}")
     meta.update(array_shape=list(x.shape), dtype=x.dtype.str)
-    x, meta["channels_last"] = _to_event(x, tuple(vae.event_shape), str(path))
-    values = x.astype(np.float64)
-    if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
-        raise DataError(f"{path}: the values must be whole numbers (stored image values), got fractions")
-    low, high = float(values.min()), float(values.max())
+    low, high, bits, bytes255 = _value_summary(x, str(path))
     binary = type(vae.likelihood) is Bernoulli
     if binary:
-        distinct = set(np.unique(values).tolist())
-        if distinct <= {0.0, 1.0}:
+        if bits:
             scale = 1
-        elif distinct <= {0.0, 255.0}:
+        elif bytes255:
             scale = 255
         elif binarize:
-            if low < 0 or high > 255:
-                raise DataError(f"{path}: --binarize needs values in [0, 255], got [{low:g}, {high:g}]")
-            values, scale = (values >= (128 if high > 1 else 0.5)).astype(np.float64), 1
+            threshold = binarize_threshold(vae, str(path))
+            if low < 0 or high > vae.max_value:
+                raise DataError(
+                    f"{path}: --binarize thresholds at half of the run's largest training value "
+                    f"{vae.max_value:g}, the values are in [{low:g}, {high:g}], not [0, {vae.max_value:g}]"
+                )
             meta["binarized"] = True
+            meta["scale"] = 1
+            symbols = _symbols(x, lambda c: c >= threshold)
+            x = None  # type: ignore[assignment]
         else:
             raise DataError(
                 f"{path}: this run's likelihood is bernoulli, which codes binary images (values 0/1 or "
                 f"0/255), but the images have values in [{low:g}, {high:g}]: pass --binarize to threshold "
-                "them at half (the file then holds the binarised images)"
+                f"them at half of the run's largest training value {vae.max_value:g} (the file then holds "
+                "the binarised images)"
             )
-        meta["scale"] = scale
-        symbols = values / scale
+        if x is not None:
+            meta["scale"] = scale
+            symbols = _symbols(x, lambda c: c // scale if scale > 1 else c)
     else:
         if low < 0 or high > 255:
             raise DataError(
                 f"{path}: this run's likelihood codes 8-bit images (values 0..255), got [{low:g}, {high:g}]"
             )
-        symbols = values
-    return torch.from_numpy(symbols.astype(np.uint8)), meta
+        symbols = _symbols(x, lambda c: c)
+    del x
+    symbols, meta["channels_last"] = _to_event(symbols, event, str(path))
+    return torch.from_numpy(symbols), meta
 
 
 # ---- writing ----------------------------------------------------------------------------------------
+
+
+def _targets(info: dict[str, Any], count: int, out: Path) -> list[Path]:
+    """The files a folder's images are written to (names checked by ``compression.check_info``)."""
+    width = len(str(count - 1))
+    names = info.get("names") or [f"{i:0{max(width, 6)}d}.png" for i in range(count)]
+    for name in names:
+        if Path(name).suffix.lower() not in LOSSLESS_FORMATS:
+            raise compression.CompressionError(
+                f"compressed file is corrupt: the image name {name[:80]!r} is not a .png, .bmp or .tif file"
+            )
+    return [out / name for name in names]
+
+
+def check_out(info: dict[str, Any], out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse, before anything is decoded or written, an --out that would replace a file without
+    --overwrite, or that is one of ``inputs`` (the compressed file, the run's files) with it."""
+    targets = [out] if out.suffix.lower() in (".npy", ".npz") else _targets(info, int(info["count"]), out)
+    if out.suffix.lower() not in (".npy", ".npz") and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder (use FILE.npy or FILE.npz for arrays)")
+    if targets == [out] and out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a FILE.npy or FILE.npz")
+    protected = {p.resolve() for p in inputs if p.exists()}
+    for target in targets:
+        if target.resolve() in protected:
+            raise ConfigError(f"--out {out} would replace the input {target}; write somewhere else")
+    existing = [t for t in targets if t.exists() or t.is_symlink()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise ConfigError(f"--out: {existing[0]}{more} already exists; pass --overwrite to replace it")
 
 
 def write_images(x: torch.Tensor, info: dict[str, Any], out: Path) -> None:
@@ -170,21 +316,27 @@ def write_images(x: torch.Tensor, info: dict[str, Any], out: Path) -> None:
         return
     from PIL import Image
 
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder (use FILE.npy or FILE.npz for arrays)")
     if values.ndim != 4 or values.shape[1] not in (1, 3):
         raise ConfigError(f"images of shape {values.shape[1:]} cannot be written as PNG: use --out FILE.npy")
-    width = len(str(len(values) - 1))
-    names = info.get("names") or [f"{i:0{max(width, 6)}d}.png" for i in range(len(values))]
-    for name, image in zip(names, values, strict=True):
-        target = out / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise DataError(f"compressed file names an image outside the output folder: {name}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG")
-        atomic_write(target, buf.getvalue())
+    # a new folder is written under a temporary name beside it and renamed when complete: a killed
+    # decompress leaves no folder that looks finished (into an existing folder, file by file)
+    staged = None if out.exists() else out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    root = staged or out
+    targets = _targets(info, len(values), root)
+    modes = info.get("modes") or [None] * len(values)
+    try:
+        for target, image, mode in zip(targets, values, modes, strict=True):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pixels = np.ascontiguousarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+            picture = Image.fromarray(pixels > 127) if mode == "1" else Image.fromarray(pixels)
+            buf = io.BytesIO()
+            picture.save(buf, format=LOSSLESS_FORMATS[target.suffix.lower()])
+            atomic_write(target, buf.getvalue())
+        if staged is not None:
+            os.replace(staged, out)
+    finally:
+        if staged is not None and staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 # ---- the commands -----------------------------------------------------------------------------------
@@ -205,15 +357,20 @@ def add_parser(sub: Any) -> None:
         "(BB-ANS). The rate approaches the model's NELBO in bits/dim. Runs on the CPU.",
     )
     c.add_argument("run_dir")
-    c.add_argument("input", help="FILE.npy, FILE.npz or IMAGE_FOLDER/ of the kind the run was trained on")
+    c.add_argument("input", help="FILE.npy, FILE.npz or IMAGE_FOLDER/ (PNG, BMP, TIFF) of the kind the run "
+                   "was trained on")  # fmt: skip
     c.add_argument("--out", required=True, help="the compressed file, FILE.tvz")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    checkpoint_option(c)
     c.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    c.add_argument("--progress", choices=("auto", "off"), default="auto", help="progress lines")
     c.add_argument(
         "--lanes",
         type=int,
         default=compression.DEFAULT_LANES,
         help="independent chains coded side by side: the networks' batch, each with its own initial bits "
-        f"(default {compression.DEFAULT_LANES})",
+        f"(default {compression.DEFAULT_LANES}; fewer when a latent probability table would exceed "
+        f"{compression.TABLE_BYTES // 2**20} MiB)",
     )
     c.add_argument(
         "--latent-bits",
@@ -224,22 +381,57 @@ def add_parser(sub: Any) -> None:
     c.add_argument(
         "--binarize",
         action="store_true",
-        help="bernoulli runs: threshold grey images at half (the file holds the binarised images)",
+        help="bernoulli runs trained on binarised data: threshold the images at half the run's largest "
+        "training value (the file holds the binarised images)",
     )
+
+
+def _progress(args: argparse.Namespace, total: int, desc: str) -> Progress:
+    return Progress(total=total, desc=desc, unit="images", enabled=args.progress != "off")
+
+
+def _counter(bar: Progress) -> Any:
+    start = time.perf_counter()
+
+    def update(n: int) -> None:
+        rate = (bar.n + n) / max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix(images_per_s=f"{rate:,.1f}")
+        bar.update(n)
+
+    return update
+
+
+def _checkpoint_name(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    step = checkpoint.step_of(path)
+    return f"step-{step}" if step is not None else path.stem
 
 
 def run(args: argparse.Namespace) -> int:
-    vae = load(args.run_dir, "cpu")
+    out = Path(args.out)
+    source = Path(args.input)
+    if out.exists() or out.is_symlink():
+        if source.exists() and out.resolve() == source.resolve():
+            raise ConfigError(f"--out {out} is the input: write the compressed file somewhere else")
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder; name a FILE.tvz")
+        if not args.overwrite:
+            raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
+    vae = load(args.run_dir, "cpu", args.checkpoint)
     compression.check_model(vae)
-    ckpt = compression.checkpoint_sha256(args.run_dir)
+    ckpt = bytes.fromhex(vae.checkpoint_sha256) if vae.checkpoint_sha256 else None
     x, meta = read_images(vae, args.input, args.binarize)
+    meta["checkpoint"] = _checkpoint_name(vae.checkpoint_path)
     start = time.perf_counter()
     stats: dict[str, Any] = {}
-    data = compression.compress(
-        vae, x, lanes=args.lanes, latent_bits=args.latent_bits, checkpoint=ckpt, meta=meta, stats=stats
-    )
+    with _progress(args, len(x), "compress") as bar:
+        data = compression.compress(
+            vae, x, lanes=args.lanes, latent_bits=args.latent_bits, checkpoint=ckpt, meta=meta, stats=stats,
+            progress=_counter(bar),
+        )  # fmt: skip
     seconds = time.perf_counter() - start
-    atomic_write(Path(args.out), data)
+    atomic_write(out, data)
     dims = len(x) * math.prod(vae.event_shape)
     report = {
         "images": len(x),
@@ -253,8 +445,12 @@ def run(args: argparse.Namespace) -> int:
         "images_per_second": len(x) / seconds,
         "lanes": stats["lanes"],
         "latent_bits": stats["latent_bits"],
+        "checkpoint": meta["checkpoint"],
         "out": str(args.out),
     }
+    if stats["lanes"] < min(args.lanes, len(x)):
+        note(f"coded with {stats['lanes']} lanes, not {args.lanes}: a latent table of more lanes would "
+             f"exceed {compression.TABLE_BYTES // 2**20} MiB")  # fmt: skip
     if args.json:
         print(json.dumps(report))
     else:
@@ -274,31 +470,79 @@ def _add_decompress_parser(sub: Any) -> None:
         "decompress",
         help="decompress a .tvz file written by turbovae compress (with the same run)",
         description="Decode a file written by `turbovae compress` with the same run: the images come back "
-        "bit for bit, as the array or the images they were read from.",
+        "bit for bit, as the array or the images they were read from. The run's checkpoint the file was "
+        "made with is found among those the run keeps (newest, best, step-N).",
     )
     d.add_argument("run_dir")
     d.add_argument("file", help="FILE.tvz")
-    d.add_argument("--out", required=True, help="FILE.npy, FILE.npz or a folder for PNG images")
+    d.add_argument("--out", required=True, help="FILE.npy, FILE.npz or a folder for the images")
+    d.add_argument("--overwrite", action="store_true", help="replace files that exist under --out")
+    checkpoint_option(d)
     d.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    d.add_argument("--progress", choices=("auto", "off"), default="auto", help="progress lines")
+
+
+def _read_tvz(path: Path) -> bytes:
+    """The bytes of a .tvz file, its magic read first (a large file of another kind is not read)."""
+    try:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise DataError(f"{path}: not a regular file")
+            if f.read(len(compression.MAGIC)) != compression.MAGIC:
+                raise compression.CompressionError(
+                    f"{path}: not a turbovae compressed file (.tvz): no TVZ header"
+                )
+            return compression.MAGIC + f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+
+
+def _checkpoint_of(run_dir: Path, sha: bytes, recorded: Any) -> str | None:
+    """The checkpoint of ``run_dir`` whose tensors have SHA-256 ``sha`` (newest first, then best, then
+    the other kept steps), as ``--checkpoint`` names it; a WrongModelError naming the file's checkpoint
+    when the run no longer keeps it."""
+    newest, _ = checkpoint.choose(run_dir)
+    folder = run_dir / "checkpoints"
+    candidates = [newest, folder / "best.json", *(p for _, p in reversed(checkpoint.step_files(folder)))]
+    for path in candidates:
+        if path is None or not path.is_file():
+            continue
+        try:
+            meta = checkpoint.read_meta(path)
+        except CheckpointError:
+            continue
+        if meta.get("tensors_sha256") == sha.hex():
+            return "newest" if path == newest else _checkpoint_name(path)
+    named = f" ({recorded[:40]})" if isinstance(recorded, str) else ""
+    kept = ", ".join(checkpoint.available(run_dir)) or "none"
+    raise compression.WrongModelError(
+        f"the file was compressed with checkpoint {sha.hex()[:12]}…{named}, which {run_dir} no longer keeps "
+        f"(its checkpoints: {kept}): decompress it with a copy of the run that has it"
+    )
 
 
 def _run_decompress(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    data = path.read_bytes()
-    info, _, _ = compression.read_header(data)  # a corrupt file is refused before the model is loaded
-    vae = load(args.run_dir, "cpu")
+    path, out, run_dir = Path(args.file), Path(args.out), Path(args.run_dir)
+    data = _read_tvz(path)
+    info, sha, _ = compression.read_header(data)  # a corrupt file is refused before the model is loaded
+    check_out(info, out, args.overwrite, inputs=(path, run_dir))
+    which = args.checkpoint
+    if which is None and any(sha):
+        which = _checkpoint_of(run_dir, sha, info.get("checkpoint"))
+    vae = load(run_dir, "cpu", which)
     start = time.perf_counter()
-    x = compression.decompress(vae, data, checkpoint=compression.checkpoint_sha256(args.run_dir))
+    ckpt = bytes.fromhex(vae.checkpoint_sha256) if vae.checkpoint_sha256 else None
+    with _progress(args, int(info["count"]), "decompress") as bar:
+        x = compression.decompress(vae, data, checkpoint=ckpt, progress=_counter(bar))
     seconds = time.perf_counter() - start
-    write_images(x, info, Path(args.out))
-    report = {"images": len(x), "bytes": len(data), "seconds": seconds,
+    write_images(x, info, out)
+    report = {"images": len(x), "bytes": len(data), "seconds": seconds, "checkpoint": which or "newest",
               "images_per_second": len(x) / seconds, "out": str(args.out)}  # fmt: skip
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{len(x)} images -> {args.out}, {seconds:.1f} s", file=sys.stderr)
+        print(f"{len(x)} images -> {args.out}, {seconds:.1f} s, {len(x) / seconds:.0f} images/s",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -22,7 +22,8 @@ def add_parser(sub: Any) -> None:
         help="a folder of PNG/JPEG images as one uint8 .npy (rows shuffled), memory-mapped when trained on",
         description="Pack every image under FOLDER into one (N, C, H, W) uint8 array, its rows in a fixed "
         "shuffled order, decoded one image at a time into the file. Class sub-folders give OUT.labels.npy "
-        "and OUT.classes.json beside it. `turbovae train --data OUT` memory-maps the array (docs/data.md).",
+        "and OUT.classes.json beside it; a folder's train/ and test/ are kept (OUT.split.json). "
+        "`turbovae train --data OUT` memory-maps the array (docs/data.md).",
     )
     p.add_argument("folder", help="the image folder (searched recursively)")
     p.add_argument("--out", required=True, help="the .npy file to write")
@@ -37,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         done = pack_images(args.folder, args.out, resize=parse_resize(args.resize), overwrite=args.overwrite)
         n, c, h, w = done.shape
         labels = f", labels of {len(done.classes)} classes in {done.labels}" if done.classes else ""
-        print(f"{done.path}: {n:,} images of {c}x{h}x{w} (uint8){labels}")
+        split = (f"; train/ and test/ kept: the first {done.n_train:,} rows train, the last "
+                 f"{n - done.n_train:,} test" if done.n_train else "")  # fmt: skip
+        print(f"{done.path}: {n:,} images of {c}x{h}x{w} (uint8){labels}{split}")
         return 0
     for path in export_tables(args.folder):
         print(path)

@@ -33,6 +33,7 @@ from ..engine.rundir import load
 from ..errors import ConfigError, DataError
 from ..kinds import kind_of
 from ..vae import VAE
+from .options import checkpoint_option
 
 
 def input_labels(vae: VAE, args: argparse.Namespace, n: int) -> torch.Tensor | None:
@@ -54,7 +55,14 @@ def input_labels(vae: VAE, args: argparse.Namespace, n: int) -> torch.Tensor | N
     if path.suffix.lower() == ".npy":
         ids = torch.from_numpy(np.asarray(_read(path)[""]).astype(np.int64).reshape(-1))
     else:
-        words = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}: not UTF-8 text (a bad byte at offset {e.start}); expected one class a line, or "
+                "a .npy of class ids"
+            ) from None
+        words = [line.strip() for line in text.splitlines() if line.strip()]
         ids = torch.tensor([conditioning.resolve(vae.condition, w) for w in words], dtype=torch.long)
     return conditioning.check_labels(ids, n, len(vae.condition["names"]), str(path))
 
@@ -84,6 +92,7 @@ def add_parser(sub: Any) -> None:
         "identifier column or line, an array's row index).",
     )
     c.add_argument("run_dir")
+    checkpoint_option(c)
     c.add_argument(
         "--input",
         required=True,
@@ -108,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix not in (".npy", ".npz", ".csv"):
         raise ConfigError(f"--out must end in .npy, .npz or .csv, got {out}")
     device = runtime.select_device(args.device)
-    vae = load(args.run_dir, device)
+    vae = load(args.run_dir, device, args.checkpoint)
     x, names = kind_of(vae).read_input(vae, Path(args.input))  # the rows, named (the module docstring)
     mean, stddev = encode(vae, x, args.batch_size, input_labels(vae, args, len(x)))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from .. import evaluation, runtime
@@ -17,7 +18,7 @@ from ..evaluation.fidelity import REPORT_STAGES, fidelity_report
 from ..kinds import kind_of
 from ..kinds.table import synthesize
 from ..progress import Progress, note
-from .options import json_out
+from .options import checkpoint_option, json_out
 
 DEFAULT_K = EvalConfig().iwae_k  # --iwae-k for a run trained with eval.iwae_k=0
 
@@ -32,6 +33,7 @@ def iwae_cost(k: int, n: int, split: str) -> str:
 def add_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="evaluate a trained run on held-out data")
     e.add_argument("run_dir")
+    checkpoint_option(e)
     e.add_argument(
         "--iwae-k",
         type=int,
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     out = json_out(args, "eval.json")
     device = runtime.select_device(args.device)
     runtime.configure(device, args.threads)
-    vae = load(args.run_dir, device)
+    vae = load(args.run_dir, device, args.checkpoint)
     s = setup(vae.config, device, vae.data_meta)
     s.vae = vae
     hardware.settle(vae.config, s, args.threads, precision=False)  # train's thread choice, shared
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     gen = runtime.generator(device, args.seed)
     result = {"split": args.split, "data": s.data.name, "run": str(args.run_dir)}
     result["device"] = runtime.describe(device)
+    result["checkpoint"] = Path(vae.checkpoint_path).name
     note(iwae_cost(k, len(x), args.split))  # what the pass costs, as train says before its own
     with Progress(len(x), f"IWAE k={k:,}", "examples") as bar:
         result.update(
@@ -165,7 +168,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
     out = json_out(args, "fidelity.json")
     device = runtime.select_device(args.device)
     runtime.configure(device, args.threads)
-    vae = load(args.run_dir, device)
+    vae = load(args.run_dir, device, args.checkpoint)
     # the real rows (data with columns only): the run's splits, read again (the training file gone or
     # changed: --real only), or --real
     real_train, real_test, real = kind_of(vae).real_rows(vae, args.real, str(args.run_dir))

@@ -44,6 +44,7 @@ from ..errors import ConfigError, unknown_name
 from ..hub import save_pretrained
 from ..structures import Graph
 from ..vae import VAE
+from .options import checkpoint_option
 
 FORMATS = ("onnx", "torch", "hub")
 MANIFEST = "export.json"
@@ -62,6 +63,7 @@ def add_parser(sub: Any) -> None:
         "model.safetensors, README.md: the Hugging Face Hub layout, loaded by turbovae.from_pretrained).",
     )
     e.add_argument("run_dir")
+    checkpoint_option(e)
     e.add_argument("--format", default="onnx", help="onnx | torch | hub (default onnx)")
     e.add_argument(
         "--out", required=True, help="the directory to write (created; must not exist or be empty)"
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             )
     run_dir, out = Path(args.run_dir), Path(args.out)
     check_out_dir(out, run_dir, args.overwrite)
-    vae = load(run_dir, "cpu")
+    vae = load(run_dir, "cpu", args.checkpoint)
     report: list[str] = []
     with staged_dir(out) as tmp:
         if args.format == "hub":
@@ -105,7 +107,12 @@ def check_out_dir(out: Path, run_dir: Path, overwrite: bool) -> None:
     """An export never replaces an existing directory without --overwrite, nor ever a run directory."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    target, run = out.resolve(), run_dir.resolve()
+    target, run, here = out.resolve(), run_dir.resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise ConfigError(
+            f"--out {out} is the working directory or a folder above it, which an export cannot replace; "
+            "name a new folder"
+        )
     if target == run or target in run.parents:
         raise ConfigError(f"--out {out} would replace the run directory {run_dir}; choose another directory")
     if out.is_dir() and any(out.iterdir()):
@@ -244,6 +251,12 @@ def export_graphs(vae: VAE, out: Path, fmt: str, check: bool = True) -> list[str
     NAME.pt2) with ``export.json``; with ``check``, run each file on a batch of another size than the
     export's and compare with torch (onnx: where onnxruntime is installed). Returns one line per file."""
     vae = vae.cpu().eval()
+    if vae.n_classes:  # its networks take the class, an input the exported graphs do not have
+        raise ConfigError(
+            f"a conditional run ({vae.n_classes} classes) cannot be exported as {fmt} graphs: its networks "
+            "take the class as an input the graphs do not have; --format hub exports it "
+            "(turbovae.from_pretrained loads it, and sample(..., condition=...) takes the class)"
+        )
     meta = {
         "turbovae.model": vae.config.model.name if vae.config else "",
         "turbovae.likelihood": type(vae.likelihood).name,

@@ -105,3 +105,10 @@ def json_out(args: argparse.Namespace, default_name: str) -> Path | None:
     if out is not None and out.suffix != ".json":
         raise ConfigError(f"--out must end in .json (or be '-'), got {out}")
     return out
+
+
+def checkpoint_option(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint newest|best|step-N``: which of the run's checkpoints a command loads."""
+    from ..engine.checkpoint import CHOICES_HELP
+
+    p.add_argument("--checkpoint", metavar="WHICH", help=f"the run's checkpoint to use: {CHOICES_HELP}")

@@ -15,6 +15,7 @@ import datetime
 import html
 import json
 import math
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +51,23 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     events = []
-    for line in _read_text(path).splitlines():
-        try:
+    lines = _read_text(path).splitlines()
+    bad = 0
+    for i, line in enumerate(lines):
+        try:  # an event is a flat object of a few hundred bytes: a huge or deeply nested line is damage
+            if len(line) > 2**20 or line.count("[") + line.count("{") > 1000:
+                raise ValueError("not an event")
             event = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # also a number of more digits than Python converts
+            bad += i < len(lines) - 1  # a half-written last line is a run still going, not damage
             continue
         if isinstance(event, dict):
             events.append(event)
+    if bad:
+        print(
+            f"turbovae: warning: {path}: skipped {bad} malformed line{'s' if bad > 1 else ''}",
+            file=sys.stderr,
+        )
     return events
 
 
@@ -590,8 +601,11 @@ def _picture_sections(runs: list[RunInfo]) -> dict[str, str]:
     """The bodies of the samples, reconstructions, interpolations and traversals sections."""
     body: dict[str, str] = {}
     barcode_lead = _barcode_lead(runs)
-    body["samples"] = f'<p class="lead">z ~ N(0, I), shown as E[x | z].{barcode_lead}</p>' + _per_run_figures(
-        runs, "samples", "samples from the prior"
+    conditional = any(r.summary.get("classes") for r in runs)
+    class_lead = " A conditional run: one row per class, named on the left." if conditional else ""
+    body["samples"] = (
+        f'<p class="lead">z ~ N(0, I), shown as E[x | z].{barcode_lead}{class_lead}</p>'
+        + _per_run_figures(runs, "samples", "samples from the prior")
     )
     binarised = any(r.summary.get("binarize") not in (None, "none") for r in runs)
     rows_text = (

@@ -11,11 +11,13 @@ from ..engine.checkpoint import replace_file
 from ..engine.rundir import load
 from ..errors import ConfigError
 from ..kinds import SampleRequest, kind_of
+from .options import checkpoint_option
 
 
 def add_parser(sub: Any) -> None:
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run_dir")
+    checkpoint_option(s)
     s.add_argument("--n", type=int, default=64)
     s.add_argument(
         "--out",
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     device = runtime.select_device(args.device)
-    vae = load(args.run_dir, device)
+    vae = load(args.run_dir, device, args.checkpoint)
     kind = kind_of(vae)  # what the samples are and where they go: an image grid, table rows, text lines
     ask = SampleRequest(args.n, runtime.generator(device, args.seed), replace_file, mean=not args.draw,
                         temperature=args.temperature, classes=_classes(args, vae))  # fmt: skip

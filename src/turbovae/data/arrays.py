@@ -113,6 +113,29 @@ def labels_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.labels.npy")
 
 
+def split_path(path: Path) -> Path:
+    """Where ``X.npy``'s train/test boundary is recorded (``turbovae data pack`` of a folder with
+    ``train/`` and ``test/``): ``X.split.json``, ``{"train": N_TRAIN, "test": N_TEST}``."""
+    return path.with_name(f"{path.stem}.split.json")
+
+
+def _recorded_split(path: Path, n: int) -> int | None:
+    """The number of training rows ``X.split.json`` records (the first rows), or None without one."""
+    where = split_path(path)
+    if not where.is_file():
+        return None
+    try:
+        split = json.loads(where.read_text(encoding="utf-8")[:4096])
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{where}: not the JSON of a train/test split ({str(e)[:80]})") from None
+    train, test = (split.get(k) if isinstance(split, dict) else None for k in ("train", "test"))
+    if not (
+        isinstance(train, int) and isinstance(test, int) and train > 0 and test > 0 and train + test == n
+    ):
+        raise DataError(f'{where}: expected {{"train": N, "test": M}} with N + M = {n} rows, N, M > 0')
+    return train
+
+
 def classes_path(path: Path) -> Path:
     """The class names of ``X.npy``'s labels, a JSON list (label i: the i-th name): ``X.classes.json``."""
     return path.with_name(f"{path.stem}.classes.json")
@@ -129,9 +152,12 @@ def _sidecar(path: Path, n: int) -> tuple[np.ndarray | None, list[str] | None]:
     if not names_file.is_file():
         return y, None
     try:
-        names = json.loads(names_file.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{names_file}: not a JSON list of class names ({e})") from e
+        text = names_file.read_text(encoding="utf-8")
+        if text.count("[") > 1000:  # a list of names has one bracket; 100,000 nested ones: RecursionError
+            raise ValueError("nested lists")
+        names = json.loads(text)
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{names_file}: not a JSON list of class names ({str(e)[:80]})") from None
     if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
         raise DataError(f"{names_file}: expected a JSON list of class names (strings)")
     if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(names):
@@ -156,15 +182,17 @@ def _check_finite(x: np.ndarray, where: str) -> None:
 
 
 def _mapped(path: Path, x: np.ndarray, test_fraction: float) -> Dataset:
-    """A lone uint8/float32 ``.npy``, memory-mapped: the test split is its last ``test_fraction`` of rows
-    (views of the file, so nothing is read until used; shuffle an ordered file first, as ``turbovae data
-    pack`` does); labels from ``X.labels.npy`` and ``X.classes.json`` when they exist."""
+    """A lone uint8/float32 ``.npy``, memory-mapped: the test split is its last rows, as many as
+    ``X.split.json`` records (a packed folder's test/), else its last ``test_fraction`` (views of the
+    file, so nothing is read until used; shuffle an ordered file first, as ``turbovae data pack`` does);
+    labels from ``X.labels.npy`` and ``X.classes.json`` when they exist."""
     _check_not_empty(x, path, "")
     x = to_channels_first(x, str(path))
     if x.dtype == np.float32:
         _check_finite(x, str(path))
     n = len(x)
-    n_train = n - _test_size(n, test_fraction)
+    recorded = _recorded_split(path, n)  # a packed folder's own train/ and test/
+    n_train = recorded if recorded is not None else n - _test_size(n, test_fraction)
     y, names = _sidecar(path, n)
     t = torch.from_numpy(x)  # copy-on-write mapping: writable, so torch does not warn
     mapwatch.watch(path, x, t)  # rewritten or truncated while mapped: a DataError, not other data or SIGBUS

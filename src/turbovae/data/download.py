@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import http.client
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -53,6 +54,10 @@ SHA256: dict[str, dict[str, str]] = {
 SYSTEM_DIRS: dict[str, list[str]] = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}
 
 TIMEOUT_S = 60.0
+# a mirror that sends less than this on average, once a download has run TIMEOUT_S, is given up (the
+# partial file is kept and continued by the next mirror or attempt): one byte every 2 s never ended
+MIN_BYTES_PER_S = 10_000
+_clock = time.monotonic
 _CHUNK = 1 << 20
 # the largest official file is 26 MB (Fashion-MNIST's training images): a mirror sending more is wrong
 MAX_BYTES = 64 << 20
@@ -139,17 +144,26 @@ def _fetch(url: str, part: Path, timeout: float) -> str:
                 f"{url}: {have + int(length):,} bytes, more than the {MAX_BYTES:,} bytes a data file can be"
             )
         with open(part, "ab" if have else "wb") as out:
-            _copy(response, out, have, url)
+            _copy(response, out, have, url, timeout)
     return _sha256_of(part)
 
 
-def _copy(response: BinaryIO, out: BinaryIO, have: int, url: str) -> None:
+def _copy(response: BinaryIO, out: BinaryIO, have: int, url: str, timeout: float = TIMEOUT_S) -> None:
     total = have
-    while chunk := response.read(_CHUNK):
+    start = _clock()
+    read = getattr(response, "read1", None) or response.read  # what has arrived, not a full chunk
+    while chunk := read(_CHUNK):
         total += len(chunk)
         if total > MAX_BYTES:
             raise DataError(f"{url}: more than the {MAX_BYTES:,} bytes a data file can be; stopped")
         out.write(chunk)
+        elapsed = _clock() - start
+        if elapsed > timeout and (total - have) / elapsed < MIN_BYTES_PER_S:
+            out.flush()
+            raise TimeoutError(
+                f"{(total - have) / elapsed:,.0f} bytes/s after {elapsed:.0f} s, less than the "
+                f"{MIN_BYTES_PER_S:,} a download must keep up; given up (the partial file is kept)"
+            )
     out.flush()
     os.fsync(out.fileno())
 

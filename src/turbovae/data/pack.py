@@ -2,8 +2,10 @@
 by every run that reads it (``data/arrays.py``) instead of decoding the images each time.
 
 The array is (N, C, H, W) uint8, its rows in a fixed shuffled order (seed 0), so that the last rows a
-``.npy``'s test split takes are a random sample of the images, whatever their folders. A ``train/`` +
-``test/`` split of the folder is not kept: every image is packed. When every image lies in a class
+``.npy``'s test split takes are a random sample of the images, whatever their folders. A folder with
+``train/`` and ``test/`` keeps its split: the training images come first (shuffled among themselves),
+then the test images, and ``X.split.json`` records the boundary, which the loader takes as the test split
+(the held-out images never become training data). When every image lies in a class
 sub-folder (``CLASS/IMAGE.png``, or ``train/CLASS/...`` and ``test/CLASS/...``) and there are at least
 two classes, ``X.labels.npy`` ((N,) int64, the sorted class names' indices) and ``X.classes.json`` (the
 names) go beside ``X.npy``; ``--condition label`` reads them.
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .arrays import classes_path, labels_path
+from .arrays import classes_path, labels_path, split_path
 from .images import class_of, decode_image, folder_files, scan_images
 
 PACK_SEED = 0
@@ -36,12 +38,25 @@ PACK_SEED = 0
 
 @dataclass
 class Packed:
-    """What ``pack_images`` wrote: the array, its shape, and the labels file and class names (or None)."""
+    """What ``pack_images`` wrote: the array, its shape, the labels file and class names (or None), and
+    the number of training rows of a folder's own train/ + test/ split (None: no split)."""
 
     path: Path
     shape: tuple[int, int, int, int]
     labels: Path | None
     classes: list[str] | None
+    n_train: int | None = None
+
+
+def _size(n: int) -> str:
+    """``30.7 MB``, ``2.15 GiB``, ``512 bytes``: never "0.00 GiB" for a few megabytes."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n} bytes"
 
 
 def _tmp(path: Path) -> Path:
@@ -51,7 +66,7 @@ def _tmp(path: Path) -> Path:
 def _remove_stale(out: Path) -> None:
     """Delete the temporary files of a pack into ``out`` (or its labels) whose process is gone: a pack
     killed mid-write leaves a full-size ``.X.npy.PID.tmp`` that nothing else would remove."""
-    for final in (out, labels_path(out), classes_path(out)):
+    for final in (out, labels_path(out), classes_path(out), split_path(out)):
         for tmp in out.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
             pid = tmp.name[len(final.name) + 2 : -len(".tmp")]
             if not pid.isdigit() or int(pid) == os.getpid():
@@ -121,10 +136,14 @@ def pack_images(
         raise DataError(f"--out {out}: the folder {out.parent} does not exist")
     free = shutil.disk_usage(out.parent).free
     if nbytes > free:
-        raise DataError(f"--out {out}: the array needs {nbytes / 2**30:.2f} GiB, but {out.parent} has "
-                        f"{free / 2**30:.2f} GiB free")  # fmt: skip
+        raise DataError(f"--out {out}: the array needs {_size(nbytes)}, but {out.parent} has "
+                        f"{_size(free)} free")  # fmt: skip
     _remove_stale(out)
-    order = np.random.default_rng(PACK_SEED).permutation(len(files))
+    rng = np.random.default_rng(PACK_SEED)
+    if n_train:  # train/ then test/, each shuffled on its own: the boundary stays where it was
+        order = np.concatenate([rng.permutation(n_train), n_train + rng.permutation(len(files) - n_train)])
+    else:
+        order = rng.permutation(len(files))
     labelled = _labels([files[i] for i in order], root, n_train > 0)
     written: list[tuple[Path, Path]] = []
     try:
@@ -144,6 +163,9 @@ def pack_images(
                 np.save(f, labelled[0])
             written.append((_tmp(classes_path(out)), classes_path(out)))
             written[-1][0].write_text(json.dumps(labelled[1]) + "\n")
+        if n_train:
+            written.append((_tmp(split_path(out)), split_path(out)))
+            written[-1][0].write_text(json.dumps({"train": n_train, "test": len(files) - n_train}) + "\n")
         for path, _ in written:
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
@@ -157,6 +179,9 @@ def pack_images(
     for sidecar in (labels_path(out), classes_path(out)):  # an earlier pack's labels must not stay
         if labelled is None and sidecar.exists():
             sidecar.unlink()
+    if not n_train and split_path(out).exists():  # nor its split
+        split_path(out).unlink()
     for path, final in reversed(written):  # the labels first, the array last
         os.replace(path, final)
-    return Packed(out, shape, labels_path(out) if labelled else None, labelled[1] if labelled else None)
+    return Packed(out, shape, labels_path(out) if labelled else None, labelled[1] if labelled else None,
+                  n_train or None)  # fmt: skip

@@ -37,6 +37,9 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from . import datetimes
+from .dataset import check_text_file
+
+MAX_CSV_COLUMNS = 10_000
 
 TYPES = ("continuous", "integer", "categorical", "boolean", *datetimes.TYPES)
 # the types held as numbers (float64, NaN for missing) and learned as numbers by the transforms
@@ -163,6 +166,7 @@ def sniff_delimiter(path: Path) -> str:
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     """(header, rows, line number of each row), every field stripped; blank lines are skipped."""
+    check_text_file(path, "CSV")
     delimiter = sniff_delimiter(path)
     rows: list[list[str]] = []
     lines: list[int] = []
@@ -177,6 +181,12 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
                     fields = [v.strip() for v in row]
                     if header is None:
                         header = fields
+                        if len(header) > MAX_CSV_COLUMNS:
+                            raise DataError(
+                                f"{path}: has {len(header):,} columns; a CSV table may have at most "
+                                f"{MAX_CSV_COLUMNS:,} (each column is typed and transformed on its own): "
+                                "save wide numeric data as .npy or .npz"
+                            )
                         continue
                     if len(fields) != len(header):
                         raise DataError(

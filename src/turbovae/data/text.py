@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .arrays import split_indices
-from .dataset import Dataset
+from .dataset import Dataset, check_text_file
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -142,6 +142,7 @@ def warn(message: str) -> None:
 
 def read_lines(path: Path) -> list[str]:
     """The lines of a UTF-8 text file (a leading byte-order mark and ``\\r`` line ends removed)."""
+    check_text_file(path, "text")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

@@ -212,7 +212,7 @@ def _loop_ok(v: Any) -> bool:
     counters = ("step", "epoch", "batch_in_epoch", "examples", "global_batch", "skipped", "rollbacks")
     return (
         isinstance(v, dict)
-        and all(_is_int(v.get(k, 0)) for k in counters)
+        and all(_is_int(v.get(k, 0)) and 0 <= v.get(k, 0) < 2**53 for k in counters)  # forged -5, 1e12 ...
         and all(_is_number(v.get(k, 1.0)) for k in ("train_seconds", "lr_scale"))
     )
 
@@ -403,6 +403,36 @@ def choose(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
             continue
         return path, refused
     return None, refused
+
+
+CHOICES_HELP = "newest (default) | best (lowest validation NELBO) | step-N (a kept step checkpoint)"
+
+
+def select(run_dir: Path, which: str | None) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint ``which`` names (``newest`` or None: ``choose``'s; ``best``; ``step-N``), verified,
+    and the refused ones; a missing or broken named checkpoint is a CheckpointError naming those kept."""
+    if which in (None, "newest"):
+        return choose(run_dir)
+    folder = Path(run_dir) / "checkpoints"
+    m = re.fullmatch(r"step-?0*(\d{1,12})", which)
+    if which == "best":
+        path = folder / "best.json"
+    elif m:
+        path = folder / f"step-{int(m.group(1)):09d}.json"
+    else:
+        raise CheckpointError(f"--checkpoint {which[:80]!r}: expected {CHOICES_HELP}")
+    if not path.is_file():
+        kept = ", ".join(available(run_dir)) or "none"
+        raise CheckpointError(f"{run_dir} has no checkpoint {which} (its checkpoints: {kept})")
+    verify(path)
+    return path, []
+
+
+def available(run_dir: Path) -> list[str]:
+    """The names ``select`` takes for the checkpoints a run keeps: best, then step-N, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    names = ["best"] if (folder / "best.json").is_file() else []
+    return names + [f"step-{step}" for step, _ in step_files(folder)]
 
 
 def refusals(refused: list[tuple[Path, str]]) -> str:

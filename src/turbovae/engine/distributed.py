@@ -29,6 +29,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -267,9 +268,39 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
+# torchrun without its ChildFailedError traceback: a worker that failed with a user error (exit 2) has
+# said why in one line, which the launcher prints once; torchrun's exit status becomes the worker's
+_TORCHRUN = """
+import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+try:
+    run(parse_args(sys.argv[1:]))
+except ChildFailedError as e:
+    codes = [f.exitcode for f in e.failures.values()]
+    sys.exit(next((c for c in codes if c is not None and c > 0), 1))
+"""
+ERRORS_ENV = "TURBOVAE_LAUNCH_ERRORS"  # the file where launched workers leave their error lines
+
+
+def report_error(line: str) -> None:
+    """A command's one-line error: on stderr, or, in a worker that ``launch`` started, appended to the
+    launcher's file (every rank meets the same bad data or config: the launcher prints it once)."""
+    path = os.environ.get(ERRORS_ENV)
+    if path and "RANK" in os.environ:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line.replace("\n", " ") + "\n")
+            return
+        except OSError:
+            pass
+    print(line, file=sys.stderr)
+
+
 def launch(argv: Sequence[str], nproc: int) -> int:
     """``turbovae <argv>`` under torchrun with ``nproc`` processes on this machine (``--nproc``): the
-    command ``python -m torch.distributed.run --standalone --nproc-per-node N -m turbovae <argv>``.
+    command ``python -m torch.distributed.run --standalone --nproc-per-node N -m turbovae <argv>``
+    (without torchrun's traceback when a worker fails; the workers' error lines are printed once).
 
     Returns torchrun's exit status. Ctrl-C reaches torchrun and its workers directly (one process
     group), which checkpoint and stop; SIGTERM sent to this process is passed on to torchrun."""
@@ -277,9 +308,11 @@ def launch(argv: Sequence[str], nproc: int) -> int:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     if "RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
         raise ConfigError("--nproc starts torchrun itself; under torchrun, leave --nproc out")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-c", _TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
            "-m", "turbovae", *strip_nproc(argv)]  # fmt: skip
-    proc = subprocess.Popen(cmd)
+    fd, errors = tempfile.mkstemp(prefix="turbovae-launch-", suffix=".errors")
+    os.close(fd)
+    proc = subprocess.Popen(cmd, env={**os.environ, ERRORS_ENV: errors})
     forward: Callable[[int, Any], None] = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
     previous: Any = None
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
@@ -287,9 +320,20 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     try:
         while True:
             try:
-                return proc.wait()
+                code = proc.wait()
+                break
             except KeyboardInterrupt:  # torchrun got the same Ctrl-C: let it stop its workers
                 continue
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        try:
+            with open(errors, encoding="utf-8", errors="replace") as f:
+                lines = list(dict.fromkeys(line.rstrip("\n") for line in f if line.strip()))
+        except OSError:
+            lines = []
+        with contextlib.suppress(OSError):
+            os.unlink(errors)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return code

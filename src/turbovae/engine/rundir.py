@@ -22,7 +22,7 @@ from ..config import Config, from_dict, load_yaml, to_yaml
 from ..errors import CheckpointError, ConfigError, clip, shown
 from ..vae import VAE
 from . import checkpoint
-from .setup import build_vae
+from .setup import build_to_load
 
 RUN_FILES = (
     "config.yaml",
@@ -387,8 +387,9 @@ def data_in_run(spec: str, run_dir: Path) -> str:
     return f"{prefix}:{run_dir / text}" if scheme else str(run_dir / text)
 
 
-def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
-    """The trained model of a run directory (newest valid checkpoint), in eval mode.
+def load(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint_name: str | None = None) -> VAE:
+    """The trained model of a run directory (newest valid checkpoint, or the one ``checkpoint_name``
+    names: ``newest``, ``best``, ``step-N``), in eval mode; ``vae.checkpoint_path`` is its JSON.
 
     The returned VAE has ``encode(x)``, ``decode(z)``, ``sample(n)``, and carries ``config`` (the run's
     Config) and ``max_value`` (inputs are ``stored_values / max_value``).
@@ -406,7 +407,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     if not isinstance(nested, dict):
         raise CheckpointError(f"{cfg_path} must hold a mapping of config sections")
     cfg = from_dict(nested)
-    state_json, refused = checkpoint.choose(run_dir)
+    state_json, refused = checkpoint.select(run_dir, checkpoint_name)
     if state_json is None:
         why = f": {checkpoint.refusals(refused)}" if refused else ""
         raise CheckpointError(f"no valid checkpoint in {run_dir / 'checkpoints'}{why}")
@@ -417,8 +418,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     cfg.data.name = data_in_run(cfg.data.name, run_dir)
     if "event_shape" not in meta:
         raise CheckpointError(f"checkpoint {state_json} does not record the data shape (event_shape)")
-    shape = tuple(meta["event_shape"])
-    vae = build_vae(cfg, shape, meta.get("data_meta"))
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    vae = build_to_load(cfg, meta["event_shape"], meta.get("data_meta"), stored, str(state_json))
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     # the weight average (train.ema's, or a schedule-free optimiser's x; saved only by runs that have
     # one) is the model the run evaluated
@@ -431,4 +432,6 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
         ) from None
     vae.config = cfg
     vae.max_value = float(meta.get("max_value", 1.0))
+    vae.checkpoint_path = state_json
+    vae.checkpoint_sha256 = str(meta.get("tensors_sha256", ""))
     return vae.to(device).eval()

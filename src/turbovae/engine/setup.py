@@ -15,7 +15,7 @@ from .. import conditioning, runtime
 from ..config import Config, parse_resize
 from ..data import Dataset, load_dataset
 from ..data.batches import binarize, mean_value, value_range
-from ..errors import ConfigError, DataError, shown
+from ..errors import CheckpointError, ConfigError, DataError, clip, shown
 from ..kinds import DataKind, kind_of
 from ..likelihoods import build_likelihood
 from ..models import build_network, model_spec
@@ -151,6 +151,57 @@ def build_vae(cfg: Config, event_shape: tuple[int, ...], data_meta: dict[str, An
     return vae
 
 
+MAX_EVENT_SIZE = 2**31  # values in one example
+
+
+def build_to_load(
+    cfg: Config, event_shape: Any, data_meta: dict[str, Any] | None, stored_bytes: int, where: str
+) -> VAE:
+    """``build_vae`` for a model whose weights are to be loaded from a file of ``stored_bytes`` bytes:
+    the shape is checked, and the model is counted on the meta device first (where building costs
+    nothing), so that a config or a forged checkpoint that claims a huge model (an event_shape of
+    [1, 1e5, 1e5], a latent of 1e9) is one CheckpointError, not an attempt to allocate terabytes: its
+    weights must fit in the file they are read from, and in the memory available."""
+    if not (
+        isinstance(event_shape, (list, tuple))
+        and event_shape
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in event_shape)
+        and math.prod(event_shape) <= MAX_EVENT_SIZE
+    ):
+        raise CheckpointError(
+            f"{where}: event_shape {shown(event_shape)} is not a list of positive sizes of at most "
+            f"{MAX_EVENT_SIZE:,} values in all"
+        )
+    shape = tuple(event_shape)
+    try:
+        with torch.device("meta"):
+            net = build_vae(cfg, shape, data_meta)
+        need = sum(t.numel() * t.element_size() for t in net.state_dict().values())  # what a file holds
+    except NotImplementedError:
+        need = None  # a model the meta device cannot build (it reads values while it is built)
+    except (RuntimeError, ValueError, TypeError, KeyError, OverflowError, IndexError) as e:
+        if "meta" in str(e):
+            need = None
+        else:
+            raise CheckpointError(
+                f"{where}: the model its config describes cannot be built: {clip(str(e))}"
+            ) from None
+    if need is None:
+        return build_vae(cfg, shape, data_meta)
+    if need > stored_bytes:
+        raise CheckpointError(
+            f"{where}: its config describes a model of {need:,} bytes of weights, but its weights file holds "
+            f"{stored_bytes:,} bytes: the config or the file is corrupt or edited"
+        )
+    free = _available_bytes(torch.device("cpu"))
+    if free is not None and 2 * need > free:
+        raise CheckpointError(
+            f"{where}: loading its model needs {2 * need / 2**30:,.1f} GiB of memory, but "
+            f"{free / 2**30:,.1f} GiB are available"
+        )
+    return build_vae(cfg, shape, data_meta)
+
+
 def setup(
     cfg: Config,
     device: torch.device | None = None,
@@ -271,8 +322,13 @@ def check_memory(
             net = build_vae(cfg, event_shape, data_meta)
         params = sum(p.numel() for p in net.parameters())
         weights = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
-    except (RuntimeError, NotImplementedError, ValueError, TypeError):  # a model the meta device cannot build
+    except NotImplementedError:  # a model the meta device cannot build
         return
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        if "meta" in str(e):  # a model that reads values while it is built
+            return
+        widths = ", ".join(f"model.{k}={shown(v)}" for k, v in _width_keys(cfg).items())
+        raise ConfigError(f"the model ({widths}) cannot be built: {clip(str(e))}") from None
     k = _OPTIMIZER_STATES.get(cfg.train.optimizer, 2) + (1 if cfg.train.ema else 0)
     on_device = weights * (2 + k + 1 + k)  # weights, gradients, optimiser (+ average), their snapshot
     on_host = weights * (1 + k)  # a checkpoint's bytes

@@ -55,15 +55,16 @@ class ImageKind(DataKind):
     def write_pictures(self, s: Setup, out: Path) -> None:
         """64 prior samples (a conditional run: 8 per class, up to 16 classes) and 16 test inputs above
         their reconstructions (binarised data: the input, its binarised draw and the reconstruction)."""
-        from ..viz.grids import as_images, reconstruction_picture, save_grid
+        from ..viz.grids import as_images, reconstruction_picture, save_class_grid, save_grid
 
         vae = s.vae
-        if vae.n_classes:  # one row of 8 samples per class
+        if vae.n_classes:  # one row of 8 samples per class, named on the left
             y = torch.arange(min(vae.n_classes, 16), device=s.device).repeat_interleave(8)
             samples = vae.sample(len(y), generator=runtime.generator(s.device, 7), condition=y)
+            save_class_grid(vae, as_images(samples, s.data.event_shape), y.tolist(), out / "samples.png", 8)
         else:
             samples = vae.sample(64, generator=runtime.generator(s.device, 7))
-        save_grid(as_images(samples, s.data.event_shape), out / "samples.png", nrow=8)
+            save_grid(as_images(samples, s.data.event_shape), out / "samples.png", nrow=8)
         x = s.prepare_test(s.x_test[:16])
         grey = None
         if s.binarize_mode != "none":  # the user's input beside the binarised draw the model scored
@@ -93,10 +94,14 @@ class ImageKind(DataKind):
 
     def save_samples(self, vae: VAE, x: torch.Tensor, out: Path, n: int, classes: list[int] | None) -> None:
         """A grid: rows of 8 (several classes: one row of up to 16 per class)."""
-        from ..viz.grids import as_images, save_grid
+        from ..viz.grids import as_images, save_class_grid, save_grid
 
         nrow = min(8, n) if classes is None or len(classes) == 1 else min(n, 16)
-        save_grid(as_images(x, vae.event_shape), out, nrow=nrow)
+        if classes is None:
+            save_grid(as_images(x, vae.event_shape), out, nrow=nrow)
+        else:  # each row named by its class
+            per_image = [c for c in classes for _ in range(n)]
+            save_class_grid(vae, as_images(x, vae.event_shape), per_image, out, nrow)
 
     def read_input(self, vae: VAE, path: Path) -> tuple[torch.Tensor, list[str]]:
         """A folder of PNG/JPEG images (rows in the order of the sorted file paths, named by them;

@@ -19,6 +19,7 @@ from .grids import (
     label_rows,
     reconstruction_picture,
     sample_grid,
+    save_class_grid,
     save_grid,
     traversal_grid,
 )
@@ -153,8 +154,9 @@ def _image_pictures(
     vector = len(shape) != 3 and as_images(x[:1], shape).shape[2] == 1  # shown as strips
 
     paths["samples"] = out_dir / "samples.png"
-    if vae.n_classes:  # one row of 8 per class
-        save_grid(class_sample_grid(vae, 8, seed=7 + seed), paths["samples"], nrow=8)
+    if vae.n_classes:  # one row of 8 per class, named on the left
+        images = class_sample_grid(vae, 8, seed=7 + seed)
+        save_class_grid(vae, images, [i // 8 for i in range(len(images))], paths["samples"], 8)
     else:
         save_grid(sample_grid(vae, 64, seed=7 + seed), paths["samples"], nrow=8)
 

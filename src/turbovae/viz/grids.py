@@ -101,6 +101,27 @@ def label_rows(picture: Image.Image, labels: Sequence[str], width: int = 120) ->
     return out
 
 
+def class_label(vae: Any, class_id: int) -> str:
+    """How a grid names class ``class_id`` of a conditional run: its name (``3: dress``), cut short."""
+    names = (getattr(vae, "condition", None) or {}).get("names") or []
+    name = str(names[class_id]) if 0 <= class_id < len(names) else str(class_id)
+    text = name if name == str(class_id) else f"{class_id}: {name}"
+    return text if len(text) <= 16 else text[:15] + "…"
+
+
+def labelled_grid(images: torch.Tensor, nrow: int, labels: Sequence[str], min_side: int = 256) -> Image.Image:
+    """A grid whose rows are named on the left (a conditional run's classes), one label per row."""
+    return label_rows(grid_image(images, nrow, min_side), labels, width=110)
+
+
+def save_class_grid(vae: Any, images: torch.Tensor, classes: Sequence[int], path: Path, nrow: int) -> None:
+    """Write a grid of a conditional run's samples, ``classes`` the class of each image, every row named
+    by the class of its first image."""
+    rows = math.ceil(len(images) / nrow)
+    labels = [class_label(vae, int(classes[r * nrow])) for r in range(rows)]
+    save_png(labelled_grid(images, nrow, labels), path)
+
+
 @torch.no_grad()
 def sample_grid(vae: Any, n: int = 64, seed: int = 7) -> torch.Tensor:
     """n samples from the prior, shown as E[x | z]: (n, C, H, W) in [0, 1]."""
