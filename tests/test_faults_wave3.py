@@ -15,32 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+# the run settings and helpers of the earlier waves' fault tests (tests/test_faults.py), shared
+from test_faults import ENV, FAST, one_error_line, snapshot
+
 from turbovae.cli import main
 from turbovae.config import resolve
 from turbovae.engine import checkpoint
-
-FAST = ["--data", "digits", "--hidden", "16", "--latent", "2", "--batch-size", "64", "--epochs", "1",
-        "--progress", "off", "eval.iwae_k=2", "train.log_every=5"]  # fmt: skip
-SRC = Path(__file__).resolve().parent.parent / "src"
-ENV = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-       "PYTHONWARNINGS": "ignore"}  # fmt: skip
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
-
-
-def one_error_line(capsys, argv: list[str], *expected: str) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, (argv, code, err[-2000:])
-    errors = [line for line in lines if line.startswith("turbovae: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], lines[-5:]
-    assert all(e in errors[0] for e in expected), errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
