@@ -12,6 +12,7 @@ KEYS = {"samples_per_second", "peer_samples_per_second", "speedup", "step_ms", "
         "flops_per_second", "ceiling_fraction"}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bench_json_against_the_examples_peer(capsys):
     argv = ["bench", "--data", "digits", "--hidden", "64", "--latent", "8", "--batch-size", "64", "--vs",
             "examples", "--windows", "2", "--window-steps", "5", "--compile", "off", "--json"]  # fmt: skip
@@ -34,6 +35,7 @@ def test_bench_json_against_the_examples_peer(capsys):
     assert 0 < result["ceiling_fraction"] < 1
 
 
+@pytest.mark.slow
 def test_bench_rejects_a_peer_for_the_wrong_model(capsys):
     argv = ["bench", "--data", "digits", "--model", "conv", "--vs", "examples", "--windows", "1",
             "--window-steps", "2", "--compile", "off"]  # fmt: skip

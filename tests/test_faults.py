@@ -496,6 +496,7 @@ MEASURE_SAVE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
 def test_a_checkpoint_is_written_with_at_most_one_extra_copy_of_the_state(tmp_path):
     proc = subprocess.run([sys.executable, "-c", MEASURE_SAVE, str(tmp_path)], capture_output=True, text=True,

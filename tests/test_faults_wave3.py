@@ -110,6 +110,7 @@ def test_report_refuses_a_figures_folder_that_links_outside(finished, tmp_path, 
     assert [p.name for p in outside.iterdir()] == ["precious.txt"]
 
 
+@pytest.mark.slow
 def test_a_fifo_in_a_checkpoints_place_is_skipped_not_waited_on(finished, tmp_path):
     """S-json_fifo_eval: a FIFO as checkpoints/step-000000099.json made `eval` hang (killed at 60 s)."""
     run = copy_run(finished, tmp_path)
@@ -191,6 +192,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_killed_while_loading_its_data_starts_it_over_exactly(tmp_path):
     """Issue 33, high 5, the earliest moment: a run killed before it wrote anything but its lock left
     nothing --resume could continue ("no config.yaml there")."""
@@ -303,6 +305,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_a_mapped_file_truncated_during_training_is_one_line_not_sigbus(tmp_path):
     """H-mm-truncate: the next read of a page past the new end killed the run with SIGBUS, no message."""
     path = tmp_path / "x.npy"
@@ -334,6 +337,7 @@ def tracked_run(tmp_path, capsys, *overrides: str) -> tuple[Path, list[str]]:
     return out, [line for line in err.splitlines() if line.startswith("turbovae: warning: train.")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("uri", ["folder", "::::", "ftp://127.0.0.1:9/x", "file-under"])
 def test_an_mlflow_store_that_fails_is_one_warning_and_the_run_goes_on(tmp_path, capsys, monkeypatch, uri):
     """J-mlflow-ok, J-mlflow-small_fs, J-mlflow-garbage, J-mlflow-ftp, J-mlflow-under_file: every MLflow

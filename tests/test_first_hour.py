@@ -117,6 +117,7 @@ def test_training_and_its_final_evaluation_show_progress_without_a_terminal(tmp_
     assert "turbovae: training" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_report_fidelity_and_tune_report_progress(digits_run, wine_run, tmp_path, capsys, lines_at_once):
     assert main(["eval", str(digits_run), "--iwae-k", "3", "--out", "-"]) == 0
     err = capsys.readouterr().err

@@ -100,6 +100,7 @@ def busy_machine(monkeypatch):
     return offered
 
 
+@pytest.mark.slow
 def test_eval_and_bench_run_the_thread_count_train_would_choose(k3_run, busy_machine, monkeypatch, capsys):
     """First hour 2: eval and bench ran torch's 2 threads on a busy machine where train measured and
     chose 1 (eval 2-2.5x slower; bench reported 264 samples/s and 0.91x, against 3,484 and 1.49x)."""
@@ -164,6 +165,7 @@ def _collapse_warnings(tmp_path, monkeypatch, capsys, counts: list[int], name: s
     return warned
 
 
+@pytest.mark.slow
 def test_the_collapse_warning_waits_for_a_collapse_that_persists(tmp_path, monkeypatch, capsys):
     """First hour 8: the warning fired on the built-in demo at epoch 7 (0 of 16 units active), though
     12-16 units were active from epoch 12. A collapse that recovers is not warned of; one that lasts to
@@ -178,6 +180,7 @@ def test_the_collapse_warning_waits_for_a_collapse_that_persists(tmp_path, monke
     assert "after epoch 12;" in warning["message"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/bin/sh").exists(), reason="needs a POSIX shell")
 def test_total_seconds_counts_the_process_own_time_not_the_shell_that_exec_ed_it(tmp_path):
     """First hour 9: `total_seconds` counted the parent shell's time when a shell exec-ed turbovae (22.6 s
@@ -220,6 +223,7 @@ def test_tune_takes_the_median_of_repeated_measurements_not_one_outlier(monkeypa
     assert choose_batch(speed, None)[0] == 128
 
 
+@pytest.mark.slow
 def test_compress_decompress_and_bench_print_progress_with_throughput(k3_run, tmp_path, capsys, monkeypatch):
     """First hour 4: compress, decompress and bench said nothing for 75 s and 7 min. Each prints the
     project's progress lines (every TURBOVAE_PROGRESS_INTERVAL seconds off a terminal) with its rate."""
@@ -283,6 +287,7 @@ def _named_rows(path: Path, rows: int) -> bool:
     return bool((margin > 200).mean() > 0.8 and all((band < 128).any() for band in bands))
 
 
+@pytest.mark.slow
 def test_conditional_sample_grids_and_the_report_name_their_classes(tmp_path, capsys):
     """First hour 7: a conditional run's samples.png, `sample --label 3,7` and the report's samples
     showed rows of digits with no word of which class each row is."""

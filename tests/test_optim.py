@@ -777,6 +777,7 @@ def test_schedule_free_steps_allocate_nothing_after_the_first(monkeypatch):
     assert not all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["schedulefree", "adam", "adamw", "adamax", "sgd"])
 def test_no_optimiser_imports_torch_dynamo(optimizer):
     """torch.optim's methods are wrapped in torch._disable_dynamo (Adam's step in a graph break), whose
