@@ -103,8 +103,6 @@ class LatentStructure:
 
     name = ""
     description = ""  # one line for `--help` and the docs
-    # the objectives this structure trains with (OBJECTIVES names); a two-player structure may add its own
-    objectives: tuple[str, ...] = ("elbo", "iwae")
 
     # ---- the prior, decoding, sampling ---------------------------------------------------------------
 
