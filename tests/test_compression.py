@@ -67,7 +67,7 @@ def test_round_trip_is_exact_on_random_models(model, likelihood, shape):
     n = 5 if model == "hvae" else 11  # 3 lanes: steps of 3 and a last one of 2
     x = random_images(likelihood, n, shape)
     stats: dict = {}
-    data = compression.compress(vae, x, lanes=3, latent_bits=10, stats=stats)
+    data = compression.compress(vae, x, batch=3, latent_bits=10, stats=stats)
     y = compression.decompress(vae, data)
     assert y.dtype == torch.uint8 and torch.equal(x, y)
     assert stats["bits"] == 8 * len(data) and stats["net_bits"] > 0 and stats["initial_bits"] > 0
@@ -76,10 +76,10 @@ def test_round_trip_is_exact_on_random_models(model, likelihood, shape):
 def test_compression_is_deterministic_and_takes_model_inputs():
     vae = random_vae("mlp", "discretized-logistic", (1, 6, 6))
     x = random_images("discretized-logistic", 5, (1, 6, 6))
-    a = turbovae.compress(vae, x, lanes=2)
-    assert turbovae.compress(vae, x.float() / 255.0, lanes=2) == a  # bytes / 255, as the model takes them
+    a = turbovae.compress(vae, x, batch=2)
+    assert turbovae.compress(vae, x.float() / 255.0, batch=2) == a  # bytes / 255, as the model takes them
     assert torch.equal(turbovae.decompress(vae, a), x)
-    one = turbovae.compress(vae, x[:1], lanes=64)  # more lanes than images
+    one = turbovae.compress(vae, x[:1], batch=64)  # more lanes than images
     assert torch.equal(turbovae.decompress(vae, one), x[:1])
 
 
@@ -88,7 +88,7 @@ def test_the_rate_of_an_8_bit_model_tracks_its_nelbo():
     vae = random_vae("mlp", "discretized-logistic", (1, 8, 8))
     x = random_images("discretized-logistic", 64, (1, 8, 8))
     stats: dict = {}
-    compression.compress(vae, x, lanes=2, stats=stats)
+    compression.compress(vae, x, batch=2, stats=stats)
     gen = torch.Generator().manual_seed(0)
     nats = turbovae.nelbo(vae, x.float() / 255.0, lambda r: r, generator=gen)["nelbo"]
     nelbo_bits = nats * len(x) / np.log(2.0)
@@ -109,7 +109,7 @@ def test_values_off_the_likelihood_are_refused():
 def test_another_model_and_a_tampered_payload_are_refused():
     vae = random_vae("mlp", "bernoulli", (1, 6, 6))
     x = random_images("bernoulli", 9, (1, 6, 6))
-    data = compression.compress(vae, x, lanes=2)
+    data = compression.compress(vae, x, batch=2)
     with pytest.raises(CheckpointError, match="another model"):
         compression.decompress(random_vae("mlp", "bernoulli", (1, 6, 6), seed=5), data)
     with pytest.raises(CheckpointError, match="checkpoint"):
@@ -162,7 +162,7 @@ def test_cli_round_trip_and_rate_within_3_percent_of_the_nelbo(digits_run, digit
     tvz = tmp_path / "test.tvz"
     capsys.readouterr()
     assert (
-        main(["compress", str(digits_run), str(digits_test), "--out", str(tvz), "--json", "--lanes", "4"])
+        main(["compress", str(digits_run), str(digits_test), "--out", str(tvz), "--json", "--batch", "4"])
         == 0
     )
     report = json.loads(capsys.readouterr().out)
@@ -205,7 +205,7 @@ def test_cli_refuses_grey_data_for_a_bernoulli_run_unless_asked(digits_run, tmp_
 @pytest.fixture(scope="module")
 def digits_tvz(digits_run, digits_test, tmp_path_factory) -> Path:
     tvz = tmp_path_factory.mktemp("tvz") / "test.tvz"
-    assert main(["compress", str(digits_run), str(digits_test), "--out", str(tvz), "--lanes", "4"]) == 0
+    assert main(["compress", str(digits_run), str(digits_test), "--out", str(tvz), "--batch", "4"]) == 0
     return tvz
 
 
