@@ -357,6 +357,11 @@ def check_model(vae: VAE) -> None:
         raise ConfigError(refusal)
 
 
+def is_binary(vae: VAE) -> bool:
+    """Whether the run codes bits (0/1) rather than bytes."""
+    return _symbol_coder(vae.likelihood).binary
+
+
 def _symbol_coder(likelihood: Likelihood) -> _SymbolCoder:
     if likelihood.codec not in CODERS:
         names = ", ".join(sorted(getattr(like, "name", "") for like in _codable_likelihoods()))
@@ -624,16 +629,15 @@ def _parse(data: bytes) -> tuple[dict[str, Any], bytes, bytes, int]:
 # ---- compress / decompress --------------------------------------------------------------------------
 
 
-def _encode(
-    codec: _Codec, sym: torch.Tensor, batch: int, seed_words: int, progress: Any
-) -> tuple[Any, int, int]:
+def _encode(codec: _Codec, x: Any, batch: int, seed_words: int, progress: Any) -> tuple[Any, int, int]:
     """One pass of the chain over the images on a stack of ``seed_words`` seed words: (the coder, the
     fewest valid bits the stack held after any step's pops, the valid bits of the seed)."""
     coder = _constriction().stream.stack.AnsCoder(_seed(seed_words))
     low = start_bits = int(coder.num_valid_bits())
     start = 0
-    for size in steps(len(sym), batch):
-        low = min(low, codec.encode_step(coder, sym[start : start + size]))
+    for size in steps(len(x), batch):
+        sym = _as_symbols(codec.vae, x[start : start + size], codec.binary)
+        low = min(low, codec.encode_step(coder, sym))
         start += size
         if progress is not None:
             progress(size)
@@ -658,7 +662,9 @@ def compress(
         vae: A model with a discrete likelihood (``bernoulli``, ``discretized-logistic``,
             ``categorical-256``); ``mlp``, ``conv`` or ``hvae``. Run in fp32 on its device.
         x: (N, *event_shape) images: integers (bytes 0..255 for an 8-bit run, bits 0/1 for a bernoulli
-            run), or the model's float inputs (bytes / 255, or 0/1).
+            run), or the model's float inputs (bytes / 255, or 0/1); or any object with ``len`` whose
+            slices ``x[a:b]`` are such tensors, read a step at a time (a stream of tiles: the images
+            need not all be in memory).
         batch: The most images coded in one step (the networks' batch); steps grow 1, 2, 4, ... to it.
         latent_bits: Bins per latent dimension, ``2**latent_bits``, over [-8, 8].
         checkpoint: The SHA-256 of the checkpoint the model was loaded from (``checkpoint_sha256``),
@@ -676,10 +682,9 @@ def compress(
         raise DataError("no images to compress")
     vae.eval()
     codec = _Codec(vae, latent_bits)
-    sym = _as_symbols(vae, x, codec.binary)
     seed_words = codec.seed_words
     while True:  # a chain whose pops reach the seed's bottom starts again on more seed words
-        coder, low, start_bits = _encode(codec, sym, batch, seed_words, progress)
+        coder, low, start_bits = _encode(codec, x, batch, seed_words, progress)
         if low >= _LOW_WATER_BITS or seed_words >= MAX_SEED_WORDS:
             break
         seed_words *= 4
@@ -687,7 +692,7 @@ def compress(
     same = words[: len(seed)] == seed[: len(words)]
     stripped = int(np.argmin(same)) if not same.all() else len(same)
     info = {
-        "count": len(sym), "latent_bits": latent_bits, "batch": batch, "seed_words": seed_words,
+        "count": len(x), "latent_bits": latent_bits, "batch": batch, "seed_words": seed_words,
         "stripped": stripped, "event_shape": list(vae.event_shape),
         "values": "binary" if codec.binary else "bytes",
     }  # fmt: skip
@@ -761,10 +766,11 @@ def check_info(info: Any, size: int | None = None) -> dict[str, Any]:
         raise _corrupt("its event_shape is not a list of positive integers")
     dims = math.prod(shape)
     names = info.get("names")
+    files = len(info["sizes"]) if isinstance(info.get("sizes"), list) else n  # images of any size: files
     if names is not None:
-        if not isinstance(names, list) or len(names) != n:
+        if not isinstance(names, list) or len(names) != files:
             how_many = len(names) if isinstance(names, list) else "no list of"
-            raise _corrupt(f"it names {how_many} images for {n}")
+            raise _corrupt(f"it names {how_many} images for {files}")
         for name in names:
             if not isinstance(name, str) or not name or "\0" in name or len(name) > 4096:
                 raise _corrupt(f"an image name is not a file name: {str(name)[:80]!r}")
@@ -774,7 +780,7 @@ def check_info(info: Any, size: int | None = None) -> dict[str, Any]:
             raise _corrupt("two of its images have the same name")
     modes = info.get("modes")
     if modes is not None and not (
-        isinstance(modes, list) and len(modes) == n and all(m in ("L", "RGB", "1") for m in modes)
+        isinstance(modes, list) and len(modes) == files and all(m in ("L", "RGB", "1") for m in modes)
     ):
         raise _corrupt("its image modes are not a list of L, RGB or 1, one per image")
     if "dtype" in info:
@@ -845,9 +851,11 @@ def _check_model(
 
 @torch.no_grad()
 def decompress(
-    vae: VAE, data: bytes, *, checkpoint: bytes | None = None, progress: Any = None
-) -> torch.Tensor:
+    vae: VAE, data: bytes, *, checkpoint: bytes | None = None, progress: Any = None, sink: Any = None
+) -> torch.Tensor | None:
     """The images of a file written by ``compress``, as uint8 (N, *event_shape): bytes, or bits 0/1.
+    With ``sink``, nothing is returned and ``sink(start, images)`` is called with every step's images
+    instead, as they are decoded: the last step first (a stream: the images need not fit in memory).
 
     Raises CompressionError (a DataError) for a corrupt or truncated file, WrongModelError (a
     CheckpointError) for a file written with another model or checkpoint (``checkpoint``: the
@@ -857,7 +865,8 @@ def decompress(
     vae.eval()
     codec = _Codec(vae, info["latent_bits"])
     n, seed_words, stripped = info["count"], info["seed_words"], info["stripped"]
-    _check_fits(n * codec.dims * 2, f"decoding {n:,} images")  # before anything is allocated from it
+    if sink is None:  # before anything is allocated from the header
+        _check_fits(n * codec.dims * 2, f"decoding {n:,} images")
     seed = _seed(seed_words)
     words = np.frombuffer(data, dtype="<u4", count=(len(data) - 4 - pos) // 4, offset=pos).astype(np.uint32)
     try:
@@ -865,15 +874,19 @@ def decompress(
     except Exception as e:
         raise CompressionError(f"compressed file is corrupt: {e}") from None
     sizes = steps(n, info["batch"])
-    out = torch.empty(n, *vae.event_shape, dtype=torch.uint8)
+    out = torch.empty(n, *vae.event_shape, dtype=torch.uint8) if sink is None else None
     end = n
     try:
         for size in reversed(sizes):
-            out[end - size : end] = codec.decode_step(coder, size).to(torch.uint8)
+            images = codec.decode_step(coder, size).to(torch.uint8)
             end -= size
+            if out is None:
+                sink(end, images)
+            else:
+                out[end : end + size] = images
             if progress is not None:
                 progress(size)
-    except TurboVAEError:
+    except (TurboVAEError, OSError):
         raise
     except Exception as e:  # constriction refuses a state a corrupt file can lead to
         raise CompressionError(f"compressed file is corrupt: {e}") from None
