@@ -80,7 +80,9 @@ def baselines(x: np.ndarray, binary: bool) -> dict[str, float]:
     return out
 
 
-def bench_run(run_dir: str, n: int | None, batch: int, latent_bits: int) -> dict[str, Any]:
+def bench_run(
+    run_dir: str, n: int | None, batch: int, latent_bits: int, others: bool = True
+) -> dict[str, Any]:
     vae = turbovae.load(run_dir, "cpu")
     s = setup(vae.config, torch.device("cpu"), vae.data_meta)
     x = s.x_test.cpu()[:n]  # uint8: bytes, or the fixed binarisation (bits 0/1)
@@ -124,7 +126,7 @@ def bench_run(run_dir: str, n: int | None, batch: int, latent_bits: int) -> dict
         "load_average": os.getloadavg()[0],
         "batch": stats["batch"],
         "latent_bits": latent_bits,
-        "baselines": baselines(x.numpy().reshape(len(x), *x.shape[-2:]), binary),
+        "baselines": baselines(x.numpy().reshape(len(x), *x.shape[-2:]), binary) if others else {},
     }
 
 
@@ -135,12 +137,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=compression.DEFAULT_BATCH)
     p.add_argument("--latent-bits", type=int, default=compression.DEFAULT_LATENT_BITS)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--no-baselines", action="store_true", help="time turbovae alone (no gzip ... WebP rows)")
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     results = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__, "runs": []}
     for run in args.runs:
-        r = bench_run(run, args.n, args.batch, args.latent_bits)
+        r = bench_run(run, args.n, args.batch, args.latent_bits, not args.no_baselines)
         results["runs"].append(r)
         b = r["baselines"]
         print(

@@ -359,3 +359,19 @@ def test_a_damaged_photo_file_is_one_line_and_writes_nothing(rgb_run, tmp_path, 
     assert main(["decompress", str(rgb_run), str(bad), "--out", str(tmp_path / "back.png")]) == 2
     _one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tvz", "p.png", "p.tvz"]
+
+
+def test_one_photo_costs_within_2_percent_of_the_nelbo(rgb_run, tmp_path, capsys):
+    """Issue 36: one photo, the whole file (header with its name and size, initial bits) against the
+    NELBO of its tiles."""
+    rng = np.random.default_rng(2)
+    base = np.kron(rng.integers(0, 256, (12, 12, 3)), np.ones((8, 8, 1)))  # flat 8x8 patches, like the crops
+    pixels = np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)[:90, :93]
+    from PIL import Image
+
+    Image.fromarray(pixels).save(tmp_path / "p.png")
+    capsys.readouterr()
+    argv = ["compress", str(rgb_run), str(tmp_path / "p.png"), "--out", str(tmp_path / "p.tvz"), "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 12 * 12 and report["bits_per_dim"] / report["nelbo_bits_per_dim"] < 1.02

@@ -7,10 +7,10 @@ This module is the ``compress`` command (``add_parser``, ``run``); ``DECOMPRESS`
 Inputs and outputs: a ``.npy`` file (one array), a ``.npz`` file (its ``x`` array, or its only array),
 an image (PNG, BMP, TIFF) or a folder of them (sorted by path, recursively), of any size: cut into
 tiles of the run's size and written back, each in its own format, under the same names
-(commands/photos.py, streamed a file at a time). Arrays are (N, *event), (N, H, W), (N, H, W, C) or (N, D) with the run's event shape;
-their values must be the stored values the run's likelihood has a mass on: bytes 0..255 for an 8-bit
-likelihood, 0/1 (or 0/255) for a bernoulli run. The layout, dtype and names are kept in the file, so
-decompressing gives back the same array (or images) bit for bit.
+(commands/photos.py, streamed a file at a time). Arrays are (N, *event), (N, H, W), (N, H, W, C) or
+(N, D) with the run's event shape; their values must be the stored values the run's likelihood has a
+mass on: bytes 0..255 for an 8-bit likelihood, 0/1 (or 0/255) for a bernoulli run. The layout, dtype
+and names are kept in the file, so decompressing gives back the same array (or images) bit for bit.
 """
 
 from __future__ import annotations
