@@ -1,8 +1,8 @@
 """turbovae's codec on real colour photos against PNG, lossless WebP and lossless JPEG XL.
 
-The colour photos scikit-image ships in its wheel are real data available offline. Random 16×16 crops
-of some of them train the ``photo-colour-16`` preset (a conv VAE, discretised logistic mixture with
-the RGB coupling); the others, whole, are compressed with ``turbovae compress`` (tiles of 16×16, the
+The colour photos scikit-image ships in its wheel are real data available offline. Random 8×8 crops
+of some of them train the ``photo-colour`` preset (a conv VAE, discretised logistic mixture with
+the RGB coupling); the others, whole, are compressed with ``turbovae compress`` (tiles of 8×8, the
 edge tiles padded), decompressed and compared pixel for pixel, and coded with PNG (Pillow,
 ``optimize=True``, level 9), lossless WebP (Pillow, method 6, quality 100) and lossless JPEG XL
 (``imagecodecs``, effort 9; skipped with a note when it is not installed) on the same pixels. bits/dim
@@ -122,8 +122,8 @@ def turbovae_row(run: Path, pixels: np.ndarray, work: Path) -> tuple[int, float,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="photo-bench", help="folder for the crops, the run and the files")
-    p.add_argument("--run", help="a trained photo-colour-16 run to reuse (no training)")
-    p.add_argument("--crops", type=int, default=60_000, help="16x16 training crops")
+    p.add_argument("--run", help="a trained photo-colour run to reuse (no training)")
+    p.add_argument("--crops", type=int, default=60_000, help="8x8 training crops")
     p.add_argument("--train-seconds", type=float, default=240.0)
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args()
@@ -132,9 +132,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     run = Path(args.run) if args.run else work / "run"
     if not args.run:
-        np.save(work / "crops.npy", crops(args.crops, 16))
+        np.save(work / "crops.npy", crops(args.crops, 8))
         limit = f"train.time_limit={args.train_seconds}"
-        cli("train", "--config", "photo-colour-16", "--data", str(work / "crops.npy"), "--out", str(run),
+        cli("train", "--config", "photo-colour", "--data", str(work / "crops.npy"), "--out", str(run),
             "--overwrite", "--progress", "off", "train.threads=1", limit)  # fmt: skip
     results: dict[str, Any] = {
         "torch_threads": 1,
