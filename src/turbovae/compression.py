@@ -759,7 +759,7 @@ def check_info(info: Any, size: int | None = None) -> dict[str, Any]:
         raise _corrupt(f"it claims {info['seed_words']} seed words, {info['stripped']} of them stripped")
     if not 2 <= info["latent_bits"] <= 16:
         raise _corrupt(f"its latent_bits {info['latent_bits']} is outside [2, 16]")
-    if size is not None and n > 8 * size:
+    if size is not None and n > 4096 * size:  # bounds the steps before decoding
         raise CompressionError("compressed file is truncated (it claims more images than it can hold)")
     shape = info.get("event_shape")
     if not (isinstance(shape, list) and shape and all(_is_int(d) and d > 0 for d in shape)):
