@@ -375,3 +375,18 @@ def test_one_photo_costs_within_2_percent_of_the_nelbo(rgb_run, tmp_path, capsys
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 12 * 12 and report["bits_per_dim"] / report["nelbo_bits_per_dim"] < 1.02
+
+
+def test_a_photo_is_decompressed_over_itself_only_with_overwrite(rgb_run, tmp_path, capsys):
+    pixels = _photo(tmp_path / "p.png", (9, 10, 3), 3)
+    tvz, back = tmp_path / "p.tvz", tmp_path / "back.png"
+    assert main(["compress", str(rgb_run), str(tmp_path / "p.png"), "--out", str(tvz)]) == 0
+    back.write_bytes(b"old")
+    capsys.readouterr()
+    assert main(["decompress", str(rgb_run), str(tvz), "--out", str(back)]) == 2
+    assert "--overwrite" in _one_line_error(capsys) and back.read_bytes() == b"old"
+    assert main(["decompress", str(rgb_run), str(tvz), "--out", str(back), "--overwrite"]) == 0
+    from PIL import Image
+
+    with Image.open(back) as im:
+        assert np.array_equal(np.asarray(im), pixels)

@@ -224,10 +224,12 @@ def check_out(info: dict[str, Any], out: Path, overwrite: bool, inputs: tuple[Pa
     """Refuse, before anything is decoded or written, an --out that would replace a file without
     --overwrite, or that is one of ``inputs`` (the compressed file, the run's files) with it."""
     targets = [out] if out.suffix.lower() in (".npy", ".npz") else _targets(info, int(info["count"]), out)
-    if out.suffix.lower() not in (".npy", ".npz") and out.exists() and not out.is_dir():
+    if targets != [out] and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder (use FILE.npy or FILE.npz for arrays)")
     if targets == [out] and out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; name a FILE.npy or FILE.npz")
+        raise ConfigError(
+            f"--out {out} is a folder; name a FILE.npy or FILE.npz (or IMAGE.png for one image)"
+        )
     protected = {p.resolve() for p in inputs if p.exists()}
     for target in targets:
         if target.resolve() in protected:
