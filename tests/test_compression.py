@@ -390,3 +390,25 @@ def test_a_photo_is_decompressed_over_itself_only_with_overwrite(rgb_run, tmp_pa
 
     with Image.open(back) as im:
         assert np.array_equal(np.asarray(im), pixels)
+
+
+def test_coding_runs_on_one_thread_whatever_the_callers(monkeypatch):
+    """The networks' kernels must not change between the two sides: both code on one torch thread and
+    give the caller's thread count back."""
+    vae = random_vae("mlp", "discretized-logistic", (1, 6, 6))
+    x = random_images("discretized-logistic", 7, (1, 6, 6))
+    seen: list[int] = []
+    walk = vae.structure.walk
+    monkeypatch.setattr(
+        vae.structure, "walk", lambda *a, **k: seen.append(torch.get_num_threads()) or walk(*a, **k)
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        data = compression.compress(vae, x)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.equal(compression.decompress(vae, data), x)
+    finally:
+        torch.set_num_threads(before)
+    assert set(seen) == {1}

@@ -38,12 +38,13 @@ flag says so), the stack's ANS words (u32 each), CRC-32 of everything before it 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -643,6 +644,17 @@ def _parse(data: bytes) -> tuple[dict[str, Any], bytes, bytes, int]:
 # ---- compress / decompress --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """The networks on one torch thread while coding: the same kernels whatever the caller's threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _encode(codec: _Codec, x: Any, batch: int, seed_words: int, progress: Any) -> tuple[Any, int, int]:
     """One pass of the chain over the images on a stack of ``seed_words`` seed words: (the coder, the
     fewest valid bits the stack held after any step's pops, the valid bits of the seed)."""
@@ -698,7 +710,8 @@ def compress(
     codec = _Codec(vae, latent_bits)
     seed_words = codec.seed_words
     while True:  # a chain whose pops reach the seed's bottom starts again on more seed words
-        coder, low, start_bits = _encode(codec, x, batch, seed_words, progress)
+        with _one_thread():
+            coder, low, start_bits = _encode(codec, x, batch, seed_words, progress)
         if low >= _LOW_WATER_BITS or seed_words >= MAX_SEED_WORDS:
             break
         seed_words *= 4
@@ -891,15 +904,16 @@ def decompress(
     out = torch.empty(n, *vae.event_shape, dtype=torch.uint8) if sink is None else None
     end = n
     try:
-        for size in reversed(sizes):
-            images = codec.decode_step(coder, size).to(torch.uint8)
-            end -= size
-            if out is None:
-                sink(end, images)
-            else:
-                out[end : end + size] = images
-            if progress is not None:
-                progress(size)
+        with _one_thread():
+            for size in reversed(sizes):
+                images = codec.decode_step(coder, size).to(torch.uint8)
+                end -= size
+                if out is None:
+                    sink(end, images)
+                else:
+                    out[end : end + size] = images
+                if progress is not None:
+                    progress(size)
     except (TurboVAEError, OSError):
         raise
     except Exception as e:  # constriction refuses a state a corrupt file can lead to
