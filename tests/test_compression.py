@@ -316,6 +316,7 @@ def test_a_photo_of_any_size_comes_back_with_the_same_pixels(rgb_run, tmp_path, 
         assert im.mode == "RGB" and np.array_equal(np.asarray(im), pixels)
 
 
+@pytest.mark.slow  # about 1 s
 def test_a_folder_of_photos_streams_to_a_folder(rgb_run, tmp_path, monkeypatch):
     """Folders in, folders out, the files of other sizes and formats each back in its own; read and
     written a file at a time (never more than a step's files in memory)."""
@@ -361,6 +362,7 @@ def test_a_damaged_photo_file_is_one_line_and_writes_nothing(rgb_run, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tvz", "p.png", "p.tvz"]
 
 
+@pytest.mark.slow  # about 1 s
 def test_one_photo_costs_within_2_percent_of_the_nelbo(rgb_run, tmp_path, capsys):
     """Issue 36: one photo, the whole file (header with its name and size, initial bits) against the
     NELBO of its tiles."""
