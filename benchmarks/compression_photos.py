@@ -37,7 +37,10 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 def photo(name: str) -> np.ndarray:
-    import skimage
+    try:
+        import skimage
+    except ImportError:
+        raise SystemExit("the photos are scikit-image's: pip install scikit-image") from None
 
     with Image.open(Path(skimage.__file__).parent / "data" / name) as im:
         return np.asarray(im.convert("RGB"))
