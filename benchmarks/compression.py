@@ -28,6 +28,7 @@ import io
 import json
 import lzma
 import math
+import os
 import platform
 import subprocess
 import time
@@ -79,22 +80,24 @@ def baselines(x: np.ndarray, binary: bool) -> dict[str, float]:
     return out
 
 
-def bench_run(run_dir: str, n: int | None, lanes: int, latent_bits: int) -> dict[str, Any]:
+def bench_run(
+    run_dir: str, n: int | None, batch: int, latent_bits: int, others: bool = True
+) -> dict[str, Any]:
     vae = turbovae.load(run_dir, "cpu")
     s = setup(vae.config, torch.device("cpu"), vae.data_meta)
     x = s.x_test.cpu()[:n]  # uint8: bytes, or the fixed binarisation (bits 0/1)
     binary = vae.likelihood.name == "bernoulli"
     dims = x[0].numel() * len(x)
     stats: dict[str, Any] = {}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     data = compression.compress(
-        vae, x, lanes=lanes, latent_bits=latent_bits, checkpoint=compression.checkpoint_sha256(run_dir),
+        vae, x, batch=batch, latent_bits=latent_bits, checkpoint=compression.checkpoint_sha256(run_dir),
         stats=stats,
     )  # fmt: skip
-    enc = time.perf_counter() - start
-    start = time.perf_counter()
+    enc, enc_cpu = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
     back = compression.decompress(vae, data)
-    dec = time.perf_counter() - start
+    dec, dec_cpu = time.perf_counter() - start, time.process_time() - cpu
     xf = x.float() if binary else x.float() / 255.0
     gen = torch.Generator().manual_seed(0)
     nelbo_nats = nelbo(vae, xf, lambda r: r, batch_size=500, generator=gen)["nelbo"]
@@ -115,9 +118,15 @@ def bench_run(run_dir: str, n: int | None, lanes: int, latent_bits: int) -> dict
         "rate_over_nelbo": net_bpd / nelbo_bpd,
         "compress_images_per_second": len(x) / enc,
         "decompress_images_per_second": len(x) / dec,
-        "lanes": stats["lanes"],
+        # per second of this process's CPU time: what a quiet core would give, on a loaded machine
+        "compress_images_per_cpu_second": len(x) / enc_cpu,
+        "decompress_images_per_cpu_second": len(x) / dec_cpu,
+        "compress_mb_per_second": x.numel() / enc / 1e6,
+        "decompress_mb_per_second": x.numel() / dec / 1e6,
+        "load_average": os.getloadavg()[0],
+        "batch": stats["batch"],
         "latent_bits": latent_bits,
-        "baselines": baselines(x.numpy().reshape(len(x), *x.shape[-2:]), binary),
+        "baselines": baselines(x.numpy().reshape(len(x), *x.shape[-2:]), binary) if others else {},
     }
 
 
@@ -125,23 +134,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="trained run directories (bernoulli and/or 8-bit likelihoods)")
     p.add_argument("--n", type=int, default=None, help="the first N test images (default all)")
-    p.add_argument("--lanes", type=int, default=compression.DEFAULT_LANES)
+    p.add_argument("--batch", type=int, default=compression.DEFAULT_BATCH)
     p.add_argument("--latent-bits", type=int, default=compression.DEFAULT_LATENT_BITS)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--no-baselines", action="store_true", help="time turbovae alone (no gzip ... WebP rows)")
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     results = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__, "runs": []}
     for run in args.runs:
-        r = bench_run(run, args.n, args.lanes, args.latent_bits)
+        r = bench_run(run, args.n, args.batch, args.latent_bits, not args.no_baselines)
         results["runs"].append(r)
         b = r["baselines"]
         print(
             f"{run} ({r['model']}, {r['likelihood']}): {r['images']} images, exact={r['exact']}, "
             f"{r['bits_per_dim']:.4f} bits/dim ({r['net_bits_per_dim']:.4f} net, {r['initial_bits']} initial "
             f"bits; NELBO {r['nelbo_bits_per_dim']:.4f}, ratio {r['rate_over_nelbo']:.4f}); "
-            f"{r['compress_images_per_second']:.0f} / {r['decompress_images_per_second']:.0f} images/s; "
-            + ", ".join(f"{k} {v:.4f}" for k, v in b.items()),
+            f"{r['compress_images_per_second']:.0f} / {r['decompress_images_per_second']:.0f} images/s "
+            f"({r['compress_images_per_cpu_second']:.0f} / {r['decompress_images_per_cpu_second']:.0f} a CPU "
+            f"second; {r['compress_mb_per_second']:.2f} / {r['decompress_mb_per_second']:.2f} MB/s of raw "
+            f"input; load {r['load_average']:.1f}); " + ", ".join(f"{k} {v:.4f}" for k, v in b.items()),
             flush=True,
         )
     if args.json:

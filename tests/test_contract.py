@@ -146,5 +146,5 @@ def test_every_model_codes_losslessly_where_its_structure_and_likelihood_allow(n
         return
     symbols = x.round().to(torch.uint8)  # the run's binarised test images
     symbols = symbols[:4]  # one step of four lanes: the codec is exercised, not timed
-    data = turbovae.compress(vae, symbols, lanes=4)
+    data = turbovae.compress(vae, symbols, batch=4)
     assert torch.equal(turbovae.decompress(vae, data), symbols)

@@ -72,8 +72,9 @@ def stand_in(preset: dict, tmp_path: Path) -> list[str]:
         return ["train.batch_size=256"]
     if name == "fashion-mnist":
         return [f"data.name={image_npz(tmp_path / 'fmnist.npz', (1, 28, 28))}"]
-    if name is None and data.get("resize") == "32x32":  # the user's own colour images
-        return [f"data.name={image_npz(tmp_path / 'colour.npz', (3, 32, 32))}"]
+    if name is None and data.get("resize") in ("32x32", "8x8"):  # the user's own colour images
+        side = int(data["resize"].partition("x")[0])
+        return [f"data.name={image_npz(tmp_path / 'colour.npz', (3, side, side))}"]
     raise AssertionError(f"no small stand-in for this preset's data ({data}): add one to stand_in()")
 
 

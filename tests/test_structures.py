@@ -82,7 +82,7 @@ def test_a_registered_structure_is_what_every_part_calls(counting):
     evaluate(vae, x, k=4)
     vae.sample(5)
     vae.structure.export_graphs(vae)
-    data = turbovae.compress(vae, x.to(torch.uint8), lanes=4)
+    data = turbovae.compress(vae, x.to(torch.uint8), batch=4)
     assert torch.equal(turbovae.decompress(vae, data), x.to(torch.uint8))
     for method in ("elbo", "terms", "log_weights", "sample", "export_graphs", "walk"):
         assert structure.calls.get(method, 0) > 0, method
