@@ -1112,3 +1112,33 @@ def test_a_mirror_that_trickles_is_given_up_keeping_the_partial_file(tmp_path, m
     with open(tmp_path / "part2", "wb") as out:
         download._copy(fast, out, 0, "http://mirror/x", timeout=60)
     assert fast.calls == 1000
+
+
+# ---- 10. absurd counters in a signed checkpoint ---------------------------------------------------------
+
+ABSURD = {
+    "batch_in_epoch_1e12": ("batch_in_epoch", 10**12),
+    "step_1e12": ("step", 10**12),
+    "epoch_1e9": ("epoch", 10**9),
+    "lr_scale_negative": ("lr_scale", -1.0),
+    "lr_scale_nan": ("lr_scale", float("nan")),
+    "train_seconds_inf": ("train_seconds", float("inf")),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(ABSURD))
+def test_absurd_counters_in_a_signed_checkpoint_are_one_line(finished, tmp_path, capsys, forgery):
+    """Low (audit row 27): a forged loop.batch_in_epoch of 10^12, with its checksum recomputed, was
+    accepted (the epoch skipped); step, epoch and the learning rate's scale likewise. Now the position
+    must fit the run's epochs of steps, and the numbers be finite: one line naming the checkpoint."""
+    from test_faults import remove_checkpoint, rewrite_meta, step_files
+
+    victim = copy_run(finished, tmp_path)
+    path = checkpoint.latest(victim)
+    key, value = ABSURD[forgery]
+    rewrite_meta(path, lambda m: m["loop"].__setitem__(key, value))
+    for other in step_files(victim)[:-1]:
+        remove_checkpoint(other)
+    before = snapshot(victim)
+    one_error_line(capsys, ["train", "--resume", str(victim), "--epochs", "2"], path.name)
+    assert snapshot(victim) == before
