@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 import os
 import sys
@@ -70,6 +71,8 @@ class Tracker:
             os.environ.setdefault(key, value)
         import mlflow  # an optional extra (check_available)
 
+        for name in ("mlflow", "alembic"):  # their INFO lines (creating tables, a new experiment): not ours
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.mlflow = mlflow
         mlflow.set_tracking_uri(str(cfg.train.mlflow))
         mlflow.set_experiment(cfg.train.mlflow_experiment)
