@@ -75,20 +75,23 @@ def _template(name: str, *args: str) -> Builder:
 
 
 DIGITS = ["--data", "digits", *SMALL]
-HVAE = ["--data", "digits", "--model", "hvae", "--epochs", "1", "--progress", "off", "eval.iwae_k=5",
-        "train.max_steps=5"]  # fmt: skip
+D8 = ["--data", "t/_d8.npy", *SMALL]  # 8-bit grey: what the 256-level likelihoods model
+CONV = ["--model", "conv", "model.channels=[8,8]", "--latent", "4", "--epochs", "1", "--progress", "off",
+        "eval.iwae_k=5", "train.threads=1"]  # fmt: skip
+HVAE = ["--model", "hvae", "--epochs", "1", "--progress", "off", "eval.iwae_k=5", "train.max_steps=5"]
+DL = ["--likelihood", "discretized-logistic"]
 TEMPLATES = {
     "mlp_bern": DIGITS,
-    "mlp_dl": ["--data", "t/_d8.npy", *SMALL, "--likelihood", "discretized-logistic"],
+    "mlp_dl": [*D8, *DL],
     "mlp_gl": [*DIGITS, "--likelihood", "gaussian-learned"],
     "mlp_cb": [*DIGITS, "--likelihood", "continuous-bernoulli"],
-    "mlp_c256": [*DIGITS, "--likelihood", "categorical-256"],
-    "conv_bern": [*DIGITS, "--model", "conv", "model.channels=[8,8]"],
-    "conv_dl": [*DIGITS, "--model", "conv", "model.channels=[8,8]", "--likelihood", "discretized-logistic"],
-    "hvae_bern": [*HVAE],
-    "hvae_dl": [*HVAE, "--likelihood", "discretized-logistic"],
+    "mlp_c256": [*D8, "--likelihood", "categorical-256"],
+    "conv_bern": ["--data", "digits", *CONV],
+    "conv_dl": ["--data", "t/_d8.npy", *CONV, *DL],
+    "hvae_bern": ["--data", "digits", *HVAE],
+    "hvae_dl": ["--data", "t/_d8.npy", *HVAE, *DL],
     "cond": [*DIGITS, "--condition", "label"],
-}  # fmt: skip
+}
 for _name, _args in TEMPLATES.items():
     BUILDERS[f"tpl/{_name}"] = _template(_name, *_args)
 
@@ -408,11 +411,13 @@ def inputs_of(command: str) -> list[str] | None:
     script can run (a description, several commands, torchrun, timing)."""
     if not (command.startswith("turbovae ") or command.startswith("python -c ")):
         return None
-    if any(s in command for s in (" ; ", " && ", "$PWD", "--nproc")):
+    if any(s in command for s in ("$PWD", "--nproc")):
         return None
     try:
         words = shlex.split(command)
     except ValueError:
+        return None
+    if any(w.endswith(";") or w == "&&" for w in words):  # several commands, or a description after one
         return None
     found = []
     for i, w in enumerate(words):
