@@ -351,3 +351,29 @@ def test_two_ranks_shard_the_labels_with_the_batch(tmp_path):
     assert states[0].keys() == states[1].keys()
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_conditional_mlp_starts_each_class_at_its_mean_image():
+    # issue 33: at the defaults a conditional MLP's samples were their class a third of the time (z carried
+    # the class); the decoder's per-class output bias starts at the logit of each class's mean image
+    cfg = resolve("digits-mlp", {"data.condition": "label"}, [])
+    s = setup(cfg, torch.device("cpu"))
+    net = s.vae.net
+    x = s.x_train.double() / s.train_max
+    means = torch.stack([x[s.y_train == c].mean(0) for c in range(10)]).flatten(1)
+    want = torch.logit(means, eps=1e-3)
+    if net.output_bias_from_data:
+        want = want - net.decoder[-1].bias.double()
+    assert torch.allclose(net.class_bias.double(), want, atol=1e-5)
+    # with z = 0 the class alone already tells the classes apart: each decodes nearest its own mean
+    logits = s.vae.decode_params(torch.zeros(10, s.vae.latent), condition=torch.arange(10)).flatten(1)
+    nearest = torch.cdist(torch.sigmoid(logits).double(), means).argmin(1)
+    assert torch.equal(nearest, torch.arange(10))
+
+
+def test_conditional_mlp_saved_without_a_class_bias_loads_as_it_was():
+    net = MLPNet(SHAPE, 4, 1, [16], n_classes=K)
+    old = {k: v for k, v in net.state_dict().items() if k != "class_bias"}  # a run of before issue 33
+    net.class_bias.data.fill_(1.0)
+    net.load_state_dict(old)
+    assert net.class_bias.abs().sum() == 0

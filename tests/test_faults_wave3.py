@@ -5,6 +5,7 @@ instead. Each failed on the code before its fix."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1120,3 +1121,155 @@ def test_a_mirror_that_trickles_is_given_up_keeping_the_partial_file(tmp_path, m
     with open(tmp_path / "part2", "wb") as out:
         download._copy(fast, out, 0, "http://mirror/x", timeout=60)
     assert fast.calls == 1000
+
+
+# ---- 10. absurd counters in a signed checkpoint ---------------------------------------------------------
+
+ABSURD = {
+    "batch_in_epoch_1e12": ("batch_in_epoch", 10**12),
+    "epoch_1e9": ("epoch", 10**9),
+    "lr_scale_nan": ("lr_scale", float("nan")),
+    "train_seconds_inf": ("train_seconds", float("inf")),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(ABSURD))
+def test_absurd_counters_in_a_signed_checkpoint_are_one_line(finished, tmp_path, capsys, forgery):
+    """Low (audit row 27): a forged loop.batch_in_epoch of 10^12, with its checksum recomputed, was
+    accepted (the epoch skipped); step, epoch and the learning rate's scale likewise. Now the position
+    must fit the run's epochs of steps, and the numbers be finite: one line naming the checkpoint."""
+    from test_faults import remove_checkpoint, rewrite_meta, step_files
+
+    victim = copy_run(finished, tmp_path)
+    path = checkpoint.latest(victim)
+    key, value = ABSURD[forgery]
+    rewrite_meta(path, lambda m: m["loop"].__setitem__(key, value))
+    for other in step_files(victim)[:-1]:
+        remove_checkpoint(other)
+    before = snapshot(victim)
+    one_error_line(capsys, ["train", "--resume", str(victim), "--epochs", "2"], path.name)
+    assert snapshot(victim) == before
+
+
+# ---- 11. low: raw warnings, a wrong message, silent truncations -------------------------------------------
+
+
+def test_images_above_pils_bomb_limit_are_one_warning_line(tmp_path, capsys, monkeypatch):
+    """H-pack-bomb2, H-train-bomb2: 144-169 Mpx images printed PIL's raw DecompressionBombWarning (two
+    lines each, one a line of PIL's source) in pack and train. Now one turbovae warning line."""
+    from PIL import Image
+
+    folder = png_folder(tmp_path / "big", n=3)  # 6x5 = 30 px each, above a limit of 20 (below 2x: no error)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)
+    capsys.readouterr()
+    assert main(["data", "pack", str(folder), "--out", str(tmp_path / "big.npy")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if "decompression-bomb" in line] == err and len(err) == 1, err
+    assert "3 image(s)" in err[0] and "6x5" in err[0]
+
+
+def test_encode_reads_a_one_image_folder(finished, tmp_path):
+    """E-encode-folder-1, H-encode-bomb: `encode --input` a folder of one image said 'cannot split 1
+    example(s) into train and test'; encoding splits nothing."""
+    from PIL import Image
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 17, (8, 8)).astype(np.uint8)).save(folder / "a.png")
+    out = tmp_path / "z.npy"
+    assert main(["encode", str(finished), "--input", str(folder), "--out", str(out)]) == 0
+    assert np.load(out).shape[0] == 1
+
+
+def test_odd_classes_are_warned_of(tmp_path, capsys):
+    """I-train-classes_dups, I-train-unseen_in_train: class names given twice, and a class with test
+    examples only, trained without a word (--label NAME reached only the first of two equal names)."""
+    from turbovae.data.arrays import classes_path, labels_path
+
+    x = np.random.default_rng(0).integers(0, 2, (200, 4, 4)).astype(np.uint8) * 255
+    y = np.arange(200) % 3
+    y[180:] = 3  # class 3 only in the last rows, the test split of a .npy
+    np.save(tmp_path / "d.npy", x)
+    np.save(labels_path(tmp_path / "d.npy"), y)
+    classes_path(tmp_path / "d.npy").write_text(json.dumps(["a", "b", "a", "c"]))
+    capsys.readouterr()
+    argv = [
+        "train",
+        *FAST[2:],
+        "--data",
+        str(tmp_path / "d.npy"),
+        "--condition",
+        "label",
+        "data.test_fraction=0.1",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "class" in line and "warning" in line]
+    assert any("given twice" in line and "'a' (0 and 2)" in line for line in err), err
+    assert any("no training examples" in line and "c (20 in the test split)" in line for line in err), err
+
+
+@pytest.mark.slow  # trains a run
+def test_fractional_or_out_of_range_class_ids_are_refused(finished, tmp_path, capsys):
+    """I-encode-labels_float, I-api-sample-badcond, I-api-sample-floatcond: float labels were truncated
+    (0.5 -> class 0) by encode --labels and the API; condition=tensor([-1, 99]) was a RuntimeError."""
+    from turbovae import load
+    from turbovae.errors import ConfigError
+
+    cond = tmp_path / "cond"
+    assert main(["train", *FAST, "--condition", "label", "--out", str(cond)]) == 0
+    x = np.zeros((2, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "half.npy", np.array([0.5, 1.0]))
+    argv = ["encode", str(cond), "--input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "z.npy")]
+    one_error_line(capsys, [*argv, "--labels", str(tmp_path / "half.npy")], "whole numbers", "0.5")
+    np.save(tmp_path / "whole.npy", np.array([0.0, 1.0]))  # whole floats are the ids they say
+    assert main([*argv, "--labels", str(tmp_path / "whole.npy")]) == 0
+    vae = load(cond)
+    for bad, message in [
+        (torch.tensor([0.5, 1.5]), "integers"),
+        (torch.tensor([-1, 3]), "class id -1"),
+        (torch.tensor([0, 99]), "class id 99"),
+        (-1, "class id -1"),
+        (99, "class id 99"),
+        (0.5, "0.5"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            vae.sample(2, condition=bad)
+    for label in ("-1", "99", "0.5"):
+        one_error_line(
+            capsys, ["sample", str(cond), "--label", label, "--out", str(tmp_path / "s.png")], label
+        )
+
+
+@pytest.mark.slow  # trains a run
+def test_resume_accepts_flags_equal_to_the_saved_config(finished, tmp_path, capsys):
+    """O27-resume-same-flags: `--resume --precision fp32` was refused although the run was fp32."""
+    run = tmp_path / "r"
+    assert main(["train", *FAST, "--precision", "fp32", "--checkpoint-every", "10", "--out", str(run)]) == 0
+    again = ["train", "--resume", str(run), "--epochs", "2", "--progress", "off"]
+    assert main([*again, "--precision", "fp32", "--latent", "2", "train.log_every=5"]) == 0
+    one_error_line(capsys, [*again, "--epochs", "3", "--precision", "bf16"], "--precision")
+    one_error_line(capsys, [*again, "--epochs", "3", "train.lr=0.5"], "train.lr=0.5")
+
+
+@pytest.mark.slow  # trains a hierarchical run
+def test_torch_export_prints_no_torch_warnings(tmp_path, recwarn):
+    """G-export-torch-hvae_dl: torch.export.save's "No complete tensor found in the group!" (with a line
+    of torch's source) was printed once per graph of a hierarchical run."""
+    run = tmp_path / "hvae"
+    assert main(["train", "--data", "digits", "--model", "hvae", "--epochs", "1", "--progress", "off",
+                 "eval.iwae_k=2", "train.max_steps=3", "--out", str(run)]) == 0  # fmt: skip
+    assert main(["export", str(run), "--format", "torch", "--out", str(tmp_path / "t")]) == 0
+    assert [str(w.message) for w in recwarn if "complete tensor" in str(w.message)] == []
+
+
+@pytest.mark.slow  # MLflow creates its tables (several seconds)
+@pytest.mark.parametrize("store", ["sqlite", "databricks"])
+def test_mlflow_prints_no_log_lines(tmp_path, capfd, store):
+    """J-mlflow-sqlite-ok, J-mlflow-databricks: MLflow's INFO log lines (creating tables, a new
+    experiment) on stderr; and its WARNING about Databricks credentials besides turbovae's warning."""
+    pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'ml.db'}" if store == "sqlite" else "databricks"
+    assert main(["train", *FAST, "--out", str(tmp_path / "r"), f"train.mlflow={uri}"]) == 0
+    err = capfd.readouterr().err
+    assert not re.search(r"(INFO|WARNING) (mlflow|alembic)", err), err[-2000:]

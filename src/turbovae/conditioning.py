@@ -13,9 +13,11 @@ so that ``sample --label NAME`` and ``--where COLUMN=VALUE`` work after ``turbov
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -105,6 +107,38 @@ def parse_where(condition: dict[str, Any], where: str) -> int:
             f"--where: this run is conditioned on column '{condition['column']}', not '{column.strip()}'"
         )
     return resolve(condition, value, what=f"value of '{condition['column']}'")
+
+
+def warn_odd_classes(names: Sequence[str], y_train: torch.Tensor, y_test: torch.Tensor, where: str) -> None:
+    """One warning line each for classes that ``--label NAME`` cannot tell apart (a name given twice)
+    and for classes without training examples (only in the test split, or nowhere): their samples
+    come from an untrained class."""
+    k = len(names)
+    seen: dict[str, int] = {}
+    twice = [f"'{n}' ({seen[n]} and {i})" for i, n in enumerate(names) if seen.setdefault(n, i) != i]
+    if twice:
+        print(f"turbovae: warning: {where}: class names given twice: {', '.join(twice[:5])}; --label NAME "
+              "takes the first, name the classes apart to ask for the others", file=sys.stderr)  # fmt: skip
+    train = torch.bincount(y_train.long(), minlength=k)[:k]
+    test = torch.bincount(y_test.long(), minlength=k)[:k] if len(y_test) else torch.zeros_like(train)
+    unseen = [f"{names[i]} ({int(test[i])} in the test split)" for i in range(k) if train[i] == 0]
+    if unseen:
+        print(f"turbovae: warning: {where}: {len(unseen)} class(es) have no training examples, and their "
+              f"samples will not look like them: {', '.join(unseen[:5])}", file=sys.stderr)  # fmt: skip
+
+
+def integer_ids(values: Any, where: str) -> torch.Tensor:
+    """Class ids given as numbers (an array or tensor) as int64; fractions, NaN and non-numbers are a
+    DataError (1.0 is 1; 1.5 was truncated to 1 before)."""
+    a = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise DataError(f"{where}: class ids must be integers, got dtype {a.dtype}")
+    if np.issubdtype(a.dtype, np.floating):
+        whole = np.isfinite(a) & (a == np.round(a))
+        if not whole.all():
+            bad = a[~whole].reshape(-1)[0]
+            raise DataError(f"{where}: class ids must be whole numbers, got {bad!r} (not truncated)")
+    return torch.from_numpy(a.astype(np.int64).reshape(-1))
 
 
 def check_labels(y: torch.Tensor, n: int, k: int, where: str) -> torch.Tensor:

@@ -57,10 +57,17 @@ class VAE(nn.Module):
     def condition_ids(self, condition: Any, n: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``condition`` as (n,) int64 class ids: a tensor or sequence of n ids, or one class (an id or a
         name) for all n."""
-        if isinstance(condition, torch.Tensor) and condition.dim() == 1:  # ids: no host sync (training)
+        if isinstance(condition, torch.Tensor) and condition.dim() == 1:
             if condition.shape != (n,):
                 raise ConfigError(f"condition: {len(condition)} class ids for {n} examples")
-            return condition.to(device=device, dtype=torch.long)
+            if condition.is_floating_point() or condition.dtype == torch.bool:  # 0.5 is not class 0
+                raise ConfigError(f"condition: class ids must be integers, got a {condition.dtype} tensor")
+            given = condition.to(device=device, dtype=torch.long)
+            outside = (given < 0) | (given >= self.n_classes)
+            if bool(outside.any()):  # one host sync
+                bad = int(given[outside][0])
+                raise ConfigError(f"condition: class id {bad} is not in 0..{self.n_classes - 1}")
+            return given
         if isinstance(condition, list | tuple):
             ids = [self._class_id(c) for c in condition]
             return conditioning.check_labels(torch.tensor(ids, device=device), n, self.n_classes, "condition")

@@ -53,7 +53,7 @@ def input_labels(vae: VAE, args: argparse.Namespace, n: int) -> torch.Tensor | N
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix.lower() == ".npy":
-        ids = torch.from_numpy(np.asarray(_read(path)[""]).astype(np.int64).reshape(-1))
+        ids = conditioning.integer_ids(_read(path)[""], str(path))
     else:
         try:
             text = path.read_text(encoding="utf-8")

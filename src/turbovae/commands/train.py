@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..config import load_preset, parse_override, resolve
 from ..engine.loop import Interrupted, fit
 from ..engine.rundir import RESUMABLE_LIMITS, check_out_dir
-from ..errors import ConfigError
+from ..errors import ConfigError, TurboVAEError
 from .options import TRAIN_FLAGS, config_from, config_options
 
 
@@ -40,18 +41,37 @@ def add_parser(sub: Any) -> None:
     )
 
 
+def _same_as_saved(saved: Path) -> Callable[[dict[str, Any], list[str]], bool]:
+    """Whether flags and overrides leave the run's saved config as it is (False where it cannot be read)."""
+    try:
+        base = load_preset(str(saved)) if saved.is_file() else None
+        before = None if base is None else resolve(base=base).to_dict()
+    except TurboVAEError:
+        before = None
+
+    def same(flags: dict[str, Any], overrides: list[str]) -> bool:
+        try:  # the whole resolved config compared: what the flag sets and anything it implies
+            after = resolve(flags=flags, overrides=overrides, base=base).to_dict()
+            return before is not None and after == before
+        except TurboVAEError:
+            return False
+
+    return same
+
+
 def run(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, name) for name, key in TRAIN_FLAGS.items()}
     if args.resume:
         out = Path(args.resume)
+        same = _same_as_saved(out / "config.yaml")  # a flag repeating the saved value changes nothing
         changed = [
             f"--{n.replace('_', '-')}"
             for n, k in TRAIN_FLAGS.items()
-            if flags[k] is not None and n != "epochs"
+            if flags[k] is not None and n != "epochs" and not same({k: flags[k]}, [])
         ]
         # a time- or step-limited run is continued by raising (or clearing) its limit
         limit = [o for o in args.overrides if parse_override(o)[0] in RESUMABLE_LIMITS]
-        others = [o for o in args.overrides if o not in limit]
+        others = [o for o in args.overrides if o not in limit and not same({}, [o])]
         if changed or args.config or others:
             raise ConfigError(
                 "--resume continues the saved config; only --epochs, train.time_limit and train.max_steps "

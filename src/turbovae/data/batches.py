@@ -58,6 +58,20 @@ def mean_value(x: torch.Tensor, max_value: float) -> torch.Tensor:
     return total / max(1, len(x)) / max_value
 
 
+def class_means(x: torch.Tensor, y: torch.Tensor, k: int, max_value: float) -> torch.Tensor:
+    """(k, *event) the mean of the rows of each class id 0..k-1 of ``y`` after scaling to float (float64;
+    a class without rows: the mean of all rows), a chunk at a time as ``mean_value``."""
+    totals = torch.zeros(k, *x.shape[1:], dtype=torch.float64)
+    start = 0
+    for c in _chunks(x):
+        ids = y[start : start + len(c)].cpu().long()
+        totals.index_add_(0, ids, c.to(torch.float64).cpu())
+        start += len(c)
+    counts = torch.bincount(y.cpu().long(), minlength=k).double().view(k, *[1] * (x.dim() - 1))
+    means = totals / counts.clamp(min=1) / max_value
+    return torch.where(counts > 0, means, totals.sum(0) / max(1, len(x)) / max_value)
+
+
 def to_float(x: torch.Tensor, max_value: float) -> torch.Tensor:
     """uint8 bytes → float32 in [0, 1]; float data passes through (divided by 1)."""
     x = x.float()

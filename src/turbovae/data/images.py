@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,19 +77,31 @@ def folder_files(root: Path) -> tuple[list[Path], int]:
 def scan_images(files: list[Path], resize: tuple[int, int] | None) -> tuple[int, int, str]:
     """(height, width, PIL mode "L" or "RGB") of the array the images make, from their headers only (no
     pixel is decoded); refuses an unreadable, 16-bit or float image, and mixed sizes without ``resize``."""
-    modes, sizes = [], []
+    modes, sizes, large = [], [], []
     for file in files:
         try:
-            with Image.open(file) as image:
-                modes.append(image.mode)
-                sizes.append(image.size)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", Image.DecompressionBombWarning)
+                with Image.open(file) as image:
+                    modes.append(image.mode)
+                    sizes.append(image.size)
         except _OPEN_ERRORS as e:
             raise DataError(f"{file}: cannot read image ({e})") from e
+        if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+            large.append(file)
         _check_bit_depth(file)
         if modes[-1] in _UNSUPPORTED_MODES:
             raise DataError(
                 f"{file}: image mode {modes[-1]} is not supported, expected 8-bit greyscale or colour"
             )
+    if large:  # PIL's raw DecompressionBombWarning (a traceback-like line pair) said once, in one line
+        w, h = sizes[files.index(large[0])]
+        print(
+            f"turbovae: warning: {len(large)} image(s) above PIL's decompression-bomb limit of "
+            f"{(Image.MAX_IMAGE_PIXELS or 0) / 1e6:.3g} Mpx, each decoded whole before resizing "
+            f"(e.g. {large[0]}: {_hxw((w, h))} (HxW), {w * h / 1e6:.3g} Mpx, {w * h * 4 / 2**20:,.3g} MiB)",
+            file=sys.stderr,
+        )
     if resize is None:
         for file, size in zip(files, sizes, strict=True):
             if size != sizes[0]:
@@ -104,8 +118,10 @@ def scan_images(files: list[Path], resize: tuple[int, int] | None) -> tuple[int,
 def decode_image(file: Path, mode: str, height: int, width: int) -> np.ndarray:
     """One image as uint8 (height, width, channels) in ``mode``, resized (Lanczos) when it differs."""
     try:
-        with Image.open(file) as image:
-            converted = image.convert(mode)
+        with warnings.catch_warnings():  # scan_images said it, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                converted = image.convert(mode)
         if converted.size != (width, height):
             converted = converted.resize((width, height), Image.Resampling.LANCZOS)
         return np.asarray(converted).reshape(height, width, -1)
@@ -145,6 +161,8 @@ def load_image_folder(
     files, n_train = folder_files(root)
     if n_train:
         train_idx, test_idx = np.arange(n_train), np.arange(n_train, len(files))
+    elif test_fraction == 0:  # every image in file order, no split (encode's inputs: one image is fine)
+        train_idx, test_idx = np.arange(len(files)), np.arange(0)
     else:
         train_idx, test_idx = split_indices(len(files), test_fraction, split_seed)
 

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -213,7 +214,10 @@ def _loop_ok(v: Any) -> bool:
     return (
         isinstance(v, dict)
         and all(_is_int(v.get(k, 0)) and 0 <= v.get(k, 0) < 2**53 for k in counters)  # forged -5, 1e12 ...
-        and all(_is_number(v.get(k, 1.0)) for k in ("train_seconds", "lr_scale"))
+        and _is_number(v.get("train_seconds", 0.0))
+        and 0 <= v.get("train_seconds", 0.0) < math.inf  # forged inf or NaN: neither compares true
+        and _is_number(v.get("lr_scale", 1.0))
+        and 0 < v.get("lr_scale", 1.0) <= 1  # halved at each roll-back, never above 1
     )
 
 

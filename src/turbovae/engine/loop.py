@@ -22,6 +22,7 @@ from ..config import Config, to_yaml
 from ..data import mapwatch
 from ..data.batches import gather
 from ..data.text import bucketed
+from ..errors import CheckpointError
 from ..models import model_spec
 from ..objectives import noise_shape_of
 from ..progress import Progress
@@ -192,6 +193,18 @@ def _new_state(cfg: Config, s: Setup) -> TrainState:
     )
 
 
+def check_position(loop: dict[str, Any], n_train: int, batch_size: int, source: Path) -> None:
+    """A restored position (step, epoch, batch_in_epoch) must be one that epochs of ``n_train``
+    examples in the run's global batches reach (a signed but forged 10^12 is refused, not run)."""
+    step, epoch, batch = loop["step"], loop["epoch"], loop["batch_in_epoch"]
+    per_epoch = -(-n_train // loop.get("global_batch", batch_size))  # at most: a smaller last batch (text)
+    if batch > per_epoch or epoch > step or not batch <= step <= (epoch + 1) * per_epoch:
+        raise CheckpointError(
+            f"checkpoint {source} holds an impossible position (step {step}, epoch {epoch}, batch "
+            f"{batch} of at most {per_epoch} per epoch): not this run's; remove it"
+        )
+
+
 def start(
     cfg: Config,
     out: Path,
@@ -222,6 +235,7 @@ def start(
     state_json = ctx.broadcast(prepare_dir(out, cfg, overwrite, resume, resume_from) if ctx.main else None)
     if state_json is not None:
         st.restore(*checkpoint.load(state_json), source=state_json)
+        check_position(loop, len(s.x_train), cfg.train.batch_size, state_json)  # before any file is written
         loop.pop("time_limited", None)  # a resumed run is stopped (or not) by its own limits
         loop.pop("step_limited", None)
     threads, choice = settle_hardware(cfg, s, ctx, loop, resumed=state_json is not None)

@@ -14,7 +14,7 @@ import torch
 from .. import conditioning, runtime
 from ..config import Config, parse_resize
 from ..data import Dataset, load_dataset
-from ..data.batches import binarize, mean_value, value_range
+from ..data.batches import binarize, class_means, mean_value, value_range
 from ..errors import CheckpointError, ConfigError, DataError, clip, shown
 from ..kinds import DataKind, kind_of
 from ..likelihoods import build_likelihood
@@ -283,7 +283,12 @@ def setup(
         )
     init = getattr(vae.net, "init_from_data", None)  # e.g. the MLP's model.init_output_bias
     if init is not None:  # before placing: the training rows may be memory-mapped
-        init(lambda: mean_value(x_train, train_max))
+
+        def per_class() -> torch.Tensor:  # asked for by conditional networks only
+            assert data.y_train is not None
+            return class_means(x_train, data.y_train[fit_idx], conditioning.n_classes(data.meta), train_max)
+
+        init(lambda: mean_value(x_train, train_max), per_class)
     vae = runtime.place(vae, device, model_spec(cfg.model.name).channels_last)
     precision = runtime.resolve_precision(cfg.train.precision, device)
     ys: list[torch.Tensor | None] = [None, None, None]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 import os
 import sys
@@ -70,6 +71,10 @@ class Tracker:
             os.environ.setdefault(key, value)
         import mlflow  # an optional extra (check_available)
 
+        # their INFO and WARNING lines (creating tables, a new experiment, no Databricks credentials): a
+        # failure is the one warning line of _guarded
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         self.mlflow = mlflow
         mlflow.set_tracking_uri(str(cfg.train.mlflow))
         mlflow.set_experiment(cfg.train.mlflow_experiment)

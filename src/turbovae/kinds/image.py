@@ -14,7 +14,6 @@ import torch
 
 from .. import conditioning, runtime
 from ..config import parse_resize
-from ..data.arrays import split_indices
 from ..data.images import _image_files, load_image_folder
 from ..errors import ConfigError, DataError
 from .base import DataKind
@@ -49,6 +48,7 @@ class ImageKind(DataKind):
                                                data.meta.get("class_names"))  # fmt: skip
         data.y_train = conditioning.remap(data.y_train, values)
         data.y_test = conditioning.remap(data.y_test, values)
+        conditioning.warn_odd_classes(names, data.y_train, data.y_test, data.name)
         counts = torch.bincount(data.y_train, minlength=len(names)).tolist()
         data.meta["condition"] = {"kind": "label", "names": names, "counts": counts}
 
@@ -129,13 +129,8 @@ class ImageKind(DataKind):
 
 def _folder_input(vae: VAE, path: Path) -> torch.Tensor:
     resize = parse_resize(vae.config.data.resize) if vae.config is not None else None
-    ds = load_image_folder(path, resize=resize, test_fraction=0.5, split_seed=0)
-    x = torch.cat([ds.x_train, ds.x_test])
-    if not ((path / "train").is_dir() and (path / "test").is_dir()):  # undo the split: sorted file order
-        train_idx, test_idx = split_indices(len(x), 0.5, 0)
-        x = torch.empty_like(x)
-        x[torch.from_numpy(train_idx)], x[torch.from_numpy(test_idx)] = ds.x_train, ds.x_test
-    return x.float() / 255.0
+    ds = load_image_folder(path, resize=resize, test_fraction=0.0)  # no split: the sorted file order
+    return torch.cat([ds.x_train, ds.x_test]).float() / 255.0
 
 
 def _folder_names(path: Path) -> list[str]:
