@@ -46,6 +46,10 @@ class DataConfig:
     # conditional generation (a CVAE): '' (none) | label (the source's labels: npz y, IDX labels, digits,
     # image sub-folders) | a table's categorical COLUMN (then not generated: given, by --where)
     condition: str = ""
+    # tables: rules between columns every sampled row keeps (docs/tables.md#constraints), e.g.
+    # ["price > 0", "0 <= carat <= 5", "start <= end", "total = a + b", "fixed(city, country)"];
+    # on the command line separated by ';'
+    constraints: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -267,6 +271,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is list:
         if isinstance(value, int | float) and not isinstance(value, bool):
             value = [value]
+        if isinstance(value, str) and key == "data.constraints":  # rules hold commas and spaces
+            value = [v.strip() for v in value.split(";") if v.strip()]
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, list | tuple):

@@ -139,6 +139,7 @@ def load_dataset(
     min_freq: int = 1,
     condition: str = "",
     rows: Table | None = None,
+    constraints: list[str] | None = None,
 ) -> Dataset:
     """Load a dataset by built-in name or path.
 
@@ -161,6 +162,7 @@ def load_dataset(
             for a table, the categorical column the model is conditioned on (taken out of the vector,
             its class ids in ``y_train``/``y_test``). Other sources' labels are read anyway.
         rows: Tables: the rows, typed already (a DataFrame's), used instead of reading the file.
+        constraints: Tables: rules between columns every sampled row keeps (``data/constraints.py``).
 
     Returns:
         The dataset, in memory.
@@ -192,7 +194,10 @@ def load_dataset(
             fitted=(meta or {}).get("table"),
             condition=condition if condition != "label" else "",
             rows=rows,
+            constraints=constraints,
         )
+    if constraints:
+        raise ConfigError(f"data.constraints apply to tables, but '{spec}' is not a table (csv:PATH)")
     if spec in DATASETS:
         dataset = DATASETS[spec](test_fraction=test_fraction, split_seed=split_seed, data_dir=data_dir)
         return _image_meta(_resized(dataset, resize))

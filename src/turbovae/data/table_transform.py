@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from . import constraints as rules_of
 from .arrays import split_indices
 from .dataset import Dataset
 from .datetimes import round_to
@@ -157,8 +158,18 @@ def _codes(c: Column, spec: dict[str, Any], source: str) -> np.ndarray:
     return codes
 
 
+def file_columns(transform: dict[str, Any]) -> list[dict[str, Any]]:
+    """The columns of the file a run was trained on, as read (``read_table``'s ``schema``): the learned
+    columns, or with constraints (``data/constraints.py``) the file's before the rules changed them."""
+    declared = transform.get("constraints")
+    return declared["schema"] if declared else transform["columns"]
+
+
 def encode(table: Table, transform: dict[str, Any]) -> np.ndarray:
-    """The rows of ``table`` as float32 vectors (N, D) in the transformed space."""
+    """The rows of ``table`` (the file's columns) as float32 vectors (N, D) in the transformed space."""
+    declared = transform.get("constraints")
+    if declared:
+        table = rules_of.apply(table, declared["rules"])
     out = np.zeros((len(table), transform["layout"]["dims"]), dtype=np.float64)
     rows = np.arange(len(table))
     for spec in transform["columns"]:
@@ -230,6 +241,9 @@ def decode(x: np.ndarray, transform: dict[str, Any], source: str = "synthetic") 
             values = np.where(_argmax(x, spec["indicator"]) == 1, np.nan, values)
         written = {k: spec[k] for k in ("fmt", "tz", "step") if k in spec}
         columns.append(Column(name, kind, values, decimals=spec.get("decimals"), **written))
+    declared = transform.get("constraints")
+    if declared:  # the file's columns back from the learned ones
+        return rules_of.restore(Table(columns, source), declared["rules"], declared["schema"])
     return Table(columns, source)
 
 
@@ -246,6 +260,7 @@ def load_table(
     fitted: dict[str, Any] | None = None,
     condition: str = "",
     rows: Table | None = None,
+    constraints: list[str] | None = None,
 ) -> Dataset:
     """A table file as a ``Dataset``: float32 (N, D) rows in the transformed space, split
     deterministically (``split_indices``), the transform fitted on the training rows and kept in
@@ -258,7 +273,10 @@ def load_table(
 
     ``rows``: the table's rows, typed already (a DataFrame's, ``data/frames.py``), used instead of
     reading the file, which need not exist yet; the source is then recorded as ``spec`` names it (the
-    DataFrame API's run directory keeps the rows as ``table.csv``, named relative to it)."""
+    DataFrame API's run directory keeps the rows as ``table.csv``, named relative to it).
+
+    ``constraints`` (data.constraints): rules between columns (``data/constraints.py``), checked against
+    the rows, built into the transform and kept in ``meta["table"]["constraints"]``."""
     path = table_path(spec)
     if path is None:
         raise DataError(f"{spec}: not a table (expected csv:PATH, parquet:PATH or a .csv/.tsv/.parquet file)")
@@ -267,7 +285,7 @@ def load_table(
         raise ConfigError("load_table: rows and a fitted transform are two tables; pass one")
     if fitted is not None:
         given = fitted.get("condition")
-        table = read_table(path, schema=fitted["columns"] + ([given] if given else []), fmt=fmt)
+        table = read_table(path, schema=file_columns(fitted) + ([given] if given else []), fmt=fmt)
         if len(table) != fitted["n_rows"]:
             raise DataError(
                 f"{path}: has {len(table)} rows, but the run was trained on {fitted['n_rows']}; "
@@ -279,7 +297,11 @@ def load_table(
         table = read_table(path, columns, fmt=fmt) if rows is None else rows
         train, test = split_indices(len(table), test_fraction, split_seed)
         given = condition_spec(table, condition) if condition else None
-        transform = fit_transform(without(table, given), train, method)
+        learned = without(table, given)
+        declared = rules_of.check(constraints, learned) if constraints else []
+        transform = fit_transform(rules_of.apply(learned, declared), train, method)
+        if declared:
+            transform["constraints"] = {"rules": declared, "schema": rules_of.schema(learned)}
         source = str(path.resolve()) if rows is None else str(path)
         transform.update(source=source, n_rows=len(table), test_fraction=test_fraction, split_seed=split_seed)
         if given is not None:
@@ -374,7 +396,7 @@ def source_splits(transform: dict[str, Any], run_dir: str | Path | None = None) 
     path = Path(transform["source"])
     if not path.is_absolute() and run_dir is not None:
         path = Path(run_dir) / path
-    table = read_table(path, schema=transform["columns"])
+    table = read_table(path, schema=file_columns(transform))
     if len(table) != transform["n_rows"]:
         raise DataError(
             f"{path}: has {len(table)} rows, but the run was trained on {transform['n_rows']}; "
@@ -388,6 +410,7 @@ __all__ = [
     "METHODS",
     "decode",
     "encode",
+    "file_columns",
     "fit_transform",
     "load_table",
     "source_splits",

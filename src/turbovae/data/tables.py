@@ -143,6 +143,14 @@ class Table:
         return Table(cols, self.source, lines)
 
 
+def concat(tables: Sequence[Table]) -> Table:
+    """The rows of ``tables`` (the same columns) one after another."""
+    first = tables[0]
+    columns = [replace(c, values=np.concatenate([t.columns[j].values for t in tables]))
+               for j, c in enumerate(first.columns)]  # fmt: skip
+    return Table(columns, first.source)
+
+
 # ---- reading ----------------------------------------------------------------------------------------
 
 

@@ -227,6 +227,7 @@ def setup(
         min_freq=cfg.data.min_freq,
         condition=cfg.data.condition,
         rows=rows,
+        constraints=cfg.data.constraints,
     )
     kind = kind_of(data)
     condition_on(data, cfg.data.condition, kind)
