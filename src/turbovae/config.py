@@ -72,6 +72,11 @@ class TrainConfig:
     final_lr: float = 0.01  # warmup-cosine: the last step's lr as a fraction of train.lr
     ema: float = 0.0  # decay of an exponential moving average of the weights, used to evaluate and sample
     clip_grad: float = 0.0  # clip the gradient's global norm to this (0: no clipping)
+    # differential privacy (DP-SGD, opacus' accountant; docs/tables.md#differential-privacy): the ε the whole
+    # run may spend (0: not private), at δ = dp_delta; each example's gradient clipped to dp_max_grad_norm
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
     # skip a step whose gradient norm exceeds this many times the run's running mean norm (0: never);
     # the mean adapts, so a lasting change of scale is followed, not skipped forever
     skip_grad: float = 0.0

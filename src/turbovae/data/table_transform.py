@@ -33,7 +33,7 @@ from .datetimes import round_to
 from .mixture import fit_dp_mixtures
 from .tables import NUMERIC_TYPES, Column, Table, read_table, table_path
 
-METHODS = ("mode", "quantile")
+METHODS = ("mode", "quantile", "bounds")
 STD_MULTIPLIER = 4.0  # TVAE's: a mode's values land in [−1, 1] with 99.99% probability
 MAX_MODES = 10
 WEIGHT_THRESHOLD = 0.005
@@ -63,7 +63,12 @@ def _quantile_knots(values: np.ndarray) -> dict[str, list[float]]:
     return {"values": knots.tolist(), "probs": probs.tolist()}
 
 
-def fit_transform(table: Table, train: np.ndarray, method: str = "mode") -> dict[str, Any]:
+def fit_transform(
+    table: Table,
+    train: np.ndarray,
+    method: str = "mode",
+    bounds: dict[str, tuple[float, float]] | None = None,
+) -> dict[str, Any]:
     """The transform of ``table`` (JSON-serialisable), its statistics fitted on the rows ``train``.
 
     Category sets and whether a column has missing values are read from all rows (they describe the
@@ -73,6 +78,10 @@ def fit_transform(table: Table, train: np.ndarray, method: str = "mode") -> dict
     ordered by size, so that the likelihood reads them as slices and equal-sized runs of blocks
     rather than by gathering dims one by one. Each column's spec says where its parts are:
     ``value`` (a dim), ``mode_dims`` / ``indicator`` / ``onehot`` ([start, size]).
+
+    ``bounds`` (method ``bounds``, differentially private runs): a number's range, declared (not read
+    from the rows); a value becomes its place in the range scaled to [−1, 1]. Columns without declared
+    bounds take the training rows' range.
     """
     if method not in METHODS:
         raise ConfigError(f"data.continuous_transform must be one of: {', '.join(METHODS)}; got '{method}'")
@@ -90,7 +99,8 @@ def fit_transform(table: Table, train: np.ndarray, method: str = "mode") -> dict
         spec: dict[str, Any] = {"name": c.name, "type": c.type, "missing": bool(c.missing.any())}
         if c.type in NUMERIC_TYPES:
             values = train_values[c.name]
-            spec.update(min=float(values.min()), max=float(values.max()), transform=method)
+            low, high = (bounds or {}).get(c.name, (float(values.min()), float(values.max())))
+            spec.update(min=float(low), max=float(high), transform=method)
             if c.type == "continuous":
                 spec["decimals"] = c.decimals
             elif c.type != "integer":  # dates and times: how they are written, and their resolution
@@ -99,7 +109,7 @@ def fit_transform(table: Table, train: np.ndarray, method: str = "mode") -> dict
             if method == "mode":
                 spec["modes"] = mixtures[c.name]
                 blocks.append((len(spec["modes"]["weights"]), spec, "mode_dims"))
-            else:
+            elif method == "quantile":
                 spec["quantiles"] = _quantile_knots(values)
             if spec["missing"]:
                 blocks.append((2, spec, "indicator"))  # [present, missing]
@@ -188,6 +198,9 @@ def encode(table: Table, transform: dict[str, Any]) -> np.ndarray:
             mu, sd = np.asarray(modes["means"])[k], np.asarray(modes["stds"])[k]
             out[present, spec["value"]] = ((x - mu) / (STD_MULTIPLIER * sd))[present]
             out[present, spec["mode_dims"][0] + k[present]] = 1.0
+        elif spec["transform"] == "bounds":
+            span = max(spec["max"] - spec["min"], 1e-12)
+            out[present, spec["value"]] = np.clip(2 * (x - spec["min"]) / span - 1, -1, 1)[present]
         else:
             q = spec["quantiles"]
             from scipy.special import ndtri  # here: scipy.special costs 0.15 s of every start-up
@@ -225,6 +238,8 @@ def decode(x: np.ndarray, transform: dict[str, Any], source: str = "synthetic") 
             k = _argmax(x, spec["mode_dims"])
             modes = spec["modes"]
             values = v * STD_MULTIPLIER * np.asarray(modes["stds"])[k] + np.asarray(modes["means"])[k]
+        elif spec["transform"] == "bounds":
+            values = (v + 1) / 2 * (spec["max"] - spec["min"]) + spec["min"]
         else:
             q = spec["quantiles"]
             from scipy.special import ndtr
@@ -261,6 +276,7 @@ def load_table(
     condition: str = "",
     rows: Table | None = None,
     constraints: list[str] | None = None,
+    private: bool = False,
 ) -> Dataset:
     """A table file as a ``Dataset``: float32 (N, D) rows in the transformed space, split
     deterministically (``split_indices``), the transform fitted on the training rows and kept in
@@ -276,7 +292,11 @@ def load_table(
     DataFrame API's run directory keeps the rows as ``table.csv``, named relative to it).
 
     ``constraints`` (data.constraints): rules between columns (``data/constraints.py``), checked against
-    the rows, built into the transform and kept in ``meta["table"]["constraints"]``."""
+    the rows, built into the transform and kept in ``meta["table"]["constraints"]``.
+
+    ``private`` (train.dp_epsilon): numbers are scaled by declared bounds (``private_bounds``) rather than
+    by mixtures fitted on the rows; what the transform still reads from the rows is listed in
+    ``meta["table"]["privacy"]["not_covered"]``."""
     path = table_path(spec)
     if path is None:
         raise DataError(f"{spec}: not a table (expected csv:PATH, parquet:PATH or a .csv/.tsv/.parquet file)")
@@ -299,7 +319,11 @@ def load_table(
         given = condition_spec(table, condition) if condition else None
         learned = without(table, given)
         declared = rules_of.check(constraints, learned) if constraints else []
-        transform = fit_transform(rules_of.apply(learned, declared), train, method)
+        modelled = rules_of.apply(learned, declared)
+        bounds = private_bounds(declared) if private else None
+        transform = fit_transform(modelled, train, "bounds" if private else method, bounds)
+        if private:
+            transform["privacy"] = {"not_covered": not_covered(modelled, bounds or {}, given)}
         if declared:
             transform["constraints"] = {"rules": declared, "schema": rules_of.schema(learned)}
         source = str(path.resolve()) if rows is None else str(path)
@@ -325,6 +349,42 @@ def load_table(
         max_value=1.0,
         meta=meta,
     )
+
+
+# ---- differentially private runs -------------------------------------------------------------------
+
+
+def private_bounds(rules: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """The declared range of every learned column with a range rule of both bounds (``0 <= carat <= 5``);
+    for an inequality's difference, from the declared ranges of both its columns."""
+    out: dict[str, tuple[float, float]] = {}
+    for r in rules:
+        if r["kind"] == "range" and r["low"] is not None and r["high"] is not None:
+            out[r["column"]] = (float(r["low"]), float(r["high"]))
+    for r in rules:  # an inequality's upper column is learned as high − low: within [0, its max − low's min]
+        if r["kind"] == "inequality" and r["by"] == "transform":
+            low, high = out.get(r["low"]), out.pop(r["high"], None)
+            if low is not None and high is not None:
+                out[r["high"]] = (0.0, max(high[1] - low[0], 0.0))
+    return out
+
+
+def not_covered(
+    table: Table, bounds: dict[str, tuple[float, float]], given: dict[str, Any] | None
+) -> list[str]:
+    """What a private run's transform read from the rows themselves (outside the (ε, δ) guarantee)."""
+    out = []
+    for c in table.columns:
+        if c.type in NUMERIC_TYPES and c.name not in bounds:
+            out.append(
+                f"{c.name}: range read from the rows (declare it: '<low> <= {c.name} <= <high>'; for the "
+                "upper column of an inequality, declare both columns' ranges)"
+            )
+        elif c.type == "categorical":
+            out.append(f"{c.name}: categories read from the rows")
+    if given is not None:
+        out.append(f"{given['name']}: the condition's categories and class counts read from the rows")
+    return out
 
 
 # ---- a condition column ---------------------------------------------------------------------------

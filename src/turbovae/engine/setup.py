@@ -228,6 +228,7 @@ def setup(
         condition=cfg.data.condition,
         rows=rows,
         constraints=cfg.data.constraints,
+        private=cfg.train.dp_epsilon > 0,
     )
     kind = kind_of(data)
     condition_on(data, cfg.data.condition, kind)
