@@ -27,6 +27,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from . import constraints as rules_of
+from . import identifiers
 from .arrays import split_indices
 from .dataset import Dataset
 from .datetimes import round_to
@@ -38,6 +39,12 @@ STD_MULTIPLIER = 4.0  # TVAE's: a mode's values land in [−1, 1] with 99.99% pr
 MAX_MODES = 10
 WEIGHT_THRESHOLD = 0.005
 QUANTILE_KNOTS = 1000
+# the mixtures of a column with more training values are fitted on this many drawn at random (a fixed
+# seed): a 1,000,000-row table fits them in seconds, as a 100,000-row one does
+MIXTURE_ROWS = 100_000
+# a categorical column with more categories keeps the MAX_CATEGORIES − 1 most frequent and pools the
+# others into one "rare" slot, drawn back from their frequencies: the one-hot stays this wide
+MAX_CATEGORIES = 100
 FORMAT_VERSION = 1
 
 
@@ -89,7 +96,10 @@ def fit_transform(
     train_values = {c.name: _numeric_train(c, train) for c in numeric}
     mixtures: dict[str, dict[str, list[float]]] = {}
     if method == "mode" and numeric:
-        fitted = fit_dp_mixtures([train_values[c.name] for c in numeric], max_components=MAX_MODES)
+        rng = np.random.default_rng(0)
+        drawn = [v if len(v) <= MIXTURE_ROWS else rng.choice(v, MIXTURE_ROWS, replace=False)
+                 for v in (train_values[c.name] for c in numeric)]  # fmt: skip
+        fitted = fit_dp_mixtures(drawn, max_components=MAX_MODES)
         for c, mix in zip(numeric, fitted, strict=True):
             keep = np.asarray(mix["weights"]) > WEIGHT_THRESHOLD
             mixtures[c.name] = {k: np.asarray(v)[keep].tolist() for k, v in mix.items()}
@@ -115,10 +125,12 @@ def fit_transform(
                 blocks.append((2, spec, "indicator"))  # [present, missing]
         else:
             if c.type == "categorical":
-                spec["categories"] = sorted({v for v in c.values if v is not None})
+                spec.update(_categories(c))
             else:
                 spec["tokens"] = list(c.tokens)
-            size = len(spec.get("categories", (0, 1))) + spec["missing"]  # missing: one more category
+            size = (
+                len(spec.get("categories", (0, 1))) + ("rare" in spec) + spec["missing"]
+            )  # missing: the last
             blocks.append((size, spec, "onehot"))
         specs.append(spec)
     start = len(numeric)
@@ -142,6 +154,20 @@ def fit_transform(
     return {"version": FORMAT_VERSION, "method": method, "columns": specs, "layout": layout}
 
 
+def _categories(c: Column) -> dict[str, Any]:
+    """A categorical column's categories (sorted), the rarest pooled beyond MAX_CATEGORIES: ``rare``
+    holds their values and counts, from which decoding draws."""
+    values, counts = np.unique(
+        np.array([v for v in c.values if v is not None], dtype=object), return_counts=True
+    )
+    if len(values) <= MAX_CATEGORIES:
+        return {"categories": values.tolist()}
+    order = np.argsort(-counts, kind="stable")
+    kept, pooled = np.sort(order[: MAX_CATEGORIES - 1]), np.sort(order[MAX_CATEGORIES - 1 :])
+    rare = {"values": values[pooled].tolist(), "counts": counts[pooled].tolist()}
+    return {"categories": values[kept].tolist(), "rare": rare}
+
+
 def _mode_assign(x: np.ndarray, modes: dict[str, list[float]]) -> np.ndarray:
     """The most likely mode of every value: argmax_k log w_k + log N(x; μ_k, σ_k)."""
     w, mu, sd = (np.asarray(modes[k]) for k in ("weights", "means", "stds"))
@@ -153,7 +179,9 @@ def _codes(c: Column, spec: dict[str, Any], source: str) -> np.ndarray:
     """Category index of every value of a categorical/boolean column; missing is the last."""
     if spec["type"] == "categorical":
         index = {v: i for i, v in enumerate(spec["categories"])}
-        missing_slot = len(spec["categories"])
+        if "rare" in spec:  # the pooled values: one slot after the categories
+            index.update(dict.fromkeys(spec["rare"]["values"], len(spec["categories"])))
+        missing_slot = len(spec["categories"]) + ("rare" in spec)
         codes = np.array([missing_slot if v is None else index.get(v, -1) for v in c.values], dtype=np.int64)
         if (codes < 0).any():
             i = int(np.flatnonzero(codes < 0)[0])
@@ -216,6 +244,22 @@ def _argmax(x: np.ndarray, dims: list[int]) -> np.ndarray:
     return x[:, start : start + size].argmax(1)
 
 
+def _categorical(x: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """A categorical column's decoded values; the rare slot drawn from the pooled values' frequencies
+    (a generator seeded by the vectors: the same vectors decode to the same rows)."""
+    rare = spec.get("rare")
+    slots = [*spec["categories"], *([None] if rare else []), None]
+    code = _argmax(x, spec["onehot"])
+    values = np.array(slots, dtype=object)[code]
+    if rare:
+        drawn = code == len(spec["categories"])
+        counts = np.asarray(rare["counts"], dtype=np.float64)
+        rng = np.random.default_rng(int(np.abs(x[:64]).sum() * 1e6) % 2**32)
+        picks = rng.choice(len(counts), int(drawn.sum()), p=counts / counts.sum())
+        values[drawn] = np.array(rare["values"], dtype=object)[picks]
+    return values
+
+
 def decode(x: np.ndarray, transform: dict[str, Any], source: str = "synthetic") -> Table:
     """Vectors (N, D) in the transformed space back to typed columns: the argmax of every one-hot
     block, values clipped to the training range, integers rounded, decimals as in the file."""
@@ -224,8 +268,7 @@ def decode(x: np.ndarray, transform: dict[str, Any], source: str = "synthetic") 
     for spec in transform["columns"]:
         name, kind = spec["name"], spec["type"]
         if kind == "categorical":
-            categories = np.array([*spec["categories"], None], dtype=object)
-            columns.append(Column(name, kind, categories[_argmax(x, spec["onehot"])]))
+            columns.append(Column(name, kind, _categorical(x, spec)))
             continue
         if kind == "boolean":
             code = _argmax(x, spec["onehot"])
@@ -314,7 +357,7 @@ def load_table(
         transform = fitted
         train, test = split_indices(len(table), fitted["test_fraction"], fitted["split_seed"])
     else:
-        table = read_table(path, columns, fmt=fmt) if rows is None else rows
+        table, keys = identifiers.split(read_table(path, columns, fmt=fmt) if rows is None else rows)
         train, test = split_indices(len(table), test_fraction, split_seed)
         given = condition_spec(table, condition) if condition else None
         learned = without(table, given)
@@ -328,6 +371,8 @@ def load_table(
             transform["constraints"] = {"rules": declared, "schema": rules_of.schema(learned)}
         source = str(path.resolve()) if rows is None else str(path)
         transform.update(source=source, n_rows=len(table), test_fraction=test_fraction, split_seed=split_seed)
+        if keys:  # their shapes only: sampled rows get fresh keys (kinds/table.synthesize)
+            transform["identifiers"] = keys
         if given is not None:
             transform["condition"] = given
     meta: dict[str, Any] = {"kind": "table", "table": transform}

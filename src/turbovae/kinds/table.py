@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import conditioning
+from ..data import identifiers
 from ..data.constraints import violations
 from ..data.table_transform import decode, file_columns, source_splits, with_condition
 from ..data.table_transform import encode as encode_table
@@ -187,7 +188,10 @@ def synthesize(
         )
     if stats is not None:
         stats.update(rejected=1 - accepted / drawn, drawn=drawn)
-    return concat(kept).take(np.arange(n)) if len(kept) > 1 else rows
+    rows = concat(kept).take(np.arange(n)) if len(kept) > 1 else rows
+    keys = fitted(vae).get("identifiers", [])  # fresh keys, never a training row's
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator).item()) if keys and generator else 0
+    return identifiers.attach(rows, keys, seed)
 
 
 @torch.no_grad()
