@@ -40,8 +40,8 @@ MAX_MODES = 10
 WEIGHT_THRESHOLD = 0.005
 QUANTILE_KNOTS = 1000
 # the mixtures of a column with more training values are fitted on this many drawn at random (a fixed
-# seed): a 1,000,000-row table fits them in seconds, as a 100,000-row one does
-MIXTURE_ROWS = 100_000
+# seed): a 1,000,000-row table fits them in seconds, as a 20,000-row one does
+MIXTURE_ROWS = 20_000
 # a categorical column with more categories keeps the MAX_CATEGORIES − 1 most frequent and pools the
 # others into one "rare" slot, drawn back from their frequencies: the one-hot stays this wide
 MAX_CATEGORIES = 100
