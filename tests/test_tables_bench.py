@@ -15,7 +15,8 @@ pd = pytest.importorskip("pandas")
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "tables_vs_sdv.py"
 CSV = b'"","carat","cut","color","clarity","depth","table","price","x","y","z"\n' + b"".join(
-    f'"{i}",{0.2 + 0.1 * i:.2f},"Ideal","E","SI2",61.5,55,{326 + i},3.95,3.98,2.43\n'.encode() for i in range(1, 9)
+    f'"{i}",{0.2 + 0.1 * i:.2f},"Ideal","E","SI2",61.5,55,{326 + i},3.95,3.98,2.43\n'.encode()
+    for i in range(1, 9)
 )
 
 
