@@ -48,7 +48,8 @@ class TableSynthesizer:
 
     Args:
         **settings: Config keys, as ``section.key`` or the key alone (``epochs=300``,
-            ``batch_size=500``, ``latent=32``, ``columns={"zip": "categorical"}``, ``condition="city"``),
+            ``batch_size=500``, ``latent=32``, ``columns={"zip": "categorical"}``, ``condition="city"``,
+            ``constraints=["price > 0", "start <= end"]``, ``dp_epsilon=1.0``),
             over the ``tabular`` preset; an unknown key is a ConfigError.
     """
 
@@ -145,6 +146,9 @@ class TableSynthesizer:
                 conditional model; the other conditions are met by rejection sampling (rows drawn until
                 n match, at most max(100,000, 100 n)): the share accepted is ``acceptance_rate`` (and
                 ``df.attrs["acceptance_rate"]``), with a warning below 5%.
+                Rows also keep the run's constraints (``constraints=[...]``): those that rules built into
+                the transform cannot break; the others are drawn again, and the share rejected is
+                ``rejection_rate`` (and ``df.attrs["rejection_rate"]``).
             seed: Seeds the draw (None: torch's global generator).
             temperature: Scales the prior's standard deviation.
 
