@@ -155,3 +155,12 @@ def test_a_private_synthesizer_reports_what_it_spent(tmp_path) -> None:
     spent = json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]
     assert 0 < spent["epsilon"] <= 1.0 and spent["delta"] == 1e-5 and spent["sampling"] == "poisson"
     assert spent["not_covered"] == ["k: categories read from the rows"]
+
+
+def test_a_conditional_model_takes_per_example_gradients() -> None:
+    """A conditional run's one-hot of its class ids runs under vmap (F.one_hot's range check cannot)."""
+    from turbovae.conditioning import one_hot
+
+    y = torch.tensor([0, 2, 1])
+    out = torch.func.vmap(lambda v: one_hot(v, 3, torch.zeros(1)))(y)
+    assert out.tolist() == torch.eye(3)[[0, 2, 1]].tolist()
