@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
 
@@ -42,7 +41,10 @@ def one_hot(y: torch.Tensor | None, k: int, like: torch.Tensor) -> torch.Tensor:
             f"this model is conditional ({k} classes): pass the condition (condition=class ids, "
             "--label or --where)"
         )
-    return F.one_hot(y.long(), k).to(dtype=like.dtype, device=like.device)
+    # a comparison rather than F.one_hot, which checks the ids' range (a host sync) and so cannot run
+    # under vmap (DP-SGD's per-example gradients, engine/privacy.py); ids are checked where they come in
+    classes = torch.arange(k, device=like.device)
+    return (y.long().to(like.device).unsqueeze(-1) == classes).to(dtype=like.dtype)
 
 
 def label_ids(

@@ -46,6 +46,10 @@ class DataConfig:
     # conditional generation (a CVAE): '' (none) | label (the source's labels: npz y, IDX labels, digits,
     # image sub-folders) | a table's categorical COLUMN (then not generated: given, by --where)
     condition: str = ""
+    # tables: rules between columns every sampled row keeps (docs/tables.md#constraints), e.g.
+    # ["price > 0", "0 <= carat <= 5", "start <= end", "total = a + b", "fixed(city, country)"];
+    # on the command line separated by ';'
+    constraints: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +72,11 @@ class TrainConfig:
     final_lr: float = 0.01  # warmup-cosine: the last step's lr as a fraction of train.lr
     ema: float = 0.0  # decay of an exponential moving average of the weights, used to evaluate and sample
     clip_grad: float = 0.0  # clip the gradient's global norm to this (0: no clipping)
+    # differential privacy (DP-SGD, opacus' accountant; docs/tables.md#differential-privacy): the ε the whole
+    # run may spend (0: not private), at δ = dp_delta; each example's gradient clipped to dp_max_grad_norm
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
     # skip a step whose gradient norm exceeds this many times the run's running mean norm (0: never);
     # the mean adapts, so a lasting change of scale is followed, not skipped forever
     skip_grad: float = 0.0
@@ -267,6 +276,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is list:
         if isinstance(value, int | float) and not isinstance(value, bool):
             value = [value]
+        if isinstance(value, str) and key == "data.constraints":  # rules hold commas and spaces
+            value = [v.strip() for v in value.split(";") if v.strip()]
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, list | tuple):

@@ -20,7 +20,6 @@ import math
 import shutil
 import tempfile
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,8 @@ import torch
 
 from .config import Config, resolve, setting_key
 from .data import frames
-from .data.tables import Table, write_table
+from .data.table_transform import file_columns
+from .data.tables import Table, concat, write_table
 from .engine.loop import fit as fit_run
 from .engine.rundir import LOCK_NAME, load
 from .errors import ConfigError, DataError
@@ -48,7 +48,8 @@ class TableSynthesizer:
 
     Args:
         **settings: Config keys, as ``section.key`` or the key alone (``epochs=300``,
-            ``batch_size=500``, ``latent=32``, ``columns={"zip": "categorical"}``, ``condition="city"``),
+            ``batch_size=500``, ``latent=32``, ``columns={"zip": "categorical"}``, ``condition="city"``,
+            ``constraints=["price > 0", "start <= end"]``, ``dp_epsilon=1.0``),
             over the ``tabular`` preset; an unknown key is a ConfigError.
     """
 
@@ -61,6 +62,7 @@ class TableSynthesizer:
         self.config: Config = resolve("tabular", flags=self._flags)  # values checked now, not at fit
         self.run_dir: Path | None = None
         self.acceptance_rate: float | None = None  # of the last sample() with conditions
+        self.rejection_rate: float | None = None  # of the last sample(): rows that broke a constraint
         self._records: dict[str, dict[str, Any]] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._vae: Any = None
@@ -94,7 +96,7 @@ class TableSynthesizer:
         rows come back with the usual dtypes of their types)."""
         frames.pandas()
         synth = cls.__new__(cls)
-        synth.acceptance_rate, synth._tmp = None, None
+        synth.acceptance_rate, synth.rejection_rate, synth._tmp = None, None, None
         synth._open(Path(run_dir))
         # fit() again trains with the run's settings (train.batch_size as the run used it: for a table of
         # fewer training rows than the batch, their count)
@@ -144,6 +146,9 @@ class TableSynthesizer:
                 conditional model; the other conditions are met by rejection sampling (rows drawn until
                 n match, at most max(100,000, 100 n)): the share accepted is ``acceptance_rate`` (and
                 ``df.attrs["acceptance_rate"]``), with a warning below 5%.
+                Rows also keep the run's constraints (``constraints=[...]``): those that rules built into
+                the transform cannot break; the others are drawn again, and the share rejected is
+                ``rejection_rate`` (and ``df.attrs["rejection_rate"]``).
             seed: Seeds the draw (None: torch's global generator).
             temperature: Scales the prior's standard deviation.
 
@@ -159,6 +164,8 @@ class TableSynthesizer:
         rows, rate = self._rows(n, conditions or {}, generator, temperature)
         self.acceptance_rate = rate if conditions else None
         df = frames.frame_from_table(rows, self._records)
+        if fitted(self._vae).get("constraints"):
+            df.attrs["rejection_rate"] = self.rejection_rate
         if conditions:
             df.attrs["acceptance_rate"] = rate
         return df
@@ -172,10 +179,16 @@ class TableSynthesizer:
         given = transform.get("condition")
         class_id = wanted.pop(given["name"]) if given is not None and given["name"] in wanted else None
 
+        stats = {"rejected": 0, "drawn": 0}
+
         def draw(size: int) -> Table:
-            return synthesize(
-                self._vae, size, generator=generator, temperature=temperature, condition=class_id
-            )
+            seen: dict[str, Any] = {}
+            rows = synthesize(self._vae, size, generator=generator, temperature=temperature,
+                              condition=class_id, stats=seen)  # fmt: skip
+            stats["rejected"] += round(seen.get("rejected", 0.0) * seen.get("drawn", size))
+            stats["drawn"] += seen.get("drawn", size)
+            self.rejection_rate = stats["rejected"] / stats["drawn"]
+            return rows
 
         if not wanted:
             return draw(n), 1.0
@@ -196,7 +209,7 @@ class TableSynthesizer:
 
 
 def _spec(transform: dict[str, Any], name: str) -> dict[str, Any]:
-    specs = {s["name"]: s for s in transform["columns"]}
+    specs = {s["name"]: s for s in file_columns(transform)}
     if transform.get("condition"):
         specs[transform["condition"]["name"]] = transform["condition"]
     if name not in specs:
@@ -259,9 +272,4 @@ def _accepted(parts: list[Table], n: int, accepted: int, drawn: int, conditions:
             f"conditions {asked}: {rate}; {advice}",
             stacklevel=4,  # the caller of sample()
         )
-    first = parts[0]
-    columns = [
-        replace(c, values=np.concatenate([p.columns[j].values for p in parts]))
-        for j, c in enumerate(first.columns)
-    ]
-    return Table(columns, first.source).take(np.arange(n))
+    return concat(parts).take(np.arange(n))

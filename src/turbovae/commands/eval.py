@@ -71,8 +71,8 @@ def add_parser(sub: Any) -> None:
         "--fidelity",
         action="store_true",
         help="tables: how faithful synthetic rows are to real held-out rows (KS, TV, correlations, "
-        "ML efficacy, distance to closest record): a summary (--json: all of it as JSON), and the JSON in "
-        "RUN_DIR/fidelity.json",
+        "ML efficacy, distance to closest record, SDMetrics' quality score): a summary (--json: all of it "
+        "as JSON), and the JSON in RUN_DIR/fidelity.json",
     )
     e.add_argument(
         "--real", metavar="FILE", help="--fidelity: real rows to compare with (default: the held-out split)"
@@ -219,6 +219,13 @@ def fidelity_lines(r: dict[str, Any]) -> list[str]:
         holdout = f" (real held-out rows: {_f(dcr['holdout_median'])})" if "holdout_median" in dcr else ""
         lines.append(f"  privacy        distance to the closest training row: median {_f(dcr['median'])}"
                      f"{holdout}, exact copies {100 * dcr['exact_copies']:.1f}%")  # fmt: skip
+    quality = r.get("sdmetrics")
+    if quality:
+        shapes, pairs = _f(quality["column_shapes"]), _f(quality["column_pair_trends"])
+        lines.append(f"  SDMetrics      quality score {_f(quality['score'])} (column shapes {shapes}, "
+                     f"column pair trends {pairs}; sdmetrics {quality['version']})")  # fmt: skip
+    elif r.get("sdmetrics_missing"):
+        lines.append(f"  SDMetrics      quality score: sdmetrics is not installed ({r['sdmetrics_missing']})")
     worst = sorted(columns.items(), key=lambda kv: -kv[1].get("ks", kv[1].get("tv", 0.0)))[:3]
     if worst:
         shown = [

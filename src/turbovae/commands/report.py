@@ -356,7 +356,21 @@ def _summary_rows() -> list[tuple[str, str, Any, Any]]:
         ("Throughput", "samples/s", lambda r: _fmt(r.summary.get("samples_per_second"), 0), None),
         ("Device", "", s("device"), None),
         ("Training precision", "", s("precision"), None),
+        ("Differential privacy (ε, δ)", "", _privacy_text, None),
     ]  # fmt: skip
+
+
+def _privacy_text(r: Any) -> str | None:
+    """A DP-SGD run's spent (ε, δ) and how (summary.json's ``privacy``); None for other runs."""
+    p = r.summary.get("privacy")
+    if not p:
+        return None
+    how = f"{p['accountant'].upper()} accountant, σ = {p['noise_multiplier']:.3g}, q = {p['sample_rate']:.3g}"
+    spent = f"ε = {p['epsilon']:.3g}, δ = {p['delta']:.3g}"
+    text = f"{spent} (target ε {p['target_epsilon']:.3g}; {how}, {p['steps']} steps)"
+    return text + (
+        f"; not covered: {len(p['not_covered'])} item(s), summary.json" if p.get("not_covered") else ""
+    )
 
 
 # what must match for two runs' held-out nats to be comparable: the same data (and resizing), the

@@ -62,7 +62,7 @@ def table_from_frame(
     """The typed columns of ``df`` and each column's dtype record.
 
     Args:
-        df: A pandas DataFrame.
+        df: A pandas DataFrame (or a polars one, converted with its ``to_pandas``).
         columns: Declared types by column name (``data.columns``; ``drop`` leaves a column out).
         source: What messages call the table.
 
@@ -72,8 +72,10 @@ def table_from_frame(
         ConfigError: ``columns`` names a column the DataFrame does not have, or an unknown type.
     """
     pd = pandas()
+    if not isinstance(df, pd.DataFrame) and type(df).__module__.startswith("polars"):
+        df = df.to_pandas()  # a polars DataFrame: through pandas (polars' to_pandas needs pyarrow)
     if not isinstance(df, pd.DataFrame):
-        raise DataError(f"expected a pandas DataFrame, got {type(df).__name__}")
+        raise DataError(f"expected a pandas (or polars) DataFrame, got {type(df).__name__}")
     names = [str(c) for c in df.columns]
     if len(set(names)) != len(names) or not all(names):
         raise DataError(f"{source}: column names must be unique and not empty, got {names}")

@@ -139,6 +139,8 @@ def load_dataset(
     min_freq: int = 1,
     condition: str = "",
     rows: Table | None = None,
+    constraints: list[str] | None = None,
+    private: bool = False,
 ) -> Dataset:
     """Load a dataset by built-in name or path.
 
@@ -161,6 +163,7 @@ def load_dataset(
             for a table, the categorical column the model is conditioned on (taken out of the vector,
             its class ids in ``y_train``/``y_test``). Other sources' labels are read anyway.
         rows: Tables: the rows, typed already (a DataFrame's), used instead of reading the file.
+        constraints, private: Tables: rules between columns (``data/constraints.py``); a DP run's transform.
 
     Returns:
         The dataset, in memory.
@@ -183,16 +186,12 @@ def load_dataset(
             raise ConfigError(f"resize={resize} applies to images only, but '{spec}' is a table")
         from .table_transform import load_table  # SciPy's import costs 0.5 s: only for tables
 
-        return load_table(
-            spec,
-            columns=columns,
-            method=continuous_transform,
-            test_fraction=test_fraction,
-            split_seed=split_seed,
-            fitted=(meta or {}).get("table"),
-            condition=condition if condition != "label" else "",
-            rows=rows,
-        )
+        return load_table(spec, columns=columns, method=continuous_transform, test_fraction=test_fraction,
+                          split_seed=split_seed, fitted=(meta or {}).get("table"),
+                          condition=condition if condition != "label" else "", rows=rows,
+                          constraints=constraints, private=private)  # fmt: skip
+    if constraints:  # (below: not a table)
+        raise ConfigError(f"data.constraints apply to tables (csv:PATH), but '{spec}' is not one")
     if spec in DATASETS:
         dataset = DATASETS[spec](test_fraction=test_fraction, split_seed=split_seed, data_dir=data_dir)
         return _image_meta(_resized(dataset, resize))

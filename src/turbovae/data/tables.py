@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import difflib
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
@@ -61,6 +62,10 @@ TYPE_NAMES = {
     "time_of_day": "time",
     "drop": "drop",
     "ignore": "drop",
+    # a unique key: not modelled, fresh keys in sampled rows (data/identifiers.py)
+    "identifier": "identifier",
+    "id": "identifier",
+    "key": "identifier",
 }
 # pandas' default NA markers, so that a file means the same here as in pandas
 MISSING_TOKENS = frozenset(
@@ -77,8 +82,8 @@ _INT = re.compile(r"[+-]?\d+\Z")
 _CODE = re.compile(r"[+-]?0\d")  # a leading zero: an identifier or code, not a number
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\Z")
 MAX_DECIMALS = 12
-# an inferred categorical column with more distinct values than this (and than half its rows) is
-# almost surely an identifier, whose one-hot encoding would be as wide as the table is long
+# an inferred text column with more distinct values than this, all different, is almost surely an
+# identifier (data/identifiers.py), whose one-hot encoding would be as wide as the table is long
 MAX_INFERRED_CATEGORIES = 100
 TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".parquet")
 
@@ -110,7 +115,7 @@ class Column:
 
     @property
     def missing(self) -> np.ndarray:
-        if self.type == "categorical":
+        if self.type in ("categorical", "identifier"):
             return np.array([v is None for v in self.values], dtype=bool)
         return np.isnan(self.values)
 
@@ -141,6 +146,14 @@ class Table:
         cols = [replace(c, values=c.values[index]) for c in self.columns]
         lines = [self.lines[i] for i in index] if self.lines else []
         return Table(cols, self.source, lines)
+
+
+def concat(tables: Sequence[Table]) -> Table:
+    """The rows of ``tables`` (the same columns) one after another."""
+    first = tables[0]
+    columns = [replace(c, values=np.concatenate([t.columns[j].values for t in tables]))
+               for j, c in enumerate(first.columns)]  # fmt: skip
+    return Table(columns, first.source)
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -276,7 +289,7 @@ def declared_types(columns: dict[str, str] | None, header: list[str], path: Path
         if normal is None:
             raise ConfigError(
                 f"data.columns: type '{kind}' of column '{name}' is unknown "
-                f"(expected one of: {', '.join(TYPES)}, drop)"
+                f"(expected one of: {', '.join(TYPES)}, identifier, drop)"
             )
         out[name] = normal
     return out
@@ -328,13 +341,13 @@ def _infer(name: str, tokens: list[str], present: np.ndarray, where: _Where) -> 
             f"{len(values):,} values are; fix or blank out the value, or declare the column categorical "
             f"(data.columns: {{{name}: categorical}})"
         )
-    if len(distinct) > MAX_INFERRED_CATEGORIES and len(distinct) > 0.5 * len(values):
-        raise DataError(
-            f"{where.path}: column '{name}' has {len(distinct)} distinct values in {len(values)} rows and "
-            f"looks like an identifier; declare it '{name}: drop' in data.columns (or '{name}: categorical' "
-            "to model it anyway)"
-        )
-    return "categorical"
+    if len(distinct) > MAX_INFERRED_CATEGORIES and len(distinct) == len(values) == len(tokens):
+        n = len(values)
+        print(f"turbovae: note: column '{name}' has {n:,} distinct values in {n:,} rows and "
+              "looks like an identifier: sampled rows get fresh keys (declare it categorical to model its "
+              "values, or drop)", file=sys.stderr)  # fmt: skip
+        return "identifier"
+    return "categorical"  # many distinct values: the rarest are pooled (table_transform.MAX_CATEGORIES)
 
 
 def _boolean_tokens(seen: dict[int, str]) -> tuple[str, str]:
@@ -354,7 +367,7 @@ def _boolean_tokens(seen: dict[int, str]) -> tuple[str, str]:
 
 def _parse(name: str, kind: str, tokens: list[str], present: np.ndarray, where: _Where) -> Column:
     n = len(tokens)
-    if kind == "categorical":
+    if kind in ("categorical", "identifier"):
         values = np.empty(n, dtype=object)
         for i in range(n):
             values[i] = tokens[i] if present[i] else None
@@ -509,7 +522,7 @@ def format_column(column: Column) -> list[str]:
     values = column.values
     if column.type in datetimes.TYPES:
         return datetimes.format_values(column.type, values, column.fmt, column.decimals, column.tz)
-    if column.type == "categorical":
+    if column.type in ("categorical", "identifier"):
         return ["" if v is None else str(v) for v in values]
     missing = np.isnan(values)
     if column.type == "integer":

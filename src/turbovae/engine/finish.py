@@ -14,6 +14,7 @@ import torch
 
 from .. import evaluation, runtime
 from ..progress import Progress, note
+from . import privacy
 from .optim import Average
 from .rundir import MetricsLog, write_json
 from .setup import Setup
@@ -156,6 +157,9 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool, progress: bo
     if vae.condition is not None:  # a conditional run: the figures above are −log p(x | y)
         summary["condition"] = cfg.data.condition
         summary["classes"] = len(vae.condition["names"])
+    if "privacy" in loop:  # DP-SGD: the (ε, δ) the steps run spent
+        not_covered = s.data.meta.get("table", {}).get("privacy", {}).get("not_covered", [])
+        summary["privacy"] = privacy.report(cfg, loop["privacy"], loop["step"], not_covered)
     if loop.get("global_batch", cfg.train.batch_size) != cfg.train.batch_size:  # data-parallel
         summary["global_batch"] = loop["global_batch"]
     if not write:

@@ -11,7 +11,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from ..errors import CheckpointError
 from ..models import model_spec
 from ..objectives import noise_shape_of
 from ..progress import Progress
-from . import checkpoint, distributed, hardware, optim, rundir, tracking
+from . import checkpoint, distributed, hardware, optim, privacy, rundir, tracking
 from .finish import averaged, collapse_check, finish, tracked_pictures
 from .noise import NoiseProbe
 from .optim import GradGuard, make_optimizer, weight_average
@@ -268,6 +268,10 @@ def start(
     lr_now = optim.lr_tensor(st.opt)
     if lr_factor != 1.0:  # the scaled rate from the first step on (the loop refills it only under schedules)
         lr_now.fill_(optim.lr_at(cfg, loop["step"], total_steps) * loop["lr_scale"])
+    if privacy.private(cfg):  # DP-SGD: its own step (privacy.py); no gradient-noise probe (it reads the data)
+        privacy.check(cfg, ctx.world, s.precision, s.mapped)
+        loop.setdefault("privacy", privacy.plan(cfg, n_train, total_steps))
+        cfg = replace(cfg, train=replace(cfg.train, noise_scale_every=-1))
     forward = None
     if ctx.world > 1:  # model + objective in DDP, compiled before wrapping (the step itself runs eagerly)
         task = Task(s.vae, cfg)
@@ -332,6 +336,11 @@ def compiled_step(r: Run) -> runtime.StepCompiler:
     compilable = whole and cfg.train.optimizer != "schedulefree"
     # schedule-free: only its device step (CUDA, no weight decay) is captured
     capturable = whole and getattr(st.opt, "device_scalars", True)
+    if "privacy" in r.loop:  # eager, its own Poisson batches (privacy.py)
+        data = (s.x_train, s.y_train)
+        dp_step = privacy.make_private_step(s.vae, st.opt, cfg, st.guard, st.ema, data, r.loop["privacy"],
+                                            st.gens["data"], r.prepare)  # fmt: skip
+        return runtime.StepCompiler(dp_step, "off", s.device, key="dp", remaining_steps=0, graphs=False)
     return runtime.StepCompiler(
         make_step(s.vae, st.opt, st.scaler, cfg, s.device, s.precision, st.guard, st.ema, r.forward),
         cfg.train.compile if compilable else "off",

@@ -227,6 +227,8 @@ def setup(
         min_freq=cfg.data.min_freq,
         condition=cfg.data.condition,
         rows=rows,
+        constraints=cfg.data.constraints,
+        private=cfg.train.dp_epsilon > 0,
     )
     kind = kind_of(data)
     condition_on(data, cfg.data.condition, kind)

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 from .. import conditioning
-from ..data.table_transform import decode, source_splits, with_condition
+from ..data import identifiers
+from ..data.constraints import violations
+from ..data.table_transform import decode, file_columns, source_splits, with_condition
 from ..data.table_transform import encode as encode_table
-from ..data.tables import TABLE_SUFFIXES, Table, read_table, sniff_delimiter, table_path, write_table
+from ..data.tables import TABLE_SUFFIXES, Table, concat, read_table, sniff_delimiter, table_path, write_table
 from ..errors import ConfigError, DataError
 from .base import DataKind, ReportOutputs, SampleRequest
 
@@ -83,7 +85,7 @@ class TableKind(DataKind):
                 raise
             real_train = None
         if real:
-            real_test = read_table(real, schema=transform["columns"])
+            real_test = read_table(real, schema=file_columns(transform))
         return real_train, real_test, real or f"{transform['source']} (held-out split)"
 
     def report_outputs(self, s: Setup, figures: Path) -> ReportOutputs:
@@ -104,8 +106,12 @@ class TableKind(DataKind):
         """Rows with the file's columns and types (.csv, .tsv, .parquet), else the vectors."""
         if out is not None and out.suffix.lower() in ROWS:
             given = None if ask.classes is None else ask.classes[0]
+            stats: dict[str, Any] = {}
             rows = synthesize(vae, ask.n, generator=ask.generator, temperature=ask.temperature,
-                              condition=given)  # fmt: skip
+                              condition=given, stats=stats)  # fmt: skip
+            if stats.get("rejected"):
+                print(f"turbovae: note: {stats['rejected']:.2%} of {stats['drawn']:,} sampled rows broke a "
+                      "constraint kept by rejection and were drawn again", file=sys.stderr)  # fmt: skip
             return str(write_table(rows, out))
         return super().write_samples(vae, out, ask)
 
@@ -115,7 +121,7 @@ class TableKind(DataKind):
         if path.is_dir() or path.suffix.lower() not in TABLE_SUFFIXES:
             raise DataError(f"{path}: this run is a table model; expected a {'/'.join(TABLE_SUFFIXES)} file")
         transform = fitted(vae)
-        table = read_table(path, schema=transform["columns"])
+        table = read_table(path, schema=file_columns(transform))
         return torch.from_numpy(encode_table(table, transform)), _row_names(path, transform, table)
 
     def card_tag(self, vae: VAE) -> str:
@@ -139,7 +145,7 @@ def _row_names(path: Path, transform: dict[str, Any], table: Table) -> list[str]
     lines in the file (CSV) or their numbers (Parquet)."""
     if path.suffix.lower() == ".parquet":
         return [str(i + 1) for i in range(len(table))]
-    modelled = {c["name"] for c in transform["columns"]}
+    modelled = {c["name"] for c in file_columns(transform)}
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f, delimiter=sniff_delimiter(path)) if any(v.strip() for v in r)]
     extra = [j for j, name in enumerate(rows[0]) if name.strip() not in modelled]
@@ -148,8 +154,48 @@ def _row_names(path: Path, transform: dict[str, Any], table: Table) -> list[str]
     return [f"line {n}" for n in table.lines]
 
 
-@torch.no_grad()
+MAX_REDRAWS = 100  # constraints kept by rejection: at most this many times n rows drawn (and 100,000)
+
+
 def synthesize(
+    vae: VAE,
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    draw: bool = True,
+    temperature: float = 1.0,
+    condition: int | str | None = None,
+    stats: dict[str, Any] | None = None,
+) -> Table:
+    """``n`` synthetic rows (``_draw``) that keep the run's constraints (``data.constraints``): those built
+    into the transform by construction, the others by drawing again the rows that break them. ``stats``
+    receives ``rejected`` (the share of drawn rows rejected) and ``drawn``."""
+    rows = _draw(vae, n, generator=generator, draw=draw, temperature=temperature, condition=condition)
+    declared = fitted(vae).get("constraints") or {"rules": []}
+    bad = violations(rows, declared["rules"])
+    kept, drawn = [rows.take(np.flatnonzero(~bad))], n
+    accepted = n - int(bad.sum())
+    while accepted < n and drawn < max(100_000, MAX_REDRAWS * n):
+        size = max(1000, 2 * (n - accepted) * drawn // max(accepted, 1))
+        more = _draw(vae, size, generator=generator, draw=draw, temperature=temperature, condition=condition)
+        keep = np.flatnonzero(~violations(more, declared["rules"]))
+        kept.append(more.take(keep))
+        accepted, drawn = accepted + len(keep), drawn + size
+    if accepted < n:
+        raise DataError(
+            f"the constraints were kept by {accepted:,} of {drawn:,} sampled rows, fewer than the "
+            f"{n:,} asked for: the model breaks them too often (train longer, or check the rules)"
+        )
+    if stats is not None:
+        stats.update(rejected=1 - accepted / drawn, drawn=drawn)
+    rows = concat(kept).take(np.arange(n)) if len(kept) > 1 else rows
+    keys = fitted(vae).get("identifiers", [])  # fresh keys, never a training row's
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator).item()) if keys and generator else 0
+    return identifiers.attach(rows, keys, seed)
+
+
+@torch.no_grad()
+def _draw(
     vae: VAE,
     n: int,
     *,
