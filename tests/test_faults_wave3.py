@@ -1066,7 +1066,7 @@ def test_more_low_faults_are_one_clear_line(finished, grey8, grey8_tvz, tmp_path
     --where", which export does not have. H-pack-nospace: "needs 0.00 GiB, but 0.00 GiB free".
     O7-loop_neg: a forged loop.epoch of -5 was accepted. F-kill-decompress-folder: a killed
     decompress left 4 of 1000 images in a folder that looked finished."""
-    from turbovae.commands import compress as command
+    from turbovae.commands import photos as command  # where decompress writes a folder's images
     from turbovae.data.pack import _size
     from turbovae.engine.checkpoint import _loop_ok
 
