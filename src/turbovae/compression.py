@@ -847,7 +847,11 @@ def _read(data: bytes) -> tuple[dict[str, Any], bytes, bytes, int]:
         raise CompressionError("not a turbovae compressed file (.tvz): no TVZ header")
     version = data[len(MAGIC)]
     if version != VERSION:
-        raise CompressionError(f"compressed file version {version}; this turbovae reads version {VERSION}")
+        was = " (the lane-per-stack coder of turbovae up to commit 20b3469: decompress it with that one)"
+        was = was if version == 1 else ""
+        raise CompressionError(
+            f"compressed file version {version}{was}; this turbovae reads version {VERSION}"
+        )
     if len(data) < len(MAGIC) + 2 + ID_BYTES + 4:
         raise CompressionError("compressed file is truncated")
     (crc,) = struct.unpack_from("<I", data, len(data) - 4)
