@@ -161,3 +161,54 @@ def test_train_crop_summary_and_diffusers_export(tmp_path):
     assert main(["export", str(run), "--format", "diffusers", "--out", str(out)]) == 0
     theirs = diffusers.AutoencoderKL.from_pretrained(out)
     assert abs(theirs.config.scaling_factor - 1 / summary["latent_std"]) < 1e-6
+
+
+def _ae_args(data: Path, steps: int, *extra: str) -> list[str]:
+    return ["--data", str(data), "--crop", "16", "--model", "autoencoder-kl", "--channels", "8,16",
+            "--latent", "2", "--batch-size", "4", "--epochs", "100", "--progress", "off", "train.threads=1",
+            "eval.iwae_k=0", "data.validation=0", f"train.max_steps={steps}", "model.disc_weight=0.5",
+            "model.disc_channels=8", "model.disc_layers=2", "model.ms_ssim=0.1", *extra]  # fmt: skip
+
+
+@pytest.mark.slow  # killed and resumed CLI processes (about 40 s)
+def test_two_players_resume_bitwise_after_a_kill(tmp_path):
+    """SIGKILL after a checkpoint, resume: both players' weights, both optimiser groups' moments, the
+    weight average and the GAN's start counter end bitwise equal to an uninterrupted run's; the
+    discriminator switches on (disc_start) between the checkpoint and the end."""
+    import signal
+
+    from test_resume import run as run_killable
+
+    from turbovae.engine import checkpoint
+
+    data = _photos(tmp_path / "photos")
+    args = _ae_args(data, 12, "--checkpoint-every", "5", "model.disc_start=7", "train.ema=0.99")
+
+    def state(out: Path) -> dict[str, torch.Tensor]:
+        path = checkpoint.latest(out)
+        assert path is not None
+        tensors = checkpoint.load(path)[0]
+        return {k: v for k, v in tensors.items() if k.startswith(("model.", "optim.", "ema.", "guard."))}
+
+    ref = run_killable(tmp_path, ["train", *args, "--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    killed = run_killable(tmp_path, ["train", *args, "--out", str(tmp_path / "k")], plan="step:9")
+    assert killed.returncode == -signal.SIGKILL
+    done = run_killable(tmp_path, ["train", "--resume", str(tmp_path / "k")])
+    assert done.returncode == 0, done.stderr
+    a, b = state(tmp_path / "ref"), state(tmp_path / "k")
+    assert a.keys() == b.keys() and any("discriminator" in k for k in a)
+    assert any(k.startswith("optim.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert int(a["model.net.steps"]) >= 12  # the GAN start counter (training passes) was resumed too
+
+
+@pytest.mark.slow  # 30 bf16 steps with the discriminator on (about 10 s)
+def test_bf16_with_the_discriminator_keeps_finite_weights(tmp_path):
+    from turbovae import load
+
+    data, run = _photos(tmp_path / "photos"), tmp_path / "run"
+    assert main(["train", *_ae_args(data, 30, "--precision", "bf16"), "--out", str(run)]) == 0
+    vae = load(run)
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+    assert json.loads((run / "summary.json").read_text())["precision"] == "bf16"
