@@ -45,6 +45,7 @@ def diffusers_kl(channels=(16, 32), groups=16):
     ).eval()  # fmt: skip
 
 
+@pytest.mark.slow  # diffusers' from_pretrained: about 3 s of imports the first time
 def test_export_loads_in_diffusers_with_the_same_latents_and_decodings(tmp_path):
     vae = small_vae().eval()
     export_diffusers(vae, tmp_path)
@@ -212,3 +213,73 @@ def test_bf16_with_the_discriminator_keeps_finite_weights(tmp_path):
     vae = load(run)
     assert all(torch.isfinite(p).all() for p in vae.parameters())
     assert json.loads((run / "summary.json").read_text())["precision"] == "bf16"
+
+
+def small_vq(shape=(3, 16, 16), **overrides):
+    flags = {**SMALL, "model.name": "autoencoder-vq", "model.latent": "3", "model.codebook_size": "16",
+             "model.codebook_dim": "5", **{f"model.{k}": str(v) for k, v in overrides.items()}}  # fmt: skip
+    cfg = resolve("digits-mlp", flags, ["model.likelihood=laplace-learned"])
+    return build_vae(cfg, shape)
+
+
+@pytest.mark.slow  # diffusers' from_pretrained: about 3 s of imports the first time
+def test_vq_export_loads_in_diffusers_vqmodel_with_the_same_latents_and_decodings(tmp_path):
+    vae = small_vq()
+    with torch.no_grad():
+        for p in vae.net.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    vae.eval()
+    export_diffusers(vae, tmp_path)
+    theirs = diffusers.VQModel.from_pretrained(tmp_path).eval()
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        h = theirs.encode(x * 2 - 1).latents
+        z = vae.encode(x).mean
+        assert (z - h.flatten(1)).abs().max() < TOL
+        mine, want = vae.decode(z), (theirs.decode(h).sample + 1) / 2
+    assert (mine - want).abs().max() < TOL and mine.std() > 1e-3
+
+
+def test_vq_straight_through_commitment_and_honest_kl():
+    vae = small_vq().train()
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    terms = vae.structure.elbo(vae, x, beta=1.0)
+    positions = 8 * 8
+    assert torch.allclose(terms["kl"], torch.tensor(positions * math.log(16)))
+    assert torch.allclose(terms["nelbo"], terms["rec"] + terms["kl"])
+    terms["loss"].backward()
+    enc = vae.net.encoder.conv_in.weight.grad
+    assert enc is not None and enc.abs().sum() > 0  # through the quantiser, straight through
+    assert vae.net.quantize.embedding.weight.grad is None  # the EMA moves the codebook, not the gradient
+
+
+def test_vq_ema_moves_codes_to_their_outputs_and_restarts_dead_ones():
+    from turbovae.models.autoencoder import VectorQuantizer
+
+    vq = VectorQuantizer(4, 2, decay=0.5, dead_after=2, commitment=0.25).train()
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]))
+        vq.embed_sum.copy_(vq.embedding.weight)
+    z = torch.tensor([[1.0, 1.0], [1.2, 1.0], [9.0, 9.0], [9.0, 11.0]]).view(1, 2, 2, 2).permute(0, 3, 1, 2)
+    z.requires_grad_(True)
+    for _ in range(2):
+        vq(z)
+    w = vq.embedding.weight
+    assert w[0, 0] > 0.3 and w[1, 0] < 10.0  # pulled towards the outputs assigned to them
+    used = vq.codes(z.detach().permute(0, 2, 3, 1).reshape(-1, 2)).unique()
+    assert set(used.tolist()) - {0, 1}  # codes 2 and 3, unused twice, restarted among the outputs
+    assert all(any(torch.allclose(w[c], r) for r in z.detach().permute(0, 2, 3, 1).reshape(-1, 2))
+               for c in (2, 3))  # fmt: skip
+
+
+@pytest.mark.slow  # a training run on the photos and its evaluation (about 60 s)
+def test_vq_on_photos_uses_its_codebook(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--data", "photos", "--crop", "32", "--model", "autoencoder-vq", "--channels", "16,32",
+            "--latent", "3", "--batch-size", "8", "--epochs", "1", "--out", str(run), "--progress", "off",
+            "train.max_steps=120", "eval.iwae_k=0", "data.validation=0", "model.codebook_size=32",
+            "model.dead_after=20", "train.threads=1"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["codebook_usage"] >= 0.9, summary["codebook_usage"]
+    assert 1.0 < summary["codebook_perplexity"] <= 32.0

@@ -98,6 +98,14 @@ MODELS: dict[str, ModelSpec] = {
         channels_last=True,
         describe=autoencoder.describe,
     ),
+    "autoencoder-vq": ModelSpec(
+        autoencoder.build_vq,
+        VQAutoencoderConfig,
+        "latent diffusion's VQ autoencoder (VQModel): nearest codes, EMA codebook, dead-code restarts",
+        width="channels",
+        channels_last=True,
+        describe=autoencoder.describe,
+    ),
 }
 TEXT_MODELS = tuple(name for name, spec in MODELS.items() if spec.text)  # models of token sequences
 

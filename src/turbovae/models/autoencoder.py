@@ -298,7 +298,7 @@ class AutoencoderNet(nn.Module):
             )
         self.cfg = cfg
         self.event_shape = tuple(event_shape)
-        self.z_shape = (cfg.latent, height // f, width // f)
+        self.z_shape = (self.code_channels(cfg), height // f, width // f)
         self.latent_size = math.prod(self.z_shape)
         groups = norm_groups(list(cfg.channels), cfg.norm_groups)
         moments = cfg.latent if self.quantised else 2 * cfg.latent
@@ -306,10 +306,20 @@ class AutoencoderNet(nn.Module):
         self.encoder = Encoder(c, moments, *args)
         self.decoder = Decoder(cfg.latent, c, *args)
         self.build_bottleneck(cfg, moments)
+        self.steps: torch.Tensor
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training passes (disc_start)
+        if cfg.disc_weight > 0 and min(height, width) < 3 * 2**cfg.disc_layers:
+            raise ConfigError(
+                f"model.disc_layers = {cfg.disc_layers} needs images of at least {3 * 2**cfg.disc_layers} "
+                f"pixels a side, got {height}x{width}: fewer model.disc_layers or a larger --crop"
+            )
         self.discriminator = (
             NLayerDiscriminator(c, cfg.disc_channels, cfg.disc_layers) if cfg.disc_weight > 0 else None
         )
+
+    def code_channels(self, cfg: AutoencoderConfig) -> int:
+        """The channels of the latents ``encode`` describes and ``decode`` takes."""
+        return cfg.latent
 
     def build_bottleneck(self, cfg: AutoencoderConfig, moments: int) -> None:
         self.quant_conv = nn.Conv2d(moments, moments, 1)
@@ -331,6 +341,11 @@ class AutoencoderNet(nn.Module):
         return DiagonalGaussian(mean.flatten(1), log_scale.flatten(1))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's location (..., 1, C, H, W) for latents (..., latent_size)."""
+        return self.decode_codes(z)
+
+    def decode_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """``decode`` of latents that need no quantising (a VQ bottleneck's codes already)."""
         lead = z.shape[:-1]
         h = self.post_quant_conv(z.reshape(-1, *self.z_shape))
         out = self.decoder(h)
@@ -443,3 +458,130 @@ def describe(model: dict[str, Any]) -> str:
     f = 2 ** (len(model.get("channels", [])) - 1)
     name = model.get("name", "autoencoder")
     return f"{name} f{f}, channels {widths}, z_channels {model.get('latent', '?')}"
+
+
+def build_vq(
+    event_shape: tuple[int, ...], latent: int, params_per_dim: int, cfg: VQAutoencoderConfig
+) -> nn.Module:
+    return VQAutoencoderNet(event_shape, cfg, params_per_dim)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantiser (VQ-VAE) with a straight-through gradient; its codebook ``embedding``
+    learned by gradient (``decay`` 0) or, by default, as an exponential moving average of the encoder
+    outputs assigned to each code (van den Oord et al. 2017, appendix; Sonnet's VectorQuantizerEMA),
+    codes unused for ``dead_after`` training passes restarted at encoder outputs of the batch (picked
+    by a fixed rule from a counter: no random draws, so a resumed run restarts the same ones)."""
+
+    def __init__(self, n: int, dim: int, decay: float, dead_after: int, commitment: float) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / n, 1.0 / n)  # taming-transformers' init
+        self.decay, self.dead_after, self.commitment = decay, dead_after, commitment
+        if decay > 0:
+            self.embedding.weight.requires_grad_(False)
+        self.cluster_size: torch.Tensor
+        self.embed_sum: torch.Tensor
+        self.unused: torch.Tensor
+        self.restarts: torch.Tensor
+        self.register_buffer("cluster_size", torch.ones(n))
+        self.register_buffer("embed_sum", self.embedding.weight.detach().clone())
+        self.register_buffer("unused", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
+
+    def codes(self, zf: torch.Tensor) -> torch.Tensor:
+        """The nearest code of each row of ``zf`` (N, dim), as diffusers finds it (cdist, argmin)."""
+        return torch.cdist(zf.float(), self.embedding.weight.float()).argmin(1)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z (B, dim, h, w) → (the quantised z, straight-through; the commitment (and, without EMA, the
+        codebook) loss summed per example (B,); the codes (B, h·w))."""
+        b, dim, h, w = z.shape
+        zf = z.permute(0, 2, 3, 1).reshape(-1, dim).float()  # (B·h·w, dim)
+        idx = self.codes(zf)
+        q = F.embedding(idx, self.embedding.weight).float()
+        loss = self.commitment * (zf - q.detach()).pow(2).view(b, -1).sum(1)
+        if self.decay == 0:
+            loss = loss + (zf.detach() - q).pow(2).view(b, -1).sum(1)
+        elif self.training and torch.is_grad_enabled():
+            self.ema_update(zf.detach(), idx)
+        zq = zf + (q - zf).detach()
+        return zq.view(b, h, w, dim).permute(0, 3, 1, 2).to(z.dtype), loss, idx.view(b, -1)
+
+    @torch.no_grad()
+    def ema_update(self, zf: torch.Tensor, idx: torch.Tensor) -> None:
+        n = self.embedding.num_embeddings
+        counts = torch.bincount(idx, minlength=n).float()
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, zf)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # every rank's codebook sees the global batch
+            torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(sums)
+        d = self.decay
+        self.cluster_size.mul_(d).add_(counts, alpha=1 - d)
+        self.embed_sum.mul_(d).add_(sums, alpha=1 - d)
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + 1e-5) / (total + n * 1e-5) * total  # Laplace smoothing
+        weight = self.embed_sum / smoothed[:, None]
+        # dead codes: restarted at encoder outputs of this batch, spread over it
+        self.unused.add_(1).masked_fill_(counts > 0, 0)
+        dead = (self.unused >= self.dead_after)[:, None]
+        rows = (torch.arange(n, device=zf.device) * 7919 + self.restarts * 104729) % len(zf)
+        fresh = zf[rows]
+        if distributed:
+            torch.distributed.broadcast(fresh, 0)
+        self.restarts.add_(1)
+        self.embedding.weight.copy_(torch.where(dead, fresh, weight))
+        self.embed_sum.copy_(torch.where(dead, fresh, self.embed_sum))
+        self.cluster_size.masked_fill_(dead[:, 0], 1.0)
+        self.unused.masked_fill_(dead[:, 0], 0)
+
+    def restart_from_weights(self) -> None:
+        with torch.no_grad():
+            self.embed_sum.copy_(self.embedding.weight)
+            self.cluster_size.fill_(1.0)
+            self.unused.zero_()
+
+
+class VQAutoencoderNet(AutoencoderNet):
+    """The VQ autoencoder (diffusers' VQModel): ``encode`` gives the encoder's continuous latents as a
+    point mass (B, dim·h·w), ``decode`` quantises them to the nearest codes first, as VQModel does."""
+
+    structure = "quantised"
+    quantised = True
+    diffusers_class = "VQModel"
+
+    def code_channels(self, cfg: AutoencoderConfig) -> int:
+        return getattr(cfg, "codebook_dim", 0) or cfg.latent
+
+    def build_bottleneck(self, cfg: AutoencoderConfig, moments: int) -> None:
+        assert isinstance(cfg, VQAutoencoderConfig)
+        dim = self.code_channels(cfg)
+        self.quant_conv = nn.Conv2d(cfg.latent, dim, 1)
+        self.quantize = VectorQuantizer(cfg.codebook_size, dim, cfg.codebook_decay, cfg.dead_after,
+                                        cfg.commitment)  # fmt: skip
+        self.post_quant_conv = nn.Conv2d(dim, cfg.latent, 1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        h = self.quant_conv(self.encoder(x * 2.0 - 1.0)).flatten(1)
+        return DiagonalGaussian(h, torch.full_like(h, -30.0))  # a point mass at the encoder's output
+
+    def quantise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat latents (B, latent_size) → (codes' vectors (B, latent_size), straight-through; the
+        commitment loss (B,); the codes (B, h·w))."""
+        zq, loss, idx = self.quantize(z.reshape(-1, *self.z_shape))
+        return zq.flatten(1), loss, idx
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        zq = self.quantise(z.reshape(-1, z.shape[-1]))[0]
+        return self.decode_codes(zq).view(*lead, 1, *self.event_shape)
+
+    def extra_diffusers_config(self) -> dict[str, Any]:
+        cfg = self.cfg
+        assert isinstance(cfg, VQAutoencoderConfig)
+        return {"num_vq_embeddings": cfg.codebook_size, "vq_embed_dim": self.code_channels(cfg),
+                "norm_type": "group", "lookup_from_codebook": False, "force_upcast": False}  # fmt: skip
+
+    def after_init(self) -> None:
+        self.quantize.restart_from_weights()

@@ -14,12 +14,14 @@ from .base import Graph, LatentStructure, Pick, Terms
 from .gaussian import FlatGaussian
 from .hierarchical import Hierarchical, kl_balance_weights, log_prior_ratio, posterior_pass
 from .perceptual import Perceptual
+from .quantised import Quantised
 
 STRUCTURES: dict[str, LatentStructure] = {
     "gaussian": FlatGaussian(),
     "hierarchical": Hierarchical(),
     "autoregressive": Autoregressive(),
     "perceptual": Perceptual(),
+    "quantised": Quantised(),
 }
 
 

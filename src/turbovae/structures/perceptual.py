@@ -79,6 +79,10 @@ class Perceptual(FlatGaussian):
         kl = q.kl()
         return z, kl, kl
 
+    def decode_latents(self, vae: VAE, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's parameters for the bottleneck's latents."""
+        return vae.net.decode(z)  # type: ignore[operator]
+
     def elbo(
         self,
         vae: VAE,
@@ -95,7 +99,7 @@ class Perceptual(FlatGaussian):
         if eps is None:
             eps = torch.randn(len(x), vae.latent, generator=generator, device=x.device)
         z, charged, kl = self.bottleneck(vae, x, eps)
-        params = net.decode(z)
+        params = self.decode_latents(vae, z)
         rec = -vae.likelihood.log_prob(x, params)  # (B,) nats
         x_rec = vae.likelihood.mean(params)  # (B, C, H, W)
         dims = math.prod(vae.event_shape)
