@@ -420,7 +420,7 @@ def test_a_version_1_file_is_refused_naming_the_release_that_reads_it():
     """The format changed to version 2 (one stack, a compact header): a version-1 file is one line that
     says which turbovae wrote it, not a CRC or parse error."""
     old = compression.MAGIC + bytes([1]) + bytes(64)
-    with pytest.raises(compression.CompressionError, match="version 1 .*20b3469.*reads version 2"):
+    with pytest.raises(compression.CompressionError, match=r"version 1 .*20b3469.*reads version 2"):
         compression.read_header(old)
     with pytest.raises(compression.CompressionError, match="version 9; this turbovae reads version 2"):
         compression.read_header(compression.MAGIC + bytes([9]) + bytes(64))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from turbovae.cli import main
 from turbovae.config import from_dict, load_preset, preset_names, resolve, to_yaml
@@ -72,6 +73,14 @@ def stand_in(preset: dict, tmp_path: Path) -> list[str]:
         return ["train.batch_size=256"]
     if name == "fashion-mnist":
         return [f"data.name={image_npz(tmp_path / 'fmnist.npz', (1, 28, 28))}"]
+    if name == "photos":  # scikit-image's photos as crops: three small photos of other sizes
+        rng = np.random.default_rng(0)
+        (tmp_path / "photos").mkdir()
+        for i, size in enumerate(((40, 36), (36, 52), (33, 33))):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+                tmp_path / f"photos/{i}.png"
+            )
+        return [f"data.name={tmp_path / 'photos'}", "data.crop=16"]
     if name is None and data.get("resize") in ("32x32", "8x8"):  # the user's own colour images
         side = int(data["resize"].partition("x")[0])
         return [f"data.name={image_npz(tmp_path / 'colour.npz', (3, side, side))}"]
@@ -81,7 +90,9 @@ def stand_in(preset: dict, tmp_path: Path) -> list[str]:
 # What a model needs on top (hierarchical VAEs: 11-13 groups of a GPU-sized net take seconds a step
 # on a CPU: narrower channels, the same levels, groups, patch and likelihood)
 SHRINK = {"hvae": {"fmnist-hvae-gpu": ["model.channels=[16,16,16,16,16]"],
-                   "hvae-32-colour": ["model.channels=[16,16,16,16,16]"]}}  # fmt: skip
+                   "hvae-32-colour": ["model.channels=[16,16,16,16,16]"]},
+          "autoencoder-kl": {"photos-ae-kl": ["model.channels=[8,16,16]", "model.disc_channels=8",
+                                              "model.disc_start=0", "model.disc_layers=2"]}}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", preset_names())

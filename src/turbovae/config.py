@@ -29,6 +29,9 @@ class DataConfig:
     # static: one fixed Bernoulli draw of the data; dynamic: a fresh draw per batch (the usual (F)MNIST setup)
     binarize: str = "auto"
     resize: str | None = None  # "HxW" for image folders of mixed sizes
+    # photos of any size cut into N×N crops: training photos into crops on a grid of stride N/2 (a batch
+    # draws random ones), held-out photos into non-overlapping crops; 0: whole images
+    crop: int = 0
     test_fraction: float = 0.1  # held-out share for sources without a test split
     # share of the training split held out for validation (per-epoch evaluation, `best`, tune's search),
     # at most VALIDATION_MAX examples, drawn with a fixed seed; 0: none (no per-epoch evaluation, no best)
@@ -566,6 +569,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
         raise unknown_name("device", cfg.train.device, ("auto", "cpu", "cuda"))
     parse_resize(cfg.data.resize)
+    if cfg.data.crop < 0 or (0 < cfg.data.crop < 8):
+        raise ConfigError(f"data.crop must be 0 (whole images) or at least 8 pixels, got {cfg.data.crop}")
 
 
 def _check_training(cfg: Config) -> None:

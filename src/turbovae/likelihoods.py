@@ -17,6 +17,7 @@ from torch import nn
 from .errors import ConfigError, DataError, unknown_name
 
 _LOG_2PI = math.log(2.0 * math.pi)
+_LOG_2 = math.log(2.0)
 MIN_SCALE = 1e-3  # floor on a Gaussian's scale: per-pixel variances collapse to 0 on constant pixels
 
 
@@ -257,6 +258,23 @@ class GaussianLearned(Gaussian):
     def _loc_log_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc = self._param(params, 0)
         return loc, torch.log(F.softplus(self.raw_scale.float()) + MIN_SCALE).expand_as(loc)
+
+
+class LaplaceLearned(GaussianLearned):
+    """Laplace with one learned scale b shared by all dimensions: −log p = |x − μ| / b + log 2b per value,
+    the L1 loss read as a likelihood (LDM's ``nll = |x − x̂| / exp(logvar) + logvar``, up to log 2)."""
+
+    name = "laplace-learned"
+    summary = "real values, a Laplace with one learned scale (L1 as a likelihood; autoencoders)"
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        loc, log_scale = self._loc_log_scale(params)
+        return self._sum_event(-(x.float() - loc).abs() * torch.exp(-log_scale) - log_scale - _LOG_2)
+
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        loc, log_scale = self._loc_log_scale(params)
+        u = torch.rand(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype) - 0.5
+        return loc - log_scale.exp() * u.sign() * torch.log1p(-2.0 * u.abs()).clamp(min=-50.0)
 
 
 class GaussianPixel(Gaussian):
@@ -734,6 +752,7 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
         Gaussian,
         GaussianLearned,
         GaussianPixel,
+        LaplaceLearned,
         Mixed,
         Categorical,
         DiscretizedLogistic,

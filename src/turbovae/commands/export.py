@@ -4,8 +4,11 @@
 (latents → the likelihood's parameters, and E[x | z]), each with a dynamic batch axis, through torch's
 own exporter (``torch.export`` then ``torch.onnx.export``), checked against torch with onnxruntime
 when it is installed. ``--format torch``: the same graphs as ``torch.export`` programs (``.pt2``).
-``--format hub``: the Hugging Face Hub layout (``turbovae.hub``). Every format also writes
-``export.json``, which names each file's inputs and outputs with their shapes.
+``--format hub``: the Hugging Face Hub layout (``turbovae.hub``). Every format but diffusers also writes
+``export.json``, which names each file's inputs and outputs with their shapes. ``--format diffusers``
+(autoencoder-kl, autoencoder-vq): ``config.json`` and ``diffusion_pytorch_model.safetensors`` that
+``diffusers.AutoencoderKL.from_pretrained`` (or ``VQModel``) loads, ``scaling_factor`` 1 / the standard
+deviation of the run's held-out latents (summary.json's ``latent_std``).
 
 What each model kind exports (docs/export.md says why):
 
@@ -46,7 +49,7 @@ from ..structures import Graph
 from ..vae import VAE
 from .options import checkpoint_option
 
-FORMATS = ("onnx", "torch", "hub")
+FORMATS = ("onnx", "torch", "hub", "diffusers")
 MANIFEST = "export.json"
 MANIFEST_FORMAT = "turbovae-export-1"
 TOLERANCE = 1e-4  # the largest |onnxruntime − torch| an export may show in its check
@@ -64,7 +67,7 @@ def add_parser(sub: Any) -> None:
     )
     e.add_argument("run_dir")
     checkpoint_option(e)
-    e.add_argument("--format", default="onnx", help="onnx | torch | hub (default onnx)")
+    e.add_argument("--format", default="onnx", help="onnx | torch | hub | diffusers (default onnx)")
     e.add_argument(
         "--out", required=True, help="the directory to write (created; must not exist or be empty)"
     )
@@ -92,12 +95,37 @@ def run(args: argparse.Namespace) -> int:
     with staged_dir(out) as tmp:
         if args.format == "hub":
             save_pretrained(vae, tmp, run_dir=run_dir, repo_id=str(out))
+        elif args.format == "diffusers":
+            report = export_diffusers(vae, tmp, run_dir)
         else:
             report = export_graphs(vae, tmp, args.format, check=not args.no_check)
     for line in report:
         print(line)
     print(out)
     return 0
+
+
+def export_diffusers(vae: VAE, out: Path, run_dir: Path | None = None) -> list[str]:
+    """The run's autoencoder as a diffusers directory (config.json, diffusion_pytorch_model.safetensors);
+    refused for networks that have no diffusers counterpart."""
+    from safetensors.torch import save_file
+
+    state = getattr(vae.net, "diffusers_state", None)
+    if state is None:
+        raise ConfigError(
+            f"--format diffusers is for autoencoder runs (--model autoencoder-kl|autoencoder-vq), "
+            f"not model '{vae.config.model.name if vae.config is not None else '?'}'"
+        )
+    std, note = None, ""
+    summary = None if run_dir is None else run_dir / "summary.json"
+    if summary is not None and summary.is_file():
+        std = json.loads(summary.read_text()).get("latent_std")
+    if not std:
+        std, note = 1.0, " (no latent_std in the run's summary.json: scaling_factor 1)"
+    config = vae.net.to_diffusers_config(1.0 / float(std))  # type: ignore[operator]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(state(), str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    return [f"diffusers {config['_class_name']}, scaling_factor {config['scaling_factor']:.5g}{note}"]
 
 
 # ---- the output directory -------------------------------------------------------------------------

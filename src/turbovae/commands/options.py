@@ -20,6 +20,8 @@ TRAIN_FLAGS: dict[str, str] = {
     "condition": "data.condition",
     "binarize": "data.binarize",
     "resize": "data.resize",
+    "crop": "data.crop",
+    "init": "model.init",
     "model": "model.name",
     "hidden": "model.hidden",
     "channels": "model.channels",
@@ -71,6 +73,8 @@ def config_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--binarize", help="auto | none | static | dynamic")
     p.add_argument("--resize", help="HxW, for image folders of mixed sizes")
+    p.add_argument("--crop", type=int, help="photos of any size as N×N crops (autoencoders, e.g. 256)")
+    p.add_argument("--init", help="autoencoders: start from a diffusers AutoencoderKL/VQModel directory")
     defaults = Config()
     p.add_argument("--model", help=registry_help("the network", MODELS, defaults.model.name))
     p.add_argument("--hidden", help="MLP widths, e.g. 400 or 512,256")

@@ -217,3 +217,90 @@ def resize_images(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
             out[i, c] = np.asarray(image)
     # Lanczos overshoots at edges; values outside the input range (e.g. 17 for 0..16 digits) are artefacts.
     return np.clip(out, x.min(), x.max(), out=out)
+
+
+def crop_tiles(image: np.ndarray, crop: int, stride: int) -> np.ndarray:
+    """The ``crop``×``crop`` tiles of one (H, W, C) image on a grid of ``stride``, as (n, C, crop, crop);
+    an image smaller than ``crop`` is first enlarged (Lanczos) until its short side is ``crop``."""
+    height, width = image.shape[:2]
+    if min(height, width) < crop:
+        k = crop / min(height, width)
+        size = (max(crop, round(width * k)), max(crop, round(height * k)))
+        channels = image.shape[2]
+        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+        image = np.asarray(pil.resize(size, Image.Resampling.LANCZOS)).reshape(size[1], size[0], channels)
+        height, width = image.shape[:2]
+    tiles = [image[y : y + crop, x : x + crop] for y in range(0, height - crop + 1, stride)
+             for x in range(0, width - crop + 1, stride)]  # fmt: skip
+    return np.ascontiguousarray(np.stack(tiles).transpose(0, 3, 1, 2))
+
+
+def photo_crops(name: str, images: list[np.ndarray], is_test: list[bool], crop: int) -> Dataset:
+    """Photos of any size as crops: the training photos' tiles on a grid of stride crop/2 (each batch
+    draws random ones: random crops on that grid), the held-out photos' non-overlapping tiles."""
+    if crop < 8:
+        raise DataError(f"data.crop must be at least 8 pixels, got {crop}")
+    train = [crop_tiles(im, crop, max(crop // 2, 1)) for im, t in zip(images, is_test, strict=True) if not t]
+    test = [crop_tiles(im, crop, crop) for im, t in zip(images, is_test, strict=True) if t]
+    if not train or not test:
+        raise DataError(f"{name}: --crop needs at least one training and one held-out image")
+    dataset = Dataset(name=name, x_train=torch.from_numpy(np.concatenate(train)),
+                      x_test=torch.from_numpy(np.concatenate(test)), max_value=255.0)  # fmt: skip
+    dataset.meta["crop"] = crop
+    return dataset
+
+
+def load_photo_folder(
+    path: str | Path, crop: int, test_fraction: float = 0.1, split_seed: int = 0
+) -> Dataset:
+    """A folder of photos of any size as ``crop``×``crop`` crops (``photo_crops``); the split is by photo
+    (``train/`` and ``test/``, else a seeded share of the files), colour when any photo is."""
+    root = Path(path)
+    files, n_train = folder_files(root)
+    if n_train:
+        is_test = [i >= n_train for i in range(len(files))]
+    else:
+        _, test_idx = split_indices(len(files), test_fraction, split_seed)
+        chosen = set(test_idx.tolist()) or {len(files) - 1}
+        is_test = [i in chosen for i in range(len(files))]
+    modes = []
+    for file in files:
+        _check_bit_depth(file)
+        try:
+            with Image.open(file) as image:
+                modes.append(image.mode)
+        except _OPEN_ERRORS as e:
+            raise DataError(f"{file}: cannot read image ({e})") from e
+    mode = "L" if all(m in _GREY_MODES for m in modes) else "RGB"
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                images.append(np.asarray(image.convert(mode)).reshape(image.size[1], image.size[0], -1))
+        except _OPEN_ERRORS as e:
+            raise DataError(f"{file}: cannot decode image ({e})") from e
+    return photo_crops(root.resolve().name, images, is_test, crop)
+
+
+# scikit-image's bundled photos (real, offline): training photos, then the held-out ones
+PHOTOS_TRAIN = ("astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
+                "motorcycle_right.png", "retina.jpg", "camera.png", "coins.png", "moon.png", "brick.png",
+                "grass.png", "gravel.png")  # fmt: skip
+PHOTOS_TEST = ("chelsea.png", "rocket.jpg")
+
+
+def load_photos(crop: int = 64) -> Dataset:
+    """The photos scikit-image ships in its wheel (``--data photos``) as colour crops (``photo_crops``)."""
+    try:
+        import skimage
+    except ImportError:
+        raise DataError(
+            "--data photos reads the photos scikit-image ships: pip install 'turbovae[diffusers]'"
+        ) from None
+    root = Path(skimage.__file__).parent / "data"
+    images = []
+    for name in PHOTOS_TRAIN + PHOTOS_TEST:
+        with Image.open(root / name) as image:
+            images.append(np.asarray(image.convert("RGB")))
+    is_test = [name in PHOTOS_TEST for name in PHOTOS_TRAIN + PHOTOS_TEST]
+    return photo_crops("photos", images, is_test, crop)

@@ -16,7 +16,7 @@ from . import download
 from .arrays import load_arrays, split_indices
 from .dataset import Dataset
 from .idx import read_idx_pair
-from .images import load_image_folder, resize_images
+from .images import load_image_folder, load_photo_folder, load_photos, resize_images
 from .tables import Table, table_path
 from .text import is_text_spec, load_text
 
@@ -124,6 +124,19 @@ def _resized(dataset: Dataset, resize: tuple[int, int] | None) -> Dataset:
     return dataset
 
 
+def _photos(
+    spec: str, crop: int, resize: tuple[int, int] | None, test_fraction: float, split_seed: int
+) -> Dataset:
+    """Photos as crops: scikit-image's (``photos``) or a folder's (``data/images.py``)."""
+    if resize is not None:
+        raise ConfigError("data.resize and data.crop exclude each other: crops keep the photos' scale")
+    if spec == "photos":
+        return _image_meta(load_photos(crop or 64))
+    if not Path(spec).expanduser().is_dir():
+        raise ConfigError(f"data.crop applies to photos (--data photos or an image folder), not to '{spec}'")
+    return _image_meta(load_photo_folder(Path(spec).expanduser(), crop, test_fraction, split_seed))
+
+
 def load_dataset(
     spec: str,
     *,
@@ -141,6 +154,7 @@ def load_dataset(
     rows: Table | None = None,
     constraints: list[str] | None = None,
     private: bool = False,
+    crop: int = 0,
 ) -> Dataset:
     """Load a dataset by built-in name or path.
 
@@ -164,6 +178,7 @@ def load_dataset(
             its class ids in ``y_train``/``y_test``). Other sources' labels are read anyway.
         rows: Tables: the rows, typed already (a DataFrame's), used instead of reading the file.
         constraints, private: Tables: rules between columns (``data/constraints.py``); a DP run's transform.
+        crop: Photos (``photos``, an image folder): N×N crops of images of any size (``data/images.py``).
 
     Returns:
         The dataset, in memory.
@@ -192,6 +207,8 @@ def load_dataset(
                           constraints=constraints, private=private)  # fmt: skip
     if constraints:  # (below: not a table)
         raise ConfigError(f"data.constraints apply to tables (csv:PATH), but '{spec}' is not one")
+    if spec == "photos" or crop:
+        return _photos(spec, crop, resize, test_fraction, split_seed)
     if spec in DATASETS:
         dataset = DATASETS[spec](test_fraction=test_fraction, split_seed=split_seed, data_dir=data_dir)
         return _image_meta(_resized(dataset, resize))

@@ -165,6 +165,8 @@ def _finish(s: Setup, out: Path, loop: dict[str, Any], write: bool, progress: bo
     if not write:
         return summary
     summary.update(s.kind.final_metrics(s, ev, iw, loop))  # text: nats per token, perplexity, ...
+    # autoencoders: PSNR, SSIM, MS-SSIM of the held-out images, the latents' std
+    summary.update(vae.structure.final_metrics(vae, s.x_test, s.prepare_test))
     write_json(out / "summary.json", summary)  # atomically; NaN as null
     return summary
 

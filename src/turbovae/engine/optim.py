@@ -436,7 +436,9 @@ def make_optimizer(
     t = cfg.train
     device = device or next(model.parameters()).device
     lr = torch.tensor(t.lr, dtype=torch.float32, device=device)
-    params = list(model.parameters())
+    # the structure's groups (an autoencoder's discriminator has its own betas and weight decay)
+    structure = getattr(model, "structure", None)
+    params: Any = structure.param_groups(model) if structure is not None else list(model.parameters())
     betas = (float(t.betas[0]), float(t.betas[1]))
     if t.optimizer == "schedulefree":
         return _schedule_free(params, lr, t.weight_decay, betas)

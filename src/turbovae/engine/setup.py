@@ -216,6 +216,7 @@ def setup(
     data = load_dataset(
         cfg.data.name,
         resize=parse_resize(cfg.data.resize),
+        crop=cfg.data.crop,
         test_fraction=cfg.data.test_fraction,
         split_seed=0,
         data_dir=cfg.data.dir,

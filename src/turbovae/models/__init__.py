@@ -13,7 +13,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, unknown_name
-from . import conv, hvae, mlp, text
+from . import autoencoder, conv, hvae, mlp, text
+from .autoencoder import AutoencoderConfig, VQAutoencoderConfig
 from .base import ModelConfig
 from .conv import ConvConfig, ConvNet
 from .hvae import HVAEConfig, HVAENet
@@ -89,6 +90,22 @@ MODELS: dict[str, ModelSpec] = {
         width="channels",
         conditional=True,
     ),
+    "autoencoder-kl": ModelSpec(
+        autoencoder.build,
+        AutoencoderConfig,
+        "latent diffusion's KL autoencoder (SD-VAE family): spatial latents, L1 + MS-SSIM + patch-GAN",
+        width="channels",
+        channels_last=True,
+        describe=autoencoder.describe,
+    ),
+    "autoencoder-vq": ModelSpec(
+        autoencoder.build_vq,
+        VQAutoencoderConfig,
+        "latent diffusion's VQ autoencoder (VQModel): nearest codes, EMA codebook, dead-code restarts",
+        width="channels",
+        channels_last=True,
+        describe=autoencoder.describe,
+    ),
 }
 TEXT_MODELS = tuple(name for name, spec in MODELS.items() if spec.text)  # models of token sequences
 
@@ -117,6 +134,7 @@ __all__ = [
     "ACTIVATIONS",
     "MODELS",
     "TEXT_MODELS",
+    "AutoencoderConfig",
     "ConvConfig",
     "ConvNet",
     "HVAEConfig",
@@ -127,6 +145,7 @@ __all__ = [
     "ModelSpec",
     "SentenceConfig",
     "SentenceNet",
+    "VQAutoencoderConfig",
     "build_network",
     "model_spec",
 ]

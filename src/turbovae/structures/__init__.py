@@ -13,11 +13,15 @@ from .autoregressive import Autoregressive
 from .base import Graph, LatentStructure, Pick, Terms
 from .gaussian import FlatGaussian
 from .hierarchical import Hierarchical, kl_balance_weights, log_prior_ratio, posterior_pass
+from .perceptual import Perceptual
+from .quantised import Quantised
 
 STRUCTURES: dict[str, LatentStructure] = {
     "gaussian": FlatGaussian(),
     "hierarchical": Hierarchical(),
     "autoregressive": Autoregressive(),
+    "perceptual": Perceptual(),
+    "quantised": Quantised(),
 }
 
 

@@ -201,7 +201,18 @@ class LatentStructure:
         (evaluation)."""
         raise NotImplementedError
 
-    # ---- evaluation, export, compression --------------------------------------------------------------
+    # ---- the optimiser, evaluation, export, compression -----------------------------------------------
+
+    def param_groups(self, vae: VAE) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups (a group may carry its own betas, weight decay ...)."""
+        return [{"params": list(vae.parameters())}]
+
+    def final_metrics(
+        self, vae: VAE, x: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, Any]:
+        """What summary.json adds for this structure, from the test inputs ``x`` (``prepare`` makes a
+        batch of them the model's inputs)."""
+        return {}
 
     def eval_extras(self, vae: VAE, nelbo: dict[str, Any]) -> dict[str, Any]:
         """What ``evaluate`` adds for this structure, from ``nelbo``'s output."""
