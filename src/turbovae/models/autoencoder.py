@@ -433,7 +433,7 @@ class AutoencoderNet(nn.Module):
     def after_init(self) -> None:
         """Called after weights were loaded from diffusers (the VQ codebook's EMA restarts from them)."""
 
-    def init_from_data(self, mean: Any) -> None:
+    def init_from_data(self, mean: Any, class_mean: Any = None) -> None:
         """Once before training: ``model.init`` loads the diffusers weights; ``model.freeze`` fixes the
         encoder (its parameters stop requiring gradients, so the optimiser never sees them)."""
         if self.cfg.init:
