@@ -144,6 +144,11 @@ def under_afile(root: Path) -> None:  # a store under a file: the file is all it
     build(root, "t/jdata/afile")
 
 
+@builder("t/mdata/ml.db")
+def mdata(root: Path) -> None:  # a new sqlite store in an existing folder
+    (root / "t/mdata").mkdir(parents=True, exist_ok=True)
+
+
 MOUNTS: list[Path] = []  # read-only filesystems mounted here, unmounted at the end
 
 
@@ -465,8 +470,10 @@ def inputs_of(command: str) -> list[str] | None:
         return None
     if "--nproc" in command:
         return None
-    try:  # $PWD is the temporary directory the commands run in
-        words = shlex.split(command.replace("$PWD/", "").replace("sqlite:///", "sqlite:"))
+    # $PWD is the temporary directory the commands run in; sqlite:///t/x.db is the relative t/x.db
+    text = command.replace("file://$PWD/", "file:").replace("$PWD/", "").replace("sqlite:///", "sqlite:")
+    try:
+        words = shlex.split(text)
     except ValueError:
         return None
     if any(w.endswith(";") or w == "&&" for w in words):  # several commands, or a description after one
