@@ -23,6 +23,7 @@ table per severity: tried, held, broke.
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import os
@@ -49,7 +50,7 @@ BUILDERS: dict[str, Builder] = {}
 
 
 def turbovae(root: Path, *argv: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore", "PWD": str(root)}
     done = subprocess.run([sys.executable, "-m", "turbovae", *argv], cwd=root, env=env, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     if done.returncode != 0:
@@ -136,6 +137,62 @@ def text(root: Path) -> None:
 def afile(root: Path) -> None:
     (root / "t/jdata").mkdir(parents=True, exist_ok=True)
     (root / "t/jdata/afile").write_text("a file where a folder is expected\n")
+
+
+@builder("t/jdata/afile/ml")
+def under_afile(root: Path) -> None:  # a store under a file: the file is all it takes
+    build(root, "t/jdata/afile")
+
+
+@builder("t/mdata/ml.db")
+def mdata(root: Path) -> None:  # a new sqlite store in an existing folder
+    (root / "t/mdata").mkdir(parents=True, exist_ok=True)
+
+
+MOUNTS: list[Path] = []  # read-only filesystems mounted here, unmounted at the end
+
+
+def _mount_tmpfs(where: Path, options: str) -> bool:
+    """A tmpfs at ``where`` where this runs as root and `mount` works; False otherwise."""
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        return False
+    MOUNTS.append(where)
+    atexit.register(subprocess.run, ["umount", str(where)], capture_output=True)  # even on an error
+    return True
+
+
+@builder("t/jdata/ro/ml")
+@builder("t/jdata/ro/ml.db")
+def read_only(root: Path) -> None:
+    """A read-only folder, as the audit's: a read-only tmpfs where this runs as root and `mount` works
+    (root writes through a 0o555 mode); otherwise mode 0o555, which only binds a user that is not root."""
+    ro = root / "t/jdata/ro"
+    if ro.is_dir():
+        return
+    ro.mkdir(parents=True)
+    if not _mount_tmpfs(ro, "ro,size=1m"):
+        if os.geteuid() == 0:
+            raise RuntimeError("root, and no read-only tmpfs")
+        ro.chmod(0o555)
+
+
+def _small_disk(root: Path, folder: str) -> None:
+    """A disk that fills mid-run, as the audit's small tmpfs: 16 KiB (four pages); without `mount` as
+    root, a setup error (RLIMIT_FSIZE would bound the whole run's writes, not this folder's)."""
+    small = root / folder
+    if small.is_dir():
+        return
+    small.mkdir(parents=True)
+    if not _mount_tmpfs(small, "size=16k"):
+        raise RuntimeError("no tmpfs (needs root and mount)")
+
+
+for _small, _paths in {"t/jdata/small": ("ml", "tb2", "ml2"), "t/mdata/small": ("ml.db",)}.items():
+    for _p in _paths:
+        BUILDERS[f"{_small}/{_p}"] = lambda root, folder=_small: _small_disk(root, folder)
 
 
 def _digits_x(n: int) -> np.ndarray:
@@ -411,10 +468,12 @@ def inputs_of(command: str) -> list[str] | None:
     script can run (a description, several commands, torchrun, timing)."""
     if not (command.startswith("turbovae ") or command.startswith("python -c ")):
         return None
-    if any(s in command for s in ("$PWD", "--nproc")):
+    if "--nproc" in command:
         return None
+    # $PWD is the temporary directory the commands run in; sqlite:///t/x.db is the relative t/x.db
+    text = command.replace("file://$PWD/", "file:").replace("$PWD/", "").replace("sqlite:///", "sqlite:")
     try:
-        words = shlex.split(command)
+        words = shlex.split(text)
     except ValueError:
         return None
     if any(w.endswith(";") or w == "&&" for w in words):  # several commands, or a description after one
@@ -461,7 +520,7 @@ def main() -> int:
         records = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     root = Path(tempfile.mkdtemp(prefix="fault-rerun-"))
     (root / "t").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore", "PWD": str(root)}
     bindir = root / "_bin"  # `turbovae` on PATH: this checkout's
     bindir.mkdir()
     (bindir / "turbovae").write_text(f'#!/bin/sh\nexec {sys.executable} -m turbovae "$@"\n')
@@ -514,6 +573,8 @@ def main() -> int:
     print(f"{'all':16}" + "".join(f"{v:>{w}}" for v, w in zip(total, (8, 9, 6, 6), strict=True)))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
+    for m in MOUNTS:  # before the temporary directory goes
+        subprocess.run(["umount", str(m)], capture_output=True)
     if not a.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0

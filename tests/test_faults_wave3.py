@@ -386,6 +386,30 @@ def test_a_tracker_that_fails_mid_run_is_one_warning_and_the_run_goes_on(tmp_pat
     assert events[-1]["event"] == "end"
 
 
+# pytest catches a thread's uncaught exception (threading prints its traceback outside pytest): an error
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_full_disk_under_tensorboards_writer_thread_is_one_warning_no_traceback(
+    tmp_path, capsys, monkeypatch
+):
+    """J-tb-fills, replayed on a 16 KiB tmpfs (scripts/fault_rerun.py): TensorBoard writes its events in
+    a thread of its own; a full disk there printed that thread's traceback before the one warning."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.summary.writer import record_writer
+
+    calls = [0]
+    write = record_writer.RecordWriter.write
+
+    def filling(self, data):  # runs in TensorBoard's writer thread
+        calls[0] += 1
+        if calls[0] > 3:
+            raise OSError(28, "No space left on device")
+        return write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", filling)
+    _, warnings = tracked_run(tmp_path, capsys, f"train.tensorboard={tmp_path / 'tb'}")
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+
+
 def test_mlflow_http_retries_are_bounded(tmp_path, monkeypatch):
     """J-mlflow-closed_port, J-mlflow-server500: MLflow retried for 255 s before the traceback. Its
     retries and timeout are lowered unless the user set them."""

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class Tracker:
     def _start_tensorboard(self, cfg: Config) -> None:
         from torch.utils.tensorboard import SummaryWriter  # an optional extra (check_available)
 
+        _quiet_tensorboard_writer_threads()
         self.writer = SummaryWriter(log_dir=str(cfg.train.tensorboard))
 
     def _start_mlflow(self, cfg: Config, out: Path) -> None:
@@ -131,6 +133,26 @@ class Tracker:
             self._guarded("tensorboard", self.writer.close)
         if self.mlflow is not None:
             self._guarded("mlflow", self.mlflow.end_run)
+
+
+def _quiet_tensorboard_writer_threads() -> None:
+    """TensorBoard writes its events in a thread of its own: a failure there (a full disk) printed that
+    thread's traceback, then the next write or the close re-raises it here, where it is _guarded's one
+    warning. Only TensorBoard's writer threads are silenced; any other thread's exception is reported."""
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # another TensorBoard: its traceback, if any, as before
+        return
+    previous = threading.excepthook
+    if getattr(previous, "turbovae_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if not isinstance(args.thread, _AsyncWriterThread):
+            previous(args)
+
+    hook.turbovae_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _add_scalars(writer: Any, numbers: dict[str, float], step: int) -> None:
