@@ -304,6 +304,9 @@ def test_conditional_sample_grids_and_the_report_name_their_classes(tmp_path, ca
     assert _named_rows(tmp_path / "figures" / "samples.png", 10)
 
 
+PHOTO_EXTRAS = ("skimage", "diffusers", "pytorch_msssim")  # the quick start's photo lines need them
+
+
 def _quick_start() -> list[list[str]]:
     """The README quick start's commands, in order (a line's `A && B` as two), comments removed."""
     import shlex
@@ -349,6 +352,7 @@ def test_every_line_of_the_readme_quick_start_runs_in_order(tmp_path):
         "tensorboard": importlib.util.find_spec("tensorboard") is None,
         "onnx": importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
         "compress": importlib.util.find_spec("constriction") is None,
+        "photos": any(importlib.util.find_spec(m) is None for m in PHOTO_EXTRAS),
     }
     ran, skipped = [], []
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore",

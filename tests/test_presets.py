@@ -106,7 +106,12 @@ def test_every_preset_resolves_to_its_model_familys_options(name):
     assert from_dict(cfg.to_dict()) == cfg  # config.yaml reads back as the same config
 
 
-@pytest.mark.parametrize("name", preset_names())
+SLOW_PRESETS = {"photos-ae-kl"}  # about 5 s (the GAN's two players on photo crops): with the slow tests
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PRESETS else n for n in preset_names()]
+)
 def test_every_preset_trains_a_few_steps(name, tmp_path, capsys):
     preset = load_preset(name)
     model = preset["model"]
