@@ -170,14 +170,18 @@ def synthesize(
     """``n`` synthetic rows (``_draw``) that keep the run's constraints (``data.constraints``): those built
     into the transform by construction, the others by drawing again the rows that break them. ``stats``
     receives ``rejected`` (the share of drawn rows rejected) and ``drawn``."""
-    rows = _draw(vae, n, generator=generator, draw=draw, temperature=temperature, condition=condition)
+
+    def rows_of(k: int) -> Table:
+        return _draw(vae, k, generator=generator, draw=draw, temperature=temperature, condition=condition)
+
+    rows = rows_of(n)
     declared = fitted(vae).get("constraints") or {"rules": []}
     bad = violations(rows, declared["rules"])
     kept, drawn = [rows.take(np.flatnonzero(~bad))], n
     accepted = n - int(bad.sum())
     while accepted < n and drawn < max(100_000, MAX_REDRAWS * n):
         size = max(1000, 2 * (n - accepted) * drawn // max(accepted, 1))
-        more = _draw(vae, size, generator=generator, draw=draw, temperature=temperature, condition=condition)
+        more = rows_of(size)
         keep = np.flatnonzero(~violations(more, declared["rules"]))
         kept.append(more.take(keep))
         accepted, drawn = accepted + len(keep), drawn + size
