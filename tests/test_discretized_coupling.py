@@ -99,11 +99,13 @@ def test_layout_params_per_dim_and_coupled_only_for_3_channel_images():
     assert build_likelihood("discretized-logistic", (3, 8, 8), components=2).params_per_dim == 8
 
 
+@pytest.mark.slow  # the 256³ colours enumerated once: about 8 s
 def test_the_256_cubed_colours_of_a_coupled_pixel_sum_to_one(enumerated):
     assert abs(enumerated["total"].item() - 1.0) < 1e-4
     assert abs(enumerated["coarse"].sum().item() - 1.0) < 1e-4
 
 
+@pytest.mark.slow  # the 256³ colours enumerated once: about 8 s
 def test_r_marginal_of_the_coupled_mass_is_the_shared_mixture_of_r(enumerated):
     # Σ_{g,b} P(r, g, b) = Σ_k π_k P_k(r): G and B's conditionals each sum to 1 for any coupling, so the
     # marginal of R is a 1-channel mixture with channel 0's logits, locations and scales
@@ -220,6 +222,7 @@ def chi2_against(draws: torch.Tensor, coarse: torch.Tensor) -> tuple[float, int]
     return ((observed - expect) ** 2 / expect.clamp(min=1e-9)).sum().item(), len(expect) - 1
 
 
+@pytest.mark.slow  # the 256³ colours enumerated once: about 8 s
 def test_samples_follow_the_coupled_mass_and_average_to_mean(enumerated):
     lik = DiscretizedLogistic(PIXEL, components=KP)
     params = coupled_pixel_params()
@@ -246,6 +249,7 @@ def test_samples_follow_the_coupled_mass_and_average_to_mean(enumerated):
     assert ((draws.mean(0) - mean).abs() <= 4 * standard_error + 3e-3).all()
 
 
+@pytest.mark.slow  # the 256³ colours enumerated once: about 8 s
 def test_the_sampling_check_would_catch_a_sampler_without_coupling(enumerated):
     # the same pixel drawn with its raw coefficients set to 0 (channels independent within a component)
     # fails the χ² test against the coupled mass by far: the check above has power
