@@ -1289,10 +1289,11 @@ def test_torch_export_prints_no_torch_warnings(tmp_path, recwarn):
 
 @pytest.mark.slow  # MLflow creates its tables (several seconds)
 @pytest.mark.parametrize("store", ["sqlite", "databricks"])
-def test_mlflow_prints_no_log_lines(tmp_path, capfd, store):
+def test_mlflow_prints_no_log_lines(tmp_path, capfd, store, monkeypatch):
     """J-mlflow-sqlite-ok, J-mlflow-databricks: MLflow's INFO log lines (creating tables, a new
     experiment) on stderr; and its WARNING about Databricks credentials besides turbovae's warning."""
     pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) goes here, not the checkout
     uri = f"sqlite:///{tmp_path / 'ml.db'}" if store == "sqlite" else "databricks"
     assert main(["train", *FAST, "--out", str(tmp_path / "r"), f"train.mlflow={uri}"]) == 0
     err = capfd.readouterr().err
