@@ -8,23 +8,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_constraints import Decoder  # a table run that draws random vectors
 
 from turbovae.data import identifiers
 from turbovae.data.table_transform import MAX_CATEGORIES, decode, load_table
 from turbovae.data.tables import Column, Table, read_table
 from turbovae.errors import ConfigError, DataError
 from turbovae.kinds.table import synthesize
-
-
-class Decoder:
-    """Stands for a table run: ``sample`` draws random vectors in the transformed space."""
-
-    def __init__(self, transform: dict) -> None:
-        self.data_meta = {"table": transform}
-        self.rng = np.random.default_rng(0)
-
-    def sample(self, n: int, **_: object) -> torch.Tensor:
-        return torch.from_numpy(self.rng.normal(0, 3, (n, self.data_meta["table"]["layout"]["dims"])))
 
 
 def keyed(n: int = 500) -> Table:
